@@ -1,0 +1,123 @@
+"""The `llm2slm` command: one subcommand per pipeline stage, each parsed from its config and dispatched.
+
+The options of a stage are generated from its config dataclass (config.py), so help texts and defaults live in
+one place; the stage itself is `llm2slm_cli.stages.<name>.run(config)`, a plain function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import inspect
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llm2slm_cli import __version__
+from llm2slm_cli import config as C
+from llm2slm_cli.errors import UserError
+
+app = typer.Typer(
+    name="llm2slm",
+    help="LLM-to-SLM: a frozen large model encodes the prompt once, a small model does the decoding "
+         "(arXiv 2402.16844). Stages read and write files, so they chain in scripts and Makefiles.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def _parameter(f: dataclasses.Field, annotation: Any) -> inspect.Parameter:
+    meta = f.metadata
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    default = ... if required else (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                                     else f.default)
+    kwargs: dict[str, Any] = {"help": meta.get("help", ""), "hidden": meta.get("hidden", False)}
+    if meta.get("choices"):  # typer shows an Enum as a choice list and checks it
+        annotation = enum.Enum(f.name, {c: c for c in meta["choices"]}, type=str)
+        default = default if default in (None, ...) else annotation(default)
+    if not meta.get("choices"):
+        kwargs["metavar"] = _metavar(annotation, meta.get("argument", False))
+    if meta.get("argument"):
+        info = typer.Argument(show_default=False, **kwargs)
+    else:
+        flag = meta.get("name") or "--" + f.name.replace("_", "-")
+        if annotation is bool:
+            info = typer.Option(f"{flag}/--no-{flag[2:]}" if default else flag, **kwargs)
+        else:
+            info = typer.Option(flag, show_default=default not in (None, [], ...), **kwargs)
+    if default == [] and not meta.get("argument"):
+        default = None
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, info])
+
+
+def command(name: str, config_cls: type, stage: str) -> None:
+    """Register `llm2slm <name>`: its options are the fields of `config_cls`; it runs `stages.<stage>.run`."""
+    hints = typing.get_type_hints(config_cls)
+    fields = sorted(dataclasses.fields(config_cls),
+                    key=lambda f: (not f.metadata.get("argument"), f.default is not dataclasses.MISSING))
+    params = [_parameter(f, hints[f.name]) for f in fields]
+
+    def run_stage(**kwargs: Any) -> None:
+        kwargs = {k: ([] if v is None and _list_hint(hints[k]) else v.value if isinstance(v, enum.Enum) else v)
+                  for k, v in kwargs.items()}
+        try:
+            config = config_cls(**kwargs)
+            importlib.import_module(f"llm2slm_cli.stages.{stage}").run(config)
+        except UserError as e:
+            raise _fail(e.message) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted", 130) from None
+
+    run_stage.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run_stage.__name__ = name.replace("-", "_")
+    app.command(name, help=config_cls.__doc__, no_args_is_help=True)(run_stage)
+
+
+def _metavar(annotation: Any, argument: bool) -> str:
+    if typing.get_origin(annotation) is list:
+        return "INPUT" if argument else "PATH"
+    base = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return {str: "TEXT", int: "INT", float: "FLOAT", Path: "PATH", bool: ""}.get(base[0], "VALUE")
+
+
+def _list_hint(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list
+
+
+command("encode", C.EncodeConfig, "encode")
+command("distill-labels", C.DistillConfig, "distill")
+command("train", C.TrainConfig, "train")
+command("generate", C.GenerateConfig, "generate")
+command("eval", C.EvalConfig, "evaluate")
+command("bench", C.BenchConfig, "bench")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"llm2slm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main", "Path"]

@@ -1,0 +1,90 @@
+"""The features artifact: LLM hidden states of every prompt, stored once and read memory-mapped.
+
+Layout of a features directory:
+
+    features-00000.safetensors   one tensor "features" (tokens in the shard, d_llm), half precision; the prompts'
+                                 rows are concatenated without padding
+    index.parquet                id, shard, offset, length, input_ids (the prompt's LLM token ids), truncated
+    manifest.json                the LLM (name, layer, dtype, fingerprint, tokenizer), template, input sha256,
+                                 counts, per-shard sha256, timing
+
+Reading a prompt's features maps only its rows: training memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llm2slm_cli import artifacts as A
+from llm2slm_cli.errors import UserError
+
+INDEX_COLUMNS = ("id", "shard", "offset", "length", "input_ids", "truncated")
+
+
+def index_table(rows: list[dict[str, Any]]):
+    import pyarrow as pa
+
+    return pa.table({
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "shard": pa.array([r["shard"] for r in rows], pa.int32()),
+        "offset": pa.array([r["offset"] for r in rows], pa.int64()),
+        "length": pa.array([r["length"] for r in rows], pa.int32()),
+        "input_ids": pa.array([r["input_ids"] for r in rows], pa.list_(pa.int32())),
+        "truncated": pa.array([r["truncated"] for r in rows], pa.bool_()),
+    })
+
+
+class FeatureStore:
+    """Read access to a features directory by example id."""
+
+    def __init__(self, directory: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.directory = Path(directory)
+        self.manifest = A.read_manifest(self.directory, A.KIND_FEATURES)
+        index = self.directory / A.FEATURES_INDEX
+        try:
+            table = pq.read_table(index).to_pydict()
+        except Exception as e:  # a damaged index is a damaged artifact, whatever arrow calls it
+            raise UserError(f"unreadable features index ({e})", path=index) from None
+        self.rows = {i: (s, o, n) for i, s, o, n in zip(table["id"], table["shard"], table["offset"],
+                                                         table["length"])}
+        self._input_ids = dict(zip(table["id"], table["input_ids"]))
+        self._files: dict[int, Any] = {}
+
+    @property
+    def llm(self) -> dict[str, Any]:
+        return self.manifest["llm"]
+
+    @property
+    def template(self) -> str | None:
+        return self.manifest["template"]
+
+    def __contains__(self, example_id: str) -> bool:
+        return example_id in self.rows
+
+    def input_ids(self, example_id: str) -> list[int]:
+        return self._input_ids[example_id]
+
+    def _shard(self, shard: int):
+        from safetensors import safe_open
+
+        if shard not in self._files:
+            path = self.directory / A.FEATURES_SHARD.format(shard)
+            expected = self.manifest["shards"][shard]
+            if not path.is_file():
+                raise UserError("feature shard is missing", path=path)
+            if path.stat().st_size != expected["bytes"]:
+                raise UserError(f"feature shard is damaged: {path.stat().st_size} bytes, the manifest says "
+                                f"{expected['bytes']}", path=path)
+            try:
+                self._files[shard] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for a bad header
+                raise UserError(f"feature shard is damaged ({e})", path=path) from None
+        return self._files[shard]
+
+    def features(self, example_id: str):
+        """(length, d_llm) half-precision tensor of one prompt."""
+        shard, offset, length = self.rows[example_id]
+        return self._shard(shard).get_slice("features")[offset: offset + length]

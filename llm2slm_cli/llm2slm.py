@@ -1,0 +1,442 @@
+"""The method: a frozen LLM encodes the prompt once, a projector maps its features into a small LM that decodes.
+
+Read against Figure 2 of "Think Big, Generate Quick: LLM-to-SLM for Fast Autoregressive Decoding" (arXiv 2402.16844):
+
+    H = f(X)                       frozen LLM: encoder's last layer (T5), last layer (BERT), or layer k / all
+                                   layers (decoder-only); always with the attention mask
+    Z = q(H)                       projector: Linear(d_l, d_s) -> ReLU -> Linear(d_s, d_s), trained from scratch
+    P = Z + E_X   (fusion "add")   the SLM's prompt input; fusion "replace" uses Z alone
+    Y = g(P)                       the SLM decodes: encoder-decoder (P is its encoder's input) or decoder-only
+                                   ([P ; E_Y], features on prompt positions only, loss on target tokens only)
+
+By default the SLM reads and writes the LLM's tokens, so prompt positions align one to one. If the SLM's own
+vocabulary differs, two layers are added: an embedding projection Linear(d_l, d_s) over the LLM's frozen input
+embedding rows, and a new head Linear(d_s, |V_llm|). With tokenizer "slm" the SLM keeps its own vocabulary for the
+target, which only "replace" fusion allows (prompt lengths differ between the two tokenizers).
+
+With no LLM at all the same class is the SLM-alone baseline: P = E_X over the SLM's own tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from llm2slm_cli import artifacts as A
+from llm2slm_cli import models as M
+from llm2slm_cli.errors import UserError
+
+Fusion = Literal["add", "replace"]
+TokenizerMode = Literal["llm", "slm"]
+
+
+# ---------------------------------------------------------------------------------------------------- the frozen LLM
+
+
+def parse_layer(layer: str | int, n_layers: int) -> int | Literal["all"]:
+    """Layer k means the hidden state after block k (0 = embeddings); negative counts from the end; "all" = mean."""
+    if layer == "all":
+        return "all"
+    try:
+        k = int(layer)
+    except ValueError:
+        raise UserError(f"--layer must be an integer or 'all', got {layer!r}") from None
+    if k < 0:
+        k = n_layers + 1 + k
+    if not 0 <= k <= n_layers:
+        raise UserError(f"--layer {layer}: the LLM has {n_layers} layers (0 = embeddings, -1 = last)")
+    return k
+
+
+class _Stop(Exception):
+    """Raised from a hook to skip the LLM's layers above the one whose output we need."""
+
+
+class FrozenLLM:
+    """The LLM as a feature extractor: eval mode, no gradients, never a registered submodule of what we train."""
+
+    def __init__(self, spec: str, *, layer: str | int = -1, dtype: str = "float32",
+                 tokenizer: str | Path | None = None, device: str | torch.device = "cpu") -> None:
+        config = M.load_config(spec)
+        self.spec = spec
+        self.kind: M.ModelKind = M.model_kind(config)
+        if M.DTYPES.get(dtype) == "float16" and config.model_type in M.T5_TYPES:
+            raise UserError("float16 is refused for T5-family LLMs (their activations overflow to inf/NaN): "
+                            "use --dtype bfloat16 or float32")
+        self.dtype = M.DTYPES.get(dtype, dtype)
+        self.n_layers = M.num_layers(config)
+        self.layer = parse_layer(layer, self.n_layers) if self.kind == "decoder-only" else self.n_layers
+        if self.kind != "decoder-only" and str(layer) not in ("-1", str(self.n_layers)):
+            raise UserError(f"--layer applies to decoder-only LLMs; a {self.kind} LLM gives its last layer")
+        self.model = M.load_model(spec, dtype=self.dtype, role="LLM").to(device)
+        self.model.requires_grad_(False)
+        self.tokenizer = M.load_tokenizer(spec, tokenizer)
+        self.d_model = M.hidden_size(config)
+        self._fingerprint: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> FrozenLLM:
+        self.model.to(device)
+        return self
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = M.state_fingerprint(self.model)
+        return self._fingerprint
+
+    def input_embedding_weight(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.spec, "kind": self.kind, "layer": self.layer, "dtype": self.dtype,
+                "d_model": self.d_model, "n_layers": self.n_layers, "vocab_size": len(self.tokenizer),
+                "fingerprint": self.fingerprint, "tokenizer_fingerprint": M.tokenizer_fingerprint(self.tokenizer)}
+
+    def _block_list(self) -> nn.ModuleList:
+        for module in self.model.base_model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == self.n_layers:
+                return module
+        raise UserError(f"cannot find the layer list of {self.spec!r} to take layer {self.layer} from")
+
+    @torch.no_grad()  # not inference_mode: on-the-fly features feed the projector's autograd graph
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """H (batch, m, d_l) for right-padded prompts; rows at padded positions are meaningless."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        if self.kind == "encoder-decoder":
+            return self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.kind == "encoder-only":
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        base = self.model.base_model
+        if self.layer == "all":
+            states = base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                          use_cache=False).hidden_states
+            return torch.stack(states[1:]).float().mean(0).to(states[-1].dtype)
+        if self.layer == self.n_layers:
+            return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        # Layer k < L: take the input of block k and stop there, so the blocks above never run.
+        captured: list[torch.Tensor] = []
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _Stop
+
+        handle = self._block_list()[self.layer].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+# ------------------------------------------------------------------------------------------ the trainable pieces
+
+
+class Projector(nn.Sequential):
+    """q: Linear(d_l, d_s) -> ReLU -> Linear(d_s, d_s)."""
+
+    def __init__(self, d_llm: int, d_slm: int) -> None:
+        super().__init__(nn.Linear(d_llm, d_slm), nn.ReLU(), nn.Linear(d_slm, d_slm))
+
+
+class ProjectedEmbedding(nn.Module):
+    """The SLM's input embedding over the LLM's vocabulary: a trained Linear(d_l, d_s) over the LLM's frozen rows.
+
+    The rows are a non-persistent buffer: they belong to the LLM and are never saved with the checkpoint.
+    """
+
+    def __init__(self, llm_rows: torch.Tensor, d_slm: int) -> None:
+        super().__init__()
+        self.register_buffer("llm_rows", llm_rows.detach().float().clone(), persistent=False)
+        self.proj = nn.Linear(llm_rows.shape[1], d_slm)
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads .weight for dtype and device
+        return self.proj.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.llm_rows.shape[0]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(input_ids, self.llm_rows)
+        return self.proj(rows.to(self.proj.weight.dtype))
+
+
+# ------------------------------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class ModelConfig:
+    """What a checkpoint is; stored as llm2slm.json beside the weights."""
+
+    slm: str
+    slm_kind: M.ModelKind
+    llm: dict[str, Any] | None  # FrozenLLM.identity(); None for the SLM-alone baseline
+    fusion: Fusion = "add"
+    tokenizer: TokenizerMode = "llm"
+    vocab_adapter: bool = False
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int | None = None
+    template: str | None = None
+    max_prompt_length: int = 512
+    version: int = A.SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.fusion not in ("add", "replace"):
+            raise UserError(f"--fusion must be add or replace, got {self.fusion!r}")
+        if self.tokenizer not in ("llm", "slm"):
+            raise UserError(f"--tokenizer-mode must be llm or slm, got {self.tokenizer!r}")
+        if self.llm is not None and self.tokenizer == "slm" and self.fusion != "replace":
+            raise UserError("the SLM's own tokenizer needs --fusion replace: the two tokenizers split a prompt "
+                            "into different numbers of tokens, so LLM features cannot be added to SLM embeddings")
+        if self.slm_kind == "encoder-only":
+            raise UserError(f"the SLM {self.slm!r} is encoder-only and cannot generate: use an encoder-decoder "
+                            "(T5 family) or decoder-only (GPT2 family) model")
+
+
+# ------------------------------------------------------------------------------------------------------ the model
+
+
+def _right_to_left(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move right padding to the left (decoder-only SLMs generate after a left-padded prompt)."""
+    m = mask.shape[1]
+    shift = m - mask.sum(1, keepdim=True)
+    idx = (torch.arange(m, device=mask.device).unsqueeze(0) - shift) % m
+    mask = torch.gather(mask, 1, idx)
+    if x.dim() == 3:
+        x = torch.gather(x, 1, idx.unsqueeze(-1).expand_as(x))
+    else:
+        x = torch.gather(x, 1, idx)
+    return x, mask
+
+
+class LLMToSLM(nn.Module):
+    def __init__(self, config: ModelConfig, slm: nn.Module, llm: FrozenLLM | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.slm_base_config = slm.config.to_dict()  # before the vocabulary adapter touches it; saved as is
+        self.slm = slm
+        d_slm = M.hidden_size(slm.config)
+        if config.llm is not None:
+            self.projector = Projector(config.llm["d_model"], d_slm)
+        if config.vocab_adapter:
+            if llm is None:
+                raise UserError("this model reads the LLM's vocabulary through its embedding rows: load the LLM")
+            rows = llm.input_embedding_weight()
+            slm.set_input_embeddings(ProjectedEmbedding(rows, d_slm))
+            slm.set_output_embeddings(nn.Linear(d_slm, rows.shape[0], bias=False))
+            slm.config.vocab_size = rows.shape[0]
+            slm.config.tie_word_embeddings = False
+        for cfg in (slm.config, slm.generation_config):
+            cfg.pad_token_id = config.pad_token_id
+            cfg.eos_token_id = config.eos_token_id
+            if config.slm_kind == "encoder-decoder":
+                cfg.decoder_start_token_id = config.decoder_start_token_id
+        self.__dict__["llm"] = llm  # a plain attribute: not a submodule, so never trained, moved or saved with us
+
+    # ------------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, slm_spec: str, llm: FrozenLLM | None, *, fusion: Fusion = "add", tokenizer: TokenizerMode = "llm",
+              slm_tokenizer: str | Path | None = None, template: str | None = None,
+              max_prompt_length: int = 512, slm_dtype: str = "float32") -> LLMToSLM:
+        """A new model: the SLM's pretrained (or preset) weights, a fresh projector and, if needed, adapter."""
+        slm_config = M.load_config(slm_spec)
+        slm_kind = M.model_kind(slm_config)
+        if slm_kind == "encoder-only":
+            ModelConfig(slm_spec, slm_kind, None)  # raises the explanation
+        slm = M.load_model(slm_spec, dtype=slm_dtype, role="SLM")
+        own_tok = None
+        if llm is None or tokenizer == "slm":
+            own_tok = M.load_tokenizer(slm_spec, slm_tokenizer)
+            out_tok = own_tok
+        else:
+            out_tok = llm.tokenizer
+        adapter = False
+        if llm is not None and tokenizer == "llm":
+            adapter = not _same_vocabulary(llm, slm_spec, slm_tokenizer, slm_config)
+        start = out_tok.pad_token_id
+        if slm_kind == "encoder-decoder" and not adapter and slm_config.decoder_start_token_id is not None:
+            start = slm_config.decoder_start_token_id
+        config = ModelConfig(
+            slm=slm_spec, slm_kind=slm_kind, llm=llm.identity() if llm else None, fusion=fusion,
+            tokenizer=tokenizer, vocab_adapter=adapter, pad_token_id=out_tok.pad_token_id,
+            eos_token_id=out_tok.eos_token_id,
+            decoder_start_token_id=start if slm_kind == "encoder-decoder" else None,
+            template=template, max_prompt_length=max_prompt_length)
+        model = cls(config, slm, llm)
+        model.prompt_tokenizer = llm.tokenizer if llm else own_tok
+        model.target_tokenizer = out_tok
+        return model
+
+    # ------------------------------------------------------------------------------------------------ forward
+
+    @property
+    def has_llm(self) -> bool:
+        return self.config.llm is not None
+
+    def prompt_embeddings(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                          features: torch.Tensor | None = None) -> torch.Tensor:
+        """P for right-padded prompts: Z + E_X ("add"), Z ("replace") or E_X (no LLM); zero at padding."""
+        embed = self.slm.get_input_embeddings()
+        if not self.has_llm:
+            p = embed(prompt_ids)
+        else:
+            if features is None:
+                features = self.llm.encode(prompt_ids, prompt_mask)
+            z = self.projector(features.to(device=prompt_ids.device, dtype=self.projector[0].weight.dtype))
+            p = z if self.config.fusion == "replace" else z + embed(prompt_ids)
+        return p * prompt_mask.unsqueeze(-1).to(p.dtype)
+
+    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, target_ids: torch.Tensor,
+                target_mask: torch.Tensor, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over target tokens (prompt tokens carry no loss) and the number of those tokens.
+
+        All inputs are right-padded; targets end with the end-of-sequence token.
+        """
+        p = self.prompt_embeddings(prompt_ids, prompt_mask, features)
+        labels = target_ids.masked_fill(target_mask == 0, -100)
+        if self.config.slm_kind == "encoder-decoder":
+            start = torch.full_like(target_ids[:, :1], self.config.decoder_start_token_id)
+            decoder_input_ids = torch.cat([start, target_ids[:, :-1]], 1)
+            logits = self.slm(inputs_embeds=p, attention_mask=prompt_mask, decoder_input_ids=decoder_input_ids,
+                              use_cache=False).logits
+        else:
+            # [left-padded prompt ; right-padded target]: the layout generation uses, so positions match.
+            p, pm = _right_to_left(p, prompt_mask)
+            x = torch.cat([p, self.slm.get_input_embeddings()(target_ids)], 1)
+            mask = torch.cat([pm, target_mask], 1)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            m = p.shape[1]
+            logits = self.slm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids,
+                              use_cache=False).logits[:, m - 1: -1]
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                           reduction="sum")
+        return loss, target_mask.sum()
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, features: torch.Tensor | None = None,
+                 **generation: Any) -> list[list[int]]:
+        """Token ids of the responses (without the end token) for right-padded prompts.
+
+        The LLM runs once over the prompts; the SLM's KV cache is filled by one pass over the fused prompt; every
+        step after that feeds plain token embeddings (transformers' generate with `inputs_embeds`).
+        """
+        p = self.prompt_embeddings(prompt_ids, prompt_mask, features)
+        mask = prompt_mask
+        if self.config.slm_kind == "decoder-only":
+            p, mask = _right_to_left(p, mask)
+        out = self.slm.generate(inputs_embeds=p, attention_mask=mask, **generation)
+        if self.config.slm_kind == "encoder-decoder":
+            out = out[:, 1:]
+        return strip_generated(out, self.config.eos_token_id, self.config.pad_token_id)
+
+    # ------------------------------------------------------------------------------------------------ save/load
+
+    def save_pretrained(self, directory: Path) -> None:
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        A.atomic_write_json(directory / A.MODEL_CONFIG, dataclasses.asdict(self.config))
+        A.atomic_write_json(directory / A.SLM_CONFIG, self.slm_base_config)
+        tmp = A.atomic_path(directory / A.MODEL_WEIGHTS)
+        save_model(self, str(tmp))
+        tmp.replace(directory / A.MODEL_WEIGHTS)
+        self.prompt_tokenizer.save_pretrained(str(directory / A.TOKENIZER_DIR))
+        if self.target_tokenizer is not self.prompt_tokenizer:
+            self.target_tokenizer.save_pretrained(str(directory / A.SLM_TOKENIZER_DIR))
+
+    @classmethod
+    def from_pretrained(cls, directory: Path, *, llm: FrozenLLM | None = None, llm_spec: str | None = None,
+                        device: str | torch.device = "cpu") -> LLMToSLM:
+        """Load a checkpoint; its LLM is loaded by the name it records (or `llm_spec`) and must match its
+        fingerprint."""
+        from safetensors.torch import load_model
+        from transformers import AutoConfig
+
+        directory = Path(directory)
+        config = read_model_config(directory)
+        if config.llm is not None and llm is None:
+            llm = FrozenLLM(llm_spec or config.llm["name"], layer=config.llm["layer"], dtype=config.llm["dtype"],
+                            tokenizer=directory / A.TOKENIZER_DIR, device=device)
+        if llm is not None:
+            check_llm(llm, config.llm, f"checkpoint {directory}")
+        base = json.loads((directory / A.SLM_CONFIG).read_text())
+        slm_config = AutoConfig.for_model(base.pop("model_type"), **base)
+        slm = M._auto_class(config.slm_kind, with_head=True).from_config(slm_config)
+        model = cls(config, slm, llm)
+        try:
+            load_model(model, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(device))
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"cannot load weights ({M._short(e)})", path=directory / A.MODEL_WEIGHTS) from None
+        model.prompt_tokenizer = M.ensure_special_tokens(_load_tok(directory / A.TOKENIZER_DIR))
+        slm_tok_dir = directory / A.SLM_TOKENIZER_DIR
+        model.target_tokenizer = (M.ensure_special_tokens(_load_tok(slm_tok_dir)) if slm_tok_dir.is_dir()
+                                  else model.prompt_tokenizer)
+        return model.to(device).eval()
+
+
+def _load_tok(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def read_model_config(directory: Path) -> ModelConfig:
+    path = Path(directory) / A.MODEL_CONFIG
+    if not path.is_file():
+        raise UserError(f"not an llm2slm checkpoint (no {A.MODEL_CONFIG})", path=directory)
+    raw = json.loads(path.read_text())
+    if raw.get("version") != A.SCHEMA_VERSION:
+        raise UserError(f"checkpoint schema version {raw.get('version')} is not supported", path=path)
+    return ModelConfig(**raw)
+
+
+def check_llm(llm: FrozenLLM, expected: dict[str, Any] | None, what: str) -> None:
+    """Refuse an LLM whose weights, layer or tokenizer differ from what `what` was made with."""
+    if expected is None:
+        raise UserError(f"{what} was made without an LLM, but --llm {llm.spec} was given")
+    have = llm.identity()
+    for key in ("fingerprint", "layer", "tokenizer_fingerprint", "d_model"):
+        if have[key] != expected[key]:
+            raise UserError(f"{what} was made with LLM {expected['name']!r} ({key} {str(expected[key])[:16]}), "
+                            f"but the LLM given is {llm.spec!r} ({key} {str(have[key])[:16]})")
+
+
+def _same_vocabulary(llm: FrozenLLM, slm_spec: str, slm_tokenizer: str | Path | None, slm_config) -> bool:
+    try:
+        slm_tok = M.load_tokenizer(slm_spec, slm_tokenizer)
+    except UserError:
+        # Paper-shape presets offline: two presets that share a tokenizer source share a vocabulary.
+        a, b = M.resolve(llm.spec), M.resolve(slm_spec)
+        if a.kind == b.kind == "preset" and M.preset(a.name).tokenizer == M.preset(b.name).tokenizer:
+            return True
+        raise
+    same = M.tokenizer_fingerprint(slm_tok) == M.tokenizer_fingerprint(llm.tokenizer)
+    return same and slm_config.vocab_size >= len(llm.tokenizer)
+
+
+def strip_generated(out: torch.Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
+    """Cut each row at its first end token; rows that stopped early are padded after it."""
+    result = []
+    for row in out.tolist():
+        if eos_id in row:
+            row = row[: row.index(eos_id)]
+        while row and row[-1] == pad_id:
+            row.pop()
+        result.append(row)
+    return result

@@ -1,0 +1,347 @@
+"""Loading LLMs and SLMs as a user names them: a hub id, a local directory, a GGUF file, or an architecture preset.
+
+Presets (`preset:t5-large`, `tiny-t5`, ...) build a model from its published shape with fresh weights drawn from a
+fixed seed, so the same preset gives the same weights (and fingerprint) on every machine: exact for speed and
+memory measurements, and the way the tests get models without a download. Tiny presets carry built-in tokenizers;
+paper-shape presets take the tokenizer of the model they copy (hub access or `--tokenizer DIR`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from llm2slm_cli.errors import UserError
+
+ModelKind = Literal["encoder-decoder", "encoder-only", "decoder-only"]
+
+# Model types that have no autoregressive head worth using: their last layer is the LLM feature.
+ENCODER_ONLY_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "albert",
+                      "mpnet", "camembert", "modernbert"}
+T5_TYPES = {"t5", "mt5", "umt5", "longt5"}
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    model_type: str
+    config: dict[str, Any]
+    tokenizer: str  # "builtin:<name>" or a hub id whose tokenizer the preset shares
+    description: str
+
+
+def _t5(d_model: int, d_ff: int, layers: int, heads: int, gated: bool, **kw: Any) -> dict[str, Any]:
+    return dict(vocab_size=32128, d_model=d_model, d_ff=d_ff, d_kv=64, num_layers=layers, num_decoder_layers=layers,
+                num_heads=heads, feed_forward_proj="gated-gelu" if gated else "relu",
+                tie_word_embeddings=not gated, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **kw)
+
+
+def _gpt2(layers: int, d: int = 768, heads: int = 12) -> dict[str, Any]:
+    return dict(vocab_size=50257, n_positions=1024, n_embd=d, n_layer=layers, n_head=heads,
+                bos_token_id=50256, eos_token_id=50256)
+
+
+_TINY_T5 = dict(vocab_size=260, d_kv=16, feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=0,
+                eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0)
+
+PRESETS: dict[str, Preset] = {
+    "t5-small": Preset("t5", _t5(512, 2048, 6, 8, False), "t5-small", "T5-Small, 60M"),
+    "t5-base": Preset("t5", _t5(768, 3072, 12, 12, False), "t5-base", "T5-Base, 220M"),
+    "t5-large": Preset("t5", _t5(1024, 4096, 24, 16, False), "t5-large", "T5-Large, 738M"),
+    "t5-v1_1-small": Preset("t5", _t5(512, 1024, 8, 6, True), "google/t5-v1_1-small", "T5 v1.1 Small, 77M"),
+    "flan-t5-base": Preset("t5", _t5(768, 2048, 12, 12, True), "google/flan-t5-base", "Flan-T5-Base, 248M"),
+    "gpt2": Preset("gpt2", _gpt2(12), "gpt2", "GPT2, 124M"),
+    "gpt2-medium": Preset("gpt2", _gpt2(24, 1024, 16), "gpt2", "GPT2-Medium, 355M"),
+    # tiny models for tests and smoke runs; the byte tokenizer makes them usable on any text
+    "tiny-t5": Preset("t5", dict(_TINY_T5, d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
+                      "builtin:bytes-t5", "T5 shape, d=64, 2+2 layers"),
+    "tiny-t5-large": Preset("t5", dict(_TINY_T5, d_model=96, d_ff=192, num_layers=3, num_decoder_layers=3,
+                                       num_heads=4), "builtin:bytes-t5", "T5 shape, d=96, 3+3 layers"),
+    "tiny-gpt2": Preset("gpt2", dict(vocab_size=260, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
+                                     bos_token_id=3, eos_token_id=1, pad_token_id=0, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0),
+                        "builtin:bytes-gpt2", "GPT2 shape, d=64, 2 layers"),
+    "tiny-llama": Preset("llama", dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                       bos_token_id=3, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False),
+                         "builtin:bytes-llama", "Llama shape, d=64, 3 layers"),
+    "tiny-bert": Preset("bert", dict(vocab_size=193, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96, max_position_embeddings=1024, pad_token_id=0,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                        "builtin:wordpiece", "BERT shape, d=48, 2 layers, character WordPiece vocabulary"),
+}
+_GPT2_LAYERS = re.compile(r"^gpt2-l(\d+)$")
+
+
+def preset(name: str) -> Preset:
+    if name in PRESETS:
+        return PRESETS[name]
+    if m := _GPT2_LAYERS.match(name):  # GPT2 truncated to its first d layers (paper Figure 4)
+        d = int(m.group(1))
+        if not 1 <= d <= 12:
+            raise UserError(f"preset {name!r}: GPT2 has 12 layers, ask for 1 to 12")
+        return Preset("gpt2", _gpt2(d), "gpt2", f"GPT2 with {d} layers")
+    raise UserError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}, gpt2-l<d>")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model spec points."""
+
+    spec: str
+    kind: Literal["preset", "gguf", "dir", "checkpoint", "hub"]
+    name: str  # preset name, path, or hub id
+
+
+def resolve(spec: str) -> Source:
+    if spec.startswith("preset:"):
+        name = spec.removeprefix("preset:")
+        preset(name)
+        return Source(spec, "preset", name)
+    if spec.startswith("tiny-") and not Path(spec).exists():
+        preset(spec)
+        return Source(f"preset:{spec}", "preset", spec)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError("no such GGUF file", path=spec)
+        return Source(spec, "gguf", str(path.resolve()))
+    if path.is_dir() and (path / "llm2slm.json").is_file():
+        # A model trained alone by `train` (no --llm) serves as a plain model, e.g. a fine-tuned LLM.
+        if json.loads((path / "llm2slm.json").read_text()).get("llm") is not None:
+            raise UserError("is an LLM-to-SLM checkpoint; only a model trained without --llm can be used as a "
+                            "plain model here", path=spec)
+        return Source(spec, "checkpoint", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError("directory has no config.json: not a transformers model directory", path=spec)
+        return Source(spec, "dir", str(path.resolve()))
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise UserError("not a model: expected a transformers model directory, a .gguf file, a hub id or "
+                        "preset:NAME", path=spec)
+    return Source(spec, "hub", spec)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
+    return getattr(torch, DTYPES[name])
+
+
+def load_config(spec: str):
+    """The model's transformers config, without loading weights."""
+    from transformers import AutoConfig
+
+    src = resolve(spec)
+    if src.kind == "preset":
+        p = preset(src.name)
+        return AutoConfig.for_model(p.model_type, **p.config)
+    if src.kind == "checkpoint":
+        base = json.loads((Path(src.name) / "slm_config.json").read_text())
+        return AutoConfig.for_model(base.pop("model_type"), **base)
+    try:
+        if src.kind == "gguf":
+            path = Path(src.name)
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoConfig.from_pretrained(src.name)
+    except OSError as e:
+        raise UserError(f"cannot load the model config of {spec!r} ({_short(e)})") from None
+
+
+def model_kind(config) -> ModelKind:
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if config.model_type in ENCODER_ONLY_TYPES:
+        return "encoder-only"
+    return "decoder-only"
+
+
+def hidden_size(config) -> int:
+    for name in ("d_model", "hidden_size", "n_embd"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise UserError(f"cannot tell the hidden size of a {config.model_type} model")
+
+
+def num_layers(config) -> int:
+    for name in ("num_hidden_layers", "num_layers", "n_layer"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise UserError(f"cannot tell the number of layers of a {config.model_type} model")
+
+
+def _auto_class(kind: ModelKind, *, with_head: bool):
+    import transformers as tf
+
+    if kind == "encoder-decoder":
+        return tf.AutoModelForSeq2SeqLM
+    if kind == "encoder-only":
+        return tf.AutoModel
+    return tf.AutoModelForCausalLM if with_head else tf.AutoModel
+
+
+def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, role: str = "model"):
+    """Load a model in eval mode. Decoder-only models load with their LM head unless `with_head` is False."""
+    import torch
+
+    src = resolve(spec)
+    config = load_config(spec)
+    kind = model_kind(config)
+    cls = _auto_class(kind, with_head=with_head)
+    dt = torch_dtype(dtype)
+    if src.kind == "preset":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # fresh weights, the same on every machine
+            model = cls.from_config(config)
+        model = model.to(dt)
+    elif src.kind == "checkpoint":
+        from safetensors.torch import load_file
+
+        model = cls.from_config(config)
+        weights = load_file(str(Path(src.name) / "model.safetensors"))
+        missing, unexpected = model.load_state_dict({k.removeprefix("slm."): v for k, v in weights.items()},
+                                                    strict=False)
+        tied = model._tied_weights_keys or {}
+        tied = set(tied) | set(tied.values()) if isinstance(tied, dict) else set(tied)
+        if unexpected or any(k not in tied for k in missing):
+            raise UserError(f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
+                            path=src.name)
+        model.tie_weights()
+        model = model.to(dt)
+    else:
+        try:
+            if src.kind == "gguf":
+                path = Path(src.name)
+                model = cls.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dt)
+            else:
+                model = cls.from_pretrained(src.name, dtype=dt)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load {role} {spec!r} ({_short(e)})") from None
+    return model.eval()
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+
+
+def load_tokenizer(spec: str, override: str | Path | None = None):
+    """The tokenizer of a model spec (or the one at `override`), with pad and eos tokens guaranteed."""
+    from transformers import AutoTokenizer
+
+    src = resolve(spec)
+    try:
+        if override is not None:
+            tok = AutoTokenizer.from_pretrained(str(override))
+        elif src.kind == "preset":
+            p = preset(src.name)
+            if p.tokenizer.startswith("builtin:"):
+                tok = builtin_tokenizer(p.tokenizer.removeprefix("builtin:"))
+            else:
+                try:
+                    tok = AutoTokenizer.from_pretrained(p.tokenizer)
+                except OSError:
+                    raise UserError(f"preset {src.name!r} uses the tokenizer of {p.tokenizer!r}, which cannot be "
+                                    "loaded here (offline?): pass --tokenizer DIR") from None
+        elif src.kind == "gguf":
+            path = Path(src.name)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        elif src.kind == "checkpoint":
+            tok = AutoTokenizer.from_pretrained(str(Path(src.name) / "tokenizer"))
+        else:
+            tok = AutoTokenizer.from_pretrained(src.name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of {spec!r} ({_short(e)})") from None
+    return ensure_special_tokens(tok)
+
+
+def ensure_special_tokens(tok):
+    """Every tokenizer used here needs an end token (targets end with it) and a padding token."""
+    if tok.eos_token_id is None:
+        if tok.sep_token_id is None:
+            raise UserError(f"tokenizer {tok.name_or_path!r} has neither an eos nor a sep token")
+        tok.eos_token = tok.sep_token  # BERT family: [SEP] ends a sequence
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Identity of a vocabulary: equal fingerprints mean token ids mean the same strings."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(repr(vocab).encode()).hexdigest()
+
+
+def state_fingerprint(model) -> str:
+    """sha256 over every parameter and buffer (names, shapes, dtypes and bytes): which weights these are."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def builtin_tokenizer(name: str):
+    """Small tokenizers built in code for the tiny presets: bytes (all text, 260 ids) or a character WordPiece."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if name.startswith("bytes"):
+        specials = ["<pad>", "</s>", "<unk>", "<s>"]
+        byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+        byte_chars.sort(key=lambda c: _BYTE_ORDER[c])
+        vocab = {t: i for i, t in enumerate(specials + byte_chars)}
+        # T5-like tokenizers end a prompt with </s>; Llama-like ones start it with <s>; GPT2 adds nothing.
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(specials)
+        if name == "bytes-t5":
+            tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        elif name == "bytes-llama":
+            tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                       unk_token="<unk>", bos_token="<s>")
+    elif name == "wordpiece":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        chars = [chr(c) for c in range(33, 127)]
+        vocab = {t: i for i, t in enumerate(specials + chars + ["##" + c for c in chars])}
+        tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=200))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    else:
+        raise UserError(f"unknown built-in tokenizer {name!r}")
+    fast.name_or_path = f"builtin:{name}"
+    return ensure_special_tokens(fast)
+
+
+def _byte_order() -> dict[str, int]:
+    from tokenizers import pre_tokenizers  # noqa: F401  (keeps the import local to where bytes are needed)
+
+    # GPT2's byte-to-unicode table: printable bytes map to themselves, the rest to 256 + n, in byte order.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_ORDER = _byte_order()

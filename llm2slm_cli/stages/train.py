@@ -1,0 +1,380 @@
+"""`llm2slm train`: fine-tune the projector and the SLM (paper: AdamW, wd 0.1, lr 1e-3, 10% warm-up then cosine to 0,
+effective batch 128 by gradient accumulation, cross-entropy on target tokens).
+
+The loop runs through accelerate's Accelerator, so `accelerate launch -m llm2slm_cli train ...` trains data-parallel
+unchanged. The global batch is fixed by --batch-size whatever the number of processes, and each micro-batch's loss
+is scaled by the global batch's target-token count, so the update is the same token-mean gradient for any
+--micro-batch-size or process count. Checkpoints keep the optimizer, scheduler and RNG states beside the weights;
+the data order is a function of (seed, epoch), so --resume continues exactly where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from llm2slm_cli import artifacts as A
+from llm2slm_cli import runtime
+from llm2slm_cli.config import TrainConfig
+from llm2slm_cli.data import Example, Fields, length_sorted_batches, pad, read_examples
+from llm2slm_cli.errors import UserError
+
+
+class Split:
+    """Tokenized examples of one split (and where their LLM features are)."""
+
+    def __init__(self, examples: list[Example], prompt_ids: list[list[int]], target_ids: list[list[int]],
+                 store: Any | None) -> None:
+        self.examples, self.prompt_ids, self.target_ids, self.store = examples, prompt_ids, target_ids, store
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, indices: list[int], prompt_pad: int, target_pad: int, dtype) -> dict[str, Any]:
+        import torch
+
+        prompt_ids, prompt_mask = pad([self.prompt_ids[i] for i in indices], prompt_pad)
+        target_ids, target_mask = pad([self.target_ids[i] for i in indices], target_pad)
+        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "target_ids": target_ids,
+                 "target_mask": target_mask}
+        if self.store is not None:
+            rows = [self.store.features(self.examples[i].id) for i in indices]
+            feats = torch.zeros(len(rows), prompt_ids.shape[1], rows[0].shape[1], dtype=dtype)
+            for j, r in enumerate(rows):
+                feats[j, : r.shape[0]] = r.to(dtype)
+            batch["features"] = feats
+        return batch
+
+
+def _load_split(inputs: list[Path], config: TrainConfig, template: str | None, store: Any | None, model,
+                max_length: int, what: str) -> Split:
+    fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)
+    examples = read_examples(inputs, fields, require_target=True)
+    prompts = [e.prompt for e in examples]
+    prompt_ids, _ = runtime.tokenize_prompts(model.prompt_tokenizer, prompts, max_length)
+    if store is not None:
+        for e, ids in zip(examples, prompt_ids):
+            if e.id not in store:
+                raise UserError(f"{what} example {e.id!r} has no features in {store.directory}: encode this file "
+                                "with the same options")
+            if store.input_ids(e.id) != ids:
+                raise UserError(f"{what} example {e.id!r}: its prompt differs from the one encoded in "
+                                f"{store.directory} (another file, template or --max-length?)")
+    targets = runtime.tokenize_targets(model.target_tokenizer, [e.target for e in examples],
+                                       config.max_target_length)
+    return Split(examples, prompt_ids, targets, store)
+
+
+def _features(path: Path | None, llm, what: str):
+    if path is None:
+        return None
+    from llm2slm_cli.features import FeatureStore
+    from llm2slm_cli.llm2slm import check_llm
+
+    store = FeatureStore(path)
+    check_llm(llm, store.llm, f"{what} features {path}")
+    return store
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    steps = sorted(p for p in out.glob("step-*") if p.is_dir() and (p / A.TRAINER_STATE).is_file())
+    return steps[-1] if steps else None
+
+
+def run(config: TrainConfig) -> Path:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
+
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+    main = accelerator.is_main_process
+    quiet = config.quiet or not main
+    out = Path(config.out)
+    if main:
+        A.prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
+    accelerator.wait_for_everyone()
+    resume_from = latest_checkpoint(out) if config.resume else None
+    if config.resume and resume_from is None and main:
+        runtime.say(f"no checkpoint in {out} yet: starting from the beginning", quiet)
+
+    # --- models
+    llm = None
+    layer = config.layer
+    store_manifest = None
+    if config.features is not None:
+        store_manifest = A.read_manifest(config.features, A.KIND_FEATURES)
+        if store_manifest["llm"]["kind"] == "decoder-only":
+            layer = str(store_manifest["llm"]["layer"])
+    if config.llm is not None:
+        on_the_fly = config.features is None
+        llm = FrozenLLM(config.llm, layer=layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
+                        device=accelerator.device if on_the_fly else "cpu")
+    train_store = _features(config.features, llm, "training")
+    dev_store = _features(config.dev_features, llm, "dev")
+    template = config.template
+    if train_store is not None:
+        if template is not None and template != train_store.template:
+            raise UserError(f"--template {template!r} differs from the one the features were encoded with "
+                            f"({train_store.template!r})")
+        template = train_store.template
+    max_length = store_manifest["max_length"] if store_manifest else config.max_length
+
+    set_seed(config.seed)
+    model = LLMToSLM.build(config.slm, llm, fusion=config.fusion, tokenizer=config.tokenizer_mode,
+                           slm_tokenizer=config.slm_tokenizer, template=template, max_prompt_length=max_length)
+    if config.freeze_slm:
+        model.slm.requires_grad_(False)
+        if model.config.vocab_adapter:  # new layers are trained from scratch even with a frozen SLM
+            model.slm.get_input_embeddings().requires_grad_(True)
+            model.slm.get_output_embeddings().requires_grad_(True)
+
+    train = _load_split(config.inputs, config, template, train_store, model, max_length, "training")
+    dev = _load_split(config.dev, config, template, dev_store, model, max_length, "dev") if config.dev else None
+
+    # --- optimisation (paper defaults)
+    n = len(train)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(total_steps * config.warmup_ratio), total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+    prompt_pad = core.prompt_tokenizer.pad_token_id
+    target_pad = core.config.pad_token_id
+    feature_dtype = next(core.projector.parameters()).dtype if core.has_llm else torch.float32
+
+    start_step = 0
+    if resume_from is not None:
+        start_step = _restore(resume_from, core, optimizer, scheduler, accelerator)
+        runtime.say(f"resuming from {resume_from} (step {start_step} of {total_steps})", quiet)
+    log_path = out / A.TRAIN_LOG
+    if main:
+        _truncate_log(log_path, start_step)
+
+    counts = {"parameters": sum(p.numel() for p in core.parameters()),
+              "trainable_parameters": sum(p.numel() for p in params),
+              "train_examples": n, "dev_examples": len(dev) if dev else 0,
+              "steps": total_steps, "steps_per_epoch": steps_per_epoch}
+    runtime.say(f"training {config.slm}" + (f" with LLM {config.llm}" if config.llm else " alone") +
+                f": {counts['trainable_parameters']:,} trainable parameters, {n} examples, {total_steps} steps "
+                f"of {config.batch_size}", quiet)
+
+    stop = {"requested": False}
+    previous = _catch_sigint(stop)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    started = time.perf_counter()
+    seen_examples = 0
+    last = {"loss": None, "dev_loss": None}
+    state_info = {"total_steps": total_steps, "seed": config.seed, "batch_size": config.batch_size}
+
+    def checkpoint(name: str, step: int, training_state: bool) -> None:
+        _save(out, name, step, core, optimizer, scheduler, accelerator, config, counts, training_state,
+              {**state_info, "step": step, **last})
+
+    try:
+        model.train()
+        perm, perm_epoch = None, -1
+        with runtime.progress(quiet) as bar:
+            task = bar.add_task("train", total=total_steps, completed=start_step, rate="")
+            for step in range(start_step, total_steps):
+                epoch, s = divmod(step, steps_per_epoch)
+                if epoch != perm_epoch:
+                    g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+                    perm, perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
+                global_batch = perm[s * config.batch_size: (s + 1) * config.batch_size]
+                global_tokens = sum(len(train.target_ids[i]) for i in global_batch)
+                local = sorted(global_batch[rank::world],
+                               key=lambda i: (len(train.prompt_ids[i]) + len(train.target_ids[i]), i))
+                micro = [local[j: j + config.micro_batch_size] for j in range(0, len(local),
+                                                                                config.micro_batch_size)]
+                loss_sum = torch.zeros((), device=accelerator.device)
+                for j, indices in enumerate(micro):
+                    batch = train.batch(indices, prompt_pad, target_pad, feature_dtype)
+                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                    sync = nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
+                    with sync, accelerator.autocast():
+                        summed, _ = model(**batch)
+                        accelerator.backward(summed * world / global_tokens)
+                    loss_sum += summed.detach()
+                grad_norm = None
+                if config.max_grad_norm:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss = float(accelerator.reduce(loss_sum, "sum")) / global_tokens
+                seen_examples += len(global_batch)
+                if not math.isfinite(loss):
+                    kept = latest_checkpoint(out)
+                    raise UserError(f"training loss is {loss} at step {step + 1}: stopped; "
+                                    + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was "
+                                       "written yet") + " (try a lower --lr or --max-grad-norm)")
+                last["loss"] = loss
+                elapsed = time.perf_counter() - started
+                record = {"step": step + 1, "epoch": epoch, "loss": round(loss, 6),
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": global_tokens,
+                          "examples_per_second": round(seen_examples / elapsed, 2)}
+                if dev is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+                    record["dev_loss"] = last["dev_loss"] = _dev_loss(model, dev, accelerator, config,
+                                                                      prompt_pad, target_pad, feature_dtype)
+                if main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.update(task, advance=1, rate=f"loss {loss:.4f}")
+                if main and (step + 1) % config.log_every == 0 and not quiet:
+                    bar.console.print(f"step {step + 1}/{total_steps}  loss {loss:.4f}  lr {record['lr']:.2e}"
+                                      + (f"  dev {record['dev_loss']:.4f}" if "dev_loss" in record else ""))
+                if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
+                    checkpoint(A.CHECKPOINT_STEP.format(step + 1), step + 1, True)
+                if (stop["requested"] or step + 1 == config.stop_after) and step + 1 < total_steps:
+                    checkpoint(A.CHECKPOINT_STEP.format(step + 1), step + 1, True)
+                    runtime.say(f"stopped after step {step + 1}; continue with --resume", config.quiet)
+                    return out
+        if dev is not None:
+            last["dev_loss"] = _dev_loss(model, dev, accelerator, config, prompt_pad, target_pad, feature_dtype)
+        seconds = time.perf_counter() - started
+        checkpoint(A.CHECKPOINT_FINAL, total_steps, False)
+        if main:
+            manifest = A.make_manifest(
+                A.KIND_TRAINING, config, model=_model_identity(core), counts=counts,
+                inputs={"train_sha256": _sha(config.inputs), "dev_sha256": _sha(config.dev) if config.dev else None},
+                result={"train_loss": last["loss"], "dev_loss": last["dev_loss"]},
+                timing={"seconds": round(seconds, 2), "examples_per_second": round(seen_examples / seconds, 2)},
+                checkpoints=sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")))
+            A.atomic_write_json(out / A.MANIFEST, manifest)
+        runtime.say(f"done: train loss {last['loss']:.4f}" + (f", dev loss {last['dev_loss']:.4f}"
+                                                              if last["dev_loss"] is not None else "")
+                    + f" in {seconds:.1f}s -> {out / A.CHECKPOINT_FINAL}", quiet)
+        return out
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _dev_loss(model, dev: Split, accelerator, config: TrainConfig, prompt_pad: int, target_pad: int,
+              feature_dtype) -> float:
+    import torch
+
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    lengths = [len(p) + len(t) for p, t in zip(dev.prompt_ids, dev.target_ids)]
+    batches = length_sorted_batches(lengths, config.micro_batch_size)
+    with torch.no_grad():
+        for indices in batches[accelerator.process_index:: accelerator.num_processes]:
+            batch = {k: v.to(accelerator.device) for k, v in dev.batch(indices, prompt_pad, target_pad,
+                                                                        feature_dtype).items()}
+            with accelerator.autocast():
+                summed, tokens = accelerator.unwrap_model(model)(**batch)
+            total += torch.stack([summed.double(), tokens.double()])
+    total = accelerator.reduce(total, "sum")
+    model.train()
+    return round(float(total[0] / total[1]), 6)
+
+
+def _catch_sigint(stop: dict[str, bool]):
+    """First Ctrl-C: finish the current step, write a checkpoint, stop. Second: stop at once."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        runtime.say("interrupt: stopping after this step (again to stop now)")
+
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _model_identity(core) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(core.config)
+
+
+def _sha(paths: list[Path]) -> str | None:
+    if any(str(p).startswith("hf:") for p in paths):
+        return None
+    return A.sha256_files(paths)
+
+
+def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerator, config: TrainConfig,
+          counts: dict[str, Any], training_state: bool, state: dict[str, Any]) -> None:
+    """Write a checkpoint under a temporary name, then rename it: a crash never leaves half a checkpoint."""
+    import random
+
+    import numpy as np
+    import torch
+
+    final = out / name
+    tmp = out / f".{name}.tmp"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        core.save_pretrained(tmp)
+        if training_state:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       tmp / A.OPTIMIZER_STATE)
+        A.atomic_write_json(tmp / A.MANIFEST, A.make_manifest(
+            A.KIND_CHECKPOINT, config, model=_model_identity(core), step=step, counts=counts))
+    accelerator.wait_for_everyone()
+    if training_state:
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, tmp / A.RNG_STATE.format(accelerator.process_index))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if training_state:  # written last: its presence marks a complete, resumable checkpoint
+            A.atomic_write_json(tmp / A.TRAINER_STATE, state)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+def _restore(directory: Path, core, optimizer, scheduler, accelerator) -> int:
+    import random
+
+    import torch
+    from safetensors.torch import load_model
+
+    state = json.loads((directory / A.TRAINER_STATE).read_text())
+    load_model(core, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(accelerator.device))
+    opt = torch.load(directory / A.OPTIMIZER_STATE, map_location=accelerator.device, weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rng_path = directory / A.RNG_STATE.format(accelerator.process_index)
+    if rng_path.is_file():
+        import numpy as np
+
+        rng = torch.load(rng_path, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(state["step"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint: they are about to be run again."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    A.atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())

@@ -1,0 +1,70 @@
+"""Shared fixtures: small real task files and a CLI runner. Models are tiny presets built from configs."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llm2slm_cli.cli import app
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def key_value_rows(n: int, seed: int = 0) -> list[dict]:
+    """A lookup task: a random 4-letter key maps to a random letter. Unseen keys can only be answered by a model
+    that knows the table, which makes it a clean test of whether LLM features reach the SLM."""
+    rng = random.Random(seed)
+    keys: set[str] = set()
+    while len(keys) < n:
+        keys.add("".join(rng.choice(string.ascii_lowercase) for _ in range(4)))
+    rows = [{"id": f"k{i}", "src": k, "tgt": rng.choice(string.ascii_lowercase)} for i, k in enumerate(sorted(keys))]
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def kv_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("kv")
+    rows = key_value_rows(120)
+    return {"all": write_jsonl(d / "all.jsonl", rows), "train": write_jsonl(d / "train.jsonl", rows[:80]),
+            "dev": write_jsonl(d / "dev.jsonl", rows[80:])}
+
+
+@pytest.fixture(scope="session")
+def toy_files(tmp_path_factory) -> dict[str, Path]:
+    """Short English prompts with targets of varied lengths (so batches need padding)."""
+    d = tmp_path_factory.mktemp("toy")
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    rng = random.Random(1)
+    rows = []
+    for i in range(24):
+        src = " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+        rows.append({"id": f"t{i}", "src": src, "tgt": src.upper()[: rng.randint(2, 12)]})
+    return {"train": write_jsonl(d / "train.jsonl", rows[:16]), "dev": write_jsonl(d / "dev.jsonl", rows[16:])}
+
+
+class Cli:
+    def __init__(self) -> None:
+        self.runner = CliRunner()
+
+    def __call__(self, *args: object, code: int = 0):
+        result = self.runner.invoke(app, [str(a) for a in args])
+        if result.exit_code != code:
+            raise AssertionError(f"exit {result.exit_code} (expected {code}) for {args}:\n{result.output}\n"
+                                 f"{result.exception!r}")
+        return result
+
+
+@pytest.fixture(scope="session")
+def cli() -> Cli:
+    return Cli()
