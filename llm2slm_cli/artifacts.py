@@ -47,6 +47,10 @@ KIND_CHECKPOINT = "checkpoint"
 KIND_TRAINING = "training"
 KIND_PREDICTIONS = "predictions"
 KIND_LABELS = "labels"
+KIND_EVALUATION = "evaluation"
+KIND_BENCHMARK = "benchmark"
+METRICS = "metrics.json"
+SCORES = "scores.parquet"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -59,9 +63,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def sha256_files(paths: Iterable[Path]) -> str:
     """One fingerprint for an input made of several files (line-aligned pairs), order-sensitive."""
-    paths = list(paths)
-    if len(paths) == 1:
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1 and not paths[0].is_dir():
         return sha256_file(paths[0])
+    if len(paths) == 1:  # an artifact directory used as input (distill-labels output): all of its files
+        paths = sorted(p for p in paths[0].iterdir() if p.is_file() and p.name != MANIFEST)
     h = hashlib.sha256()
     for p in paths:
         h.update(sha256_file(p).encode())

@@ -87,7 +87,9 @@ def command(name: str, config_cls: type, stage: str) -> None:
 
 def _metavar(annotation: Any, argument: bool) -> str:
     if typing.get_origin(annotation) is list:
-        return "INPUT" if argument else "PATH"
+        if argument:
+            return "INPUT"
+        annotation = typing.get_args(annotation)[0]
     base = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     return {str: "TEXT", int: "INT", float: "FLOAT", Path: "PATH", bool: ""}.get(base[0], "VALUE")
 

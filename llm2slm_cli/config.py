@@ -177,23 +177,116 @@ class GenerateConfig(ExampleFields):
 
 @dataclass(kw_only=True)
 class DistillConfig(ExampleFields):
-    """(Not yet available.) Generate training targets with the LLM (sequence-level distillation)."""
+    """Generate training targets with the LLM (sequence-level distillation; paper: beam 4, length penalty 0.6).
 
-    inputs: list[Path] = opt(REQUIRED, "Examples.", argument=True)
-    model: str = opt(REQUIRED, "The LLM.")
-    out: Path = opt(REQUIRED, "Output directory.")
+    Writes the examples with the LLM's outputs as targets, in the same schema, so `train` takes either."""
+
+    inputs: list[Path] = opt(REQUIRED, "Examples (any format `encode` reads).", argument=True)
+    model: str = opt(REQUIRED, "The LLM, with its generation head: encoder-decoder or decoder-only.")
+    out: Path = opt(REQUIRED, "Output directory: examples.parquet (id, src, tgt, original_tgt) + manifest.json.")
+    num_beams: int = opt(4, "Beam width (paper: 4); 1 is greedy.")
+    length_penalty: float = opt(0.6, "Beam length penalty (paper: 0.6).")
+    sample: bool = opt(False, "Nucleus sampling instead of beam search.")
+    top_p: float = opt(0.9, "Nucleus mass when sampling.")
+    temperature: float = opt(1.0, "Softmax temperature when sampling.")
+    max_new_tokens: int = opt(128, "Longest generated target in tokens.")
+    max_length: int = opt(512, "Longest prompt in tokens (longer prompts are truncated).")
+    batch_size: int = opt(16, "Prompts per batch (length-sorted).")
+    shard_size: int = opt(1024, "Examples per output shard (the unit of --resume).")
+    tokenizer: Path | None = opt(None, "Tokenizer directory to use instead of the model's own.")
+    dtype: str = opt("float32", "Precision of the LLM.", choices=["float32", "bfloat16", "float16"])
+    seed: int = opt(0, "Seed for sampling.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
+    overwrite: bool = opt(False, "Replace an existing output directory.")
+    resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.")
+    quiet: bool = opt(False, "No progress bar.")
+
+    def __post_init__(self) -> None:
+        _inputs(self.inputs)
+        _positive(self, "num_beams", "max_new_tokens", "batch_size", "shard_size", "max_length", "temperature")
+        if not 0 < self.top_p <= 1:
+            raise UserError("--top-p must be in (0, 1]")
 
 
 @dataclass(kw_only=True)
-class EvalConfig:
-    """(Not yet available.) Score predictions against references: BLEU, chrF, ROUGE."""
+class EvalConfig(ExampleFields):
+    """Score predictions against references: corpus BLEU and chrF (sacrebleu, with their signatures), ROUGE-1/2/L/Lsum
+    (rouge-score, stemmed), optionally an LLM judge's 1-10 rating through an OpenAI-compatible endpoint."""
 
-    predictions: Path = opt(REQUIRED, "Output directory of `generate`.", argument=True)
-    out: Path = opt(REQUIRED, "Output directory.")
+    predictions: Path = opt(REQUIRED, "Output directory of `generate` (predictions.parquet).", argument=True)
+    out: Path = opt(REQUIRED, "Output directory: metrics.json, scores.parquet (per example), manifest.json.")
+    refs: list[Path] = opt([], "References (any format `encode` reads; joined on --id-field; give twice for "
+                               "line-aligned text pairs). Default: the predictions' own reference column.")
+    metrics: str = opt("bleu,chrf,rouge", "Comma-separated: bleu, chrf, rouge, judge.")
+    bleu_tokenize: str = opt("13a", "sacrebleu tokenizer for BLEU.",
+                             choices=["13a", "intl", "zh", "ja-mecab", "ko-mecab", "char", "flores101", "flores200",
+                                      "none"])
+    lowercase: bool = opt(False, "Case-insensitive BLEU and chrF.")
+    judge_url: str | None = opt(None, "Base URL of an OpenAI-compatible API for the judge, e.g. "
+                                      "http://127.0.0.1:8000/v1.")
+    judge_model: str | None = opt(None, "Model name the judge endpoint serves.")
+    judge_api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the judge's API key (if any).")
+    judge_timeout: float = opt(60.0, "Seconds to wait for one judge reply.")
+    overwrite: bool = opt(False, "Replace an existing output directory.")
+    json: bool = opt(False, "Print the metrics as JSON on stdout.")
+    quiet: bool = opt(False, "No table or progress output.")
 
 
 @dataclass(kw_only=True)
 class BenchConfig:
-    """(Not yet available.) Measure ms per generated token of the LLM, the SLM and LLM-to-SLM."""
+    """Measure decoding speed the paper's way: ms per generated token for --new-tokens tokens after a
+    --prompt-length prompt, for the LLM alone, the SLM alone and LLM-to-SLM; plus FLOPs, memory and plots."""
 
-    out: Path = opt(REQUIRED, "Output directory.")
+    out: Path = opt(REQUIRED, "Output directory: bench.parquet, bench.json, manifest.json and PNG plots.")
+    llm: str | None = opt(None, "The LLM (hub id, directory, .gguf or preset:NAME): an 'LLM' row, and the LLM of "
+                                "an 'LLM-to-SLM' row built with --slm (fresh projector; speed only).")
+    slm: list[str] = opt([], "The SLM: an 'SLM' row, and with --llm an 'LLM-to-SLM' row. Repeatable: several SLMs "
+                             "give rows 'SLM:NAME' and 'LLM-to-SLM:NAME', all in one run.")
+    model: list[str] = opt([], "A trained checkpoint as LABEL=DIR (repeatable): one row each (a checkpoint "
+                               "trained without --llm is an SLM-alone row).")
+    prompt_length: int = opt(100, "Prompt tokens (paper: 100).")
+    new_tokens: int = opt(100, "Generated tokens per sequence (paper: 100); the end token is suppressed.")
+    batch_size: list[int] = opt([1], "Batch sizes (repeatable).")
+    num_beams: int = opt(1, "Beam width (1: greedy).")
+    warmup: int = opt(1, "Untimed runs before timing.")
+    repeats: int = opt(5, "Timed runs; the median is reported.")
+    lengths: str | None = opt(None, "Comma-separated generation lengths for the runtime/FLOPs-vs-length sweep "
+                                    "(paper Figures 5 and 6), e.g. 25,50,100,200,400.")
+    quality: list[str] = opt([], "LABEL=EVAL_DIR (repeatable): an `eval` result for the row LABEL, for the "
+                                 "quality-runtime plot (paper Figure 3).")
+    flops: bool = opt(True, "Count FLOPs per token (torch's flop counter, one extra run per measurement).")
+    dtype: str = opt("float32", "Precision of all models.", choices=["float32", "bfloat16", "float16"])
+    threads: int | None = opt(None, "torch CPU threads (default: torch's choice; on a busy machine fewer threads "
+                                    "than cores avoids threads spinning against other processes).")
+    seed: int = opt(0, "Seed for the random prompt token ids.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
+    overwrite: bool = opt(False, "Replace an existing output directory.")
+    json: bool = opt(False, "Print the result table as JSON on stdout.")
+    quiet: bool = opt(False, "No table or progress output.")
+
+    def __post_init__(self) -> None:
+        if self.slm is None or isinstance(self.slm, str):  # BenchConfig(slm="t5-small") from Python: one SLM
+            self.slm = [self.slm] if self.slm else []
+        if not (self.llm or self.slm or self.model):
+            raise UserError("nothing to measure: give --llm, --slm and/or --model LABEL=DIR")
+        _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads")
+        if self.warmup < 0:
+            raise UserError("--warmup must be 0 or more")
+        if not self.batch_size or any(b <= 0 for b in self.batch_size):
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        for name in ("slm", "batch_size"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise UserError(f"the same --{name.replace('_', '-')} is given twice")
+        if self.lengths is not None:
+            try:
+                sweep = [int(x) for x in self.lengths.split(",") if x.strip()]
+            except ValueError:
+                raise UserError(f"--lengths must be comma-separated integers, got {self.lengths!r}") from None
+            if not sweep or any(n <= 0 for n in sweep):
+                raise UserError(f"--lengths must be positive integers, got {self.lengths!r}")
+        for name in ("model", "quality"):
+            for item in getattr(self, name):
+                label, sep, path = item.partition("=")
+                if not (sep and label.strip() and path.strip()):
+                    raise UserError(f"--{name} takes LABEL=DIR, got {item!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ def _records_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _records_hf(spec: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    parts = spec.removeprefix("hf:").split(":")
+    parts = re.split(r":(?![^\[]*\])", spec.removeprefix("hf:"))  # a split may be sliced: train[:10000]
     name = parts[0]
     config = parts[1] if len(parts) > 2 else None
     split = parts[-1] if len(parts) > 1 else "train"
@@ -179,6 +180,8 @@ def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
         return _read_pairs(Path(inputs[0]), Path(inputs[1]), fields, require_target)
 
     src = inputs[0]
+    if Path(src).is_dir():
+        return _read_labels(Path(src), fields, require_target)
     if src.startswith("hf:"):
         records, path = _records_hf(src), src
     else:
@@ -197,6 +200,28 @@ def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
         else:  # any other file: one prompt per line
             records = ((i, {fields.prompt: line}) for i, line in enumerate(_decode_lines(path), 1))
     return _to_examples(records, path, fields, require_target)
+
+
+def _read_labels(directory: Path, fields: Fields, require_target: bool) -> list[Example]:
+    """The output directory of distill-labels: prompts with the template already applied, LLM targets."""
+    import pyarrow.parquet as pq
+
+    from llm2slm_cli import artifacts as A
+
+    manifest = A.read_manifest(directory, A.KIND_LABELS)
+    if fields.template is not None and fields.template != manifest["template"]:
+        raise UserError(f"these labels were made with template {manifest['template']!r}, not {fields.template!r}",
+                        path=directory)
+    table = pq.read_table(directory / A.LABELS).to_pydict()
+    out = []
+    for i, (ex_id, prompt, target) in enumerate(zip(table["id"], table["prompt"], table["target"])):
+        if require_target and not (target or "").strip():
+            raise UserError(f"row {i}: empty target (the LLM answered nothing for {ex_id!r})",
+                            path=directory / A.LABELS, field="target")
+        out.append(Example(ex_id, prompt, target))
+    if not out:
+        raise UserError("no examples", path=directory)
+    return out
 
 
 def _read_pairs(src: Path, tgt: Path, fields: Fields, require_target: bool) -> list[Example]:

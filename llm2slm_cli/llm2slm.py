@@ -62,7 +62,8 @@ class FrozenLLM:
     """The LLM as a feature extractor: eval mode, no gradients, never a registered submodule of what we train."""
 
     def __init__(self, spec: str, *, layer: str | int = -1, dtype: str = "float32",
-                 tokenizer: str | Path | None = None, device: str | torch.device = "cpu") -> None:
+                 tokenizer: str | Path | None = None, device: str | torch.device = "cpu",
+                 tokenizer_optional: bool = False) -> None:
         config = M.load_config(spec)
         self.spec = spec
         self.kind: M.ModelKind = M.model_kind(config)
@@ -76,7 +77,13 @@ class FrozenLLM:
             raise UserError(f"--layer applies to decoder-only LLMs; a {self.kind} LLM gives its last layer")
         self.model = M.load_model(spec, dtype=self.dtype, role="LLM").to(device)
         self.model.requires_grad_(False)
-        self.tokenizer = M.load_tokenizer(spec, tokenizer)
+        self.config = config
+        try:
+            self.tokenizer = M.load_tokenizer(spec, tokenizer, local_only=tokenizer_optional)
+        except UserError:
+            if not tokenizer_optional:  # benchmarks of paper-shape presets run offline on random token ids
+                raise
+            self.tokenizer = None
         self.d_model = M.hidden_size(config)
         self._fingerprint: str | None = None
 
@@ -99,8 +106,10 @@ class FrozenLLM:
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.spec, "kind": self.kind, "layer": self.layer, "dtype": self.dtype,
-                "d_model": self.d_model, "n_layers": self.n_layers, "vocab_size": len(self.tokenizer),
-                "fingerprint": self.fingerprint, "tokenizer_fingerprint": M.tokenizer_fingerprint(self.tokenizer)}
+                "d_model": self.d_model, "n_layers": self.n_layers,
+                "vocab_size": len(self.tokenizer) if self.tokenizer else self.config.vocab_size,
+                "fingerprint": self.fingerprint,
+                "tokenizer_fingerprint": M.tokenizer_fingerprint(self.tokenizer) if self.tokenizer else None}
 
     def _block_list(self) -> nn.ModuleList:
         for module in self.model.base_model.modules():
@@ -265,16 +274,23 @@ class LLMToSLM(nn.Module):
             out_tok = own_tok
         else:
             out_tok = llm.tokenizer
+        if own_tok is not None and len(own_tok) > slm.get_input_embeddings().num_embeddings:
+            # a fresh or small-vocabulary SLM given a larger tokenizer: new rows for the new tokens
+            slm.resize_token_embeddings(len(own_tok))
         adapter = False
         if llm is not None and tokenizer == "llm":
             adapter = not _same_vocabulary(llm, slm_spec, slm_tokenizer, slm_config)
-        start = out_tok.pad_token_id
+        if out_tok is not None:
+            pad_id, eos_id = out_tok.pad_token_id, out_tok.eos_token_id
+        else:  # an LLM preset without its tokenizer (benchmarks): the ids its config declares
+            pad_id = llm.config.pad_token_id if llm.config.pad_token_id is not None else llm.config.eos_token_id
+            eos_id = llm.config.eos_token_id
+        start = pad_id
         if slm_kind == "encoder-decoder" and not adapter and slm_config.decoder_start_token_id is not None:
             start = slm_config.decoder_start_token_id
         config = ModelConfig(
             slm=slm_spec, slm_kind=slm_kind, llm=llm.identity() if llm else None, fusion=fusion,
-            tokenizer=tokenizer, vocab_adapter=adapter, pad_token_id=out_tok.pad_token_id,
-            eos_token_id=out_tok.eos_token_id,
+            tokenizer=tokenizer, vocab_adapter=adapter, pad_token_id=pad_id, eos_token_id=eos_id,
             decoder_start_token_id=start if slm_kind == "encoder-decoder" else None,
             template=template, max_prompt_length=max_prompt_length)
         model = cls(config, slm, llm)
@@ -320,9 +336,9 @@ class LLMToSLM(nn.Module):
             x = torch.cat([p, self.slm.get_input_embeddings()(target_ids)], 1)
             mask = torch.cat([pm, target_mask], 1)
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            m = p.shape[1]
-            logits = self.slm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids,
-                              use_cache=False).logits[:, m - 1: -1]
+            # only the positions that predict target tokens go through the head (vocabularies can be huge)
+            logits = self.slm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                              logits_to_keep=target_ids.shape[1] + 1).logits[:, :-1]
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                            reduction="sum")
         return loss, target_mask.sum()
@@ -356,7 +372,8 @@ class LLMToSLM(nn.Module):
         tmp = A.atomic_path(directory / A.MODEL_WEIGHTS)
         save_model(self, str(tmp))
         tmp.replace(directory / A.MODEL_WEIGHTS)
-        self.prompt_tokenizer.save_pretrained(str(directory / A.TOKENIZER_DIR))
+        if self.prompt_tokenizer is not None:
+            self.prompt_tokenizer.save_pretrained(str(directory / A.TOKENIZER_DIR))
         if self.target_tokenizer is not self.prompt_tokenizer:
             self.target_tokenizer.save_pretrained(str(directory / A.SLM_TOKENIZER_DIR))
 
@@ -418,14 +435,14 @@ def check_llm(llm: FrozenLLM, expected: dict[str, Any] | None, what: str) -> Non
 
 
 def _same_vocabulary(llm: FrozenLLM, slm_spec: str, slm_tokenizer: str | Path | None, slm_config) -> bool:
-    try:
-        slm_tok = M.load_tokenizer(slm_spec, slm_tokenizer)
-    except UserError:
-        # Paper-shape presets offline: two presets that share a tokenizer source share a vocabulary.
-        a, b = M.resolve(llm.spec), M.resolve(slm_spec)
-        if a.kind == b.kind == "preset" and M.preset(a.name).tokenizer == M.preset(b.name).tokenizer:
-            return True
-        raise
+    a, b = M.resolve(llm.spec), M.resolve(slm_spec)
+    if a.kind == b.kind == "preset" and slm_tokenizer is None:  # presets know their vocabulary family
+        return M.preset(a.name).vocab == M.preset(b.name).vocab
+    if llm.tokenizer is None:
+        raise UserError(f"cannot compare vocabularies: the tokenizer of {llm.spec!r} is not available")
+    if slm_config.vocab_size < len(llm.tokenizer):
+        return False  # the SLM cannot even index the LLM's token ids
+    slm_tok = M.load_tokenizer(slm_spec, slm_tokenizer)
     same = M.tokenizer_fingerprint(slm_tok) == M.tokenizer_fingerprint(llm.tokenizer)
     return same and slm_config.vocab_size >= len(llm.tokenizer)
 

@@ -33,6 +33,12 @@ class Preset:
     config: dict[str, Any]
     tokenizer: str  # "builtin:<name>" or a hub id whose tokenizer the preset shares
     description: str
+    vocab: str = ""  # presets with the same vocab family share token ids (T5, T5 v1.1 and Flan-T5 share one)
+
+    def __post_init__(self) -> None:
+        if not self.vocab:
+            family = self.tokenizer.removeprefix("builtin:").split("-")[0]
+            object.__setattr__(self, "vocab", "t5" if "t5" in self.tokenizer else family)
 
 
 def _t5(d_model: int, d_ff: int, layers: int, heads: int, gated: bool, **kw: Any) -> dict[str, Any]:
@@ -57,6 +63,9 @@ PRESETS: dict[str, Preset] = {
     "flan-t5-base": Preset("t5", _t5(768, 2048, 12, 12, True), "google/flan-t5-base", "Flan-T5-Base, 248M"),
     "gpt2": Preset("gpt2", _gpt2(12), "gpt2", "GPT2, 124M"),
     "gpt2-medium": Preset("gpt2", _gpt2(24, 1024, 16), "gpt2", "GPT2-Medium, 355M"),
+    # small fresh models that train in minutes on a CPU (the offline demo)
+    "mini-gpt2": Preset("gpt2", dict(_gpt2(2, 128, 4), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "gpt2",
+                        "GPT2 shape, d=128, 2 layers"),
     # tiny models for tests and smoke runs; the byte tokenizer makes them usable on any text
     "tiny-t5": Preset("t5", dict(_TINY_T5, d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
                       "builtin:bytes-t5", "T5 shape, d=64, 2+2 layers"),
@@ -231,21 +240,28 @@ def _short(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 
 
-def load_tokenizer(spec: str, override: str | Path | None = None):
-    """The tokenizer of a model spec (or the one at `override`), with pad and eos tokens guaranteed."""
+def load_tokenizer(spec: str, override: str | Path | None = None, *, local_only: bool = False):
+    """The tokenizer of a model spec (or the one at `override`), with pad and eos tokens guaranteed.
+
+    A paper-shape preset borrows its tokenizer from the hub cache (or the hub, unless `local_only`)."""
     from transformers import AutoTokenizer
 
     src = resolve(spec)
     try:
         if override is not None:
-            tok = AutoTokenizer.from_pretrained(str(override))
+            tok = _tokenizer_from_dir(Path(override))
         elif src.kind == "preset":
             p = preset(src.name)
             if p.tokenizer.startswith("builtin:"):
                 tok = builtin_tokenizer(p.tokenizer.removeprefix("builtin:"))
             else:
                 try:
-                    tok = AutoTokenizer.from_pretrained(p.tokenizer)
+                    try:
+                        tok = AutoTokenizer.from_pretrained(p.tokenizer, local_files_only=True)
+                    except OSError:
+                        if local_only:
+                            raise
+                        tok = AutoTokenizer.from_pretrained(p.tokenizer)
                 except OSError:
                     raise UserError(f"preset {src.name!r} uses the tokenizer of {p.tokenizer!r}, which cannot be "
                                     "loaded here (offline?): pass --tokenizer DIR") from None
@@ -259,6 +275,22 @@ def load_tokenizer(spec: str, override: str | Path | None = None):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer of {spec!r} ({_short(e)})") from None
     return ensure_special_tokens(tok)
+
+
+def _tokenizer_from_dir(path: Path):
+    """A tokenizer directory, or the bare files of one: a SentencePiece `spiece.model` (T5) or GPT-2's
+    `vocab.json` + `merges.txt` -- the form these tokenizers are often distributed in."""
+    from transformers import AutoTokenizer, GPT2Tokenizer, T5Tokenizer
+
+    if not path.is_dir():
+        raise UserError("no such tokenizer directory", path=path)
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path))
+    if (path / "spiece.model").is_file():
+        return T5Tokenizer.from_pretrained(str(path))
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return GPT2Tokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def ensure_special_tokens(tok):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import string
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llm2slm_cli.cli import app
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,8 +1,11 @@
-"""Recipes run as written: the smoke recipe chains every available stage through the CLI."""
+"""Recipes run as written: the smoke recipe chains every available stage through the CLI, and every command line any
+recipe would run parses against the real CLI (a dry run: nothing is trained, downloaded or read)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHELL_OPERATORS = {";", "&&", "||", "|", "&", "(", ")", ";;", "{", "}"}
+
+# Each recipe's dry-run cases: extra make arguments, and the stages its commands must include.
+DRY_RUNS = {
+    "smoke": [((), {"encode", "train", "generate"})],
+    "offline": [
+        ((), {"encode", "train", "generate", "eval", "bench"}),
+        (("SLM=preset:t5-small", "SLM_TOKENIZER=t5", "LLM2SLM_OPTS=--tokenizer-mode llm --fusion add", "en-de"),
+         {"encode", "train", "generate", "eval", "bench"}),
+    ],
+    "paper-translation": [(("all", "kd"), {"distill-labels", "train", "generate", "eval", "bench"})],
+    "paper-summarization": [((), {"train", "generate", "eval", "bench"})],
+    "paper-instructions": [
+        (("JUDGE_URL=http://127.0.0.1:8000/v1", "JUDGE_MODEL=judge"), {"train", "generate", "eval", "bench"}),
+        (("METRICS=rouge",), {"train", "generate", "eval", "bench"}),
+    ],
+}
 
 
 def test_every_recipe_says_what_it_is_for_and_how_to_run_it():
@@ -18,6 +39,77 @@ def test_every_recipe_says_what_it_is_for_and_how_to_run_it():
     for path in makefiles:
         head = path.read_text().splitlines()[:6]
         assert head[0].startswith("# ") and any("make" in line for line in head), path
+        assert any(f"make -C recipes/{path.parent.name}" in line for line in head), path
+
+
+def test_every_recipe_has_a_dry_run_case():
+    assert sorted(p.parent.name for p in (ROOT / "recipes").glob("*/Makefile")) == sorted(DRY_RUNS)
+
+
+def llm2slm_commands(make_output: str) -> list[list[str]]:
+    """Every `llm2slm STAGE ...` invocation in `make -n` output, as argument lists (stage first)."""
+    commands = []
+    for line in make_output.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        segment: list[str] = []
+        for token in [*lexer, ";"]:
+            if token not in SHELL_OPERATORS:
+                segment.append(token)
+                continue
+            starts = [i for i, t in enumerate(segment) if os.path.basename(t) == "llm2slm"]
+            if starts:
+                commands.append(segment[starts[0] + 1:])
+            segment = []
+    return commands
+
+
+def dry_run(recipe: str, runs: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["make", "-n", "--no-print-directory", "-C", str(ROOT / "recipes" / recipe), f"RUNS={runs}",
+         f"LLM2SLM={BIN / 'llm2slm'}", f"PYTHON={sys.executable}", f"SHARED={runs.parent / 'no-shared-data'}",
+         *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("recipe,args,stages", [(r, a, s) for r, cases in DRY_RUNS.items() for a, s in cases],
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_recipe_commands_parse_against_the_cli(recipe, args, stages, tmp_path):
+    """Parsing only (click's make_context): unknown options, missing required ones and bad choices fail here."""
+    import typer.main
+
+    from llm2slm_cli.cli import app
+
+    runs = tmp_path / "runs"
+    # SHARED points at a directory that does not exist: the dry run must not need ../shared/data.
+    commands = llm2slm_commands(dry_run(recipe, runs, *args))
+    assert {c[0] for c in commands} >= stages, commands
+    group = typer.main.get_command(app)
+    failures = []
+    for stage, *argv in commands:
+        if stage not in group.commands:
+            failures.append(f"unknown stage {stage!r}")
+            continue
+        try:
+            ctx = group.commands[stage].make_context(stage, list(argv), resilient_parsing=False)  # it eats its list
+        except Exception as e:  # click's usage errors, whichever click typer ships
+            failures.append(f"llm2slm {stage} {shlex.join(argv)}\n  -> {getattr(e, 'format_message', e.__str__)()}")
+            continue
+        out = Path(ctx.params["out"])
+        if not out.is_relative_to(runs):
+            failures.append(f"llm2slm {stage} writes {out}, outside RUNS={runs}")
+    assert not failures, "\n".join(failures)
+
+
+def test_offline_recipe_skips_cleanly_without_shared_data(tmp_path):
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT / "recipes" / "offline"),
+                             f"RUNS={tmp_path / 'runs'}", f"SHARED={tmp_path / 'absent'}",
+                             f"LLM2SLM={BIN / 'llm2slm'}", f"PYTHON={sys.executable}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("skipping: ../shared/data not found") == 1, result.stdout
+    assert not (tmp_path / "runs").exists() or not any(p.is_file() for p in (tmp_path / "runs").rglob("*"))
 
 
 @pytest.mark.slow

@@ -1,5 +1,113 @@
+"""`llm2slm distill-labels`: the LLM answers every prompt; its answers become the SLM's training targets.
+
+Sequence-level distillation (paper Table 7: LLM-generated labels). The output is an examples artifact that every
+stage reads like any input file:
+
+    examples.parquet   id, prompt (template applied), target (the LLM's output), reference (the original target)
+    manifest.json      the LLM, decoding settings, template, input sha256, counts, timing
+
+Work is written in shards of --shard-size examples (input order); --resume skips the shards already written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llm2slm_cli import artifacts as A
+from llm2slm_cli import runtime
+from llm2slm_cli.config import DistillConfig
+from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
 from llm2slm_cli.errors import UserError
 
+PLAN = ".distill-plan.json"
+PART = "examples-{:05d}.parquet"
 
-def run(config) -> None:
-    raise UserError("this stage is not yet available")
+
+def labels_table(rows: list[dict]):
+    import pyarrow as pa
+
+    return pa.table({
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "prompt": pa.array([r["prompt"] for r in rows], pa.string()),
+        "target": pa.array([r["target"] for r in rows], pa.string()),
+        "reference": pa.array([r["reference"] for r in rows], pa.string()),
+    })
+
+
+def run(config: DistillConfig) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from llm2slm_cli.stages.generate import PlainModel, generation_kwargs
+
+    fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field,
+                    template=config.template)
+    examples = read_examples(config.inputs, fields)
+    out = Path(config.out)
+    resuming = A.prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
+    device = runtime.device(config.device)
+    llm = PlainModel(config.model, dtype=config.dtype, tokenizer=config.tokenizer, device=device)
+    generation = generation_kwargs(config)
+    input_sha = None if any(str(p).startswith("hf:") for p in config.inputs) else A.sha256_files(config.inputs)
+    shards = [list(range(i, min(i + config.shard_size, len(examples))))
+              for i in range(0, len(examples), config.shard_size)]
+    plan = {"input_sha256": input_sha, "llm": llm.identity, "generation": generation, "shards": len(shards),
+            "template": config.template, "max_length": config.max_length, "seed": config.seed}
+    plan_path = out / PLAN
+    if resuming:
+        if not plan_path.is_file() or json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
+            raise UserError("cannot resume: the inputs, LLM or options differ from the interrupted run "
+                            "(or it is not a distill-labels run); use --overwrite to start over", path=out)
+    else:
+        A.atomic_write_json(plan_path, plan)
+
+    tok = llm.prompt_tokenizer
+    ids, truncated = runtime.tokenize_prompts(tok, [e.prompt for e in examples], config.max_length)
+    new_tokens = 0
+    with runtime.progress(config.quiet) as bar, runtime.timer() as clock:
+        task = bar.add_task("distill", total=len(examples), rate="")
+        for k, members in enumerate(shards):
+            part = out / PART.format(k)
+            if resuming and part.is_file():
+                bar.advance(task, len(members))
+                continue
+            # a seed per shard: a resumed run samples exactly what an uninterrupted one does
+            torch.manual_seed(config.seed * 1_000_003 + k)
+            outputs: dict[int, list[int]] = {}
+            for batch in length_sorted_batches([len(ids[i]) for i in members], config.batch_size):
+                batch = [members[j] for j in batch]
+                prompt_ids, prompt_mask = pad([ids[i] for i in batch], tok.pad_token_id)
+                for i, tokens in zip(batch, llm.generate(prompt_ids.to(device), prompt_mask.to(device),
+                                                         **generation)):
+                    outputs[i] = tokens
+                    new_tokens += len(tokens)
+                bar.update(task, advance=len(batch),
+                           rate=f"{new_tokens / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.1f} tok/s")
+            texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
+            rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": t.strip(),
+                     "reference": examples[i].target} for i, t in zip(members, texts)]
+            empty = [r["id"] for r in rows if not r["target"]]
+            if empty:
+                runtime.say(f"warning: the LLM gave an empty answer for {len(empty)} examples of shard {k} "
+                            f"(e.g. {empty[0]!r}); train refuses empty targets", config.quiet)
+            A.write_parquet(part, labels_table(rows))
+    seconds = clock["seconds"]
+
+    table = pa.concat_tables([pq.read_table(out / PART.format(k)) for k in range(len(shards))])
+    A.write_parquet(out / A.LABELS, table)
+    manifest = A.make_manifest(
+        A.KIND_LABELS, config, llm=llm.identity, generation=generation, template=config.template,
+        prompt_field=config.prompt_field, inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
+        counts={"examples": len(examples), "generated_tokens": new_tokens, "truncated_prompts": sum(truncated),
+                "empty_targets": sum(1 for t in table["target"].to_pylist() if not t)},
+        timing={"seconds": round(seconds, 3), "tokens_per_second": round(new_tokens / seconds, 2) if seconds else None},
+    )
+    A.atomic_write_json(out / A.MANIFEST, manifest)
+    for k in range(len(shards)):
+        (out / PART.format(k)).unlink()
+    plan_path.unlink()
+    runtime.say(f"distilled {len(examples)} targets ({new_tokens} tokens) with {config.model} in {seconds:.1f}s "
+                f"-> {out}", config.quiet)
+    return out

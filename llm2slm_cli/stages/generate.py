@@ -11,7 +11,7 @@ from llm2slm_cli.config import GenerateConfig
 from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
 
 
-def generation_kwargs(config: GenerateConfig) -> dict[str, Any]:
+def generation_kwargs(config: Any) -> dict[str, Any]:
     """Options for transformers' generate: beam search (paper: 4, length penalty 0.6), greedy, or nucleus."""
     if config.sample:
         return {"do_sample": True, "top_p": config.top_p, "temperature": config.temperature, "num_beams": 1,
@@ -26,7 +26,7 @@ def generation_kwargs(config: GenerateConfig) -> dict[str, Any]:
 class PlainModel:
     """A transformers model used as it is (the LLM alone, or an SLM without training), with the same interface."""
 
-    def __init__(self, spec: str, config: GenerateConfig, device) -> None:
+    def __init__(self, spec: str, *, dtype: str = "float32", tokenizer=None, device="cpu") -> None:
         from llm2slm_cli import models as M
         from llm2slm_cli.errors import UserError
 
@@ -34,8 +34,8 @@ class PlainModel:
         self.kind = M.model_kind(hf_config)
         if self.kind == "encoder-only":
             raise UserError(f"{spec!r} is an encoder-only model and cannot generate")
-        self.model = M.load_model(spec, dtype=config.dtype, role="model").to(device)
-        self.prompt_tokenizer = self.target_tokenizer = M.load_tokenizer(spec, config.tokenizer)
+        self.model = M.load_model(spec, dtype=dtype, role="model").to(device)
+        self.prompt_tokenizer = self.target_tokenizer = M.load_tokenizer(spec, tokenizer)
         self.template = None
         self.max_prompt_length = 512
         tok = self.prompt_tokenizer
@@ -68,7 +68,7 @@ def load_generator(config: GenerateConfig, device):
         model = LLMToSLM.from_pretrained(path, llm_spec=config.llm, device=device)
         identity = {"name": str(path), "kind": "llm2slm", **_asdict(model.config)}
         return model, identity, model.config.template, model.config.max_prompt_length
-    plain = PlainModel(config.model, config, device)
+    plain = PlainModel(config.model, dtype=config.dtype, tokenizer=config.tokenizer, device=device)
     return plain, plain.identity, None, plain.max_prompt_length
 
 

@@ -1,0 +1,184 @@
+"""`llm2slm bench`: the promised rows and columns, exact lengths, consistent numbers, plots, and clean errors.
+
+One small benchmark (tiny presets, 8 new tokens after 12-token prompts) runs once for the module; timings are only
+checked for consistency, never for speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from llm2slm_cli.stages.bench import COLUMNS
+
+PNG = b"\x89PNG\r\n\x1a\n"
+# One thread: on a busy 2-core machine torch's spinning worker threads make tiny models 30x slower.
+FAST = ["--new-tokens", "8", "--prompt-length", "12", "--repeats", "2", "--warmup", "1", "--threads", "1"]
+TINY = ["--new-tokens", "3", "--prompt-length", "5", "--repeats", "1", "--warmup", "0", "--no-flops", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny-t5-large -> tiny-t5 checkpoint with a fresh projector (speed does not depend on training)."""
+    from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
+
+    d = tmp_path_factory.mktemp("ckpt") / "final"
+    LLMToSLM.build("tiny-t5", FrozenLLM("tiny-t5-large", tokenizer_optional=True)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    (d / "metrics.json").write_text(json.dumps({"bleu": {"score": 12.5, "signature": "nrefs:1"},
+                                                "chrf": {"score": 40.0}, "rouge": {"rougeL": 0.3}}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def bench(cli, tmp_path_factory, checkpoint, eval_dir):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    result = cli("bench", "--llm", "tiny-t5-large", "--slm", "tiny-t5", "--model", f"trained={checkpoint}",
+                 *FAST, "--batch-size", "2", "--lengths", "4,8", "--quality", f"trained={eval_dir}",
+                 "--out", out, "--quiet", "--json")
+    table = pq.read_table(out / "bench.parquet")
+    return {"out": out, "table": table, "rows": table.to_pylist(), "stdout": result.stdout}
+
+
+def _main(rows):
+    return {r["label"]: r for r in rows if r["part"] == "main"}
+
+
+def test_rows_and_columns(bench):
+    assert bench["table"].column_names == COLUMNS
+    main = _main(bench["rows"])
+    assert list(main) == ["LLM", "SLM", "LLM-to-SLM", "trained"]
+    assert [main[k]["role"] for k in main] == ["LLM", "SLM", "LLM-to-SLM", "checkpoint"]
+    assert main["LLM-to-SLM"]["llm"] == "tiny-t5-large" and main["LLM-to-SLM"]["slm"] == "tiny-t5"
+    assert main["trained"]["llm"] == "tiny-t5-large"
+    sweep = sorted((r["label"], r["new_tokens"]) for r in bench["rows"] if r["part"] == "sweep")
+    assert sweep == sorted((label, n) for label in main for n in (4, 8))
+    assert all(r["batch_size"] == 2 for r in bench["rows"])
+    assert json.loads(bench["stdout"]) == json.loads(json.dumps(bench["rows"]))
+
+
+def test_numbers_are_consistent(bench):
+    for r in bench["rows"]:
+        assert r["repeats"] == len(r["run_seconds"]) == 2
+        assert all(s > 0 for s in r["run_seconds"])
+        assert r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
+        assert r["ms_per_token"] == pytest.approx(r["seconds_median"] / r["new_tokens"] * 1000)
+        assert r["ms_per_token_min"] <= r["ms_per_token"] <= r["ms_per_token_max"]
+        assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * r["new_tokens"] / r["seconds_median"])
+        assert r["flops_per_token"] > 0 and r["flops_total"] == pytest.approx(r["flops_per_token"] * r["new_tokens"])
+        assert r["weights_mb"] > 0 and r["process_peak_rss_mb"] > 0 and r["cuda_peak_mb"] is None
+        llm = next(x for x in bench["rows"] if x["role"] == "LLM" and x["part"] == r["part"]
+                   and x["new_tokens"] == r["new_tokens"])
+        assert r["speedup_vs_llm"] == pytest.approx(llm["seconds_median"] / r["seconds_median"])
+    main = _main(bench["rows"])
+    assert main["LLM"]["speedup_vs_llm"] == 1.0 and main["SLM"]["time_vs_slm"] == 1.0
+    assert main["LLM"]["slm_row"] == main["LLM-to-SLM"]["slm_row"] == main["trained"]["slm_row"] == "SLM"
+    assert main["LLM-to-SLM"]["time_vs_slm"] == pytest.approx(main["LLM-to-SLM"]["seconds_median"]
+                                                              / main["SLM"]["seconds_median"])
+
+
+def test_flops_and_weights(bench):
+    main = _main(bench["rows"])
+    # LLM-to-SLM adds the LLM encoder's pass (and the projector) to what the SLM does
+    assert main["LLM-to-SLM"]["flops_per_token"] > main["SLM"]["flops_per_token"]
+    assert main["trained"]["flops_per_token"] == main["LLM-to-SLM"]["flops_per_token"]  # same shapes
+    assert main["LLM-to-SLM"]["weights_mb"] > main["LLM"]["weights_mb"] > main["SLM"]["weights_mb"]
+    for label in main:  # longer generations cost more in all
+        by_n = {r["new_tokens"]: r for r in bench["rows"] if r["part"] == "sweep" and r["label"] == label}
+        assert by_n[8]["flops_total"] > by_n[4]["flops_total"]
+
+
+def test_files_plots_and_manifest(bench):
+    out = bench["out"]
+    for name in ["ms_per_token.png", "runtime_vs_length.png", "flops_vs_length.png", "quality_runtime.png"]:
+        data = (out / name).read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG), name
+    assert {p.name for p in out.iterdir()} == {"bench.parquet", "bench.json", "manifest.json", "ms_per_token.png",
+                                               "runtime_vs_length.png", "flops_vs_length.png", "quality_runtime.png"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "benchmark" and set(manifest["models"]) == {"LLM", "SLM", "LLM-to-SLM", "trained"}
+    report = json.loads((out / "bench.json").read_text())
+    assert len(report["rows"]) == len(bench["rows"]) and report["torch_threads"] == 1
+    assert report["environment"]["torch"] and report["settings"]["new_tokens"] == 8
+    assert report["quality"] == {"trained": {"metric": "bleu", "score": 12.5}}
+
+
+def test_generation_length_is_exact_and_checked():
+    from llm2slm_cli import benchmarking as B
+    from llm2slm_cli import models as M
+    from llm2slm_cli.errors import UserError
+    from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
+
+    ids, mask = B.random_prompts(260, {0, 1}, 2, 6, 0, "cpu")
+    assert ids.min() >= 10 and ids.max() < 260 and mask.all()
+    assert (ids == B.random_prompts(260, {0, 1}, 2, 6, 0, "cpu")[0]).all()  # seeded
+    llm = FrozenLLM("tiny-llama", tokenizer_optional=True)  # decoder-only LLM
+    fns = [B.plain_generate(M.load_model("tiny-t5")), B.plain_generate(llm.model),
+           B.llm2slm_generate(LLMToSLM.build("tiny-gpt2", llm)), B.llm2slm_generate(LLMToSLM.build("tiny-t5", llm))]
+    for fn in fns:
+        for beams in (1, 2):
+            assert fn(ids, mask, **B.generation_kwargs(5, beams)) == 5
+    short = B.Row("short", "SLM", None, "x", lambda ids, mask, **kw: kw["max_new_tokens"] - 1, [], 260)
+    with pytest.raises(UserError, match="generated 4 tokens instead of 5"):
+        B.time_runs(short, ids, mask, 5, num_beams=1, warmup=0, repeats=1, device=ids.device)
+
+
+def test_encoder_only_llm_has_no_llm_row(cli, tmp_path):
+    cli("bench", "--llm", "tiny-bert", "--slm", "tiny-gpt2", *TINY, "--out", tmp_path / "o", "--quiet")
+    rows = pq.read_table(tmp_path / "o" / "bench.parquet").to_pylist()
+    assert [r["label"] for r in rows] == ["SLM", "LLM-to-SLM"]
+    assert rows[0]["flops_per_token"] is None and rows[1]["speedup_vs_llm"] is None
+    assert not (tmp_path / "o" / "flops_vs_length.png").exists()
+
+
+def test_several_slms_in_one_run(cli, tmp_path):
+    cli("bench", "--llm", "tiny-t5-large", "--slm", "tiny-t5", "--slm", "tiny-gpt2", *TINY, "--out", tmp_path / "o",
+        "--quiet")
+    rows = {r["label"]: r for r in pq.read_table(tmp_path / "o" / "bench.parquet").to_pylist()}
+    assert list(rows) == ["LLM", "SLM:tiny-t5", "SLM:tiny-gpt2", "LLM-to-SLM:tiny-t5", "LLM-to-SLM:tiny-gpt2"]
+    assert rows["LLM-to-SLM:tiny-gpt2"]["slm_row"] == "SLM:tiny-gpt2"
+    assert rows["LLM"]["slm_row"] is None  # two SLMs: no single one to compare the LLM with
+
+
+def _error(cli, *args) -> str:
+    result = cli(*args, code=2)
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, checkpoint, eval_dir):
+    out = tmp_path / "o"
+    assert "nothing to measure" in _error(cli, "bench", "--out", out)
+    assert "no row labelled 'nope'" in _error(cli, "bench", "--slm", "tiny-t5", "--quality", f"nope={eval_dir}",
+                                               "--out", out)
+    msg = _error(cli, "bench", "--slm", "tiny-t5", "--quality", f"SLM={tmp_path / 'missing'}", "--out", out)
+    assert "missing: --quality SLM: no such directory" in msg
+    (tmp_path / "empty").mkdir()
+    assert "no metrics.json" in _error(cli, "bench", "--slm", "tiny-t5", "--quality", f"SLM={tmp_path / 'empty'}",
+                                       "--out", out)
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "metrics.json").write_text(json.dumps({"ter": {"score": 3.0}}))
+    assert "no BLEU, ROUGE-L or chrF" in _error(cli, "bench", "--slm", "tiny-t5", "--quality",
+                                                f"SLM={tmp_path / 'odd'}", "--out", out)
+    assert "takes LABEL=DIR" in _error(cli, "bench", "--model", str(checkpoint), "--out", out)
+    assert "not an llm2slm checkpoint" in _error(cli, "bench", "--model", f"x={tmp_path}", "--out", out)
+    assert "two rows are labelled 'SLM'" in _error(cli, "bench", "--slm", "tiny-t5", "--model",
+                                                   f"SLM={checkpoint}", "--out", out)
+    assert "--lengths must be" in _error(cli, "bench", "--slm", "tiny-t5", "--lengths", "4,x", "--out", out)
+    assert "reads at most 1024 positions" in _error(cli, "bench", "--slm", "tiny-gpt2", "--prompt-length", "1000",
+                                                    "--new-tokens", "30", "--out", out)
+    assert not out.exists()  # nothing is created before the options are known to be good
+
+
+def test_python_api_takes_one_slm_as_a_string(tmp_path):
+    from llm2slm_cli.config import BenchConfig
+
+    assert BenchConfig(out=tmp_path, slm="tiny-t5").slm == ["tiny-t5"]
