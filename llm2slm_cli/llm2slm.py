@@ -442,7 +442,14 @@ def _same_vocabulary(llm: FrozenLLM, slm_spec: str, slm_tokenizer: str | Path | 
         raise UserError(f"cannot compare vocabularies: the tokenizer of {llm.spec!r} is not available")
     if slm_config.vocab_size < len(llm.tokenizer):
         return False  # the SLM cannot even index the LLM's token ids
-    slm_tok = M.load_tokenizer(slm_spec, slm_tokenizer)
+    try:
+        slm_tok = M.load_tokenizer(slm_spec, slm_tokenizer, local_only=b.kind == "preset")
+    except UserError:
+        if b.kind != "preset":
+            raise
+        # A fresh preset whose tokenizer is not here: its vocabulary is a known family, and no family of ours is
+        # the LLM's unless the LLM is that preset's model itself, which resolve() would have called a preset.
+        return False
     same = M.tokenizer_fingerprint(slm_tok) == M.tokenizer_fingerprint(llm.tokenizer)
     return same and slm_config.vocab_size >= len(llm.tokenizer)
 

@@ -199,7 +199,9 @@ def _auto_class(kind: ModelKind, *, with_head: bool):
 def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, role: str = "model"):
     """Load a model in eval mode. Decoder-only models load with their LM head unless `with_head` is False."""
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our stages show their own progress; a bar per weight file is noise
     src = resolve(spec)
     config = load_config(spec)
     kind = model_kind(config)

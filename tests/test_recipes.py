@@ -18,7 +18,7 @@ SHELL_OPERATORS = {";", "&&", "||", "|", "&", "(", ")", ";;", "{", "}"}
 
 # Each recipe's dry-run cases: extra make arguments, and the stages its commands must include.
 DRY_RUNS = {
-    "smoke": [((), {"encode", "train", "generate"})],
+    "smoke": [((), {"encode", "train", "generate", "distill-labels", "eval", "bench"})],
     "offline": [
         ((), {"encode", "train", "generate", "eval", "bench"}),
         (("SLM=preset:t5-small", "SLM_TOKENIZER=t5", "LLM2SLM_OPTS=--tokenizer-mode llm --fusion add", "en-de"),
@@ -115,10 +115,18 @@ def test_offline_recipe_skips_cleanly_without_shared_data(tmp_path):
 @pytest.mark.slow
 def test_smoke_recipe(tmp_path):
     bin_dir = Path(sys.executable).parent
-    subprocess.run(["make", "-C", str(ROOT / "recipes" / "smoke"), f"RUNS={tmp_path}",
-                    f"LLM2SLM={bin_dir / 'llm2slm'}", f"PYTHON={sys.executable}"], check=True,
-                   capture_output=True, text=True)
+    done = subprocess.run(["make", "-C", str(ROOT / "recipes" / "smoke"), f"RUNS={tmp_path}",
+                           f"LLM2SLM={bin_dir / 'llm2slm'}", f"PYTHON={sys.executable}"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for run in ("pred-llm2slm", "pred-slm"):
         manifest = json.loads((tmp_path / run / "manifest.json").read_text())
         assert manifest["kind"] == "predictions" and manifest["counts"]["examples"] == 8
     assert json.loads((tmp_path / "llm2slm" / "manifest.json").read_text())["model"]["llm"]["name"] == "tiny-t5-large"
+    kinds = {run: json.loads((tmp_path / run / "manifest.json").read_text())["kind"]
+             for run in ("feats", "labels", "kd", "eval-llm2slm", "eval-slm", "bench")}
+    assert kinds == {"feats": "features", "labels": "labels", "kd": "training", "eval-llm2slm": "evaluation",
+                     "eval-slm": "evaluation", "bench": "benchmark"}
+    labels = [r["label"] for r in json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"]]
+    assert {"LLM", "SLM", "LLM-to-SLM", "llm2slm", "slm"} <= set(labels)
+    assert (tmp_path / "bench" / "quality_runtime.png").stat().st_size > 0
