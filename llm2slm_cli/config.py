@@ -254,6 +254,8 @@ class BenchConfig:
                                     "(paper Figures 5 and 6), e.g. 25,50,100,200,400.")
     quality: list[str] = opt([], "LABEL=EVAL_DIR (repeatable): an `eval` result for the row LABEL, for the "
                                  "quality-runtime plot (paper Figure 3).")
+    quality_metric: str = opt("auto", "The score --quality plots (auto: BLEU, else ROUGE-L, else chrF).",
+                              choices=["auto", "bleu", "rougeL", "chrf"])
     flops: bool = opt(True, "Count FLOPs per token (torch's flop counter, one extra run per measurement).")
     dtype: str = opt("float32", "Precision of all models.", choices=["float32", "bfloat16", "float16"])
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice; on a busy machine fewer threads "

@@ -84,15 +84,17 @@ def main(argv: list[str] | None = None) -> dict:
                                     overwrite=True))
         metrics = evaluate.run(EvalConfig(predictions=out / f"pred-{name}", out=out / f"eval-{name}",
                                           metrics="rouge,bleu,chrf", overwrite=True))
+        examples = _examples(out / f"pred-{name}")
         manifest = json.loads((config.out / "manifest.json").read_text())
         rows[label] = {"dir": name, "dev_loss": manifest["result"]["dev_loss"],
                        "trainable_parameters": manifest["counts"]["trainable_parameters"],
                        "train_seconds": manifest["timing"]["seconds"],
                        "rougeL": metrics["metrics"]["rouge"]["rougeL"], "bleu": metrics["metrics"]["bleu"]["score"],
-                       "chrf": metrics["metrics"]["chrf"]["score"]}
+                       "chrf": metrics["metrics"]["chrf"]["score"], "examples": examples}
     bench.run(BenchConfig(out=out / "bench", model=[f"{k}={out / v['dir'] / 'final'}" for k, v in rows.items()],
                           quality=[f"{k}={out / ('eval-' + v['dir'])}" for k, v in rows.items()],
-                          prompt_length=100, new_tokens=100, repeats=5, warmup=1, overwrite=True))
+                          quality_metric="rougeL", prompt_length=100, new_tokens=100, repeats=5, warmup=1,
+                          overwrite=True))
     timings = json.loads((out / "bench" / "bench.json").read_text())
     for r in timings["rows"]:
         if r["label"] in rows:
@@ -107,6 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def _examples(predictions: Path, n: int = 3) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(predictions / "predictions.parquet").to_pylist()[:n]
+    return [{"id": r["id"], "prediction": r["prediction"], "reference": r["reference"]} for r in rows]
+
+
 def _table(summary: dict) -> str:
     lines = [f"Task: {summary['task']}; LLM: {summary['llm']}; SLM: {summary['slm']} (fresh weights)", "",
              "| model | ROUGE-L | BLEU | chrF | dev loss | ms/token | trainable params |",
@@ -117,6 +126,9 @@ def _table(summary: dict) -> str:
                      f"{ms:.2f} | {r['trainable_parameters']:,} |" if ms is not None else
                      f"| {label} | {r['rougeL']:.1f} | {r['bleu']:.1f} | {r['chrf']:.1f} | {r['dev_loss']:.3f} | - | "
                      f"{r['trainable_parameters']:,} |")
+    lines += ["", "First test examples (prediction | reference):"]
+    for label, r in summary["rows"].items():
+        lines += [f"  {label}: {e['prediction']!r} | {e['reference']!r}" for e in r["examples"]]
     return "\n".join(lines)
 
 

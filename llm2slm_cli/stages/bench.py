@@ -104,8 +104,8 @@ def _lengths(config: BenchConfig) -> list[int]:
 # ------------------------------------------------------------------------------------------------------ quality
 
 
-def read_quality(label: str, directory: Path) -> tuple[str, float]:
-    """The preferred score (BLEU, then ROUGE-L, then chrF) of an `eval` output directory."""
+def read_quality(label: str, directory: Path, metric: str = "auto") -> tuple[str, float]:
+    """The score `metric` (auto: BLEU, else ROUGE-L, else chrF) of an `eval` output directory."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"--quality {label}: no such directory (expected an `eval` output)", path=directory)
@@ -118,11 +118,12 @@ def read_quality(label: str, directory: Path) -> tuple[str, float]:
         raise UserError(f"unreadable metrics ({e})", path=path) from None
     if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
         data = data["metrics"]
-    for name in QUALITY_METRICS:
+    for name in QUALITY_METRICS if metric == "auto" else (metric,):
         value = _metric(data, name)
         if value is not None:
             return name, value
-    raise UserError(f"--quality {label}: no BLEU, ROUGE-L or chrF score in it", path=path)
+    wanted = "BLEU, ROUGE-L or chrF" if metric == "auto" else metric
+    raise UserError(f"--quality {label}: no {wanted} score in it", path=path)
 
 
 def _metric(data: Any, name: str) -> float | None:
@@ -209,7 +210,7 @@ def run(config: BenchConfig) -> Path:
         label, _, directory = (x.strip() for x in item.partition("="))
         if label not in labels:
             raise UserError(f"--quality {label}: there is no row labelled {label!r} (rows: {', '.join(labels)})")
-        quality[label] = read_quality(label, Path(directory))
+        quality[label] = read_quality(label, Path(directory), config.quality_metric)
     device = runtime.device(config.device)
     A.prepare_output_dir(out, overwrite=config.overwrite, resumable=False)
     threads = torch.get_num_threads()
