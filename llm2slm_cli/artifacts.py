@@ -191,3 +191,24 @@ def prepare_output_dir(out: Path, *, overwrite: bool = False, resume: bool = Fal
     except OSError as e:
         raise UserError(f"cannot create output directory ({e.strerror})", path=out) from None
     return bool(resume and has_content)
+
+
+def input_sha256(paths: Iterable[Path | str]) -> str | None:
+    """The fingerprint of a stage's input files; None for a Hugging Face dataset (its files are not ours)."""
+    paths = list(paths)
+    if any(str(p).startswith("hf:") for p in paths):
+        return None
+    return sha256_files(paths)
+
+
+def resume_plan(out: Path, name: str, plan: dict[str, Any], resuming: bool, stage: str) -> Path:
+    """Record what a sharded stage is about to do; on --resume, refuse if that differs from the interrupted run
+    (its finished shards would not fit). Returns the plan's path, removed by the stage when it completes."""
+    path = Path(out) / name
+    if resuming:
+        if not path.is_file() or json.loads(path.read_text()) != json.loads(json.dumps(plan, default=str)):
+            raise UserError(f"cannot resume: the inputs, model or options differ from the interrupted run (or it "
+                            f"is not a {stage} run); use --overwrite to start over", path=out)
+    else:
+        atomic_write_json(path, plan)
+    return path

@@ -49,6 +49,25 @@ class ExampleFields:
 
 
 @dataclass(kw_only=True)
+class DecodingOptions:
+    """Options shared by the stages that generate text (generate, distill-labels)."""
+
+    num_beams: int = opt(4, "Beam width (paper: 4); 1 is greedy.")
+    length_penalty: float = opt(0.6, "Beam length penalty (paper: 0.6).")
+    sample: bool = opt(False, "Nucleus sampling instead of beam search (paper, for instructions).")
+    top_p: float = opt(0.9, "Nucleus mass when sampling.")
+    temperature: float = opt(1.0, "Softmax temperature when sampling.")
+    seed: int = opt(0, "Seed for sampling.")
+
+    def _check_decoding(self) -> None:
+        _positive(self, "num_beams", "temperature")
+        if self.sample and self.num_beams not in (1, 4):
+            raise UserError("--sample draws one response per prompt: leave --num-beams out")
+        if not 0 < self.top_p <= 1:
+            raise UserError("--top-p must be in (0, 1]")
+
+
+@dataclass(kw_only=True)
 class EncodeConfig(ExampleFields):
     """Run the frozen LLM over the prompts once and store its features (half precision, sharded safetensors)."""
 
@@ -142,7 +161,7 @@ class TrainConfig(ExampleFields):
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(ExampleFields):
+class GenerateConfig(DecodingOptions, ExampleFields):
     """Generate responses with a trained checkpoint, or with a plain LLM or SLM as a baseline."""
 
     inputs: list[Path] = opt(REQUIRED, "Examples to answer (any format `encode` reads).", argument=True)
@@ -151,51 +170,36 @@ class GenerateConfig(ExampleFields):
     out: Path = opt(REQUIRED, "Output directory: predictions.parquet + manifest.json.")
     llm: str | None = opt(None, "Load the checkpoint's LLM from here instead of the name it records (its "
                                 "fingerprint must match).")
-    num_beams: int = opt(4, "Beam width (paper: 4); 1 is greedy.")
-    length_penalty: float = opt(0.6, "Beam length penalty (paper: 0.6).")
-    sample: bool = opt(False, "Nucleus sampling instead of beam search (paper, for instructions).")
-    top_p: float = opt(0.9, "Nucleus mass when sampling.")
-    temperature: float = opt(1.0, "Softmax temperature when sampling.")
     max_new_tokens: int = opt(128, "Longest response in tokens.")
     max_length: int | None = opt(None, "Longest prompt in tokens (default: the checkpoint's, or 512).")
     batch_size: int = opt(16, "Prompts per batch (length-sorted).")
     tokenizer: Path | None = opt(None, "Tokenizer directory for a plain model.")
     dtype: str = opt("float32", "Precision of a plain model.", choices=["float32", "bfloat16", "float16"])
-    seed: int = opt(0, "Seed for sampling.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     quiet: bool = opt(False, "No progress bar.")
 
     def __post_init__(self) -> None:
         _inputs(self.inputs)
-        _positive(self, "num_beams", "max_new_tokens", "batch_size", "max_length", "temperature")
-        if self.sample and self.num_beams not in (1, 4):
-            raise UserError("--sample draws one response per prompt: leave --num-beams out")
-        if not 0 < self.top_p <= 1:
-            raise UserError("--top-p must be in (0, 1]")
+        _positive(self, "max_new_tokens", "batch_size", "max_length")
+        self._check_decoding()
 
 
 @dataclass(kw_only=True)
-class DistillConfig(ExampleFields):
+class DistillConfig(DecodingOptions, ExampleFields):
     """Generate training targets with the LLM (sequence-level distillation; paper: beam 4, length penalty 0.6).
 
     Writes the examples with the LLM's outputs as targets, in the same schema, so `train` takes either."""
 
     inputs: list[Path] = opt(REQUIRED, "Examples (any format `encode` reads).", argument=True)
     model: str = opt(REQUIRED, "The LLM, with its generation head: encoder-decoder or decoder-only.")
-    out: Path = opt(REQUIRED, "Output directory: examples.parquet (id, src, tgt, original_tgt) + manifest.json.")
-    num_beams: int = opt(4, "Beam width (paper: 4); 1 is greedy.")
-    length_penalty: float = opt(0.6, "Beam length penalty (paper: 0.6).")
-    sample: bool = opt(False, "Nucleus sampling instead of beam search.")
-    top_p: float = opt(0.9, "Nucleus mass when sampling.")
-    temperature: float = opt(1.0, "Softmax temperature when sampling.")
+    out: Path = opt(REQUIRED, "Output directory: examples.parquet (id, prompt, target, reference) + manifest.json.")
     max_new_tokens: int = opt(128, "Longest generated target in tokens.")
     max_length: int = opt(512, "Longest prompt in tokens (longer prompts are truncated).")
     batch_size: int = opt(16, "Prompts per batch (length-sorted).")
     shard_size: int = opt(1024, "Examples per output shard (the unit of --resume).")
     tokenizer: Path | None = opt(None, "Tokenizer directory to use instead of the model's own.")
     dtype: str = opt("float32", "Precision of the LLM.", choices=["float32", "bfloat16", "float16"])
-    seed: int = opt(0, "Seed for sampling.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.")
@@ -203,9 +207,8 @@ class DistillConfig(ExampleFields):
 
     def __post_init__(self) -> None:
         _inputs(self.inputs)
-        _positive(self, "num_beams", "max_new_tokens", "batch_size", "shard_size", "max_length", "temperature")
-        if not 0 < self.top_p <= 1:
-            raise UserError("--top-p must be in (0, 1]")
+        _positive(self, "max_new_tokens", "batch_size", "shard_size", "max_length")
+        self._check_decoding()
 
 
 @dataclass(kw_only=True)

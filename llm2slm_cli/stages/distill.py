@@ -11,14 +11,12 @@ Work is written in shards of --shard-size examples (input order); --resume skips
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.config import DistillConfig
 from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
-from llm2slm_cli.errors import UserError
 
 PLAN = ".distill-plan.json"
 PART = "examples-{:05d}.parquet"
@@ -50,18 +48,12 @@ def run(config: DistillConfig) -> Path:
     device = runtime.device(config.device)
     llm = PlainModel(config.model, dtype=config.dtype, tokenizer=config.tokenizer, device=device)
     generation = generation_kwargs(config)
-    input_sha = None if any(str(p).startswith("hf:") for p in config.inputs) else A.sha256_files(config.inputs)
+    input_sha = A.input_sha256(config.inputs)
     shards = [list(range(i, min(i + config.shard_size, len(examples))))
               for i in range(0, len(examples), config.shard_size)]
     plan = {"input_sha256": input_sha, "llm": llm.identity, "generation": generation, "shards": len(shards),
             "template": config.template, "max_length": config.max_length, "seed": config.seed}
-    plan_path = out / PLAN
-    if resuming:
-        if not plan_path.is_file() or json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
-            raise UserError("cannot resume: the inputs, LLM or options differ from the interrupted run "
-                            "(or it is not a distill-labels run); use --overwrite to start over", path=out)
-    else:
-        A.atomic_write_json(plan_path, plan)
+    plan_path = A.resume_plan(out, PLAN, plan, resuming, "distill-labels")
 
     tok = llm.prompt_tokenizer
     ids, truncated = runtime.tokenize_prompts(tok, [e.prompt for e in examples], config.max_length)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,7 +9,6 @@ from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.config import EncodeConfig
 from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
-from llm2slm_cli.errors import UserError
 from llm2slm_cli.features import index_table
 
 PLAN = ".encode-plan.json"
@@ -26,7 +24,7 @@ def run(config: EncodeConfig) -> Path:
 
     fields = Fields(prompt=config.prompt_field, target=None, id=config.id_field, template=config.template)
     examples = read_examples(config.inputs, fields)
-    input_sha = _input_sha(config.inputs)
+    input_sha = A.input_sha256(config.inputs)
     out = Path(config.out)
     resuming = A.prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
 
@@ -40,13 +38,7 @@ def run(config: EncodeConfig) -> Path:
     plan = {"input_sha256": input_sha, "llm": llm.identity(), "config": A.config_to_dict(config),
             "shards": len(shards)}
     plan["config"].pop("overwrite"), plan["config"].pop("resume"), plan["config"].pop("quiet")
-    plan_path = out / PLAN
-    if resuming:
-        if not plan_path.is_file() or json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
-            raise UserError("cannot resume: the inputs, LLM or options differ from the interrupted run "
-                            "(or it is not an encode run); use --overwrite to start over", path=out)
-    else:
-        A.atomic_write_json(plan_path, plan)
+    plan_path = A.resume_plan(out, PLAN, plan, resuming, "encode")
 
     dtype = getattr(torch, config.feature_dtype)
     stats = {"tokens": 0, "seconds": 0.0}
@@ -106,9 +98,3 @@ def run(config: EncodeConfig) -> Path:
     runtime.say(f"encoded {len(examples)} prompts ({total_tokens} tokens, {sum(truncated)} truncated) with "
                 f"{config.model} in {stats['seconds']:.1f}s -> {out}", config.quiet)
     return out
-
-
-def _input_sha(inputs: list[Path]) -> str | None:
-    if any(str(p).startswith("hf:") for p in inputs):
-        return None
-    return A.sha256_files(inputs)

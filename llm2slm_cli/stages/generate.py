@@ -122,7 +122,7 @@ def run(config: GenerateConfig) -> Path:
     manifest = A.make_manifest(
         A.KIND_PREDICTIONS, config, model=identity, generation=generation, template=template,
         inputs=[str(p) for p in config.inputs],
-        input_sha256=None if any(str(p).startswith("hf:") for p in config.inputs) else A.sha256_files(config.inputs),
+        input_sha256=A.input_sha256(config.inputs),
         counts={"examples": len(examples), "generated_tokens": new_tokens, "truncated_prompts": sum(truncated)},
         timing={"seconds": round(seconds, 3), "tokens_per_second": round(new_tokens / seconds, 2) if seconds else None},
     )

@@ -252,7 +252,8 @@ def run(config: TrainConfig) -> Path:
         if main:
             manifest = A.make_manifest(
                 A.KIND_TRAINING, config, model=_model_identity(core), counts=counts,
-                inputs={"train_sha256": _sha(config.inputs), "dev_sha256": _sha(config.dev) if config.dev else None},
+                inputs={"train_sha256": A.input_sha256(config.inputs),
+                        "dev_sha256": A.input_sha256(config.dev) if config.dev else None},
                 result={"train_loss": last["loss"], "dev_loss": last["dev_loss"]},
                 timing={"seconds": round(seconds, 2), "examples_per_second": round(seen_examples / seconds, 2)},
                 checkpoints=sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")))
@@ -306,12 +307,6 @@ def _model_identity(core) -> dict[str, Any]:
     import dataclasses
 
     return dataclasses.asdict(core.config)
-
-
-def _sha(paths: list[Path]) -> str | None:
-    if any(str(p).startswith("hf:") for p in paths):
-        return None
-    return A.sha256_files(paths)
 
 
 def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerator, config: TrainConfig,
