@@ -35,6 +35,8 @@ class Row:
     modules: list[Any]  # every nn.Module the row runs, for its weight bytes
     vocab_size: int
     special_ids: set[int] = field(default_factory=set)
+    tokenizer: Any = None  # for --prompts (real text instead of random ids)
+    speculative: Any = None  # SpeculativeStats of the timed runs, for speculative decoding rows
 
 
 def generation_kwargs(new_tokens: int, num_beams: int) -> dict[str, Any]:
@@ -109,6 +111,44 @@ def llm2slm_generate(model: Any) -> GenerateFn:
         return widths[-1] - (1 if encoder_decoder else 0)  # with inputs_embeds only new tokens come back
 
     return run
+
+
+def speculative_generate_fn(draft: Any, verifier: Any, gamma: int, stats: Any) -> GenerateFn:
+    """Speculative decoding (decoding.py) for exactly the asked length: the end and padding tokens are suppressed
+    in both models, as `min_new_tokens` does for the other rows. Acceptance statistics accumulate in `stats`."""
+    from llm2slm_cli.decoding import speculative_generate
+
+    banned = sorted({draft.config.eos_token_id, draft.config.pad_token_id})
+
+    def run(ids, mask, **generation: Any) -> int:
+        if generation.get("num_beams", 1) != 1:
+            raise UserError("speculative decoding rows are greedy: use --num-beams 1")
+        tokens, st = speculative_generate(draft, verifier, ids, mask, gamma=gamma,
+                                          max_new_tokens=generation["max_new_tokens"], suppress_tokens=banned)
+        for name in ("rounds", "drafted", "accepted", "emitted", "row_rounds"):
+            setattr(stats, name, getattr(stats, name) + getattr(st, name))
+        return min(len(t) for t in tokens)
+
+    return run
+
+
+def text_prompts(tokenizer: Any, texts: list[str], batch: int, length: int, device: Any):
+    """The first `batch` prompts of at least `length` tokens, cut to exactly `length` (real text, exact shape)."""
+    import torch
+
+    if tokenizer is None:
+        raise UserError("--prompts needs every row's tokenizer, and a row has none (a preset without its tokenizer?)")
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+        if len(ids) >= length:
+            rows.append(ids[:length])
+        if len(rows) == batch:
+            break
+    if len(rows) < batch:
+        raise UserError(f"--prompts has {len(rows)} prompts of at least {length} tokens; {batch} are needed")
+    ids = torch.tensor(rows, dtype=torch.long, device=device)
+    return ids, torch.ones_like(ids)
 
 
 @contextmanager
@@ -186,39 +226,64 @@ def peak_rss_bytes() -> int | None:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
+def prompts_for(row: Row, batch: int, prompt_length: int, seed: int, device: Any, texts: list[str] | None):
+    if texts:
+        return text_prompts(row.tokenizer, texts, batch, prompt_length, device)
+    return random_prompts(row.vocab_size, row.special_ids, batch, prompt_length, seed, device)
+
+
 def measure(row: Row, *, batch: int, prompt_length: int, new_tokens: int, num_beams: int, warmup: int,
-            repeats: int, flops: bool, seed: int, device: Any) -> dict[str, Any]:
+            repeats: int, flops: bool, seed: int, device: Any, texts: list[str] | None = None) -> dict[str, Any]:
     """Time one row at one batch size and generation length; FLOPs from one extra run after the timed ones."""
     import torch
 
-    ids, mask = random_prompts(row.vocab_size, row.special_ids, batch, prompt_length, seed, device)
+    ids, mask = prompts_for(row, batch, prompt_length, seed, device, texts)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    _reset_speculative(row)
     seconds = time_runs(row, ids, mask, new_tokens, num_beams=num_beams, warmup=warmup, repeats=repeats,
                         device=device)
+    accepted = _speculative_summary(row)
     cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     total_flops = count_flops(row, ids, mask, new_tokens, num_beams=num_beams) if flops else None
-    return summarize(row, seconds, batch=batch, prompt_length=prompt_length, new_tokens=new_tokens,
-                     num_beams=num_beams, total_flops=total_flops, cuda_peak=cuda_peak)
+    return {**summarize(row, seconds, batch=batch, prompt_length=prompt_length, new_tokens=new_tokens,
+                        num_beams=num_beams, total_flops=total_flops, cuda_peak=cuda_peak), **accepted}
+
+
+def _reset_speculative(row: Row) -> None:
+    if row.speculative is not None:
+        for name in ("rounds", "drafted", "accepted", "emitted", "row_rounds"):
+            setattr(row.speculative, name, 0)
+
+
+def _speculative_summary(row: Row) -> dict[str, float | None]:
+    """Acceptance over the runs since the last reset (the warm-up and timed runs of one measurement)."""
+    if row.speculative is None:
+        return {"acceptance_rate": None, "tokens_per_llm_call": None}
+    return {"acceptance_rate": row.speculative.acceptance_rate,
+            "tokens_per_llm_call": row.speculative.tokens_per_llm_call}
 
 
 def measure_length(row: Row, *, batch: int, prompt_length: int, new_tokens: int, num_beams: int, warmup: int,
-                   repeats: int, flops: bool, seed: int, device: Any) -> dict[str, Any]:
+                   repeats: int, flops: bool, seed: int, device: Any, texts: list[str] | None = None
+                   ) -> dict[str, Any]:
     """One point of the length sweep: the models are warm already, so one untimed run (the FLOP-counted one, if
     FLOPs are counted) precedes the timed ones."""
     import torch
 
-    ids, mask = random_prompts(row.vocab_size, row.special_ids, batch, prompt_length, seed, device)
+    ids, mask = prompts_for(row, batch, prompt_length, seed, device, texts)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     total_flops = count_flops(row, ids, mask, new_tokens, num_beams=num_beams) if flops else None
+    _reset_speculative(row)
     seconds = time_runs(row, ids, mask, new_tokens, num_beams=num_beams, warmup=0 if flops else min(warmup, 1),
                         repeats=repeats, device=device)
+    accepted = _speculative_summary(row)
     cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return summarize(row, seconds, batch=batch, prompt_length=prompt_length, new_tokens=new_tokens,
-                     num_beams=num_beams, total_flops=total_flops, cuda_peak=cuda_peak)
+    return {**summarize(row, seconds, batch=batch, prompt_length=prompt_length, new_tokens=new_tokens,
+                        num_beams=num_beams, total_flops=total_flops, cuda_peak=cuda_peak), **accepted}
 
 
 def summarize(row: Row, seconds: list[float], *, batch: int, prompt_length: int, new_tokens: int, num_beams: int,

@@ -52,19 +52,25 @@ class ExampleFields:
 class DecodingOptions:
     """Options shared by the stages that generate text (generate, distill-labels)."""
 
-    num_beams: int = opt(4, "Beam width (paper: 4); 1 is greedy.")
+    num_beams: int | None = opt(None, "Beam width; 1 is greedy. Default: 4 (the paper's) for beam search; sampling "
+                                      "and speculative decoding draw one sequence.")
     length_penalty: float = opt(0.6, "Beam length penalty (paper: 0.6).")
     sample: bool = opt(False, "Nucleus sampling instead of beam search (paper, for instructions).")
     top_p: float = opt(0.9, "Nucleus mass when sampling.")
     temperature: float = opt(1.0, "Softmax temperature when sampling.")
     seed: int = opt(0, "Seed for sampling.")
 
-    def _check_decoding(self) -> None:
+    def _check_decoding(self, *, speculative: bool = False) -> None:
         _positive(self, "num_beams", "temperature")
-        if self.sample and self.num_beams not in (1, 4):
-            raise UserError("--sample draws one response per prompt: leave --num-beams out")
+        one = "--sample" if self.sample else "--speculative" if speculative else None
+        if one and self.num_beams not in (None, 1):
+            raise UserError(f"{one} draws one sequence per prompt: leave --num-beams out")
         if not 0 < self.top_p <= 1:
             raise UserError("--top-p must be in (0, 1]")
+
+    @property
+    def beams(self) -> int:
+        return 1 if self.sample else self.num_beams or 4
 
 
 @dataclass(kw_only=True)
@@ -117,6 +123,26 @@ class TrainConfig(ExampleFields):
                                      "(needs --fusion replace).", choices=["llm", "slm"])
     slm_tokenizer: Path | None = opt(None, "Tokenizer directory for the SLM.")
     freeze_slm: bool = opt(False, "Train only the projector (and vocabulary adapter); the SLM stays frozen.")
+    slm_layers: int | None = opt(None, "Keep only the SLM's first d layers, with their weights (paper Figure 4). "
+                                       "Decoder-only: the first d blocks; encoder-decoder (T5): the first d blocks "
+                                       "of the encoder and of the decoder.")
+    peft: str | None = opt(None, "PEFT baseline on the frozen SLM alone (no --llm), through the peft library: "
+                                 "lora, prompt (prompt tuning) or prefix (prefix tuning). Unset sizes take the "
+                                 "paper's Table 8 values for the SLM's family (T5, else GPT2).",
+                           choices=["lora", "prompt", "prefix"])
+    peft_virtual_tokens: int | None = opt(None, "Prompt/prefix tuning: virtual tokens (GPT2: prompt 200, prefix "
+                                                "256; T5: 1024).")
+    peft_prefix_hidden: int | None = opt(None, "Prefix tuning: hidden size of the prefix projection MLP, 0 for none "
+                                               "(GPT2: 64; T5: none).")
+    peft_lora_rank: int | None = opt(None, "LoRA rank (GPT2: 40; T5: 24).")
+    peft_lora_alpha: float | None = opt(None, "LoRA alpha (GPT2: 64; T5: 32).")
+    peft_lora_dropout: float | None = opt(None, "LoRA dropout (0.1).")
+    peft_lora_targets: str | None = opt(None, "LoRA: comma-separated module names to adapt (default: peft's for "
+                                              "the architecture: GPT2 c_attn; T5 q,v; Llama q_proj,v_proj).")
+    count_parameters: bool = opt(False, "Build the model exactly as training would, print its total and trainable "
+                                        "parameters (by part) and exit: the examples are not read and nothing is "
+                                        "written.")
+    json: bool = opt(False, "With --count-parameters: print the counts as JSON.")
     max_length: int = opt(512, "Longest prompt in tokens (prompts are truncated).")
     max_target_length: int = opt(256, "Longest target in tokens (targets are truncated).")
     lr: float = opt(1e-3, "Peak learning rate (paper: 1e-3).")
@@ -155,7 +181,24 @@ class TrainConfig(ExampleFields):
                 if getattr(self, name) is not None:
                     raise UserError(f"--{name.replace('_', '-')} needs --llm (features come from an LLM)")
             if self.freeze_slm:
-                raise UserError("--freeze-slm without --llm would train nothing")
+                raise UserError("--peft already freezes the SLM (--freeze-slm is for --llm: projector only)"
+                                if self.peft else "--freeze-slm without --llm would train nothing")
+        _positive(self, "slm_layers", "peft_virtual_tokens", "peft_lora_rank", "peft_lora_alpha")
+        method_of = {"peft_virtual_tokens": ("prompt", "prefix"), "peft_prefix_hidden": ("prefix",),
+                     "peft_lora_rank": ("lora",), "peft_lora_alpha": ("lora",), "peft_lora_dropout": ("lora",),
+                     "peft_lora_targets": ("lora",)}
+        for name, methods in method_of.items():
+            if getattr(self, name) is not None and self.peft not in methods:
+                raise UserError(f"--{name.replace('_', '-')} applies to --peft {' or '.join(methods)}")
+        if self.peft is not None and self.llm is not None:
+            raise UserError("--peft trains a baseline on the SLM alone: leave out --llm (the LLM-to-SLM "
+                            "counterpart at a matched parameter count is --llm ... --freeze-slm)")
+        if self.peft_prefix_hidden is not None and self.peft_prefix_hidden < 0:
+            raise UserError("--peft-prefix-hidden must be 0 (no projection) or positive")
+        if self.peft_lora_dropout is not None and not 0 <= self.peft_lora_dropout < 1:
+            raise UserError("--peft-lora-dropout must be in [0, 1)")
+        if self.json and not self.count_parameters:
+            raise UserError("--json applies to --count-parameters")
         if self.dev_features is not None and not self.dev:
             raise UserError("--dev-features needs --dev (the dev examples with their targets)")
 
@@ -173,6 +216,11 @@ class GenerateConfig(DecodingOptions, ExampleFields):
     max_new_tokens: int = opt(128, "Longest response in tokens.")
     max_length: int | None = opt(None, "Longest prompt in tokens (default: the checkpoint's, or 512).")
     batch_size: int = opt(16, "Prompts per batch (length-sorted).")
+    speculative: bool = opt(False, "Speculative decoding: the checkpoint drafts --gamma tokens, the LLM checks them in "
+                                   "one pass; the output is the LLM's own (greedy, or --sample).")
+    gamma: int = opt(4, "Draft tokens per LLM pass in speculative decoding.")
+    verifier: str | None = opt(None, "The LLM that checks the drafts (default: the checkpoint's own LLM; needed for "
+                                     "a draft trained without one). It must read the draft's vocabulary.")
     tokenizer: Path | None = opt(None, "Tokenizer directory for a plain model.")
     dtype: str = opt("float32", "Precision of a plain model.", choices=["float32", "bfloat16", "float16"])
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
@@ -181,8 +229,10 @@ class GenerateConfig(DecodingOptions, ExampleFields):
 
     def __post_init__(self) -> None:
         _inputs(self.inputs)
-        _positive(self, "max_new_tokens", "batch_size", "max_length")
-        self._check_decoding()
+        _positive(self, "max_new_tokens", "batch_size", "max_length", "gamma")
+        self._check_decoding(speculative=self.speculative)
+        if self.verifier and not self.speculative:
+            raise UserError("--verifier is for --speculative decoding")
 
 
 @dataclass(kw_only=True)
@@ -247,6 +297,14 @@ class BenchConfig:
                              "give rows 'SLM:NAME' and 'LLM-to-SLM:NAME', all in one run.")
     model: list[str] = opt([], "A trained checkpoint as LABEL=DIR (repeatable): one row each (a checkpoint "
                                "trained without --llm is an SLM-alone row).")
+    speculative: list[str] = opt([], "Speculative decoding as LABEL=DRAFT_DIR (repeatable): the checkpoint drafts, "
+                                     "--llm checks; greedy; acceptance rate in the table.")
+    gamma: int = opt(4, "Draft tokens per LLM pass for --speculative rows.")
+    prompts: Path | None = opt(None, "Real prompts instead of random token ids: an examples file (first prompts of "
+                                     "at least --prompt-length tokens, cut to that length). Drafts agree with an LLM "
+                                     "on text, not on random ids.")
+    template: str | None = opt(None, "Prompt template for --prompts (as in the other stages).")
+    prompt_field: str = opt("src", "Prompt field for --prompts.")
     prompt_length: int = opt(100, "Prompt tokens (paper: 100).")
     new_tokens: int = opt(100, "Generated tokens per sequence (paper: 100); the end token is suppressed.")
     batch_size: list[int] = opt([1], "Batch sizes (repeatable).")
@@ -274,7 +332,7 @@ class BenchConfig:
             self.slm = [self.slm] if self.slm else []
         if not (self.llm or self.slm or self.model):
             raise UserError("nothing to measure: give --llm, --slm and/or --model LABEL=DIR")
-        _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads")
+        _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads", "gamma")
         if self.warmup < 0:
             raise UserError("--warmup must be 0 or more")
         if not self.batch_size or any(b <= 0 for b in self.batch_size):

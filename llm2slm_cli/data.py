@@ -213,14 +213,19 @@ def _read_labels(directory: Path, fields: Fields, require_target: bool) -> list[
         raise UserError(f"these labels were made with template {manifest['template']!r}, not {fields.template!r}",
                         path=directory)
     table = pq.read_table(directory / A.LABELS).to_pydict()
-    out = []
-    for i, (ex_id, prompt, target) in enumerate(zip(table["id"], table["prompt"], table["target"])):
+    out, empty = [], []
+    for ex_id, prompt, target in zip(table["id"], table["prompt"], table["target"]):
         if require_target and not (target or "").strip():
-            raise UserError(f"row {i}: empty target (the LLM answered nothing for {ex_id!r})",
-                            path=directory / A.LABELS, field="target")
+            empty.append(ex_id)  # the LLM answered nothing: there is nothing to learn from this example
+            continue
         out.append(Example(ex_id, prompt, target))
+    if empty:
+        from llm2slm_cli.runtime import say
+
+        say(f"warning: {directory}: skipping {len(empty)} examples the LLM answered with nothing "
+            f"(e.g. {empty[0]!r})")
     if not out:
-        raise UserError("no examples", path=directory)
+        raise UserError("no examples" + (" with a non-empty LLM answer" if empty else ""), path=directory)
     return out
 
 

@@ -14,7 +14,8 @@ vocabulary differs, two layers are added: an embedding projection Linear(d_l, d_
 embedding rows, and a new head Linear(d_s, |V_llm|). With tokenizer "slm" the SLM keeps its own vocabulary for the
 target, which only "replace" fusion allows (prompt lengths differ between the two tokenizers).
 
-With no LLM at all the same class is the SLM-alone baseline: P = E_X over the SLM's own tokens.
+With no LLM at all the same class is the SLM-alone baseline: P = E_X over the SLM's own tokens, fine-tuned in full
+or, as the paper's PEFT baselines (Table 6), frozen with LoRA, prompt tuning or prefix tuning through `peft`.
 """
 
 from __future__ import annotations
@@ -201,6 +202,8 @@ class ModelConfig:
     decoder_start_token_id: int | None = None
     template: str | None = None
     max_prompt_length: int = 512
+    peft: dict[str, Any] | None = None  # the peft config of a PEFT baseline (SLM alone), as peft writes it
+    slm_layers: int | None = None  # the SLM was cut to its first d layers (slm_config.json has the new shape)
     version: int = A.SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -214,6 +217,67 @@ class ModelConfig:
         if self.slm_kind == "encoder-only":
             raise UserError(f"the SLM {self.slm!r} is encoder-only and cannot generate: use an encoder-decoder "
                             "(T5 family) or decoder-only (GPT2 family) model")
+        if self.peft is not None and self.llm is not None:
+            raise UserError("--peft trains a baseline on the SLM alone: leave out --llm (the LLM-to-SLM counterpart "
+                            "at a matched parameter count is --llm ... --freeze-slm)")
+
+
+# ------------------------------------------------------------------------------------------- PEFT baselines
+
+# Paper Table 8, by SLM family; decoder-only SLMs other than GPT2 take GPT2's. prefix_hidden 0: no projection.
+PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {"prompt_tokens": 200, "prefix_tokens": 256, "prefix_hidden": 64, "lora_rank": 40, "lora_alpha": 64,
+             "lora_dropout": 0.1},
+    "t5": {"prompt_tokens": 1024, "prefix_tokens": 1024, "prefix_hidden": 0, "lora_rank": 24, "lora_alpha": 32,
+           "lora_dropout": 0.1},
+}
+PeftMethod = Literal["lora", "prompt", "prefix"]
+PEFT_TYPES: dict[str, str] = {"lora": "LORA", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}  # peft's names
+
+
+def peft_spec(method: PeftMethod, slm_config, *, virtual_tokens: int | None = None, prefix_hidden: int | None = None,
+              lora_rank: int | None = None, lora_alpha: float | None = None, lora_dropout: float | None = None,
+              lora_targets: list[str] | None = None) -> dict[str, Any]:
+    """The peft config (as a dict) of a PEFT baseline on this SLM; None options take the family's Table 8 value.
+
+    Prompt tuning prepends its virtual tokens to the (encoder) input, initialised from random vocabulary rows;
+    prefix tuning puts them in every (decoder) self-attention layer's keys and values; LoRA targets peft's default
+    modules for the architecture (GPT2: c_attn; T5: q, v; Llama: q_proj, v_proj) unless `lora_targets` are given."""
+    import peft
+
+    defaults = PEFT_DEFAULTS["t5" if slm_config.model_type in M.T5_TYPES else "gpt2"]
+    task = "SEQ_2_SEQ_LM" if M.model_kind(slm_config) == "encoder-decoder" else "CAUSAL_LM"
+    if method == "lora":
+        cfg = peft.LoraConfig(task_type=task, r=lora_rank or defaults["lora_rank"],
+                              lora_alpha=lora_alpha or defaults["lora_alpha"],
+                              lora_dropout=defaults["lora_dropout"] if lora_dropout is None else lora_dropout,
+                              target_modules=lora_targets or None, fan_in_fan_out=slm_config.model_type == "gpt2")
+    elif method == "prompt":
+        cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=virtual_tokens or defaults["prompt_tokens"],
+                                      num_transformer_submodules=1, prompt_tuning_init="SAMPLE_VOCAB")
+    elif method == "prefix":
+        hidden = defaults["prefix_hidden"] if prefix_hidden is None else prefix_hidden
+        cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=virtual_tokens or defaults["prefix_tokens"],
+                                      prefix_projection=hidden > 0, encoder_hidden_size=hidden or None)
+    else:
+        raise UserError(f"--peft must be lora, prompt or prefix, got {method!r}")
+    return _jsonable(cfg.to_dict())
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    """A peft config dict as it round-trips through JSON: enums as their values, sets as sorted lists."""
+    import enum
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, (set, frozenset)):
+            return sorted(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in d.items()}
 
 
 # ------------------------------------------------------------------------------------------------------ the model
@@ -255,19 +319,76 @@ class LLMToSLM(nn.Module):
             if config.slm_kind == "encoder-decoder":
                 cfg.decoder_start_token_id = config.decoder_start_token_id
         self.__dict__["llm"] = llm  # a plain attribute: not a submodule, so never trained, moved or saved with us
+        if config.peft is not None:
+            self._wrap_peft()
+
+    def _wrap_peft(self) -> None:
+        """A PEFT baseline: peft freezes the SLM and adds the adapter. LoRA layers go into the SLM's modules in place;
+        the virtual tokens of prompt and prefix tuning live in `peft_prompt` and are added by `_virtual_tokens`
+        (peft's own forward drops the position ids left padding needs and cannot generate from `inputs_embeds`)."""
+        import warnings
+
+        import peft
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # peft's notes on defaults it fills in
+                wrapped = peft.get_peft_model(self.slm, peft.get_peft_config(dict(self.config.peft)))
+        except ValueError as e:  # e.g. --peft-lora-targets naming no module of this SLM
+            method = {v: k for k, v in PEFT_TYPES.items()}.get(self.config.peft.get("peft_type"), "")
+            raise UserError(f"--peft {method}: {M._short(e)}") from None
+        self.config.peft = _jsonable(wrapped.active_peft_config.to_dict())  # with the sizes peft read off the SLM
+        self.__dict__["peft_model"] = wrapped  # not a submodule: its modules are ours (slm, peft_prompt) already
+        if wrapped.active_peft_config.is_prompt_learning:
+            self.peft_prompt = wrapped.prompt_encoder[wrapped.active_adapter]
+
+    def _virtual_tokens(self, x: torch.Tensor, mask: torch.Tensor, generation: dict[str, Any] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Prompt tuning: the virtual tokens' embeddings go before the SLM's (encoder) input. Prefix tuning: their keys
+        and values fill the SLM's (decoder's) self-attention cache first; for a decoder-only SLM the mask covers them.
+        Decoder-only positions count from the first virtual token in training and generation alike. Without prompt
+        or prefix tuning, nothing changes."""
+        if "peft_prompt" not in self._modules:
+            return x, mask, {}
+        wrapped = self.__dict__["peft_model"]
+        n, batch = wrapped.active_peft_config.num_virtual_tokens, x.shape[0]
+        with_virtual = torch.cat([mask.new_ones(batch, n), mask], 1)
+        if self.config.peft["peft_type"] == "PROMPT_TUNING":
+            return torch.cat([wrapped.get_prompt(batch).to(x.dtype), x], 1), with_virtual, {}
+        rows = batch
+        if generation is not None:  # generate() runs num_beams (or num_return_sequences) rows per prompt
+            gc = self.slm.generation_config
+            rows *= max(generation.get("num_beams", gc.num_beams or 1),
+                        generation.get("num_return_sequences", gc.num_return_sequences or 1))
+        extra = {"past_key_values": wrapped.get_prompt(rows)}
+        if self.config.slm_kind == "encoder-decoder":
+            return x, mask, extra  # the prefix is the decoder's; the encoder input is unchanged
+        if generation is not None:
+            # generate() reads a cache of n entries as the first n positions of the input: zero rows stand for them
+            # (it feeds only the rows after the cached ones to the model)
+            x = torch.cat([x.new_zeros(batch, n, x.shape[2]), x], 1)
+        return x, with_virtual, extra
 
     # ------------------------------------------------------------------------------------------------ building
 
     @classmethod
     def build(cls, slm_spec: str, llm: FrozenLLM | None, *, fusion: Fusion = "add", tokenizer: TokenizerMode = "llm",
               slm_tokenizer: str | Path | None = None, template: str | None = None,
-              max_prompt_length: int = 512, slm_dtype: str = "float32") -> LLMToSLM:
-        """A new model: the SLM's pretrained (or preset) weights, a fresh projector and, if needed, adapter."""
+              max_prompt_length: int = 512, slm_dtype: str = "float32", slm_layers: int | None = None,
+              peft: dict[str, Any] | None = None) -> LLMToSLM:
+        """A new model: the SLM's pretrained (or preset) weights, a fresh projector and, if needed, adapter.
+
+        `slm_layers` keeps the SLM's first d layers (M.truncate_layers); `peft` (from `peft_spec`) makes it a PEFT
+        baseline: the SLM alone, frozen, with a fresh adapter."""
         slm_config = M.load_config(slm_spec)
         slm_kind = M.model_kind(slm_config)
         if slm_kind == "encoder-only":
             ModelConfig(slm_spec, slm_kind, None)  # raises the explanation
+        if peft is not None and llm is not None:
+            ModelConfig(slm_spec, slm_kind, llm.identity(), peft=peft)  # raises the explanation
         slm = M.load_model(slm_spec, dtype=slm_dtype, role="SLM")
+        if slm_layers is not None:
+            M.truncate_layers(slm, slm_layers, slm_spec)
         own_tok = None
         if llm is None or tokenizer == "slm":
             own_tok = M.load_tokenizer(slm_spec, slm_tokenizer)
@@ -292,7 +413,7 @@ class LLMToSLM(nn.Module):
             slm=slm_spec, slm_kind=slm_kind, llm=llm.identity() if llm else None, fusion=fusion,
             tokenizer=tokenizer, vocab_adapter=adapter, pad_token_id=pad_id, eos_token_id=eos_id,
             decoder_start_token_id=start if slm_kind == "encoder-decoder" else None,
-            template=template, max_prompt_length=max_prompt_length)
+            template=template, max_prompt_length=max_prompt_length, peft=peft, slm_layers=slm_layers)
         model = cls(config, slm, llm)
         model.prompt_tokenizer = llm.tokenizer if llm else own_tok
         model.target_tokenizer = out_tok
@@ -328,17 +449,19 @@ class LLMToSLM(nn.Module):
         if self.config.slm_kind == "encoder-decoder":
             start = torch.full_like(target_ids[:, :1], self.config.decoder_start_token_id)
             decoder_input_ids = torch.cat([start, target_ids[:, :-1]], 1)
-            logits = self.slm(inputs_embeds=p, attention_mask=prompt_mask, decoder_input_ids=decoder_input_ids,
-                              use_cache=False).logits
+            p, mask, extra = self._virtual_tokens(p, prompt_mask)
+            logits = self.slm(inputs_embeds=p, attention_mask=mask, decoder_input_ids=decoder_input_ids,
+                              use_cache=False, **extra).logits
         else:
             # [left-padded prompt ; right-padded target]: the layout generation uses, so positions match.
             p, pm = _right_to_left(p, prompt_mask)
             x = torch.cat([p, self.slm.get_input_embeddings()(target_ids)], 1)
             mask = torch.cat([pm, target_mask], 1)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            x, mask, extra = self._virtual_tokens(x, mask)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -x.shape[1]:]
             # only the positions that predict target tokens go through the head (vocabularies can be huge)
             logits = self.slm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                              logits_to_keep=target_ids.shape[1] + 1).logits[:, :-1]
+                              logits_to_keep=target_ids.shape[1] + 1, **extra).logits[:, :-1]
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                            reduction="sum")
         return loss, target_mask.sum()
@@ -355,7 +478,8 @@ class LLMToSLM(nn.Module):
         mask = prompt_mask
         if self.config.slm_kind == "decoder-only":
             p, mask = _right_to_left(p, mask)
-        out = self.slm.generate(inputs_embeds=p, attention_mask=mask, **generation)
+        p, mask, extra = self._virtual_tokens(p, mask, generation)
+        out = self.slm.generate(inputs_embeds=p, attention_mask=mask, **extra, **generation)
         if self.config.slm_kind == "encoder-decoder":
             out = out[:, 1:]
         return strip_generated(out, self.config.eos_token_id, self.config.pad_token_id)
@@ -464,3 +588,22 @@ def strip_generated(out: torch.Tensor, eos_id: int, pad_id: int) -> list[list[in
             row.pop()
         result.append(row)
     return result
+
+
+def parameter_counts(model: LLMToSLM) -> dict[str, Any]:
+    """Total and trainable parameters, and the trainable ones by part: projector, vocab_adapter, peft (LoRA, prompt
+    or prefix) and slm (its own weights). Paper Table 6 compares methods at matched trainable counts. The frozen
+    LLM is not part of the model and not counted here."""
+    adapter: set[int] = set()
+    if model.config.vocab_adapter:
+        for module in (model.slm.get_input_embeddings(), model.slm.get_output_embeddings()):
+            adapter |= {id(p) for p in module.parameters()}
+    parts: dict[str, int] = {}
+    for name, p in model.named_parameters():  # shared (tied) weights once
+        if not p.requires_grad:
+            continue
+        part = ("peft" if name.startswith("peft_prompt.") or ".lora_" in name else
+                "vocab_adapter" if id(p) in adapter else name.split(".")[0])
+        parts[part] = parts.get(part, 0) + p.numel()
+    return {"parameters": sum(p.numel() for p in model.parameters()), "trainable_parameters": sum(parts.values()),
+            "trainable_by_part": parts}

@@ -66,6 +66,10 @@ PRESETS: dict[str, Preset] = {
     # small fresh models that train in minutes on a CPU (the offline demo)
     "mini-gpt2": Preset("gpt2", dict(_gpt2(2, 128, 4), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "gpt2",
                         "GPT2 shape, d=128, 2 layers"),
+    "small-llama": Preset("llama", dict(vocab_size=260, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                        bos_token_id=3, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False),
+                          "builtin:bytes-llama", "Llama shape, d=256, 4 layers, byte vocabulary"),
     # tiny models for tests and smoke runs; the byte tokenizer makes them usable on any text
     "tiny-t5": Preset("t5", dict(_TINY_T5, d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
                       "builtin:bytes-t5", "T5 shape, d=64, 2+2 layers"),
@@ -122,9 +126,13 @@ def resolve(spec: str) -> Source:
         return Source(spec, "gguf", str(path.resolve()))
     if path.is_dir() and (path / "llm2slm.json").is_file():
         # A model trained alone by `train` (no --llm) serves as a plain model, e.g. a fine-tuned LLM.
-        if json.loads((path / "llm2slm.json").read_text()).get("llm") is not None:
+        recorded = json.loads((path / "llm2slm.json").read_text())
+        if recorded.get("llm") is not None:
             raise UserError("is an LLM-to-SLM checkpoint; only a model trained without --llm can be used as a "
                             "plain model here", path=spec)
+        if recorded.get("peft") is not None:
+            raise UserError("is a PEFT baseline (train --peft): its adapter only works through the checkpoint "
+                            "itself (generate/bench --model DIR), not as a plain model here", path=spec)
         return Source(spec, "checkpoint", str(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -184,6 +192,34 @@ def num_layers(config) -> int:
         if isinstance(getattr(config, name, None), int):
             return getattr(config, name)
     raise UserError(f"cannot tell the number of layers of a {config.model_type} model")
+
+
+def truncate_layers(model, d: int, spec: str) -> None:
+    """Keep the first d layers of `model` with their weights, in place (paper Figure 4: GPT2 cut to 1, 2, 4 layers).
+
+    Decoder-only: the first d blocks. Encoder-decoder: the first d blocks of the encoder and of the decoder. Embeddings,
+    final norms and the head stay. The config's layer counts follow, so a checkpoint rebuilds the same shape."""
+    from torch import nn
+
+    config = model.config
+    if model_kind(config) == "encoder-decoder":
+        if config.model_type not in T5_TYPES:
+            raise UserError(f"--slm-layers supports T5-family encoder-decoder SLMs, not {config.model_type!r}")
+        stacks = [(model.get_encoder().block, "num_layers"), (model.get_decoder().block, "num_decoder_layers")]
+    else:
+        n = num_layers(config)
+        lists = [m for m in model.base_model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+        if not lists:
+            raise UserError(f"cannot find the layer list of {spec!r} to keep its first {d} layers")
+        stacks = [(lists[0], "num_hidden_layers")]  # GPT2 maps num_hidden_layers to n_layer
+    depth = min(len(blocks) for blocks, _ in stacks)
+    if not 1 <= d <= depth:
+        raise UserError(f"--slm-layers {d}: the SLM {spec!r} has {depth} layers")
+    for blocks, key in stacks:
+        del blocks[d:]
+        setattr(config, key, d)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Llama, Qwen, ...)
+        config.layer_types = config.layer_types[:d]
 
 
 def _auto_class(kind: ModelKind, *, with_head: bool):

@@ -15,6 +15,17 @@ from llm2slm_cli.cli import app
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models: two torch threads only wait on each other (and crawl when another process shares the cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

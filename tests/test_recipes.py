@@ -26,6 +26,9 @@ DRY_RUNS = {
     ],
     "paper-translation": [(("all", "kd"), {"distill-labels", "train", "generate", "eval", "bench"})],
     "paper-summarization": [((), {"train", "generate", "eval", "bench"})],
+    "speculative": [((), {"distill-labels", "train", "bench"})],
+    "paper-ablations": [((), {"distill-labels", "train", "generate", "eval", "bench"}),
+                        (("counts",), {"train"})],
     "paper-instructions": [
         (("JUDGE_URL=http://127.0.0.1:8000/v1", "JUDGE_MODEL=judge"), {"train", "generate", "eval", "bench"}),
         (("METRICS=rouge",), {"train", "generate", "eval", "bench"}),

@@ -31,7 +31,8 @@ QUALITY_METRICS = ("bleu", "rougeL", "chrf")  # the first one an eval result has
 COLUMNS = ["label", "role", "part", "llm", "slm", "device", "dtype", "batch_size", "prompt_length", "new_tokens",
            "num_beams", "repeats", "seconds_median", "seconds_min", "seconds_max", "ms_per_token", "ms_per_token_min",
            "ms_per_token_max", "tokens_per_s", "speedup_vs_llm", "time_vs_slm", "slm_row", "flops_per_token",
-           "flops_total", "weights_mb", "cuda_peak_mb", "process_peak_rss_mb", "run_seconds"]
+           "flops_total", "weights_mb", "cuda_peak_mb", "process_peak_rss_mb", "acceptance_rate",
+           "tokens_per_llm_call", "run_seconds"]
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Plan:
     """A row before anything is loaded: enough to check labels and options up front."""
 
     label: str
-    role: str  # "LLM", "SLM", "LLM-to-SLM", "checkpoint"
+    role: str  # "LLM", "SLM", "LLM-to-SLM", "checkpoint", "speculative"
     llm: str | None
     slm: str | None
     checkpoint: Path | None = None
@@ -83,6 +84,12 @@ def plan_rows(config: BenchConfig) -> list[Plan]:
         label, _, directory = (x.strip() for x in item.partition("="))
         cfg = read_model_config(Path(directory))
         plans.append(Plan(label, "checkpoint", cfg.llm["name"] if cfg.llm else None, cfg.slm, Path(directory)))
+    for item in config.speculative:
+        label, _, directory = (x.strip() for x in item.partition("="))
+        cfg = read_model_config(Path(directory))
+        if not config.llm:
+            raise UserError(f"--speculative {label}: name the LLM that checks the drafts with --llm")
+        plans.append(Plan(label, "speculative", config.llm, cfg.slm, Path(directory)))
     labels = [p.label for p in plans]
     for label in labels:
         if labels.count(label) > 1:
@@ -152,7 +159,19 @@ def _plain_row(plan: Plan, model: Any, tokenizer: Any = None):
     from llm2slm_cli import benchmarking as B
 
     return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.plain_generate(model), [model],
-                 B.prompt_vocab(model.config, tokenizer), B.special_ids(model.config, tokenizer))
+                 B.prompt_vocab(model.config, tokenizer), B.special_ids(model.config, tokenizer), tokenizer=tokenizer)
+
+
+def _speculative_row(plan: Plan, draft: Any, verifier: Any, gamma: int):
+    from llm2slm_cli import benchmarking as B
+    from llm2slm_cli.decoding import SpeculativeStats
+
+    stats = SpeculativeStats()
+    config, tok = verifier.model.config, verifier.tokenizer
+    modules = [draft, verifier.model] + ([draft.llm.model] if draft.llm is not None and draft.llm is not verifier
+                                         else [])
+    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.speculative_generate_fn(draft, verifier, gamma, stats),
+                 modules, B.prompt_vocab(config, tok), B.special_ids(config, tok), tokenizer=tok, speculative=stats)
 
 
 def _llm2slm_row(plan: Plan, model: Any):
@@ -164,7 +183,8 @@ def _llm2slm_row(plan: Plan, model: Any):
     modules = [model] + ([llm.model] if llm is not None else [])
     return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.llm2slm_generate(model), modules,
                  B.prompt_vocab(config, tok), B.special_ids(config, tok) | {model.config.pad_token_id,
-                                                                             model.config.eos_token_id})
+                                                                             model.config.eos_token_id},
+                 tokenizer=tok)
 
 
 def _can_share(llm: Any, checkpoint: Path) -> bool:
@@ -251,8 +271,9 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any) -> tuple[l
     dtype = M.torch_dtype(config.dtype)
     results: list[dict[str, Any]] = []
     identities: dict[str, Any] = {}
+    texts = _prompt_texts(config)
     common = dict(prompt_length=config.prompt_length, num_beams=config.num_beams, warmup=config.warmup,
-                  repeats=config.repeats, flops=config.flops, seed=config.seed, device=device)
+                  repeats=config.repeats, flops=config.flops, seed=config.seed, device=device, texts=texts)
     with runtime.progress(config.quiet) as bar:
         task = bar.add_task("bench", total=len(plans) * (len(config.batch_size) + len(lengths)), rate="")
 
@@ -273,12 +294,12 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any) -> tuple[l
                 raise UserError(f"the SLM {plan.slm!r} is encoder-only and cannot generate")
             slm = M.load_model(plan.slm, dtype=config.dtype, role="SLM").to(device)
             identities[plan.label] = {"slm": plan.slm, "parameters": _count(slm)}
-            measure(_plain_row(plan, slm))
+            measure(_plain_row(plan, slm, _tokenizer_or_none(plan.slm) if texts else None))
             del slm
             _free()
         frozen = None
         if config.llm:
-            frozen = FrozenLLM(config.llm, dtype=config.dtype, device=device, tokenizer_optional=True)
+            frozen = FrozenLLM(config.llm, dtype=config.dtype, device=device, tokenizer_optional=not texts)
             for plan in (p for p in plans if p.role == "LLM"):
                 identities[plan.label] = {"llm": plan.llm, "parameters": _count(frozen.model)}
                 measure(_plain_row(plan, frozen.model, frozen.tokenizer))
@@ -289,6 +310,15 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any) -> tuple[l
                                           "parameters": _count(model), "llm_parameters": _count(frozen.model)}
                 measure(_llm2slm_row(plan, model.eval()))
                 del model
+                _free()
+            for plan in (p for p in plans if p.role == "speculative"):
+                draft = LLMToSLM.from_pretrained(plan.checkpoint, llm=frozen if _can_share(frozen, plan.checkpoint)
+                                                 else None, device=device).to(dtype=dtype)
+                identities[plan.label] = {"draft": str(plan.checkpoint), "verifier": plan.llm, "gamma": config.gamma,
+                                          "weights_sha256": A.sha256_file(plan.checkpoint / A.MODEL_WEIGHTS),
+                                          "parameters": _count(draft)}
+                measure(_speculative_row(plan, draft.eval(), frozen, config.gamma))
+                del draft
                 _free()
         # Checkpoints made with exactly this LLM reuse it; the others then load their own, one at a time.
         checkpoints = [p for p in plans if p.role == "checkpoint"]
@@ -305,6 +335,26 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any) -> tuple[l
             del model
             _free()
     return results, identities
+
+
+def _prompt_texts(config: BenchConfig) -> list[str] | None:
+    """The prompts of --prompts (an examples file, with the template and fields of the other stages)."""
+    if config.prompts is None:
+        return None
+    from llm2slm_cli.data import Fields, read_examples
+
+    examples = read_examples([config.prompts], Fields(prompt=config.prompt_field, target=None, id=None,
+                                                      template=config.template))
+    return [e.prompt for e in examples]
+
+
+def _tokenizer_or_none(spec: str):
+    from llm2slm_cli import models as M
+
+    try:
+        return M.load_tokenizer(spec, local_only=True)
+    except UserError:
+        return None
 
 
 def _count(model: Any) -> int:
@@ -465,6 +515,8 @@ def _print_table(rows: list[dict[str, Any]], quality: dict[str, tuple[str, float
                         "ms per decoding step of the whole batch (median of repeats)")
     names = ["row", "batch", "ms/token", "min-max", "tokens/s", "speedup vs LLM", "time vs SLM", "GFLOPs/token",
              "weights MB", "CUDA peak MB" if cuda else "process peak RSS MB"] + (["quality"] if quality else [])
+    spec = any(r["acceptance_rate"] is not None for r in main)
+    names += ["accepted", "tokens/LLM call"] if spec else []
     for name in names:
         table.add_column(name, justify="left" if name == "row" else "right")
     for r in main:
@@ -474,7 +526,9 @@ def _print_table(rows: list[dict[str, Any]], quality: dict[str, tuple[str, float
                  num(r["speedup_vs_llm"], ".2f"), num(r["time_vs_slm"], ".2f"),
                  num(r["flops_per_token"] / 1e9 if r["flops_per_token"] is not None else None, ".3f"),
                  f"{r['weights_mb']:.1f}", num(r["cuda_peak_mb"] if cuda else r["process_peak_rss_mb"], ".0f")]
-        table.add_row(*cells, *([f"{q[1]:.2f} {q[0]}" if q else "-"] if quality else []))
+        cells += [f"{q[1]:.2f} {q[0]}" if q else "-"] if quality else []
+        cells += [num(r["acceptance_rate"], ".1%"), num(r["tokens_per_llm_call"], ".2f")] if spec else []
+        table.add_row(*cells)
     console.print(table)
     sweep = [r for r in rows if r["part"] == "sweep"]
     if sweep:

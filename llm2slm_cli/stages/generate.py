@@ -9,6 +9,7 @@ from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.config import GenerateConfig
 from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
+from llm2slm_cli.errors import UserError
 
 
 def generation_kwargs(config: Any) -> dict[str, Any]:
@@ -16,9 +17,8 @@ def generation_kwargs(config: Any) -> dict[str, Any]:
     if config.sample:
         return {"do_sample": True, "top_p": config.top_p, "temperature": config.temperature, "num_beams": 1,
                 "max_new_tokens": config.max_new_tokens}
-    kwargs: dict[str, Any] = {"do_sample": False, "num_beams": config.num_beams,
-                              "max_new_tokens": config.max_new_tokens}
-    if config.num_beams > 1:
+    kwargs: dict[str, Any] = {"do_sample": False, "num_beams": config.beams, "max_new_tokens": config.max_new_tokens}
+    if config.beams > 1:
         kwargs.update(length_penalty=config.length_penalty, early_stopping=True)
     return kwargs
 
@@ -59,14 +59,62 @@ class PlainModel:
         return strip_generated(out, tok.eos_token_id, tok.pad_token_id)
 
 
+class SpeculativeModel:
+    """A checkpoint drafting for an LLM (decoding.speculative_generate), with the interface of the other models."""
+
+    def __init__(self, draft, verifier, config: GenerateConfig) -> None:
+        import torch
+
+        from llm2slm_cli import models as M
+        from llm2slm_cli.decoding import SpeculativeStats
+
+        if verifier.kind == "encoder-only":
+            raise UserError(f"the LLM {verifier.spec!r} is encoder-only and cannot check drafts: give a generative "
+                            "LLM that reads the same vocabulary with --verifier")
+        if verifier.tokenizer is None or draft.target_tokenizer is None or \
+                M.tokenizer_fingerprint(verifier.tokenizer) != M.tokenizer_fingerprint(draft.target_tokenizer) or \
+                M.tokenizer_fingerprint(verifier.tokenizer) != M.tokenizer_fingerprint(draft.prompt_tokenizer):
+            raise UserError(f"speculative decoding needs a draft that reads and writes the LLM's tokens: the draft "
+                            f"{config.model} and the LLM {verifier.spec!r} have different vocabularies")
+        self.draft, self.verifier, self.config = draft, verifier, config
+        self.prompt_tokenizer = self.target_tokenizer = verifier.tokenizer
+        self.stats = SpeculativeStats()
+        self.generator = torch.Generator(device=next(draft.parameters()).device).manual_seed(config.seed)
+
+    def generate(self, prompt_ids, prompt_mask, **_ignored) -> list[list[int]]:
+        from llm2slm_cli.decoding import speculative_generate
+
+        c = self.config
+        tokens, stats = speculative_generate(
+            self.draft, self.verifier, prompt_ids, prompt_mask, gamma=c.gamma, max_new_tokens=c.max_new_tokens,
+            do_sample=c.sample, temperature=c.temperature, top_p=c.top_p, generator=self.generator)
+        for name in ("rounds", "drafted", "accepted", "emitted", "row_rounds"):
+            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
+        return tokens
+
+
 def load_generator(config: GenerateConfig, device):
-    """A checkpoint directory from `train`, or any plain model spec."""
-    from llm2slm_cli.llm2slm import LLMToSLM
+    """A checkpoint directory from `train`, or any plain model spec; with --speculative, a draft and its LLM."""
+    from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
 
     path = Path(config.model)
-    if path.is_dir() and (path / A.MODEL_CONFIG).is_file():
+    is_checkpoint = path.is_dir() and (path / A.MODEL_CONFIG).is_file()
+    if config.speculative and not is_checkpoint:
+        raise UserError("--speculative needs a checkpoint from `train` as --model (the draft)", path=config.model)
+    if is_checkpoint:
         model = LLMToSLM.from_pretrained(path, llm_spec=config.llm, device=device)
         identity = {"name": str(path), "kind": "llm2slm", **_asdict(model.config)}
+        if config.speculative:
+            if config.verifier:
+                verifier = FrozenLLM(config.verifier, dtype=config.dtype, device=device)
+            elif model.llm is not None:
+                verifier = model.llm
+            else:
+                raise UserError("this draft was trained without an LLM: name the LLM that checks it with --verifier",
+                                path=path)
+            identity = {"draft": identity, "verifier": verifier.identity(), "gamma": config.gamma}
+            return (SpeculativeModel(model, verifier, config), identity, model.config.template,
+                    model.config.max_prompt_length)
         return model, identity, model.config.template, model.config.max_prompt_length
     plain = PlainModel(config.model, dtype=config.dtype, tokenizer=config.tokenizer, device=device)
     return plain, plain.identity, None, plain.max_prompt_length
@@ -92,6 +140,10 @@ def run(config: GenerateConfig) -> Path:
     max_length = config.max_length or max_prompt_length
     ids, truncated = runtime.tokenize_prompts(model.prompt_tokenizer, [e.prompt for e in examples], max_length)
     generation = generation_kwargs(config)
+    if config.speculative:
+        generation = {"speculative": True, "gamma": config.gamma, "do_sample": config.sample,
+                      "max_new_tokens": config.max_new_tokens,
+                      **({"top_p": config.top_p, "temperature": config.temperature} if config.sample else {})}
     torch.manual_seed(config.seed)
 
     outputs: list[list[int] | None] = [None] * len(examples)
@@ -124,9 +176,14 @@ def run(config: GenerateConfig) -> Path:
         inputs=[str(p) for p in config.inputs],
         input_sha256=A.input_sha256(config.inputs),
         counts={"examples": len(examples), "generated_tokens": new_tokens, "truncated_prompts": sum(truncated)},
+        speculative=model.stats.as_dict() if isinstance(model, SpeculativeModel) else None,
         timing={"seconds": round(seconds, 3), "tokens_per_second": round(new_tokens / seconds, 2) if seconds else None},
     )
     A.atomic_write_json(out / A.MANIFEST, manifest)
     runtime.say(f"generated {new_tokens} tokens for {len(examples)} prompts in {seconds:.1f}s -> {out}",
                 config.quiet)
+    if isinstance(model, SpeculativeModel):
+        st = model.stats
+        runtime.say(f"speculative decoding: {st.acceptance_rate:.1%} of drafts accepted, "
+                    f"{st.tokens_per_llm_call:.2f} tokens per LLM call ({st.rounds} LLM calls)", config.quiet)
     return out

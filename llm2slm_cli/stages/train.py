@@ -94,18 +94,18 @@ def run(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
+    from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, parameter_counts
 
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
     main = accelerator.is_main_process
     quiet = config.quiet or not main
     out = Path(config.out)
-    if main:
+    if main and not config.count_parameters:
         A.prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
     accelerator.wait_for_everyone()
-    resume_from = latest_checkpoint(out) if config.resume else None
-    if config.resume and resume_from is None and main:
+    resume_from = latest_checkpoint(out) if config.resume and not config.count_parameters else None
+    if config.resume and resume_from is None and main and not config.count_parameters:
         runtime.say(f"no checkpoint in {out} yet: starting from the beginning", quiet)
 
     # --- models
@@ -132,12 +132,17 @@ def run(config: TrainConfig) -> Path:
 
     set_seed(config.seed)
     model = LLMToSLM.build(config.slm, llm, fusion=config.fusion, tokenizer=config.tokenizer_mode,
-                           slm_tokenizer=config.slm_tokenizer, template=template, max_prompt_length=max_length)
+                           slm_tokenizer=config.slm_tokenizer, template=template, max_prompt_length=max_length,
+                           slm_layers=config.slm_layers, peft=_peft_spec(config))
     if config.freeze_slm:
         model.slm.requires_grad_(False)
         if model.config.vocab_adapter:  # new layers are trained from scratch even with a frozen SLM
             model.slm.get_input_embeddings().requires_grad_(True)
             model.slm.get_output_embeddings().requires_grad_(True)
+    if config.count_parameters:
+        if main:
+            _print_counts(config, model, llm)
+        return out
 
     train = _load_split(config.inputs, config, template, train_store, model, max_length, "training")
     dev = _load_split(config.dev, config, template, dev_store, model, max_length, "dev") if config.dev else None
@@ -166,11 +171,10 @@ def run(config: TrainConfig) -> Path:
     if main:
         _truncate_log(log_path, start_step)
 
-    counts = {"parameters": sum(p.numel() for p in core.parameters()),
-              "trainable_parameters": sum(p.numel() for p in params),
-              "train_examples": n, "dev_examples": len(dev) if dev else 0,
+    counts = {**parameter_counts(core), "train_examples": n, "dev_examples": len(dev) if dev else 0,
               "steps": total_steps, "steps_per_epoch": steps_per_epoch}
     runtime.say(f"training {config.slm}" + (f" with LLM {config.llm}" if config.llm else " alone") +
+                (f" (--peft {config.peft})" if config.peft else "") +
                 f": {counts['trainable_parameters']:,} trainable parameters, {n} examples, {total_steps} steps "
                 f"of {config.batch_size}", quiet)
 
@@ -265,6 +269,41 @@ def run(config: TrainConfig) -> Path:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _peft_spec(config: TrainConfig) -> dict[str, Any] | None:
+    if config.peft is None:
+        return None
+    from llm2slm_cli import models as M
+    from llm2slm_cli.llm2slm import peft_spec
+
+    targets = [t.strip() for t in config.peft_lora_targets.split(",") if t.strip()] if config.peft_lora_targets \
+        else None
+    return peft_spec(config.peft, M.load_config(config.slm), virtual_tokens=config.peft_virtual_tokens,
+                     prefix_hidden=config.peft_prefix_hidden, lora_rank=config.peft_lora_rank,
+                     lora_alpha=config.peft_lora_alpha, lora_dropout=config.peft_lora_dropout, lora_targets=targets)
+
+
+def _print_counts(config: TrainConfig, model, llm) -> None:
+    """--count-parameters: the model as this command would train it (paper Table 6 matches trainable counts)."""
+    from llm2slm_cli.llm2slm import parameter_counts
+
+    counts = parameter_counts(model)
+    counts = {"slm": config.slm, "llm": config.llm, "peft": config.peft, "slm_layers": config.slm_layers,
+              "freeze_slm": config.freeze_slm, **counts,
+              "llm_parameters": sum(p.numel() for p in llm.model.parameters()) if llm is not None else None}
+    if config.json:
+        print(json.dumps(counts))
+        return
+    what = config.slm + (f" with LLM {config.llm}" if config.llm else "") + (f", --peft {config.peft}"
+                                                                            if config.peft else "")
+    share = counts["trainable_parameters"] / counts["parameters"]
+    print(f"{what}\nparameters            {counts['parameters']:>14,}\n"
+          f"trainable parameters  {counts['trainable_parameters']:>14,}  ({share:.2%})")
+    for part, n in counts["trainable_by_part"].items():
+        print(f"  {part:<20}{n:>14,}")
+    if llm is not None:
+        print(f"frozen LLM (not part of the model) {counts['llm_parameters']:,}")
 
 
 def _dev_loss(model, dev: Split, accelerator, config: TrainConfig, prompt_pad: int, target_pad: int,
