@@ -125,8 +125,7 @@ def speculative_generate_fn(draft: Any, verifier: Any, gamma: int, stats: Any) -
             raise UserError("speculative decoding rows are greedy: use --num-beams 1")
         tokens, st = speculative_generate(draft, verifier, ids, mask, gamma=gamma,
                                           max_new_tokens=generation["max_new_tokens"], suppress_tokens=banned)
-        for name in ("rounds", "drafted", "accepted", "emitted", "row_rounds"):
-            setattr(stats, name, getattr(stats, name) + getattr(st, name))
+        stats.add(st)
         return min(len(t) for t in tokens)
 
     return run
@@ -253,8 +252,7 @@ def measure(row: Row, *, batch: int, prompt_length: int, new_tokens: int, num_be
 
 def _reset_speculative(row: Row) -> None:
     if row.speculative is not None:
-        for name in ("rounds", "drafted", "accepted", "emitted", "row_rounds"):
-            setattr(row.speculative, name, 0)
+        row.speculative.reset()
 
 
 def _speculative_summary(row: Row) -> dict[str, float | None]:

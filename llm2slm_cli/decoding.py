@@ -16,7 +16,7 @@ checks them in one forward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -94,7 +94,15 @@ class SpeculativeStats:
     accepted: int = 0  # of those, accepted by the LLM
     emitted: int = 0  # tokens emitted to unfinished rows
     row_rounds: int = 0  # (unfinished row, round) pairs
-    per_round: list[int] = field(default_factory=list)
+
+    def add(self, other: SpeculativeStats) -> None:
+        """Count `other`'s calls in with these (a stage sums the statistics of its batches)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, 0)
 
     @property
     def acceptance_rate(self) -> float:
@@ -249,7 +257,6 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
         stats.drafted += g * n_live
         stats.accepted += int(accepted[live].clamp(max=g).sum())
         stats.emitted += (m + 1) * n_live
-        stats.per_round.append(m + 1)
         out_tokens = torch.cat([out_tokens, emitted], 1)
         done = done | (emitted == eos).any(1)
         # 6. roll both caches back to what was accepted and queue the rest

@@ -88,8 +88,7 @@ class SpeculativeModel:
         tokens, stats = speculative_generate(
             self.draft, self.verifier, prompt_ids, prompt_mask, gamma=c.gamma, max_new_tokens=c.max_new_tokens,
             do_sample=c.sample, temperature=c.temperature, top_p=c.top_p, generator=self.generator)
-        for name in ("rounds", "drafted", "accepted", "emitted", "row_rounds"):
-            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
+        self.stats.add(stats)
         return tokens
 
 
