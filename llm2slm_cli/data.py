@@ -10,10 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import string
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ class Example:
     id: str
     prompt: str
     target: str | None
+    # Where the record stands in its input ("line 3", "row 2", "line 1, row 0"), for the error messages of later
+    # checks (an over-long prompt under --strict); not part of the example's identity.
+    place: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,10 @@ class Fields:
 
 
 def _lookup(record: dict[str, Any], name: str) -> Any:
-    """`a.b` reaches into nested records (Hugging Face translation datasets: `translation.en`)."""
+    """`a.b` reaches into nested records (Hugging Face translation datasets: `translation.en`); a column whose name
+    has a dot in it is found by its whole name first."""
+    if name in record:
+        return record[name]
     value: Any = record
     for part in name.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -62,18 +69,10 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
-def _decode_lines(path: Path) -> list[str]:
-    data = _read_bytes(path)
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out = []
-    for i, raw in enumerate(lines, 1):
-        try:
-            out.append(raw.decode("utf-8").removesuffix("\r"))
-        except UnicodeDecodeError:
-            raise UserError("invalid UTF-8", path=path, line=i) from None
-    return out
+def _show(value: Any, limit: int = 60) -> str:
+    """A value quoted for an error message: one line, and short whatever the input holds."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -84,61 +83,198 @@ def _read_bytes(path: Path) -> bytes:
     except IsADirectoryError:
         raise UserError("is a directory, expected a file of examples", path=path) from None
     except OSError as e:
-        raise UserError(f"cannot read ({e.strerror})", path=path) from None
+        raise UserError(f"cannot read ({e.strerror or e})", path=path) from None
+    except ValueError as e:  # a NUL character in the name
+        raise UserError(f"not a valid file name ({e})", path=_show(str(path))) from None
 
 
-def _records_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    for i, line in enumerate(_decode_lines(path), 1):
+# What a file that is not text usually is, by its first bytes (none of them starts a line of text).
+_NOT_TEXT = {b"\x1f\x8b": "gzip-compressed", b"\xfd7zXZ\x00": "xz-compressed", b"\x28\xb5\x2f\xfd": "zstd-compressed",
+             b"PK\x03\x04": "a zip archive"}
+
+
+def _not_text(data: bytes) -> str | None:
+    for magic, what in _NOT_TEXT.items():
+        if data.startswith(magic):
+            return f"this is {what}, not text: decompress it first"
+    if data[:3] == b"BZh" and data[4:10] == b"1AY&SY":
+        return "this is bzip2-compressed, not text: decompress it first"
+    if data[:4] == data[-4:] == b"PAR1" and len(data) >= 12:
+        return "this is a Parquet file, not text: name it .parquet"
+    return None
+
+
+def _decode_text(data: bytes, path: Path) -> str:
+    """A text file's contents: UTF-8, a leading byte order mark dropped. Anything else is refused where it breaks."""
+    what = _not_text(data)
+    if what:
+        raise UserError(what, path=path)
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError("UTF-16 text: convert it to UTF-8 (iconv -f UTF-16 -t UTF-8)", path=path)
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        column = len(data[line_start: e.start].decode("utf-8", "replace")) + 1
+        raise UserError(f"invalid UTF-8 at column {column} (byte 0x{data[e.start]:02x})", path=path,
+                        line=data.count(b"\n", 0, e.start) + 1) from None
+    nul = text.find("\0")
+    if nul >= 0:
+        raise UserError("NUL byte: a binary or UTF-16 file?", path=path, line=text.count("\n", 0, nul) + 1)
+    return text
+
+
+def _split_lines(text: str) -> list[str]:
+    """Lines without their ends (LF or CRLF); a final line end adds no empty line."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _decode_lines(path: Path) -> list[str]:
+    return _split_lines(_decode_text(_read_bytes(path), path))
+
+
+_JSON_SPACE = " \t\n\r"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_error(e: Exception, path: Path, line: int) -> UserError:
+    """A decoding failure of the JSON that starts on `line` (json's own positions are relative to that text)."""
+    if isinstance(e, json.JSONDecodeError):
+        return UserError(f"malformed JSON ({e.msg} at column {e.colno})", path=path, line=line + e.lineno - 1)
+    if isinstance(e, RecursionError):
+        return UserError("malformed JSON (nested too deeply)", path=path, line=line)
+    return UserError(f"malformed JSON ({str(e).split(';')[0]})", path=path, line=line)  # huge integer, NaN
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "true/false", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _records_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+    if text is None:
+        text = _decode_text(_read_bytes(path), path)
+    for i, line in enumerate(_split_lines(text), 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"malformed JSON ({e.msg} at column {e.colno})", path=path, line=i) from None
+            rec = json.loads(line, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise _json_error(e, path, i) from None
         if not isinstance(rec, dict):
-            raise UserError(f"expected a JSON object, got {type(rec).__name__}", path=path, line=i)
-        yield i, rec
+            raise UserError(f"expected a JSON object, got {_json_type(rec)}", path=path, line=i)
+        yield {"line": i}, rec
 
 
-def _records_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _records_json(path: Path) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
     """A .json file: either JSON Lines, or one JSON array of objects (Alpaca style)."""
-    data = _read_bytes(path)
-    head = data.lstrip()[:1]
-    if head != b"[":
-        yield from _records_jsonl(path)
+    text = _decode_text(_read_bytes(path), path)
+    head = text.lstrip(_JSON_SPACE)[:1]
+    if head == "[":
+        yield from _json_array(text, path)
         return
     try:
-        items = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise UserError("invalid UTF-8", path=path) from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"malformed JSON ({e.msg})", path=path, line=e.lineno) from None
-    for i, rec in enumerate(items):
-        if not isinstance(rec, dict):
-            raise UserError(f"item {i}: expected a JSON object, got {type(rec).__name__}", path=path)
-        yield i, rec
+        yield from _records_jsonl(path, text)
+    except UserError:
+        if head == "{":
+            try:
+                whole = json.loads(text, parse_constant=_no_constant)
+            except (ValueError, RecursionError):
+                whole = None
+            if isinstance(whole, dict):
+                raise UserError("one JSON object over several lines: give one object per line (JSON Lines) or a "
+                                "JSON array of objects", path=path) from None
+        raise
 
 
-def _records_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    data = _read_bytes(path)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError("invalid UTF-8", path=path, line=line) from None
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        for rec in reader:
-            if None in rec:
-                raise UserError(f"more values than the {len(reader.fieldnames or [])} header columns",
-                                path=path, line=reader.line_num)
-            yield reader.line_num, rec
-    except csv.Error as e:
-        raise UserError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e})", path=path,
-                        line=reader.line_num) from None
+def _json_array(text: str, path: Path) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+    """The objects of a JSON array, each with the line it starts on and its position (row) in the array."""
+    decoder = json.JSONDecoder(parse_constant=_no_constant)
+    n, pos, line = len(text), 0, 1
+
+    def skip(p: int) -> int:
+        nonlocal line
+        start = p
+        while p < n and text[p] in _JSON_SPACE:
+            p += 1
+        line += text.count("\n", start, p)
+        return p
+
+    def column(p: int) -> int:
+        return p - (text.rfind("\n", 0, p) + 1) + 1
+
+    pos = skip(skip(0) + 1)  # past "["
+    row = 0
+    if pos < n and text[pos] == "]":
+        pos = skip(pos + 1)
+    else:
+        while True:
+            try:
+                item, end = decoder.raw_decode(text, pos)
+            except (ValueError, RecursionError) as e:
+                if isinstance(e, json.JSONDecodeError):
+                    raise UserError(f"malformed JSON ({e.msg} at column {e.colno})", path=path,
+                                    line=e.lineno) from None
+                raise _json_error(e, path, line) from None
+            if not isinstance(item, dict):
+                raise UserError(f"expected a JSON object, got {_json_type(item)}", path=path, line=line, row=row)
+            yield {"line": line, "row": row}, item
+            line += text.count("\n", pos, end)
+            pos = skip(end)
+            row += 1
+            if pos < n and text[pos] == ",":
+                pos = skip(pos + 1)
+                continue
+            if pos < n and text[pos] == "]":
+                pos = skip(pos + 1)
+                break
+            raise UserError(f"malformed JSON (expecting ',' or ']' at column {column(pos)})", path=path, line=line)
+    if pos < n:
+        raise UserError(f"malformed JSON (extra data after the array at column {column(pos)})", path=path, line=line)
 
 
-def _records_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _records_csv(path: Path, delimiter: str) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+    """CSV/TSV with a header line. Quoting is strict (an unclosed quote is an error, not a field that swallows the
+    rest of the file); every row has exactly the header's columns; blank lines are skipped."""
+    name = "TSV" if delimiter == "\t" else "CSV"
+    text = _decode_text(_read_bytes(path), path)
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long documents are fine in a cell
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    header_line = 0
+    while True:
+        start = reader.line_num + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            why = "a quoted value that never closes" if "end of data" in str(e) else e
+            raise UserError(f"malformed {name} ({why})", path=path, line=start) from None
+        if not values:
+            continue
+        if header is None:
+            seen: set[str] = set()
+            for column in values:
+                if column in seen:
+                    raise UserError(f"column {_show(column)} appears twice in the header", path=path, line=start)
+                seen.add(column)
+            header, header_line = values, start
+            continue
+        if len(values) != len(header):
+            raise UserError(f"{len(values)} values, but the header (line {header_line}) has {len(header)} columns",
+                            path=path, line=start)
+        yield {"line": start}, dict(zip(header, values))
+
+
+def _read_parquet(path: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -146,12 +282,36 @@ def _records_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         _read_bytes(path)  # raises the same "no such file" / "is a directory" errors as the other formats
     try:
         table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError, ValueError) as e:
         raise UserError(f"not a readable Parquet file ({e})", path=path) from None
-    yield from enumerate(table.to_pylist())
+    names = table.column_names
+    for column in names:
+        if names.count(column) > 1:
+            raise UserError(f"column {_show(column)} appears twice", path=path)
+    return table
 
 
-def _records_hf(spec: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _records_table(table, path: Path) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+    import pyarrow as pa
+
+    conversion_errors = (pa.ArrowException, ValueError, OverflowError, UnicodeDecodeError)
+    try:
+        rows = table.to_pylist()
+    except conversion_errors as e:  # find the value: invalid UTF-8 in a string column, a date out of range ...
+        for column in table.column_names:
+            for row, value in enumerate(table.column(column)):
+                try:
+                    value.as_py()
+                except UnicodeDecodeError:
+                    raise UserError("invalid UTF-8 in a string column", path=path, row=row, field=column) from None
+                except conversion_errors as bad:
+                    raise UserError(f"unreadable value ({bad})", path=path, row=row, field=column) from None
+        raise UserError(f"unreadable values ({e})", path=path) from None
+    for row, rec in enumerate(rows):
+        yield {"row": row}, rec
+
+
+def _records_hf(spec: str) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
     parts = re.split(r":(?![^\[]*\])", spec.removeprefix("hf:"))  # a split may be sliced: train[:10000]
     name = parts[0]
     config = parts[1] if len(parts) > 2 else None
@@ -162,16 +322,17 @@ def _records_hf(spec: str) -> Iterator[tuple[int, dict[str, Any]]]:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # the hub's errors are many and all mean "cannot get this dataset"
         raise UserError(f"cannot load Hugging Face dataset {spec!r}: {e}") from None
-    yield from enumerate(ds)
-
-
-def _where(kind: str) -> str:
-    return "row" if kind in ("parquet", "hf", "json-array") else "line"
+    for row, rec in enumerate(ds):
+        yield {"row": row}, rec
 
 
 def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
                   require_target: bool = False) -> list[Example]:
-    """Read and validate all examples of one input (one path, or two line-aligned text files)."""
+    """Read and validate all examples of one input (one path, or two line-aligned text files).
+
+    Every example has a non-empty prompt and a unique id; with `require_target`, a target too. Anything else in the
+    input raises UserError naming the file, line or row, and field.
+    """
     inputs = [str(p) for p in inputs]
     if not inputs or len(inputs) > 2:
         raise UserError("give one input file (JSONL, JSON, Parquet, CSV, TSV, text) or two line-aligned text "
@@ -180,63 +341,71 @@ def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
         return _read_pairs(Path(inputs[0]), Path(inputs[1]), fields, require_target)
 
     src = inputs[0]
-    if Path(src).is_dir():
-        return _read_labels(Path(src), fields, require_target)
     if src.startswith("hf:"):
-        records, path = _records_hf(src), src
-    else:
-        path = Path(src)
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            records = _records_jsonl(path)
-        elif suffix == ".json":
-            records = _records_json(path)
-        elif suffix == ".parquet":
-            records = _records_parquet(path)
-        elif suffix == ".csv":
-            records = _records_csv(path, ",")
-        elif suffix == ".tsv":
-            records = _records_csv(path, "\t")
-        else:  # any other file: one prompt per line
-            records = ((i, {fields.prompt: line}) for i, line in enumerate(_decode_lines(path), 1))
+        return _to_examples(_records_hf(src), src, fields, require_target)
+    path = Path(src)
+    if path.is_dir():
+        return _read_labels(path, fields, require_target)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        records = _records_jsonl(path)
+    elif suffix == ".json":
+        records = _records_json(path)
+    elif suffix == ".parquet":
+        records = _records_table(_read_parquet(path), path)
+    elif suffix == ".csv":
+        records = _records_csv(path, ",")
+    elif suffix == ".tsv":
+        records = _records_csv(path, "\t")
+    else:  # any other file: one prompt per line
+        records = (({"line": i}, {fields.prompt: line}) for i, line in enumerate(_decode_lines(path), 1))
     return _to_examples(records, path, fields, require_target)
 
 
 def _read_labels(directory: Path, fields: Fields, require_target: bool) -> list[Example]:
     """The output directory of distill-labels: prompts with the template already applied, LLM targets."""
-    import pyarrow.parquet as pq
-
     from llm2slm_cli import artifacts as A
 
-    manifest = A.read_manifest(directory, A.KIND_LABELS)
-    if fields.template is not None and fields.template != manifest["template"]:
-        raise UserError(f"these labels were made with template {manifest['template']!r}, not {fields.template!r}",
+    if not (directory / A.MANIFEST).is_file():
+        raise UserError(f"a directory without {A.MANIFEST}: give a file of examples, or the output directory of "
+                        "distill-labels (if it is one, that run did not finish: continue it with --resume)",
                         path=directory)
-    table = pq.read_table(directory / A.LABELS).to_pydict()
-    out, empty = [], []
-    for ex_id, prompt, target in zip(table["id"], table["prompt"], table["target"]):
-        if require_target and not (target or "").strip():
-            empty.append(ex_id)  # the LLM answered nothing: there is nothing to learn from this example
-            continue
-        out.append(Example(ex_id, prompt, target))
-    if empty:
+    manifest = A.read_manifest(directory, A.KIND_LABELS)
+    made_with = manifest.get("template")
+    if fields.template is not None and fields.template != made_with:
+        raise UserError(f"these labels were made with template {made_with!r}, not {fields.template!r}",
+                        path=directory)
+    path = directory / A.LABELS
+    if not path.is_file():
+        raise UserError(f"no {A.LABELS} beside its manifest: the labels are incomplete", path=directory)
+    A.verify_file(path, manifest.get("files", {}).get(A.LABELS), "labels file")
+    table = _read_parquet(path)
+    missing = [c for c in ("id", "prompt", "target") if c not in table.column_names]
+    if missing:
+        raise UserError(f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}", path=path)
+    examples = _to_examples(_records_table(table, path), path, Fields(prompt="prompt", target="target", id="id"),
+                            False)
+    answered = [not require_target or bool((e.target or "").strip()) for e in examples]
+    out = [e for e, ok in zip(examples, answered) if ok]
+    empty = [e.id for e, ok in zip(examples, answered) if not ok]
+    if empty:  # the LLM answered nothing: there is nothing to learn from these examples
         from llm2slm_cli.runtime import say
 
         say(f"warning: {directory}: skipping {len(empty)} examples the LLM answered with nothing "
             f"(e.g. {empty[0]!r})")
     if not out:
-        raise UserError("no examples" + (" with a non-empty LLM answer" if empty else ""), path=directory)
+        raise UserError("no examples with a non-empty LLM answer", path=directory)
     return out
 
 
 def _read_pairs(src: Path, tgt: Path, fields: Fields, require_target: bool) -> list[Example]:
     a, b = _decode_lines(src), _decode_lines(tgt)
     if len(a) != len(b):
-        raise UserError(f"line count {len(a)} differs from {len(b)} in {tgt}: line-aligned files must match",
-                        path=src)
+        raise UserError(f"line count {len(a)} differs from {len(b)} in {tgt}: line-aligned files must match "
+                        f"(line {min(len(a), len(b)) + 1} of the longer one has no partner)", path=src)
     prompt_name = fields.prompt
     target_name = fields.target or "tgt"
-    records = ((i, {prompt_name: s, target_name: t}) for i, (s, t) in enumerate(zip(a, b), 1))
+    records = (({"line": i}, {prompt_name: s, target_name: t}) for i, (s, t) in enumerate(zip(a, b), 1))
     pair_fields = Fields(prompt=prompt_name, target=target_name, id=None, template=fields.template)
     examples = _to_examples(records, src, pair_fields, require_target)
     for i, ex in enumerate(examples, 1):
@@ -246,49 +415,76 @@ def _read_pairs(src: Path, tgt: Path, fields: Fields, require_target: bool) -> l
 
 
 class _Record:
-    """One input record and where it came from, for error messages."""
+    """One input record and where it came from (line and/or row), for error messages."""
 
-    def __init__(self, rec: dict[str, Any], path: Path | str, line: int, by_line: bool) -> None:
-        self.rec = rec
-        self.where: dict[str, Any] = {"path": path, "line": line} if by_line else {"path": path}
-        self.row = "" if by_line else f"row {line}: "
+    def __init__(self, rec: dict[str, Any], path: Path | str, where: dict[str, int]) -> None:
+        self.rec, self.path, self.where = rec, path, where
 
     def error(self, message: str, field: str | None = None) -> UserError:
-        return UserError(f"{self.row}{message}", field=field, **self.where)
+        return UserError(message, path=self.path, field=field, **self.where)
+
+    def place(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.where.items())
 
     def get(self, name: str, *, required: bool = True) -> Any:
         try:
             return _lookup(self.rec, name)
         except KeyError:
             if required:
-                raise self.error(f"missing field (the record has: {', '.join(map(str, self.rec))})",
-                                 name) from None
+                names = [k if isinstance(k, str) and k.isprintable() and len(k) <= 40 else _show(k, 40)
+                         for k in list(self.rec)[:12]]
+                more = f", ... ({len(self.rec) - 12} more)" if len(self.rec) > 12 else ""
+                has = f"the record has: {', '.join(names)}{more}" if names else "the record is empty"
+                raise self.error(f"missing field ({has})", name) from None
             return None
 
     def text(self, name: str, value: Any) -> str:
+        """A text value: a string, or a number (ids are often numbers). Never null, true/false, a list or object."""
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise self.error(f"expected text, got {type(value).__name__}", name)
-        return str(value)
+            got = "null" if value is None else type(value).__name__
+            raise self.error(f"expected text, got {got}", name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(f"expected text, got the number {value}", name)
+        return self.valid(name, str(value))
+
+    def valid(self, name: str, text: str) -> str:
+        """Text that every later step can encode: no NUL, no lone surrogate (JSON escapes like \\ud800 make them)."""
+        if "\0" in text:
+            raise self.error("contains a NUL character", name)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise self.error(f"invalid Unicode: a lone surrogate U+{ord(text[e.start]):04X} at character "
+                             f"{e.start + 1}", name) from None
+        return text
 
 
-def _to_examples(records: Iterator[tuple[int, dict[str, Any]]], path: Path | str, fields: Fields,
+def _template_value(r: _Record, name: str) -> Any:
+    """The record's value for a template field `name` (`src`, `translation[en]`, `a.b`)."""
+    top = re.split(r"[.\[]", name, maxsplit=1)[0]
+    value = r.get(top)
+    if value is None:
+        raise r.error("expected a value for the template, got null", top)
+    if top == name and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+        raise r.error(f"expected text for the template, got {type(value).__name__}", top)
+    return value
+
+
+def _to_examples(records: Iterator[tuple[dict[str, int], dict[str, Any]]], path: Path | str, fields: Fields,
                  require_target: bool) -> list[Example]:
-    kind = "hf" if str(path).startswith("hf:") else Path(path).suffix.lower().lstrip(".")
     template_names = template_fields(fields.template) if fields.template else []
     out: list[Example] = []
-    seen: dict[str, int] = {}
-    for n, (line, raw) in enumerate(records):
-        r = _Record(raw, path, line, _where(kind) == "line")
+    seen: dict[str, _Record] = {}
+    for n, (where, raw) in enumerate(records):
+        r = _Record(raw, path, where)
         if fields.template:
-            values = {}
-            for name in template_names:
-                top = name.split("[")[0].split(".")[0]
-                values[top] = r.get(top)
+            values = {re.split(r"[.\[]", name, maxsplit=1)[0]: _template_value(r, name) for name in template_names}
             try:
                 prompt = fields.template.format(**values)
-            except (KeyError, IndexError, AttributeError, TypeError, ValueError) as e:
-                raise r.error(f"template {fields.template!r} does not fit this record ({e})") from None
+            except (KeyError, IndexError, AttributeError, TypeError, ValueError, OverflowError) as e:
+                raise r.error(f"template {_show(fields.template)} does not fit this record ({_show(e)})") from None
             prompt_field = "template"
+            prompt = r.valid(prompt_field, prompt)
         else:
             prompt = r.text(fields.prompt, r.get(fields.prompt))
             prompt_field = fields.prompt
@@ -298,20 +494,25 @@ def _to_examples(records: Iterator[tuple[int, dict[str, Any]]], path: Path | str
         target = None
         if fields.target:
             value = r.get(fields.target, required=require_target)
+            if value is None and require_target:
+                raise r.error("missing target (null)", fields.target)
             if value is not None:
                 target = r.text(fields.target, value)
                 if require_target and not target.strip():
                     raise r.error("empty target", fields.target)
 
-        ex_id = str(n)
+        ex_id, numbered = str(n), True
         if fields.id:
             value = r.get(fields.id, required=False)
             if value is not None:
-                ex_id = r.text(fields.id, value)
+                ex_id, numbered = r.text(fields.id, value), False
+                if not ex_id.strip():
+                    raise r.error("empty id", fields.id)
         if ex_id in seen:
-            raise r.error(f"duplicate id {ex_id!r} (first seen in record {seen[ex_id] + 1})", fields.id)
-        seen[ex_id] = n
-        out.append(Example(ex_id, prompt, target))
+            why = f" (a record without '{fields.id}' is numbered from 0)" if numbered and fields.id else ""
+            raise r.error(f"duplicate id {_show(ex_id)}{why} (first at {seen[ex_id].place()})", fields.id)
+        seen[ex_id] = r
+        out.append(Example(ex_id, prompt, target, r.place()))
     if not out:
         raise UserError("no examples", path=path)
     return out
@@ -327,7 +528,7 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool = False):
     for i, s in enumerate(sequences):
         if not len(s):
             continue
-        t = torch.as_tensor(list(s), dtype=torch.long)
+        t = torch.as_tensor(s if hasattr(s, "dtype") else list(s), dtype=torch.long)
         if left:
             ids[i, width - len(s):] = t
             mask[i, width - len(s):] = 1

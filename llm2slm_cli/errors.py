@@ -9,16 +9,27 @@ from pathlib import Path
 
 
 class UserError(Exception):
-    """A mistake in the input, options or environment that the user can fix."""
+    """A mistake in the input, options or environment that the user can fix.
+
+    The message names the place: `path, line 3, row 2, field 'src': what is wrong` (lines count from 1, rows of a
+    table from 0). It is always one line, whatever the input put into it.
+    """
 
     def __init__(self, message: str, *, path: Path | str | None = None, line: int | None = None,
-                 field: str | None = None) -> None:
+                 row: int | None = None, field: str | None = None) -> None:
         where = []
         if path is not None:
             where.append(str(path))
         if line is not None:
             where.append(f"line {line}")
+        if row is not None:
+            where.append(f"row {row}")
         if field is not None:
             where.append(f"field '{field}'")
-        self.message = f"{', '.join(where)}: {message}" if where else message
+        text = f"{', '.join(where)}: {message}" if where else message
+        self.message = " ".join(part.strip() for part in text.splitlines() if part.strip()) or text
         super().__init__(self.message)
+
+
+class Interrupted(Exception):
+    """The user stopped a stage (Ctrl-C) and it stopped cleanly: what it wrote is valid and --resume continues."""

@@ -75,7 +75,7 @@ def test_line_count_mismatch_and_template_errors(tmp_path):
 def test_csv_errors_name_the_line(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("id,src,tgt\n1,a,b\n2,c,d,extra\n")
-    with pytest.raises(UserError, match="line 3: more values than the 3 header columns"):
+    with pytest.raises(UserError, match=r"line 3: 4 values, but the header \(line 1\) has 3 columns"):
         read_examples([path])
 
 
@@ -85,3 +85,61 @@ def test_pad_and_batches():
     ids, mask = pad([[5, 6, 7], [8]], 0, left=True)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert length_sorted_batches([1, 5, 3, 5], 2) == [[1, 3], [2, 0]]
+
+
+def test_byte_order_marks_crlf_and_blank_lines_are_tolerated(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.jsonl").write_bytes(bom + b"".join(json.dumps(r).encode() + b"\r\n\r\n" for r in ROWS))
+    (tmp_path / "d.ndjson").write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in ROWS))
+    (tmp_path / "d.json").write_bytes(bom + b" \r\n" + json.dumps(ROWS, indent=2).encode())
+    (tmp_path / "d.csv").write_bytes(bom + b'id,src,tgt\r\na,Hello world,Hallo Welt\r\n\r\n'
+                                     b'b,"Good morning, Sir","Guten Morgen, mein Herr"\r\n')
+    for name in ("d.jsonl", "d.ndjson", "d.json", "d.csv"):
+        assert read_examples([tmp_path / name]) == EXPECTED, name
+    (tmp_path / "d.txt").write_bytes(bom + b"Hello world\r\nGood morning, Sir\r\n")
+    assert [e.prompt for e in read_examples([tmp_path / "d.txt"])] == ["Hello world", "Good morning, Sir"]
+
+
+def test_examples_know_where_they_came_from(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"src": "a"}\n\n{"src": "b"}\n')
+    (tmp_path / "d.json").write_text('[{"src": "a"},\n {"src": "b"}]')
+    pq.write_table(pa.table({"src": ["a", "b"]}), tmp_path / "d.parquet")
+    assert [e.place for e in read_examples([tmp_path / "d.jsonl"])] == ["line 1", "line 3"]
+    assert [e.place for e in read_examples([tmp_path / "d.json"])] == ["line 1, row 0", "line 2, row 1"]
+    assert [e.place for e in read_examples([tmp_path / "d.parquet"])] == ["row 0", "row 1"]
+
+
+def test_numbered_ids_that_collide_with_given_ones_say_so(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"src": "a", "id": 1}\n{"src": "b"}\n')
+    with pytest.raises(UserError, match=r"line 2, field 'id': duplicate id '1' \(a record without 'id' is "
+                                        r"numbered from 0\) \(first at line 1\)"):
+        read_examples([path])
+
+
+def test_error_messages_stay_on_one_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a\\nb": 1, "c\\rd": 2}\n')
+    with pytest.raises(UserError) as e:
+        read_examples([path])
+    assert e.value.message == f"{path}, line 1, field 'src': missing field (the record has: 'a\\nb', 'c\\rd')"
+    assert UserError("two\nlines", path="p").message == "p: two lines"
+
+
+def test_distill_labels_directory(tmp_path):
+    from llm2slm_cli import artifacts as A
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["p", "q", "r"], "target": ["t", "", None]}),
+                   labels / A.LABELS)
+    (labels / A.MANIFEST).write_text(json.dumps({"kind": A.KIND_LABELS, "schema_version": A.SCHEMA_VERSION,
+                                                 "template": None}))
+    assert read_examples([labels]) == [Example("a", "p", "t"), Example("b", "q", ""), Example("c", "r", None)]
+    assert read_examples([labels], require_target=True) == [Example("a", "p", "t")]
+    pq.write_table(pa.table({"id": ["a", "a"], "prompt": ["p", "q"], "target": ["t", "u"]}), labels / A.LABELS)
+    with pytest.raises(UserError, match=r"examples.parquet, row 1, field 'id': duplicate id 'a'"):
+        read_examples([labels])
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["p"]}), labels / A.LABELS)
+    with pytest.raises(UserError, match="examples.parquet: missing column target"):
+        read_examples([labels])
