@@ -135,12 +135,36 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file an artifact holds, for its manifest (checked by `verify_file`)."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def verify_file(path: Path, record: dict[str, Any] | None, what: str = "file") -> None:
+    """Refuse a file that is missing, or whose size or sha256 differs from what its manifest recorded."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} is missing", path=path)
+    if record is None:  # written by an older version without checksums
+        return
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        raise UserError(f"{what} is damaged (truncated or overwritten): {size} bytes, the manifest says "
+                        f"{record['bytes']}", path=path)
+    if sha256_file(path) != record["sha256"]:
+        raise UserError(f"{what} is damaged: its sha256 differs from the manifest's", path=path)
+
+
 def make_manifest(kind: str, config: Any, **fields: Any) -> dict[str, Any]:
     return {
         "kind": kind,
         "schema_version": SCHEMA_VERSION,
         "tool_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": now(),
         "config": config_to_dict(config) if dataclasses.is_dataclass(config) else config,
         **fields,
         "environment": environment(),
@@ -165,6 +189,14 @@ def read_manifest(directory: Path, kind: str) -> dict[str, Any]:
         raise UserError(f"schema version {manifest.get('schema_version')} is not supported "
                         f"(this tool reads version {SCHEMA_VERSION})", path=path)
     return manifest
+
+
+def read_json_or_none(path: Path, key: str) -> Any:
+    """One key of a JSON file, or None when the file is unreadable (for messages about foreign directories)."""
+    try:
+        return json.loads(Path(path).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def prepare_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False, resumable: bool = True) -> bool:

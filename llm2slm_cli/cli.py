@@ -19,7 +19,7 @@ import typer
 
 from llm2slm_cli import __version__
 from llm2slm_cli import config as C
-from llm2slm_cli.errors import UserError
+from llm2slm_cli.errors import Interrupted, UserError
 
 app = typer.Typer(
     name="llm2slm",
@@ -43,6 +43,8 @@ def _parameter(f: dataclasses.Field, annotation: Any) -> inspect.Parameter:
     default = ... if required else (f.default_factory() if f.default_factory is not dataclasses.MISSING
                                      else f.default)
     kwargs: dict[str, Any] = {"help": meta.get("help", ""), "hidden": meta.get("hidden", False)}
+    if meta.get("envvar"):
+        kwargs.update(envvar=meta["envvar"], show_envvar=True)
     if meta.get("choices"):  # typer shows an Enum as a choice list and checks it
         annotation = enum.Enum(f.name, {c: c for c in meta["choices"]}, type=str)
         default = default if default in (None, ...) else annotation(default)
@@ -77,6 +79,8 @@ def command(name: str, config_cls: type, stage: str) -> None:
             importlib.import_module(f"llm2slm_cli.stages.{stage}").run(config)
         except UserError as e:
             raise _fail(e.message) from None
+        except Interrupted as e:
+            raise _fail(str(e), 130) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", 130) from None
 

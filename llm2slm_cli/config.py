@@ -15,8 +15,9 @@ from llm2slm_cli.errors import UserError
 
 
 def opt(default: Any = None, help: str = "", *, argument: bool = False, choices: list[str] | None = None,
-        name: str | None = None, hidden: bool = False) -> Any:
-    meta = {"help": help, "argument": argument, "choices": choices, "name": name, "hidden": hidden}
+        name: str | None = None, hidden: bool = False, envvar: str | None = None) -> Any:
+    meta = {"help": help, "argument": argument, "choices": choices, "name": name, "hidden": hidden,
+            "envvar": envvar}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -88,8 +89,12 @@ class EncodeConfig(ExampleFields):
     max_length: int = opt(512, "Longest prompt in tokens; longer prompts are truncated (and counted).")
     strict: bool = opt(False, "Refuse over-long prompts instead of truncating them.")
     batch_size: int = opt(32, "Prompts per LLM forward pass (length-sorted batches).")
-    shard_size: int = opt(4096, "Examples per feature shard (the unit of --resume).")
+    shard_size: int = opt(4096, "Examples per feature shard (the unit of --resume, and of the split across "
+                                "processes under `accelerate launch`).")
     tokenizer: Path | None = opt(None, "Tokenizer directory to use instead of the model's own.")
+    cache: Path | None = opt(None, "Feature cache directory, keyed by (LLM fingerprint, layer, dtype, max length, "
+                                   "template, fields, input sha256): encoding what is already there only links "
+                                   "the cached files into --out; what is new is added.", envvar="LLM2SLM_CACHE")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.")
@@ -215,7 +220,10 @@ class GenerateConfig(DecodingOptions, ExampleFields):
                                 "fingerprint must match).")
     max_new_tokens: int = opt(128, "Longest response in tokens.")
     max_length: int | None = opt(None, "Longest prompt in tokens (default: the checkpoint's, or 512).")
-    batch_size: int = opt(16, "Prompts per batch (length-sorted).")
+    strict: bool = opt(False, "Refuse over-long prompts instead of truncating them.")
+    batch_size: int = opt(16, "Prompts per batch (length-sorted within a shard; halved on out-of-memory).")
+    shard_size: int = opt(1024, "Examples per output shard (the unit of --resume, and of the split across "
+                                "processes under `accelerate launch`).")
     speculative: bool = opt(False, "Speculative decoding: the checkpoint drafts --gamma tokens, the LLM checks them in "
                                    "one pass; the output is the LLM's own (greedy, or --sample).")
     gamma: int = opt(4, "Draft tokens per LLM pass in speculative decoding.")
@@ -225,11 +233,12 @@ class GenerateConfig(DecodingOptions, ExampleFields):
     dtype: str = opt("float32", "Precision of a plain model.", choices=["float32", "bfloat16", "float16"])
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     overwrite: bool = opt(False, "Replace an existing output directory.")
+    resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.")
     quiet: bool = opt(False, "No progress bar.")
 
     def __post_init__(self) -> None:
         _inputs(self.inputs)
-        _positive(self, "max_new_tokens", "batch_size", "max_length", "gamma")
+        _positive(self, "max_new_tokens", "batch_size", "shard_size", "max_length", "gamma")
         self._check_decoding(speculative=self.speculative)
         if self.verifier and not self.speculative:
             raise UserError("--verifier is for --speculative decoding")
@@ -245,9 +254,11 @@ class DistillConfig(DecodingOptions, ExampleFields):
     model: str = opt(REQUIRED, "The LLM, with its generation head: encoder-decoder or decoder-only.")
     out: Path = opt(REQUIRED, "Output directory: examples.parquet (id, prompt, target, reference) + manifest.json.")
     max_new_tokens: int = opt(128, "Longest generated target in tokens.")
-    max_length: int = opt(512, "Longest prompt in tokens (longer prompts are truncated).")
-    batch_size: int = opt(16, "Prompts per batch (length-sorted).")
-    shard_size: int = opt(1024, "Examples per output shard (the unit of --resume).")
+    max_length: int = opt(512, "Longest prompt in tokens (longer prompts are truncated, and counted).")
+    strict: bool = opt(False, "Refuse over-long prompts instead of truncating them.")
+    batch_size: int = opt(16, "Prompts per batch (length-sorted within a shard).")
+    shard_size: int = opt(1024, "Examples per output shard (the unit of --resume, and of the split across "
+                                "processes under `accelerate launch`).")
     tokenizer: Path | None = opt(None, "Tokenizer directory to use instead of the model's own.")
     dtype: str = opt("float32", "Precision of the LLM.", choices=["float32", "bfloat16", "float16"])
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")

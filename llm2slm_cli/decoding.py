@@ -113,6 +113,9 @@ class SpeculativeStats:
         """Mean tokens a row gains per LLM forward pass (1.0 is plain decoding)."""
         return self.emitted / self.row_rounds if self.row_rounds else 0.0
 
+    def as_counts(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def as_dict(self) -> dict[str, Any]:
         return {"llm_calls": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": round(self.acceptance_rate, 4),

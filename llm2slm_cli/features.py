@@ -6,9 +6,10 @@ Layout of a features directory:
                                  rows are concatenated without padding
     index.parquet                id, shard, offset, length, input_ids (the prompt's LLM token ids), truncated
     manifest.json                the LLM (name, layer, dtype, fingerprint, tokenizer), template, input sha256,
-                                 counts, per-shard sha256, timing
+                                 counts, size and sha256 of every shard and of the index, timing
 
-Reading a prompt's features maps only its rows: training memory does not grow with the dataset.
+Reading a prompt's features maps only its rows: training memory does not grow with the dataset. Each shard's
+size and sha256 are checked against the manifest when it is first opened.
 """
 
 from __future__ import annotations
@@ -44,13 +45,18 @@ class FeatureStore:
         self.directory = Path(directory)
         self.manifest = A.read_manifest(self.directory, A.KIND_FEATURES)
         index = self.directory / A.FEATURES_INDEX
+        A.verify_file(index, self.manifest.get("files", {}).get(A.FEATURES_INDEX), "features index")
         try:
-            table = pq.read_table(index).to_pydict()
+            table = pq.read_table(index)
         except Exception as e:  # a damaged index is a damaged artifact, whatever arrow calls it
             raise UserError(f"unreadable features index ({e})", path=index) from None
-        self.rows = {i: (s, o, n) for i, s, o, n in zip(table["id"], table["shard"], table["offset"],
-                                                         table["length"])}
-        self._input_ids = dict(zip(table["id"], table["input_ids"]))
+        # Columns stay as arrays: a Python object per token would cost more memory than the features themselves.
+        self._row = {example_id: r for r, example_id in enumerate(table.column("id").to_pylist())}
+        self._shard_of = table.column("shard").to_numpy()
+        self._offset = table.column("offset").to_numpy()
+        self._length = table.column("length").to_numpy()
+        ids = table.column("input_ids").combine_chunks()
+        self._id_values, self._id_offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
         self._files: dict[int, Any] = {}
 
     @property
@@ -62,22 +68,20 @@ class FeatureStore:
         return self.manifest["template"]
 
     def __contains__(self, example_id: str) -> bool:
-        return example_id in self.rows
+        return example_id in self._row
 
-    def input_ids(self, example_id: str) -> list[int]:
-        return self._input_ids[example_id]
+    def input_ids(self, example_id: str):
+        """The prompt's LLM token ids, as an int32 numpy array."""
+        r = self._row[example_id]
+        return self._id_values[self._id_offsets[r]: self._id_offsets[r + 1]]
 
     def _shard(self, shard: int):
         from safetensors import safe_open
 
         if shard not in self._files:
             path = self.directory / A.FEATURES_SHARD.format(shard)
-            expected = self.manifest["shards"][shard]
-            if not path.is_file():
-                raise UserError("feature shard is missing", path=path)
-            if path.stat().st_size != expected["bytes"]:
-                raise UserError(f"feature shard is damaged: {path.stat().st_size} bytes, the manifest says "
-                                f"{expected['bytes']}", path=path)
+            # checked once, when first read: a damaged shard is named before it can feed training
+            A.verify_file(path, self.manifest["shards"][shard], "feature shard")
             try:
                 self._files[shard] = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types for a bad header
@@ -86,5 +90,6 @@ class FeatureStore:
 
     def features(self, example_id: str):
         """(length, d_llm) half-precision tensor of one prompt."""
-        shard, offset, length = self.rows[example_id]
-        return self._shard(shard).get_slice("features")[offset: offset + length]
+        r = self._row[example_id]
+        offset = int(self._offset[r])
+        return self._shard(int(self._shard_of[r])).get_slice("features")[offset: offset + int(self._length[r])]

@@ -520,6 +520,9 @@ class LLMToSLM(nn.Module):
         slm_config = AutoConfig.for_model(base.pop("model_type"), **base)
         slm = M._auto_class(config.slm_kind, with_head=True).from_config(slm_config)
         model = cls(config, slm, llm)
+        if (directory / A.MANIFEST).is_file():  # written by `train`, with the weights' size and sha256
+            record = A.read_manifest(directory, A.KIND_CHECKPOINT).get("files", {}).get(A.MODEL_WEIGHTS)
+            A.verify_file(directory / A.MODEL_WEIGHTS, record, "checkpoint weights file")
         try:
             load_model(model, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(device))
         except (OSError, RuntimeError) as e:
@@ -541,10 +544,22 @@ def read_model_config(directory: Path) -> ModelConfig:
     path = Path(directory) / A.MODEL_CONFIG
     if not path.is_file():
         raise UserError(f"not an llm2slm checkpoint (no {A.MODEL_CONFIG})", path=directory)
-    raw = json.loads(path.read_text())
-    if raw.get("version") != A.SCHEMA_VERSION:
-        raise UserError(f"checkpoint schema version {raw.get('version')} is not supported", path=path)
-    return ModelConfig(**raw)
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"unreadable checkpoint config ({e})", path=path) from None
+    if not isinstance(raw, dict) or raw.get("version") != A.SCHEMA_VERSION:
+        version = raw.get("version") if isinstance(raw, dict) else None
+        raise UserError(f"checkpoint schema version {version} is not supported (this tool reads version "
+                        f"{A.SCHEMA_VERSION})", path=path)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"unknown checkpoint config keys {', '.join(unknown)} (made by another version?)", path=path)
+    try:
+        return ModelConfig(**raw)
+    except TypeError as e:
+        raise UserError(f"incomplete checkpoint config ({e})", path=path) from None
 
 
 def check_llm(llm: FrozenLLM, expected: dict[str, Any] | None, what: str) -> None:

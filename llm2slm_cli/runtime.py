@@ -25,6 +25,55 @@ def device(name: str):
     return dev
 
 
+def processes(device_name: str):
+    """This run's processes (accelerate's PartialState) and the device this process works on.
+
+    One process normally; under `accelerate launch` or `torchrun` one per GPU (or CPU workers with gloo), each on
+    its own device.
+    """
+    import torch
+    from accelerate import PartialState
+
+    cpu = device_name == "cpu" or (device_name == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    if state.num_processes > 1:
+        return state, state.device
+    return state, device(device_name)
+
+
+class StopOnInterrupt:
+    """First Ctrl-C (SIGINT, also what `accelerate launch` forwards): finish the current batch, then stop cleanly.
+    A second one stops at once. `with StopOnInterrupt() as stop: ... if stop: ...`"""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.requested = False
+        self.quiet = quiet
+        self._previous = None
+
+    def __bool__(self) -> bool:
+        return self.requested
+
+    def __enter__(self) -> StopOnInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        say("interrupt: stopping after this batch (again to stop now)", self.quiet)
+
+
 def progress(quiet: bool = False):
     """A rich progress bar with rate and ETA, written to stderr so stdout stays clean for --json."""
     from rich.console import Console
@@ -49,35 +98,64 @@ def say(message: str, quiet: bool = False) -> None:
         Console(stderr=True, highlight=False, soft_wrap=True).print(message)
 
 
+TOKENIZE_CHUNK = 1024  # prompts per tokenizer call: a whole dataset at once costs gigabytes of Encoding objects
+
+
+def places(inputs: Sequence, examples: Sequence) -> list[str]:
+    """Where each example came from, for error messages: "data.jsonl, line 3, example 'a'"."""
+    source = str(inputs[0])
+    return [", ".join(p for p in (source, e.place, f"example {e.id!r}") if p) for e in examples]
+
+
 def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int, *, strict: bool = False,
-                     ids: Sequence[str] | None = None) -> tuple[list[list[int]], list[bool]]:
+                     where: Sequence[str] | None = None, arrays: bool = False) -> tuple[list, list[bool]]:
     """Token ids of each prompt (with the tokenizer's special tokens), truncated to `max_length`.
 
-    Returns the ids and, per prompt, whether it was truncated; with `strict`, an over-long prompt is an error.
+    Returns the ids and, per prompt, whether it was truncated; with `strict`, an over-long prompt is an error that
+    names it (`where`, from `places`). With `arrays`, each prompt's ids are an int32 numpy array (a tenth of the
+    memory of a list, for training sets).
     """
-    full = tokenizer(list(prompts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-    long = [i for i, t in enumerate(full) if len(t) > max_length]
-    if long and strict:
-        i = long[0]
-        name = ids[i] if ids is not None else str(i)
-        raise UserError(f"example {name!r}: prompt has {len(full[i])} tokens, over --max-length {max_length} "
-                        f"({len(long)} such prompts; drop --strict to truncate them)")
-    flags = [False] * len(full)
-    if not long:
-        return full, flags
-    cut = tokenizer([prompts[i] for i in long], add_special_tokens=True, truncation=True, max_length=max_length,
-                    verbose=False)["input_ids"]
-    for i, t in zip(long, cut):
-        full[i] = t
-        flags[i] = True
-    return full, flags
+    out: list = []
+    flags: list[bool] = []
+    for start in range(0, len(prompts), TOKENIZE_CHUNK):
+        chunk = list(prompts[start: start + TOKENIZE_CHUNK])
+        full = tokenizer(chunk, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        long = [i for i, t in enumerate(full) if len(t) > max_length]
+        if long and strict:
+            i = long[0]
+            rest = list(prompts[start + TOKENIZE_CHUNK:])
+            n_long = len(long) + (sum(len(t) > max_length for t in tokenizer(
+                rest, add_special_tokens=True, verbose=False)["input_ids"]) if rest else 0)
+            name = where[start + i] if where is not None else f"prompt {start + i}"
+            raise UserError(f"{name}: prompt has {len(full[i])} tokens, over --max-length {max_length} "
+                            f"({n_long} such prompt{'s' if n_long > 1 else ''}; drop --strict to truncate them)")
+        if long:
+            cut = tokenizer([chunk[i] for i in long], add_special_tokens=True, truncation=True,
+                            max_length=max_length, verbose=False)["input_ids"]
+            for i, t in zip(long, cut):
+                full[i] = t
+        out.extend(_arrays(full) if arrays else full)
+        cut_here = set(long)
+        flags.extend(i in cut_here for i in range(len(chunk)))
+    return out, flags
 
 
-def tokenize_targets(tokenizer, targets: Sequence[str], max_length: int) -> list[list[int]]:
+def tokenize_targets(tokenizer, targets: Sequence[str], max_length: int, *, arrays: bool = False) -> list:
     """Target ids: the text's tokens then the end token, at most `max_length` in all."""
     eos = tokenizer.eos_token_id
-    toks = tokenizer(list(targets), add_special_tokens=False, verbose=False)["input_ids"]
-    return [t[: max_length - 1] + [eos] for t in toks]
+    out: list = []
+    for start in range(0, len(targets), TOKENIZE_CHUNK):
+        toks = tokenizer(list(targets[start: start + TOKENIZE_CHUNK]), add_special_tokens=False,
+                         verbose=False)["input_ids"]
+        toks = [t[: max_length - 1] + [eos] for t in toks]
+        out.extend(_arrays(toks) if arrays else toks)
+    return out
+
+
+def _arrays(lists: list[list[int]]) -> list:
+    import numpy as np
+
+    return [np.asarray(t, dtype=np.int32) for t in lists]
 
 
 @contextmanager

@@ -56,7 +56,7 @@ def test_encode_writes_shards_index_and_manifest(chain, toy_files):
     rows = [json.loads(line) for line in toy_files["train"].read_text().splitlines()]
     ids, _ = tokenize_prompts(llm.tokenizer, [TEMPLATE.format(**r) for r in rows], 512)
     for r, t in zip(rows, ids):
-        assert store.input_ids(r["id"]) == t
+        assert store.input_ids(r["id"]).tolist() == t
         expected = llm.encode(torch.tensor([t]), torch.ones(1, len(t), dtype=torch.long))[0]
         got = store.features(r["id"])
         assert got.dtype == torch.float16 and got.shape == expected.shape

@@ -6,7 +6,8 @@ stage reads like any input file:
     examples.parquet   id, prompt (template applied), target (the LLM's output), reference (the original target)
     manifest.json      the LLM, decoding settings, template, input sha256, counts, timing
 
-Work is written in shards of --shard-size examples (input order); --resume skips the shards already written.
+Work is written in shards of --shard-size examples (input order), split across processes under `accelerate launch`;
+--resume skips the shards already written (see sharding.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.config import DistillConfig
 from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
+from llm2slm_cli.sharding import ShardedRun, shard_seed
 
-PLAN = ".distill-plan.json"
 PART = "examples-{:05d}.parquet"
 
 
@@ -30,6 +31,7 @@ def labels_table(rows: list[dict]):
         "prompt": pa.array([r["prompt"] for r in rows], pa.string()),
         "target": pa.array([r["target"] for r in rows], pa.string()),
         "reference": pa.array([r["reference"] for r in rows], pa.string()),
+        "n_tokens": pa.array([r["n_tokens"] for r in rows], pa.int32()),
     })
 
 
@@ -44,62 +46,69 @@ def run(config: DistillConfig) -> Path:
                     template=config.template)
     examples = read_examples(config.inputs, fields)
     out = Path(config.out)
-    resuming = A.prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
-    device = runtime.device(config.device)
-    llm = PlainModel(config.model, dtype=config.dtype, tokenizer=config.tokenizer, device=device)
-    generation = generation_kwargs(config)
-    input_sha = A.input_sha256(config.inputs)
-    shards = [list(range(i, min(i + config.shard_size, len(examples))))
-              for i in range(0, len(examples), config.shard_size)]
-    plan = {"input_sha256": input_sha, "llm": llm.identity, "generation": generation, "shards": len(shards),
-            "template": config.template, "max_length": config.max_length, "seed": config.seed}
-    plan_path = A.resume_plan(out, PLAN, plan, resuming, "distill-labels")
+    with ShardedRun(out, stage="distill", overwrite=config.overwrite, resume=config.resume, device=config.device,
+                    quiet=config.quiet) as work:
+        quiet = config.quiet or not work.is_main
+        llm = PlainModel(config.model, dtype=config.dtype, tokenizer=config.tokenizer, device=work.device)
+        tok = llm.prompt_tokenizer
+        ids, truncated = runtime.tokenize_prompts(tok, [e.prompt for e in examples], config.max_length,
+                                                  strict=config.strict,
+                                                  where=runtime.places(config.inputs, examples))
+        generation = generation_kwargs(config)
+        input_sha = A.input_sha256(config.inputs)
+        shards = [list(range(i, min(i + config.shard_size, len(examples))))
+                  for i in range(0, len(examples), config.shard_size)]
+        work.plan({"input_sha256": input_sha, "llm": llm.identity, "generation": generation, "shards": len(shards),
+                   "template": config.template, "max_length": config.max_length, "seed": config.seed})
 
-    tok = llm.prompt_tokenizer
-    ids, truncated = runtime.tokenize_prompts(tok, [e.prompt for e in examples], config.max_length)
-    new_tokens = 0
-    with runtime.progress(config.quiet) as bar, runtime.timer() as clock:
-        task = bar.add_task("distill", total=len(examples), rate="")
-        for k, members in enumerate(shards):
-            part = out / PART.format(k)
-            if resuming and part.is_file():
-                bar.advance(task, len(members))
-                continue
-            # a seed per shard: a resumed run samples exactly what an uninterrupted one does
-            torch.manual_seed(config.seed * 1_000_003 + k)
-            outputs: dict[int, list[int]] = {}
-            for batch in length_sorted_batches([len(ids[i]) for i in members], config.batch_size):
-                batch = [members[j] for j in batch]
-                prompt_ids, prompt_mask = pad([ids[i] for i in batch], tok.pad_token_id)
-                for i, tokens in zip(batch, llm.generate(prompt_ids.to(device), prompt_mask.to(device),
-                                                         **generation)):
-                    outputs[i] = tokens
-                    new_tokens += len(tokens)
-                bar.update(task, advance=len(batch),
-                           rate=f"{new_tokens / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.1f} tok/s")
-            texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
-            rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": t.strip(),
-                     "reference": examples[i].target} for i, t in zip(members, texts)]
-            empty = [r["id"] for r in rows if not r["target"]]
-            if empty:
-                runtime.say(f"warning: the LLM gave an empty answer for {len(empty)} examples of shard {k} "
-                            f"(e.g. {empty[0]!r}); train refuses empty targets", config.quiet)
-            A.write_parquet(part, labels_table(rows))
-    seconds = clock["seconds"]
+        todo = work.todo(len(shards), lambda k: (out / PART.format(k)).is_file())
+        new_tokens = 0
+        with runtime.progress(quiet) as bar, runtime.timer() as clock:
+            task = bar.add_task("distill", total=sum(len(shards[k]) for k in todo), rate="")
+            for k in todo:
+                members = shards[k]
+                torch.manual_seed(shard_seed(config.seed, k))
+                outputs: dict[int, list[int]] = {}
+                for batch in length_sorted_batches([len(ids[i]) for i in members], config.batch_size):
+                    batch = [members[j] for j in batch]
+                    prompt_ids, prompt_mask = pad([ids[i] for i in batch], tok.pad_token_id)
+                    for i, tokens in zip(batch, llm.generate(prompt_ids.to(work.device), prompt_mask.to(work.device),
+                                                             **generation)):
+                        outputs[i] = tokens
+                        new_tokens += len(tokens)
+                    bar.update(task, advance=len(batch),
+                               rate=f"{new_tokens / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.1f} tok/s")
+                    work.check_stop()
+                texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
+                rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": t.strip(),
+                         "reference": examples[i].target, "n_tokens": len(outputs[i])}
+                        for i, t in zip(members, texts)]
+                empty = [r["id"] for r in rows if not r["target"]]
+                if empty:
+                    runtime.say(f"warning: the LLM gave an empty answer for {len(empty)} examples of shard {k} "
+                                f"(e.g. {empty[0]!r}); train skips examples with empty targets", config.quiet)
+                A.write_parquet(out / PART.format(k), labels_table(rows))
+        seconds = clock["seconds"]
 
-    table = pa.concat_tables([pq.read_table(out / PART.format(k)) for k in range(len(shards))])
-    A.write_parquet(out / A.LABELS, table)
-    manifest = A.make_manifest(
-        A.KIND_LABELS, config, llm=llm.identity, generation=generation, template=config.template,
-        prompt_field=config.prompt_field, inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
-        counts={"examples": len(examples), "generated_tokens": new_tokens, "truncated_prompts": sum(truncated),
-                "empty_targets": sum(1 for t in table["target"].to_pylist() if not t)},
-        timing={"seconds": round(seconds, 3), "tokens_per_second": round(new_tokens / seconds, 2) if seconds else None},
-    )
-    A.atomic_write_json(out / A.MANIFEST, manifest)
-    for k in range(len(shards)):
-        (out / PART.format(k)).unlink()
-    plan_path.unlink()
-    runtime.say(f"distilled {len(examples)} targets ({new_tokens} tokens) with {config.model} in {seconds:.1f}s "
-                f"-> {out}", config.quiet)
+        if work.finish():
+            table = pa.concat_tables([pq.read_table(out / PART.format(k)) for k in range(len(shards))])
+            generated = sum(table["n_tokens"].to_pylist())
+            A.write_parquet(out / A.LABELS, table.drop_columns(["n_tokens"]))
+            manifest = A.make_manifest(
+                A.KIND_LABELS, config, llm=llm.identity, generation=generation, template=config.template,
+                prompt_field=config.prompt_field, inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
+                counts={"examples": len(examples), "generated_tokens": generated,
+                        "truncated_prompts": sum(truncated),
+                        "empty_targets": sum(1 for t in table["target"].to_pylist() if not t)},
+                files={A.LABELS: A.file_record(out / A.LABELS)},
+                processes=work.world,
+                timing={"seconds": round(seconds, 3),
+                        "tokens_per_second": round(new_tokens * work.world / seconds, 2) if seconds else None},
+            )
+            A.atomic_write_json(out / A.MANIFEST, manifest)
+            for k in range(len(shards)):
+                (out / PART.format(k)).unlink()
+            runtime.say(f"distilled {len(examples)} targets ({generated} tokens) with {config.model} in "
+                        f"{seconds:.1f}s -> {out}", config.quiet)
+        work.done()
     return out

@@ -1,17 +1,38 @@
-"""`llm2slm encode`: the frozen LLM reads every prompt once; its features are stored for training."""
+"""`llm2slm encode`: the frozen LLM reads every prompt once; its features are stored for training.
+
+Shards are cut from the prompts sorted by length (longest first), --shard-size each, before any work; under
+`accelerate launch` each process encodes its own shards (see sharding.py), so the files are the same whatever the
+number of processes. With --cache, a feature set is stored once per (LLM, layer, dtype, max length, template,
+fields, input) and linked into every --out that asks for it again.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.config import EncodeConfig
 from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
 from llm2slm_cli.features import index_table
+from llm2slm_cli.sharding import ShardedRun, shard_file_info
 
-PLAN = ".encode-plan.json"
+SHARD_META = b"llm2slm_shard"
+
+
+def cache_key(config: EncodeConfig, llm_identity: dict[str, Any], input_sha: str | None) -> str | None:
+    """What makes two feature sets the same; None when the input has no fingerprint (a Hugging Face dataset)."""
+    if input_sha is None:
+        return None
+    identity = {k: v for k, v in llm_identity.items() if k != "name"}  # the same weights under another path
+    return A.sha256_json({"schema": A.SCHEMA_VERSION, "llm": identity, "feature_dtype": config.feature_dtype,
+                          "max_length": config.max_length, "template": config.template,
+                          "prompt_field": config.prompt_field, "id_field": config.id_field,
+                          "input_sha256": input_sha})
 
 
 def run(config: EncodeConfig) -> Path:
@@ -26,75 +47,135 @@ def run(config: EncodeConfig) -> Path:
     examples = read_examples(config.inputs, fields)
     input_sha = A.input_sha256(config.inputs)
     out = Path(config.out)
-    resuming = A.prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
 
-    llm = FrozenLLM(config.model, layer=config.layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
-                    device=runtime.device(config.device))
-    ids, truncated = runtime.tokenize_prompts(llm.tokenizer, [e.prompt for e in examples], config.max_length,
-                                              strict=config.strict, ids=[e.id for e in examples])
-    lengths = [len(t) for t in ids]
-    order = length_sorted_batches(lengths, len(lengths))[0]  # longest first, stable
-    shards = [order[i: i + config.shard_size] for i in range(0, len(order), config.shard_size)]
-    plan = {"input_sha256": input_sha, "llm": llm.identity(), "config": A.config_to_dict(config),
-            "shards": len(shards)}
-    plan["config"].pop("overwrite"), plan["config"].pop("resume"), plan["config"].pop("quiet")
-    plan_path = A.resume_plan(out, PLAN, plan, resuming, "encode")
+    with ShardedRun(out, stage="encode", overwrite=config.overwrite, resume=config.resume, device=config.device,
+                    quiet=config.quiet) as work:
+        quiet = config.quiet or not work.is_main
+        llm = FrozenLLM(config.model, layer=config.layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
+                        device=work.device)
+        ids, truncated = runtime.tokenize_prompts(llm.tokenizer, [e.prompt for e in examples], config.max_length,
+                                                  strict=config.strict,
+                                                  where=runtime.places(config.inputs, examples))
+        key = cache_key(config, llm.identity(), input_sha) if config.cache else None
+        if config.cache and key is None:
+            runtime.say("warning: --cache is not used for a Hugging Face dataset (its files are not ours to "
+                        "fingerprint)", quiet)
+        cached = Path(config.cache) / key if key else None
+        if cached is not None and (cached / A.MANIFEST).is_file():
+            if work.finish():
+                _link_from_cache(cached, out, config, key)
+                runtime.say(f"features found in the cache ({cached}): linked into {out}, nothing encoded", quiet)
+            work.done()
+            return out
 
-    dtype = getattr(torch, config.feature_dtype)
-    stats = {"tokens": 0, "seconds": 0.0}
-    with runtime.progress(config.quiet) as bar, runtime.timer() as clock:
-        task = bar.add_task("encode", total=len(examples), rate="")
-        for k, members in enumerate(shards):
-            shard_path = out / A.FEATURES_SHARD.format(k)
-            part_path = out / A.FEATURES_SHARD_INDEX.format(k)
-            if resuming and shard_path.is_file() and part_path.is_file():
-                bar.advance(task, len(members))
-                continue
-            chunks, rows, offset = [], [], 0
-            for batch in length_sorted_batches([lengths[i] for i in members], config.batch_size):
-                batch = [members[j] for j in batch]
-                input_ids, mask = pad([ids[i] for i in batch], llm.tokenizer.pad_token_id)
-                hidden = llm.encode(input_ids, mask)
-                for row, i in enumerate(batch):
-                    chunks.append(hidden[row, : lengths[i]].to("cpu", dtype))
-                    rows.append({"id": examples[i].id, "shard": k, "offset": offset, "length": lengths[i],
-                                 "input_ids": ids[i], "truncated": truncated[i]})
-                    offset += lengths[i]
-                stats["tokens"] += int(mask.sum())
-                bar.update(task, advance=len(batch),
-                           rate=f"{stats['tokens'] / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.0f} tok/s")
-            tmp = A.atomic_path(shard_path)
-            save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
-            os.replace(tmp, shard_path)
-            A.write_parquet(part_path, index_table(rows))
-    stats["seconds"] = clock["seconds"]
+        lengths = [len(t) for t in ids]
+        order = length_sorted_batches(lengths, len(lengths))[0]  # longest first, stable
+        shards = [order[i: i + config.shard_size] for i in range(0, len(order), config.shard_size)]
+        plan = {"input_sha256": input_sha, "llm": llm.identity(), "config": A.config_to_dict(config),
+                "shards": len(shards)}
+        for name in ("overwrite", "resume", "quiet", "device", "cache"):
+            plan["config"].pop(name)
+        work.plan(plan)
 
-    # One index in input order; the per-shard parts only existed so an interrupted run can resume.
-    parts = [pq.read_table(out / A.FEATURES_SHARD_INDEX.format(k)) for k in range(len(shards))]
-    table = pa.concat_tables(parts)
-    position = {e.id: n for n, e in enumerate(examples)}
-    table = table.take(sorted(range(table.num_rows), key=lambda r: position[table["id"][r].as_py()]))
-    A.write_parquet(out / A.FEATURES_INDEX, table)
-    shard_info = []
-    for k in range(len(shards)):
-        path = out / A.FEATURES_SHARD.format(k)
-        shard_info.append({"file": path.name, "bytes": path.stat().st_size, "sha256": A.sha256_file(path),
-                           "examples": len(shards[k])})
-    total_tokens = sum(lengths)
-    manifest = A.make_manifest(
-        A.KIND_FEATURES, config,
-        llm=llm.identity(), layer=llm.layer, feature_dtype=config.feature_dtype, d_model=llm.d_model,
-        max_length=config.max_length, template=config.template, prompt_field=config.prompt_field,
-        inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
-        counts={"examples": len(examples), "tokens": total_tokens, "truncated": sum(truncated), "shards": len(shards)},
-        shards=shard_info,
-        timing={"seconds": round(stats["seconds"], 3),
-                "tokens_per_second": round(stats["tokens"] / stats["seconds"], 1) if stats["seconds"] else None},
-    )
-    A.atomic_write_json(out / A.MANIFEST, manifest)
-    for k in range(len(shards)):
-        (out / A.FEATURES_SHARD_INDEX.format(k)).unlink()
-    plan_path.unlink()
-    runtime.say(f"encoded {len(examples)} prompts ({total_tokens} tokens, {sum(truncated)} truncated) with "
-                f"{config.model} in {stats['seconds']:.1f}s -> {out}", config.quiet)
+        dtype = getattr(torch, config.feature_dtype)
+        todo = work.todo(len(shards), lambda k: (out / A.FEATURES_SHARD_INDEX.format(k)).is_file())
+        tokens = 0
+        with runtime.progress(quiet) as bar, runtime.timer() as clock:
+            task = bar.add_task("encode", total=sum(len(shards[k]) for k in todo), rate="")
+            for k in todo:
+                members = shards[k]
+                chunks, rows, offset = [], [], 0
+                for batch in length_sorted_batches([lengths[i] for i in members], config.batch_size):
+                    batch = [members[j] for j in batch]
+                    input_ids, mask = pad([ids[i] for i in batch], llm.tokenizer.pad_token_id)
+                    hidden = llm.encode(input_ids, mask)
+                    for row, i in enumerate(batch):
+                        chunks.append(hidden[row, : lengths[i]].to("cpu", dtype))
+                        rows.append({"id": examples[i].id, "shard": k, "offset": offset, "length": lengths[i],
+                                     "input_ids": ids[i], "truncated": truncated[i]})
+                        offset += lengths[i]
+                    tokens += int(mask.sum())
+                    bar.update(task, advance=len(batch),
+                               rate=f"{tokens / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.0f} tok/s")
+                    work.check_stop()
+                shard_path = out / A.FEATURES_SHARD.format(k)
+                tmp = A.atomic_path(shard_path)
+                save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
+                os.replace(tmp, shard_path)
+                # the shard's index part is written last: its presence marks the shard complete (for --resume)
+                info = {**shard_file_info(shard_path), "examples": len(members)}
+                table = index_table(rows).replace_schema_metadata({SHARD_META: json.dumps(info)})
+                A.write_parquet(out / A.FEATURES_SHARD_INDEX.format(k), table)
+        seconds = clock["seconds"]
+
+        if work.finish():
+            # One index in input order; the per-shard parts only exist so that processes and resumes can merge.
+            parts = [pq.read_table(out / A.FEATURES_SHARD_INDEX.format(k)) for k in range(len(shards))]
+            shard_info = [json.loads(p.schema.metadata[SHARD_META]) for p in parts]
+            table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
+            position = {e.id: n for n, e in enumerate(examples)}
+            table = table.take(sorted(range(table.num_rows), key=lambda r: position[table["id"][r].as_py()]))
+            A.write_parquet(out / A.FEATURES_INDEX, table)
+            total_tokens = sum(lengths)
+            manifest = A.make_manifest(
+                A.KIND_FEATURES, config,
+                llm=llm.identity(), layer=llm.layer, feature_dtype=config.feature_dtype, d_model=llm.d_model,
+                max_length=config.max_length, template=config.template, prompt_field=config.prompt_field,
+                inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
+                counts={"examples": len(examples), "tokens": total_tokens, "truncated": sum(truncated),
+                        "shards": len(shards)},
+                shards=shard_info,
+                files={A.FEATURES_INDEX: A.file_record(out / A.FEATURES_INDEX)},
+                processes=work.world,
+                cache={"key": key, "hit": False} if key else None,
+                timing={"seconds": round(seconds, 3),
+                        "tokens_per_second": round(tokens * work.world / seconds, 1) if seconds else None},
+            )
+            A.atomic_write_json(out / A.MANIFEST, manifest)
+            for k in range(len(shards)):
+                (out / A.FEATURES_SHARD_INDEX.format(k)).unlink()
+            if cached is not None:
+                _publish_to_cache(out, cached)
+            runtime.say(f"encoded {len(examples)} prompts ({total_tokens} tokens, {sum(truncated)} truncated) with "
+                        f"{config.model} in {seconds:.1f}s" + (f" on {work.world} processes" if work.world > 1
+                                                               else "") + f" -> {out}", config.quiet)
+        work.done()
     return out
+
+
+def _artifact_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.name != A.MANIFEST)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows it (no second copy of the features), else a copy."""
+    tmp = A.atomic_path(dst)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _publish_to_cache(out: Path, entry: Path) -> None:
+    """Add a finished feature set to the cache, atomically: a cache entry is complete or absent."""
+    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        for f in [*_artifact_files(out), out / A.MANIFEST]:
+            _link(f, tmp / f.name)
+        os.replace(tmp, entry)
+    except OSError as e:  # a full or read-only cache must not fail a finished encode
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (entry / A.MANIFEST).is_file():
+            runtime.say(f"warning: could not add the features to the cache {entry.parent} ({e})")
+
+
+def _link_from_cache(entry: Path, out: Path, config: EncodeConfig, key: str) -> None:
+    manifest = A.read_manifest(entry, A.KIND_FEATURES)
+    for f in _artifact_files(entry):
+        _link(f, out / f.name)
+    manifest.update(config=A.config_to_dict(config), cache={"key": key, "hit": True, "entry": str(entry)},
+                    created=A.now())
+    A.atomic_write_json(out / A.MANIFEST, manifest)

@@ -55,6 +55,7 @@ def load_predictions(directory: Path, *, need_prompt: bool) -> tuple[dict[str, A
     path = Path(directory) / A.PREDICTIONS
     if not path.is_file():
         raise UserError(f"no {A.PREDICTIONS} beside its manifest", path=directory)
+    A.verify_file(path, manifest.get("files", {}).get(A.PREDICTIONS), "predictions file")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:

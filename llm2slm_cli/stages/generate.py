@@ -1,7 +1,12 @@
-"""`llm2slm generate`: answer prompts with a trained checkpoint, or with a plain LLM/SLM as a baseline."""
+"""`llm2slm generate`: answer prompts with a trained checkpoint, or with a plain LLM/SLM as a baseline.
+
+Prompts are cut into shards of --shard-size (input order), each with its own batches and random seed, so one
+process, several under `accelerate launch`, and a run resumed after a crash give the same predictions
+(see sharding.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +15,10 @@ from llm2slm_cli import runtime
 from llm2slm_cli.config import GenerateConfig
 from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.sharding import ShardedRun, shard_seed
+
+PART = "predictions-{:05d}.parquet"
+SPECULATIVE_META = b"llm2slm_speculative"
 
 
 def generation_kwargs(config: Any) -> dict[str, Any]:
@@ -28,7 +37,6 @@ class PlainModel:
 
     def __init__(self, spec: str, *, dtype: str = "float32", tokenizer=None, device="cpu") -> None:
         from llm2slm_cli import models as M
-        from llm2slm_cli.errors import UserError
 
         hf_config = M.load_config(spec)
         self.kind = M.model_kind(hf_config)
@@ -81,6 +89,9 @@ class SpeculativeModel:
         self.stats = SpeculativeStats()
         self.generator = torch.Generator(device=next(draft.parameters()).device).manual_seed(config.seed)
 
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
     def generate(self, prompt_ids, prompt_mask, **_ignored) -> list[list[int]]:
         from llm2slm_cli.decoding import speculative_generate
 
@@ -119,6 +130,20 @@ def load_generator(config: GenerateConfig, device):
     return plain, plain.identity, None, plain.max_prompt_length
 
 
+def _checkpoint_template(path: Path) -> str | None:
+    """The template a checkpoint was trained with (None for a plain model); refuses other artifact directories."""
+    from llm2slm_cli.llm2slm import read_model_config
+
+    if path.is_dir() and (path / A.MODEL_CONFIG).is_file():
+        return read_model_config(path).template
+    if path.is_dir() and (path / A.MANIFEST).is_file():
+        kind = A.read_json_or_none(path / A.MANIFEST, "kind")
+        hint = f" (its checkpoints are {path / A.CHECKPOINT_FINAL} and {path}/step-NNNNNN)" \
+            if kind == A.KIND_TRAINING else ""
+        raise UserError(f"is a '{kind}' artifact, expected a checkpoint from `train` or a model{hint}", path=path)
+    return None
+
+
 def _asdict(cfg) -> dict[str, Any]:
     import dataclasses
 
@@ -127,62 +152,135 @@ def _asdict(cfg) -> dict[str, Any]:
 
 def run(config: GenerateConfig) -> Path:
     import pyarrow as pa
+    import pyarrow.parquet as pq
     import torch
 
     out = Path(config.out)
-    device = runtime.device(config.device)
-    model, identity, template, max_prompt_length = load_generator(config, device)
-    template = config.template or template
+    template = config.template or _checkpoint_template(Path(config.model))
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)
-    examples = read_examples(config.inputs, fields)
-    A.prepare_output_dir(out, overwrite=config.overwrite, resumable=False)
-    max_length = config.max_length or max_prompt_length
-    ids, truncated = runtime.tokenize_prompts(model.prompt_tokenizer, [e.prompt for e in examples], max_length)
-    generation = generation_kwargs(config)
-    if config.speculative:
-        generation = {"speculative": True, "gamma": config.gamma, "do_sample": config.sample,
-                      "max_new_tokens": config.max_new_tokens,
-                      **({"top_p": config.top_p, "temperature": config.temperature} if config.sample else {})}
-    torch.manual_seed(config.seed)
+    examples = read_examples(config.inputs, fields)  # a bad input is refused before anything is loaded or written
+    with ShardedRun(out, stage="generate", overwrite=config.overwrite, resume=config.resume, device=config.device,
+                    quiet=config.quiet) as work:
+        quiet = config.quiet or not work.is_main
+        model, identity, _, max_prompt_length = load_generator(config, work.device)
+        max_length = config.max_length or max_prompt_length
+        ids, truncated = runtime.tokenize_prompts(model.prompt_tokenizer, [e.prompt for e in examples], max_length,
+                                                  strict=config.strict,
+                                                  where=runtime.places(config.inputs, examples))
+        generation = generation_kwargs(config)
+        if config.speculative:
+            generation = {"speculative": True, "gamma": config.gamma, "do_sample": config.sample,
+                          "max_new_tokens": config.max_new_tokens,
+                          **({"top_p": config.top_p, "temperature": config.temperature} if config.sample else {})}
+        input_sha = A.input_sha256(config.inputs)
+        shards = [list(range(i, min(i + config.shard_size, len(examples))))
+                  for i in range(0, len(examples), config.shard_size)]
+        work.plan({"input_sha256": input_sha, "model": identity, "generation": generation, "shards": len(shards),
+                   "template": template, "max_length": max_length, "seed": config.seed,
+                   "batch_size": config.batch_size})
 
-    outputs: list[list[int] | None] = [None] * len(examples)
-    new_tokens = 0
-    with runtime.progress(config.quiet) as bar, runtime.timer() as clock:
-        task = bar.add_task("generate", total=len(examples), rate="")
-        for batch in length_sorted_batches([len(t) for t in ids], config.batch_size):
-            prompt_ids, prompt_mask = pad([ids[i] for i in batch], model.prompt_tokenizer.pad_token_id)
-            result = model.generate(prompt_ids.to(device), prompt_mask.to(device), **generation)
-            for i, tokens in zip(batch, result):
-                outputs[i] = tokens
-                new_tokens += len(tokens)
-            elapsed = bar.tasks[0].elapsed or 1e-9
-            bar.update(task, advance=len(batch), rate=f"{new_tokens / elapsed:,.1f} tok/s")
-    seconds = clock["seconds"]
+        tok = model.target_tokenizer
+        todo = work.todo(len(shards), lambda k: (out / PART.format(k)).is_file())
+        batcher = HalvingBatcher(config.batch_size)
+        new_tokens = 0
+        with runtime.progress(quiet) as bar, runtime.timer() as clock:
+            task = bar.add_task("generate", total=sum(len(shards[k]) for k in todo), rate="")
+            for k in todo:
+                members = shards[k]
+                torch.manual_seed(shard_seed(config.seed, k))
+                if isinstance(model, SpeculativeModel):
+                    model.reseed(shard_seed(config.seed, k))
+                outputs: dict[int, list[int]] = {}
+                for batch in length_sorted_batches([len(ids[i]) for i in members], config.batch_size):
+                    batch = [members[j] for j in batch]
+                    for part, result in batcher(batch, lambda b: model.generate(
+                            *(t.to(work.device) for t in pad([ids[i] for i in b], model.prompt_tokenizer.pad_token_id)),
+                            **generation)):
+                        for i, tokens in zip(part, result):
+                            outputs[i] = tokens
+                            new_tokens += len(tokens)
+                    bar.update(task, advance=len(batch),
+                               rate=f"{new_tokens / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.1f} tok/s")
+                    work.check_stop()
+                texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
+                columns: dict[str, Any] = {
+                    "id": pa.array([examples[i].id for i in members], pa.string()),
+                    "prompt": pa.array([examples[i].prompt for i in members], pa.string()),
+                    "prediction": pa.array([t.strip() for t in texts], pa.string()),
+                    "n_tokens": pa.array([len(outputs[i]) for i in members], pa.int32()),
+                }
+                if all(e.target is not None for e in examples):
+                    columns["reference"] = pa.array([examples[i].target for i in members], pa.string())
+                table = pa.table(columns)
+                if isinstance(model, SpeculativeModel):  # this shard's counts, summed over shards at the end
+                    table = table.replace_schema_metadata({SPECULATIVE_META: json.dumps(model.stats.as_counts())})
+                    model.stats.reset()
+                A.write_parquet(out / PART.format(k), table)
+        seconds = clock["seconds"]
 
-    tok = model.target_tokenizer
-    predictions = tok.batch_decode(outputs, skip_special_tokens=True)
-    columns: dict[str, Any] = {
-        "id": pa.array([e.id for e in examples], pa.string()),
-        "prompt": pa.array([e.prompt for e in examples], pa.string()),
-        "prediction": pa.array([p.strip() for p in predictions], pa.string()),
-        "n_tokens": pa.array([len(o) for o in outputs], pa.int32()),
-    }
-    if all(e.target is not None for e in examples):
-        columns["reference"] = pa.array([e.target for e in examples], pa.string())
-    A.write_parquet(out / A.PREDICTIONS, pa.table(columns))
-    manifest = A.make_manifest(
-        A.KIND_PREDICTIONS, config, model=identity, generation=generation, template=template,
-        inputs=[str(p) for p in config.inputs],
-        input_sha256=A.input_sha256(config.inputs),
-        counts={"examples": len(examples), "generated_tokens": new_tokens, "truncated_prompts": sum(truncated)},
-        speculative=model.stats.as_dict() if isinstance(model, SpeculativeModel) else None,
-        timing={"seconds": round(seconds, 3), "tokens_per_second": round(new_tokens / seconds, 2) if seconds else None},
-    )
-    A.atomic_write_json(out / A.MANIFEST, manifest)
-    runtime.say(f"generated {new_tokens} tokens for {len(examples)} prompts in {seconds:.1f}s -> {out}",
-                config.quiet)
-    if isinstance(model, SpeculativeModel):
-        st = model.stats
-        runtime.say(f"speculative decoding: {st.acceptance_rate:.1%} of drafts accepted, "
-                    f"{st.tokens_per_llm_call:.2f} tokens per LLM call ({st.rounds} LLM calls)", config.quiet)
+        if work.finish():
+            parts = [pq.read_table(out / PART.format(k)) for k in range(len(shards))]
+            speculative = None
+            if isinstance(model, SpeculativeModel):
+                from llm2slm_cli.decoding import SpeculativeStats
+
+                total = SpeculativeStats()
+                for p in parts:
+                    total.add(SpeculativeStats(**json.loads(p.schema.metadata[SPECULATIVE_META])))
+                speculative = total.as_dict()
+            table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
+            A.write_parquet(out / A.PREDICTIONS, table)
+            generated = sum(table["n_tokens"].to_pylist())
+            manifest = A.make_manifest(
+                A.KIND_PREDICTIONS, config, model=identity, generation=generation, template=template,
+                inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
+                counts={"examples": len(examples), "generated_tokens": generated,
+                        "truncated_prompts": sum(truncated)},
+                speculative=speculative,
+                files={A.PREDICTIONS: A.file_record(out / A.PREDICTIONS)},
+                processes=work.world, batch_size_reductions=batcher.reductions,
+                timing={"seconds": round(seconds, 3),
+                        "tokens_per_second": round(new_tokens * work.world / seconds, 2) if seconds else None},
+            )
+            A.atomic_write_json(out / A.MANIFEST, manifest)
+            for k in range(len(shards)):
+                (out / PART.format(k)).unlink()
+            runtime.say(f"generated {generated} tokens for {len(examples)} prompts in {seconds:.1f}s -> {out}",
+                        config.quiet)
+            if speculative:
+                runtime.say(f"speculative decoding: {speculative['acceptance_rate']:.1%} of drafts accepted, "
+                            f"{speculative['tokens_per_llm_call']:.2f} tokens per LLM call "
+                            f"({speculative['llm_calls']} LLM calls)", config.quiet)
+        work.done()
     return out
+
+
+class HalvingBatcher:
+    """Runs a batch; on out-of-memory, halves it and goes on with halves (and with the smaller size for the rest of
+    the run), with a warning. Halves of a length-sorted batch are the batches a smaller --batch-size would make."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.size = batch_size
+        self.reductions: list[int] = []
+
+    def __call__(self, batch: list[int], fn) -> list[tuple[list[int], Any]]:
+        from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+
+        done, queue = [], [batch[i: i + self.size] for i in range(0, len(batch), self.size)]
+        while queue:
+            part = queue.pop(0)
+            try:
+                done.append((part, fn(part)))
+            except Exception as e:
+                if not should_reduce_batch_size(e):
+                    raise
+                if len(part) == 1:
+                    raise UserError("out of memory with a batch of one prompt: use a shorter --max-length or "
+                                    "--max-new-tokens, a smaller model dtype, or a larger device") from None
+                clear_device_cache(garbage_collection=True)
+                self.size = max(1, len(part) // 2)
+                self.reductions.append(self.size)
+                runtime.say(f"warning: out of memory with a batch of {len(part)}: continuing with batches of "
+                            f"{self.size}")
+                queue = [p[i: i + self.size] for p in [part, *queue] for i in range(0, len(p), self.size)]
+        return done

@@ -24,7 +24,7 @@ from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.config import TrainConfig
 from llm2slm_cli.data import Example, Fields, length_sorted_batches, pad, read_examples
-from llm2slm_cli.errors import UserError
+from llm2slm_cli.errors import Interrupted, UserError
 
 
 class Split:
@@ -53,22 +53,27 @@ class Split:
         return batch
 
 
-def _load_split(inputs: list[Path], config: TrainConfig, template: str | None, store: Any | None, model,
-                max_length: int, what: str) -> Split:
+def _read(inputs: list[Path], config: TrainConfig, template: str | None) -> list[Example]:
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)
-    examples = read_examples(inputs, fields, require_target=True)
+    return read_examples(inputs, fields, require_target=True)
+
+
+def _load_split(examples: list[Example], config: TrainConfig, store: Any | None, model, max_length: int,
+                what: str) -> Split:
+    import numpy as np
+
     prompts = [e.prompt for e in examples]
-    prompt_ids, _ = runtime.tokenize_prompts(model.prompt_tokenizer, prompts, max_length)
+    prompt_ids, _ = runtime.tokenize_prompts(model.prompt_tokenizer, prompts, max_length, arrays=True)
     if store is not None:
         for e, ids in zip(examples, prompt_ids):
             if e.id not in store:
                 raise UserError(f"{what} example {e.id!r} has no features in {store.directory}: encode this file "
                                 "with the same options")
-            if store.input_ids(e.id) != ids:
+            if not np.array_equal(store.input_ids(e.id), ids):
                 raise UserError(f"{what} example {e.id!r}: its prompt differs from the one encoded in "
                                 f"{store.directory} (another file, template or --max-length?)")
     targets = runtime.tokenize_targets(model.target_tokenizer, [e.target for e in examples],
-                                       config.max_target_length)
+                                       config.max_target_length, arrays=True)
     return Split(examples, prompt_ids, targets, store)
 
 
@@ -101,6 +106,20 @@ def run(config: TrainConfig) -> Path:
     main = accelerator.is_main_process
     quiet = config.quiet or not main
     out = Path(config.out)
+    # inputs and the manifests they come with are checked before anything is written or loaded
+    store_manifest = A.read_manifest(config.features, A.KIND_FEATURES) if config.features is not None else None
+    if config.dev_features is not None:
+        A.read_manifest(config.dev_features, A.KIND_FEATURES)
+    template = config.template
+    if store_manifest is not None:
+        if template is not None and template != store_manifest["template"]:
+            raise UserError(f"--template {template!r} differs from the one the features were encoded with "
+                            f"({store_manifest['template']!r})")
+        template = store_manifest["template"]
+    train_examples = dev_examples = None
+    if not config.count_parameters:
+        train_examples = _read(config.inputs, config, template)
+        dev_examples = _read(config.dev, config, template) if config.dev else None
     if main and not config.count_parameters:
         A.prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
     accelerator.wait_for_everyone()
@@ -111,23 +130,14 @@ def run(config: TrainConfig) -> Path:
     # --- models
     llm = None
     layer = config.layer
-    store_manifest = None
-    if config.features is not None:
-        store_manifest = A.read_manifest(config.features, A.KIND_FEATURES)
-        if store_manifest["llm"]["kind"] == "decoder-only":
-            layer = str(store_manifest["llm"]["layer"])
+    if store_manifest is not None and store_manifest["llm"]["kind"] == "decoder-only":
+        layer = str(store_manifest["llm"]["layer"])
     if config.llm is not None:
         on_the_fly = config.features is None
         llm = FrozenLLM(config.llm, layer=layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
                         device=accelerator.device if on_the_fly else "cpu")
     train_store = _features(config.features, llm, "training")
     dev_store = _features(config.dev_features, llm, "dev")
-    template = config.template
-    if train_store is not None:
-        if template is not None and template != train_store.template:
-            raise UserError(f"--template {template!r} differs from the one the features were encoded with "
-                            f"({train_store.template!r})")
-        template = train_store.template
     max_length = store_manifest["max_length"] if store_manifest else config.max_length
 
     set_seed(config.seed)
@@ -144,8 +154,8 @@ def run(config: TrainConfig) -> Path:
             _print_counts(config, model, llm)
         return out
 
-    train = _load_split(config.inputs, config, template, train_store, model, max_length, "training")
-    dev = _load_split(config.dev, config, template, dev_store, model, max_length, "dev") if config.dev else None
+    train = _load_split(train_examples, config, train_store, model, max_length, "training")
+    dev = _load_split(dev_examples, config, dev_store, model, max_length, "dev") if config.dev else None
 
     # --- optimisation (paper defaults)
     n = len(train)
@@ -206,6 +216,9 @@ def run(config: TrainConfig) -> Path:
                                key=lambda i: (len(train.prompt_ids[i]) + len(train.target_ids[i]), i))
                 micro = [local[j: j + config.micro_batch_size] for j in range(0, len(local),
                                                                                 config.micro_batch_size)]
+                weight = world / global_tokens
+                if not micro:  # a last batch smaller than the process count: join the all-reduce with zero
+                    micro, weight = [global_batch[:1]], 0.0
                 loss_sum = torch.zeros((), device=accelerator.device)
                 for j, indices in enumerate(micro):
                     batch = train.batch(indices, prompt_pad, target_pad, feature_dtype)
@@ -213,8 +226,8 @@ def run(config: TrainConfig) -> Path:
                     sync = nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
                         summed, _ = model(**batch)
-                        accelerator.backward(summed * world / global_tokens)
-                    loss_sum += summed.detach()
+                        accelerator.backward(summed * weight)
+                    loss_sum += summed.detach() * (weight > 0)
                 grad_norm = None
                 if config.max_grad_norm:
                     grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
@@ -247,7 +260,11 @@ def run(config: TrainConfig) -> Path:
                     checkpoint(A.CHECKPOINT_STEP.format(step + 1), step + 1, True)
                 if (stop["requested"] or step + 1 == config.stop_after) and step + 1 < total_steps:
                     checkpoint(A.CHECKPOINT_STEP.format(step + 1), step + 1, True)
-                    runtime.say(f"stopped after step {step + 1}; continue with --resume", config.quiet)
+                    saved = out / A.CHECKPOINT_STEP.format(step + 1)
+                    message = f"stopped after step {step + 1}: checkpoint {saved}; continue with --resume"
+                    if stop["requested"]:
+                        raise Interrupted(message)
+                    runtime.say(message, config.quiet)
                     return out
         if dev is not None:
             last["dev_loss"] = _dev_loss(model, dev, accelerator, config, prompt_pad, target_pad, feature_dtype)
@@ -366,7 +383,8 @@ def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerat
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                        tmp / A.OPTIMIZER_STATE)
         A.atomic_write_json(tmp / A.MANIFEST, A.make_manifest(
-            A.KIND_CHECKPOINT, config, model=_model_identity(core), step=step, counts=counts))
+            A.KIND_CHECKPOINT, config, model=_model_identity(core), step=step, counts=counts,
+            files={A.MODEL_WEIGHTS: A.file_record(tmp / A.MODEL_WEIGHTS)}))
     accelerator.wait_for_everyone()
     if training_state:
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -410,5 +428,12 @@ def _truncate_log(path: Path, step: int) -> None:
     """On resume, drop log lines of steps after the checkpoint: they are about to be run again."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed mid-write
+            continue
+        if record["step"] <= step:
+            keep.append(line)
     A.atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
