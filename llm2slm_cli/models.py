@@ -222,6 +222,35 @@ def truncate_layers(model, d: int, spec: str) -> None:
         config.layer_types = config.layer_types[:d]
 
 
+def keep_vocabulary(model, kept) -> None:
+    """Keep only the embedding and output-head rows of the token ids in `kept` (a sorted LongTensor), in place, in
+    that order: new id i is old id kept[i]. Tied heads stay tied; the embedding module (e.g. Gemma's scaled one)
+    stays the same class."""
+    from torch import nn
+
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    old_pad = emb.padding_idx
+    emb.weight = nn.Parameter(emb.weight.data[kept].clone(), requires_grad=emb.weight.requires_grad)
+    emb.num_embeddings = len(kept)
+    if old_pad is not None:
+        where = (kept == old_pad).nonzero()
+        emb.padding_idx = int(where[0, 0]) if len(where) else None
+    if head is not None:
+        if tied:
+            head.weight = emb.weight
+        else:
+            head.weight = nn.Parameter(head.weight.data[kept].clone(), requires_grad=head.weight.requires_grad)
+        if getattr(head, "bias", None) is not None:
+            head.bias = nn.Parameter(head.bias.data[kept].clone(), requires_grad=head.bias.requires_grad)
+        head.out_features = len(kept)
+    model.config.vocab_size = len(kept)
+    text = getattr(model.config, "text_config", None)
+    if text is not None and hasattr(text, "vocab_size"):
+        text.vocab_size = len(kept)
+
+
 def _auto_class(kind: ModelKind, *, with_head: bool):
     import transformers as tf
 
@@ -272,6 +301,24 @@ def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, rol
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load {role} {spec!r} ({_short(e)})") from None
     return model.eval()
+
+
+def save_plain(model, directory: Path) -> None:
+    """Save a model as a plain transformers directory. A GGUF-loaded model carries a quantization config that
+    `save_pretrained` refuses; its dequantized weights go into a fresh model of the same config without it."""
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None or hasattr(config, "gguf_file"):
+        import copy
+
+        config = copy.deepcopy(config)
+        for name in ("quantization_config", "gguf_file"):
+            if hasattr(config, name):
+                delattr(config, name)
+        fresh = type(model)(config).to(next(model.parameters()).dtype)
+        fresh.load_state_dict(model.state_dict(), strict=True)
+        fresh.generation_config = model.generation_config
+        model = fresh
+    model.save_pretrained(str(directory))
 
 
 def _short(e: Exception) -> str:

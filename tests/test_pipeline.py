@@ -148,3 +148,21 @@ def test_llm_features_carry_what_the_slm_cannot_know(cli, kv_files, tmp_path):
     fused = dev_loss("t5-llm", "--slm", "tiny-t5", "--llm", llm, "--fusion", "replace", "--epochs", "30",
                      "--lr", "3e-3")
     assert fused < 0.6 * alone, (fused, alone)
+
+
+def test_generate_first_line(cli, toy_files, tmp_path):
+    """--first-line keeps a response's first line (a few-shot prompt's next example stays out); a plain model stops
+    at the line break, and greedy decoding makes that the first line of the full response."""
+    import pyarrow.parquet as pq
+
+    from llm2slm_cli.stages.generate import _first_line
+
+    assert _first_line(" Hallo Welt\n\nEnglish: next one\nGerman:") == "Hallo Welt"
+    assert _first_line("\n\n") == ""
+    args = ["generate", toy_files["dev"], "--model", "tiny-llama", "--max-new-tokens", "40", "--num-beams", "1",
+            "--quiet"]
+    cli(*args, "--out", tmp_path / "all")
+    cli(*args, "--first-line", "--out", tmp_path / "first")
+    full = pq.read_table(tmp_path / "all" / "predictions.parquet")["prediction"].to_pylist()
+    first = pq.read_table(tmp_path / "first" / "predictions.parquet")["prediction"].to_pylist()
+    assert first == [_first_line(p) for p in full]

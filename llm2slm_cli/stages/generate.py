@@ -58,6 +58,8 @@ class PlainModel:
         from llm2slm_cli.llm2slm import _right_to_left, strip_generated
 
         tok = self.prompt_tokenizer
+        if generation.get("stop_strings"):
+            generation = {**generation, "tokenizer": tok}
         with torch.inference_mode():
             if self.kind == "encoder-decoder":
                 out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **generation)[:, 1:]
@@ -168,6 +170,8 @@ def run(config: GenerateConfig) -> Path:
                                                   strict=config.strict,
                                                   where=runtime.places(config.inputs, examples))
         generation = generation_kwargs(config)
+        if config.first_line and isinstance(model, PlainModel):
+            generation["stop_strings"] = ["\n"]
         if config.speculative:
             generation = {"speculative": True, "gamma": config.gamma, "do_sample": config.sample,
                           "max_new_tokens": config.max_new_tokens,
@@ -206,7 +210,8 @@ def run(config: GenerateConfig) -> Path:
                 columns: dict[str, Any] = {
                     "id": pa.array([examples[i].id for i in members], pa.string()),
                     "prompt": pa.array([examples[i].prompt for i in members], pa.string()),
-                    "prediction": pa.array([t.strip() for t in texts], pa.string()),
+                    "prediction": pa.array([_first_line(t) if config.first_line else t.strip() for t in texts],
+                                           pa.string()),
                     "n_tokens": pa.array([len(outputs[i]) for i in members], pa.int32()),
                 }
                 if all(e.target is not None for e in examples):
@@ -253,6 +258,11 @@ def run(config: GenerateConfig) -> Path:
                             f"({speculative['llm_calls']} LLM calls)", config.quiet)
         work.done()
     return out
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 class HalvingBatcher:

@@ -156,6 +156,8 @@ def run(config: TrainConfig) -> Path:
 
     train = _load_split(train_examples, config, train_store, model, max_length, "training")
     dev = _load_split(dev_examples, config, dev_store, model, max_length, "dev") if config.dev else None
+    if config.trim_vocab:
+        _trim_vocabulary(model, train, quiet)
 
     # --- optimisation (paper defaults)
     n = len(train)
@@ -286,6 +288,27 @@ def run(config: TrainConfig) -> Path:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _trim_vocabulary(model, train: Split, quiet: bool) -> None:
+    """Keep the SLM rows of the tokens the training examples use: all target tokens, and the prompt tokens where the
+    SLM embeds them (SLM alone, or --fusion add with the LLM's tokenizer)."""
+    import numpy as np
+    import torch
+
+    seen = [np.concatenate(train.target_ids)]
+    embeds_prompt = model.config.llm is None or (model.config.fusion == "add" and model.config.tokenizer == "llm")
+    if embeds_prompt:
+        seen.append(np.concatenate(train.prompt_ids))
+    tok = model.target_tokenizer
+    specials = [i for i in tok.all_special_ids if i is not None]
+    unknown = tok.unk_token_id if tok.unk_token_id is not None else model.config.pad_token_id
+    full = model.slm.get_input_embeddings().num_embeddings
+    before = sum(p.numel() for p in model.parameters())
+    model.trim_vocabulary(torch.from_numpy(np.unique(np.concatenate([*seen, specials]))).long(), unknown)
+    after = sum(p.numel() for p in model.parameters())
+    runtime.say(f"vocabulary trimmed to the {model.config.trim_vocab['kept']:,} of {full:,} tokens the training "
+                f"examples use: {before:,} -> {after:,} parameters", quiet)
 
 
 def _peft_spec(config: TrainConfig) -> dict[str, Any] | None:
