@@ -17,7 +17,7 @@ from pathlib import Path
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.config import DistillConfig
-from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
+from llm2slm_cli.data import Fields, read_examples
 from llm2slm_cli.sharding import ShardedRun, shard_seed
 
 PART = "examples-{:05d}.parquet"
@@ -40,7 +40,7 @@ def run(config: DistillConfig) -> Path:
     import pyarrow.parquet as pq
     import torch
 
-    from llm2slm_cli.stages.generate import PlainModel, generation_kwargs
+    from llm2slm_cli.stages.generate import HalvingBatcher, PlainModel, generate_shard, generation_kwargs
 
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field,
                     template=config.template)
@@ -62,23 +62,15 @@ def run(config: DistillConfig) -> Path:
                    "template": config.template, "max_length": config.max_length, "seed": config.seed})
 
         todo = work.todo(len(shards), lambda k: (out / PART.format(k)).is_file())
+        batcher = HalvingBatcher(config.batch_size)
         new_tokens = 0
         with runtime.progress(quiet) as bar, runtime.timer() as clock:
             task = bar.add_task("distill", total=sum(len(shards[k]) for k in todo), rate="")
             for k in todo:
                 members = shards[k]
                 torch.manual_seed(shard_seed(config.seed, k))
-                outputs: dict[int, list[int]] = {}
-                for batch in length_sorted_batches([len(ids[i]) for i in members], config.batch_size):
-                    batch = [members[j] for j in batch]
-                    prompt_ids, prompt_mask = pad([ids[i] for i in batch], tok.pad_token_id)
-                    for i, tokens in zip(batch, llm.generate(prompt_ids.to(work.device), prompt_mask.to(work.device),
-                                                             **generation)):
-                        outputs[i] = tokens
-                        new_tokens += len(tokens)
-                    bar.update(task, advance=len(batch),
-                               rate=f"{new_tokens / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.1f} tok/s")
-                    work.check_stop()
+                outputs = generate_shard(llm, ids, members, config.batch_size, generation, work, batcher, bar, task)
+                new_tokens += sum(len(t) for t in outputs.values())
                 texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
                 rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": t.strip(),
                          "reference": examples[i].target, "n_tokens": len(outputs[i])}

@@ -194,18 +194,8 @@ def run(config: GenerateConfig) -> Path:
                 torch.manual_seed(shard_seed(config.seed, k))
                 if isinstance(model, SpeculativeModel):
                     model.reseed(shard_seed(config.seed, k))
-                outputs: dict[int, list[int]] = {}
-                for batch in length_sorted_batches([len(ids[i]) for i in members], config.batch_size):
-                    batch = [members[j] for j in batch]
-                    for part, result in batcher(batch, lambda b: model.generate(
-                            *(t.to(work.device) for t in pad([ids[i] for i in b], model.prompt_tokenizer.pad_token_id)),
-                            **generation)):
-                        for i, tokens in zip(part, result):
-                            outputs[i] = tokens
-                            new_tokens += len(tokens)
-                    bar.update(task, advance=len(batch),
-                               rate=f"{new_tokens / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.1f} tok/s")
-                    work.check_stop()
+                outputs = generate_shard(model, ids, members, config.batch_size, generation, work, batcher, bar, task)
+                new_tokens += sum(len(t) for t in outputs.values())
                 texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
                 columns: dict[str, Any] = {
                     "id": pa.array([examples[i].id for i in members], pa.string()),
@@ -258,6 +248,25 @@ def run(config: GenerateConfig) -> Path:
                             f"({speculative['llm_calls']} LLM calls)", config.quiet)
         work.done()
     return out
+
+
+def generate_shard(model, ids, members: list[int], batch_size: int, generation: dict[str, Any], work,
+                   batcher: HalvingBatcher, bar, task) -> dict[int, list[int]]:
+    """The outputs of one shard's prompts (`members`), in length-sorted batches; the progress bar advances and a
+    Ctrl-C is honoured after each batch. `generate` and `distill-labels` both decode through here."""
+    outputs: dict[int, list[int]] = {}
+    pad_id = model.prompt_tokenizer.pad_token_id
+    for batch in length_sorted_batches([len(ids[i]) for i in members], batch_size):
+        batch = [members[j] for j in batch]
+        for part, result in batcher(batch, lambda b: model.generate(
+                *(t.to(work.device) for t in pad([ids[i] for i in b], pad_id)), **generation)):
+            outputs.update(zip(part, result))
+        progress = bar.tasks[task]
+        tokens = progress.fields.get("tokens", 0) + sum(len(outputs[i]) for i in batch)
+        bar.update(task, advance=len(batch), tokens=tokens,
+                   rate=f"{tokens / max(progress.elapsed or 1e-9, 1e-9):,.1f} tok/s")
+        work.check_stop()
+    return outputs
 
 
 def _first_line(text: str) -> str:
