@@ -71,7 +71,7 @@ class StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        say("interrupt: stopping after this batch (again to stop now)", self.quiet)
+        say("interrupt: stopping after this batch or step (again to stop now)", self.quiet)
 
 
 def progress(quiet: bool = False):

@@ -16,7 +16,6 @@ from what the command would do now.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +96,3 @@ class ShardedRun:
         if self.is_main and self.plan_path.is_file():
             self.plan_path.unlink()
         self.state.wait_for_everyone()
-
-
-def shard_file_info(path: Path) -> dict[str, Any]:
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": A.sha256_file(path)}
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())

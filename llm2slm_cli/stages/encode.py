@@ -19,7 +19,7 @@ from llm2slm_cli import runtime
 from llm2slm_cli.config import EncodeConfig
 from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
 from llm2slm_cli.features import index_table
-from llm2slm_cli.sharding import ShardedRun, shard_file_info
+from llm2slm_cli.sharding import ShardedRun
 
 SHARD_META = b"llm2slm_shard"
 
@@ -103,7 +103,7 @@ def run(config: EncodeConfig) -> Path:
                 save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
                 os.replace(tmp, shard_path)
                 # the shard's index part is written last: its presence marks the shard complete (for --resume)
-                info = {**shard_file_info(shard_path), "examples": len(members)}
+                info = {"file": shard_path.name, **A.file_record(shard_path), "examples": len(members)}
                 table = index_table(rows).replace_schema_metadata({SHARD_META: json.dumps(info)})
                 A.write_parquet(out / A.FEATURES_SHARD_INDEX.format(k), table)
         seconds = clock["seconds"]

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -190,8 +189,7 @@ def run(config: TrainConfig) -> Path:
                 f": {counts['trainable_parameters']:,} trainable parameters, {n} examples, {total_steps} steps "
                 f"of {config.batch_size}", quiet)
 
-    stop = {"requested": False}
-    previous = _catch_sigint(stop)
+    stop = runtime.StopOnInterrupt(quiet).__enter__()  # first Ctrl-C: finish the step, checkpoint, stop
     world, rank = accelerator.num_processes, accelerator.process_index
     started = time.perf_counter()
     seen_examples = 0
@@ -260,11 +258,11 @@ def run(config: TrainConfig) -> Path:
                                       + (f"  dev {record['dev_loss']:.4f}" if "dev_loss" in record else ""))
                 if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
                     checkpoint(A.CHECKPOINT_STEP.format(step + 1), step + 1, True)
-                if (stop["requested"] or step + 1 == config.stop_after) and step + 1 < total_steps:
+                if (stop.requested or step + 1 == config.stop_after) and step + 1 < total_steps:
                     checkpoint(A.CHECKPOINT_STEP.format(step + 1), step + 1, True)
                     saved = out / A.CHECKPOINT_STEP.format(step + 1)
                     message = f"stopped after step {step + 1}: checkpoint {saved}; continue with --resume"
-                    if stop["requested"]:
+                    if stop.requested:
                         raise Interrupted(message)
                     runtime.say(message, config.quiet)
                     return out
@@ -286,8 +284,7 @@ def run(config: TrainConfig) -> Path:
                     + f" in {seconds:.1f}s -> {out / A.CHECKPOINT_FINAL}", quiet)
         return out
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        stop.__exit__(None, None, None)
 
 
 def _trim_vocabulary(model, train: Split, quiet: bool) -> None:
@@ -364,22 +361,6 @@ def _dev_loss(model, dev: Split, accelerator, config: TrainConfig, prompt_pad: i
     total = accelerator.reduce(total, "sum")
     model.train()
     return round(float(total[0] / total[1]), 6)
-
-
-def _catch_sigint(stop: dict[str, bool]):
-    """First Ctrl-C: finish the current step, write a checkpoint, stop. Second: stop at once."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        runtime.say("interrupt: stopping after this step (again to stop now)")
-
-    return signal.signal(signal.SIGINT, handler)
 
 
 def _model_identity(core) -> dict[str, Any]:
