@@ -28,18 +28,21 @@ class Stepper:
     """One model decoding a batch token by token with its KV cache; every row is fed the same number of tokens.
 
     Decoder-only: the prompt is left-padded, position ids count real tokens only. Encoder-decoder: the encoder
-    output is given once, the decoder starts from nothing and its cache holds the tokens fed so far.
+    output is given once, the decoder starts from nothing and its cache holds the tokens fed so far. The attention
+    mask of the tokens to come is allocated once (`reserve`), so a step takes a view instead of a new tensor.
     """
 
-    def __init__(self, model, *, encoder_decoder: bool) -> None:
+    def __init__(self, model, *, encoder_decoder: bool, reserve: int = 0) -> None:
         from transformers import DynamicCache, EncoderDecoderCache
 
         self.model = model
         self.encoder_decoder = encoder_decoder
         self.cache = (EncoderDecoderCache(DynamicCache(), DynamicCache()) if encoder_decoder
                       else DynamicCache(config=model.config))
+        self.reserve = reserve
         self.fed = 0  # tokens fed after the prompt (decoder-only) / in the decoder (encoder-decoder)
         self.mask: torch.Tensor | None = None
+        self._mask_buffer: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
         self.encoder_outputs: Any = None
         self.encoder_mask: torch.Tensor | None = None
@@ -51,14 +54,18 @@ class Stepper:
         self.encoder_mask = encoder_mask
 
     def prefill(self, mask: torch.Tensor, *, input_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False):
-        """Decoder-only: run the left-padded prompt; returns the model output (logits of every position)."""
-        self.mask = mask
+                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False,
+                logits_to_keep: int = 0):
+        """Decoder-only: run the left-padded prompt; returns the model output (logits of the last `logits_to_keep`
+        positions; 0: of every position)."""
+        self._mask_buffer = torch.cat([mask, mask.new_ones(mask.shape[0], self.reserve)], 1)
+        self.mask = self._mask_buffer[:, : mask.shape[1]]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.next_position = mask.sum(-1)
-        return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
+        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=self.mask,
                           position_ids=positions, past_key_values=self.cache, use_cache=True,
-                          output_hidden_states=output_hidden_states)
+                          output_hidden_states=output_hidden_states, **extra)
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed (batch, k) tokens; returns their logits (batch, k, vocab)."""
@@ -67,7 +74,11 @@ class Stepper:
             out = self.model(encoder_outputs=self.encoder_outputs, attention_mask=self.encoder_mask,
                              decoder_input_ids=tokens, past_key_values=self.cache, use_cache=True)
         else:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(tokens.shape)], 1)
+            width = self.mask.shape[1] + k
+            if width > self._mask_buffer.shape[1]:  # past the reserve: grow it
+                grow = max(k, self.reserve, 16)
+                self._mask_buffer = torch.cat([self._mask_buffer, self.mask.new_ones(tokens.shape[0], grow)], 1)
+            self.mask = self._mask_buffer[:, :width]
             positions = self.next_position.unsqueeze(1) + torch.arange(k, device=tokens.device)
             out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
                              past_key_values=self.cache, use_cache=True)
@@ -83,8 +94,27 @@ class Stepper:
         self.cache.crop(-drop)
         self.fed = keep
         if not self.encoder_decoder:
-            self.mask = self.mask[:, : self.mask.shape[1] - drop]
+            self.mask = self._mask_buffer[:, : self.mask.shape[1] - drop]
             self.next_position = self.next_position - drop
+
+    def repeat(self, n: int) -> None:
+        """Every row becomes n consecutive rows (beam search after one prefill of each prompt)."""
+        if n == 1:
+            return
+        self.cache.batch_repeat_interleave(n)
+        if self.encoder_decoder:
+            hidden = self.encoder_outputs.last_hidden_state.repeat_interleave(n, 0)
+            self.start_encoder_decoder(hidden, self.encoder_mask.repeat_interleave(n, 0))
+        else:
+            width = self.mask.shape[1]
+            self._mask_buffer = self._mask_buffer.repeat_interleave(n, 0)
+            self.mask = self._mask_buffer[:, :width]
+            self.next_position = self.next_position.repeat_interleave(n, 0)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i continues from row rows[i] (beam search). Rows move within their prompt's beams, so the prompt
+        masks, positions and encoder output stay as they are."""
+        self.cache.reorder_cache(rows)
 
 
 @dataclass
@@ -145,6 +175,211 @@ def _greedy(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
     return logits.argmax(-1)
 
 
+@dataclass
+class Search:
+    """What `decode` does after the prompt: greedy, nucleus sampling or beam search, as transformers defines them.
+
+    `min_new_tokens` bans the end token before then; `suppress` ids are never generated; `early_stopping` and
+    `length_penalty` are beam search's (transformers' meanings). `check_every` steps between asking whether every
+    row has finished (each ask waits for a GPU; a CPU loses nothing by asking every step)."""
+
+    max_new_tokens: int
+    eos_token_id: int | None
+    pad_token_id: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # transformers' generation configs default to 50 for sampling
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    suppress: tuple[int, ...] = ()
+    check_every: int = 1
+
+
+# Options `decode` understands; anything else asked of a generation falls back to transformers' generate.
+SEARCH_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "num_beams",
+                  "length_penalty", "early_stopping"}
+
+
+def search_from(options: dict[str, Any], generation_config: Any, *, eos: int | None, pad: int | None,
+                device: Any) -> Search | None:
+    """A Search for transformers-style generation options, or None where `decode` does not do what they ask
+    (unknown options, or a model generation config that sets penalties, forced or banned words and the like)."""
+    if set(options) - SEARCH_OPTIONS or options.get("max_new_tokens") is None:
+        return None
+    g = generation_config
+    untouched = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+                     bad_words_ids=None, force_words_ids=None, forced_bos_token_id=None, forced_eos_token_id=None,
+                     suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None, num_return_sequences=1,
+                     diversity_penalty=0.0, renormalize_logits=False, min_length=0,
+                     exponential_decay_length_penalty=None,
+                     stop_strings=None, constraints=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                     min_p=None, top_h=None, watermarking_config=None, guidance_scale=None, max_time=None,
+                     prompt_lookup_num_tokens=None, assistant_model=None, penalty_alpha=None, low_memory=None)
+    for name, default in untouched.items():
+        value = getattr(g, name, default)
+        if value is not None and value != default:
+            return None
+    pick = lambda name, default: options.get(name, getattr(g, name, None) if getattr(g, name, None) is not None  # noqa: E731
+                                             else default)
+    do_sample = bool(options.get("do_sample", False))
+    if eos is None and pad is None:
+        return None
+    return Search(max_new_tokens=int(options["max_new_tokens"]), eos_token_id=eos,
+                  pad_token_id=pad if pad is not None else eos, min_new_tokens=int(options.get("min_new_tokens") or 0),
+                  do_sample=do_sample, temperature=float(pick("temperature", 1.0)) if do_sample else 1.0,
+                  top_p=float(pick("top_p", 1.0)) if do_sample else 1.0,
+                  top_k=int(getattr(g, "top_k", None) or 0) if do_sample else 0, num_beams=int(pick("num_beams", 1)),
+                  length_penalty=float(pick("length_penalty", 1.0)), early_stopping=pick("early_stopping", False),
+                  check_every=8 if getattr(device, "type", "cpu") == "cuda" else 1)
+
+
+def start(model, mask: torch.Tensor, search: Search, *, input_ids: torch.Tensor | None = None,
+          inputs_embeds: torch.Tensor | None = None, decoder_start: int | None = None
+          ) -> tuple[Stepper, torch.Tensor]:
+    """Run the prompt through `model` once: a Stepper holding its cache and the scores of the first new token.
+
+    Decoder-only prompts are left-padded; an encoder-decoder model reads right-padded ones with its encoder and
+    its decoder starts from `decoder_start`. Only the last position's logits are computed where the model allows."""
+    encoder_decoder = bool(model.config.is_encoder_decoder)
+    step = Stepper(model, encoder_decoder=encoder_decoder, reserve=search.max_new_tokens)
+    if encoder_decoder:
+        encoder = model.get_encoder()
+        hidden = encoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+        step.start_encoder_decoder(hidden, mask)
+        first = torch.full((mask.shape[0], 1), decoder_start, dtype=torch.long, device=mask.device)
+        return step, step.feed(first)[:, -1]
+    last = 1 if _keeps_logits(model) else 0
+    return step, step.prefill(mask, input_ids=input_ids, inputs_embeds=inputs_embeds, logits_to_keep=last).logits[:, -1]
+
+
+def _keeps_logits(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.inference_mode()
+def generate_plain(model, input_ids: torch.Tensor, mask: torch.Tensor, search: Search, *,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """A transformers model alone through `decode`: (batch, n) new token ids (left-padded decoder-only prompts)."""
+    step, logits = start(model, mask, search, input_ids=input_ids,
+                         decoder_start=getattr(model.generation_config, "decoder_start_token_id", None)
+                         if model.config.is_encoder_decoder else None)
+    return decode(step, logits, search, generator=generator)
+
+
+@torch.inference_mode()
+def decode(step: Stepper, logits: torch.Tensor, search: Search, *, generator: torch.Generator | None = None
+           ) -> torch.Tensor:
+    """Decode with `step`'s model from `logits` (batch, vocab), the scores of each prompt's first new token; returns
+    (batch, n <= max_new_tokens) token ids, padding after a row's end token. For beam search, `step` holds each
+    prompt once: its cache is repeated to num_beams rows here (one prefill per prompt, not per beam)."""
+    if search.do_sample and search.num_beams > 1:
+        raise UserError("beam sampling is not supported: use --num-beams 1 with sampling")
+    if search.num_beams > 1:
+        return _beam_search(step, logits, search)
+    return _sample_or_greedy(step, logits, search, generator)
+
+
+def _ban(scores: torch.Tensor, search: Search, t: int) -> None:
+    """In place: the end token before min_new_tokens, and the suppressed ids, get -inf."""
+    if search.suppress:
+        scores[:, list(search.suppress)] = float("-inf")
+    if t < search.min_new_tokens and search.eos_token_id is not None:
+        scores[:, search.eos_token_id] = float("-inf")
+
+
+def _sample_or_greedy(step: Stepper, logits: torch.Tensor, search: Search, generator) -> torch.Tensor:
+    batch, n = logits.shape[0], search.max_new_tokens
+    out = torch.full((batch, n), search.pad_token_id, dtype=torch.long, device=logits.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
+    eos = search.eos_token_id
+    t = 0
+    for t in range(n):
+        scores = logits.to(dtype=torch.float32, copy=True)
+        _ban(scores, search, t)
+        if search.do_sample:
+            if search.top_k and search.top_k < scores.shape[-1]:  # before top-p, as in transformers
+                kth = torch.topk(scores, search.top_k).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            token = torch.multinomial(_process(scores, search.temperature, search.top_p, []), 1,
+                                      generator=generator).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        token = token.masked_fill(done, search.pad_token_id)
+        out[:, t] = token
+        if eos is not None:
+            done |= token == eos
+        if t == n - 1 or ((t + 1) % search.check_every == 0 and eos is not None and bool(done.all())):
+            break
+        logits = step.feed(token.unsqueeze(1))[:, -1]
+    return out[:, : t + 1]
+
+
+def _beam_search(step: Stepper, logits: torch.Tensor, search: Search) -> torch.Tensor:
+    """transformers' beam search (its vectorised form, same candidates, scores, length penalty and stopping rules),
+    without its per-step bookkeeping: 2 x num_beams candidates per prompt, finished hypotheses kept apart."""
+    batch, k, n = logits.shape[0], search.num_beams, search.max_new_tokens
+    device, eos, lp, early = logits.device, search.eos_token_id, search.length_penalty, search.early_stopping
+    step.repeat(k)
+    logits = logits.repeat_interleave(k, 0)
+    keep = 2 * k
+    top_mask = torch.arange(keep, device=device) < k
+    vocab = logits.shape[-1]
+    running = torch.full((batch, k, n), search.pad_token_id, dtype=torch.long, device=device)
+    finished = running.clone()
+    running_scores = torch.zeros((batch, k), device=device)
+    running_scores[:, 1:] = -1e9  # the first step expands the first beam only
+    finished_scores = torch.full((batch, k), -1e9, device=device)
+    is_finished = torch.zeros((batch, k), dtype=torch.bool, device=device)
+    improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
+    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)
+    t = 0
+    for t in range(n):
+        log_probs = torch.log_softmax(logits.float(), -1)
+        _ban(log_probs, search, t)  # after the softmax, as transformers' processors run on log-probabilities
+        log_probs = (log_probs.view(batch, k, vocab) + running_scores.unsqueeze(-1)).view(batch, k * vocab)
+        top_scores, top_index = torch.topk(log_probs, keep)
+        parent, token = top_index // vocab, top_index % vocab
+        candidates = torch.take_along_dim(running, parent.unsqueeze(-1), 1)
+        candidates[:, :, t] = token
+        if t == n - 1:
+            hits = torch.ones_like(token, dtype=torch.bool)  # the length limit finishes every candidate
+        elif eos is not None:
+            hits = token == eos
+        else:
+            hits = torch.zeros_like(token, dtype=torch.bool)
+        # the best num_beams unfinished candidates run on
+        live_scores = top_scores + hits.float() * -1e9
+        chosen = torch.topk(live_scores, k).indices
+        running = torch.take_along_dim(candidates, chosen.unsqueeze(-1), 1)
+        running_scores = torch.take_along_dim(live_scores, chosen, 1)
+        rows = (torch.take_along_dim(parent, chosen, 1) + offsets).flatten()
+        # candidates among the top num_beams that just finished join the finished hypotheses
+        just_finished = hits & top_mask
+        scores = top_scores / ((t + 1) ** lp)
+        scores = scores + (is_finished.all(-1, keepdim=True) & (early is True)).float() * -1e9
+        scores = scores + (~improvable).float() * -1e9 + (~just_finished).float() * -1e9
+        merged = torch.topk(torch.cat([finished_scores, scores], 1), k).indices
+        finished = torch.take_along_dim(torch.cat([finished, candidates], 1), merged.unsqueeze(-1), 1)
+        finished_scores = torch.take_along_dim(torch.cat([finished_scores, scores], 1), merged, 1)
+        is_finished = torch.take_along_dim(torch.cat([is_finished, just_finished], 1), merged, 1)
+        # can a running beam still beat the worst finished one?
+        length = n if early == "never" and lp > 0.0 else t + 1
+        best_running = running_scores[:, :1] / (length ** lp)
+        worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, -1.0e9)
+        improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
+        go_on = bool(improvable.any()) and not (bool(is_finished.all()) and early is True) and not bool(hits.all())
+        if not go_on:
+            break
+        step.reorder(rows)
+        logits = step.feed(running[:, :, t].reshape(-1, 1))[:, -1]
+    return finished[:, 0, : t + 1]
+
+
 @torch.inference_mode()
 def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, gamma: int = 4,
                          max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
@@ -182,7 +417,8 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
         features = hidden if shares_llm else None
     else:
         ids_left, mask_left = _right_to_left(prompt_ids, prompt_mask)
-        out = llm_step.prefill(mask_left, input_ids=ids_left, output_hidden_states=shares_llm)
+        out = llm_step.prefill(mask_left, input_ids=ids_left, output_hidden_states=shares_llm,
+                               logits_to_keep=1 if _keeps_logits(llm_model) else 0)
         llm_pending = prompt_ids[:, :0]  # nothing pending: the prompt's last logits score the first draft
         llm_first = out.logits[:, -1:]
         if shares_llm:  # the same pass gives the draft its features: the hidden state of the draft's layer
@@ -200,7 +436,8 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
         draft_logits = widen(draft_step.feed(feed_draft(start))[:, -1])
     else:
         p_left, m_left = _right_to_left(p, prompt_mask)
-        draft_logits = widen(draft_step.prefill(m_left, inputs_embeds=p_left).logits[:, -1])
+        draft_logits = widen(draft_step.prefill(m_left, inputs_embeds=p_left,
+                                                  logits_to_keep=1 if _keeps_logits(draft.slm) else 0).logits[:, -1])
 
     stats = SpeculativeStats()
     out_tokens = torch.full((batch, 0), pad, dtype=torch.long, device=device)

@@ -365,6 +365,28 @@ class LLMToSLM(nn.Module):
             return ids
         return self.slm_lookup[ids.clamp(0, len(self.slm_lookup) - 1)]
 
+    def plain_slm(self) -> nn.Module:
+        """A copy of the SLM as a plain transformers model over the tokenizer's full vocabulary (a trimmed one
+        widened back: unkept tokens are never emitted), for tools that feed it token ids themselves (transformers'
+        assisted generation). Only an SLM trained alone is whole without the LLM."""
+        import copy
+
+        if self.has_llm:
+            raise UserError("this checkpoint reads the LLM's features: it is not a model on its own (use a "
+                            "checkpoint trained without --llm)")
+        if "peft_prompt" in self._modules:
+            raise UserError("a prompt- or prefix-tuned SLM is not a plain model (its virtual tokens live outside it)")
+        slm = copy.deepcopy(self.slm)
+        trim = self.config.trim_vocab
+        if trim is not None:
+            M.widen_vocabulary(slm, self.slm_vocab, trim["full"], fill=int(self.slm_lookup[trim["unknown"]]))
+        c = self.config
+        for cfg in (slm.config, slm.generation_config):
+            cfg.pad_token_id, cfg.eos_token_id = c.pad_token_id, c.eos_token_id
+            if c.slm_kind == "encoder-decoder":
+                cfg.decoder_start_token_id = c.decoder_start_token_id
+        return slm.eval()
+
     def tokenizer_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """The SLM's output ids -> tokenizer ids."""
         return ids if self.config.trim_vocab is None else self.slm_vocab[ids]
@@ -536,20 +558,40 @@ class LLMToSLM(nn.Module):
     @torch.inference_mode()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, features: torch.Tensor | None = None,
                  **generation: Any) -> list[list[int]]:
-        """Token ids of the responses (without the end token) for right-padded prompts.
+        """Token ids of the responses (without the end token) for right-padded prompts (see `generate_ids`)."""
+        out = self.generate_ids(prompt_ids, prompt_mask, features, **generation)
+        return strip_generated(out, self.config.eos_token_id, self.config.pad_token_id)
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, features: torch.Tensor | None = None,
+                     *, engine: str = "auto", **generation: Any) -> torch.Tensor:
+        """(batch, n) generated tokenizer ids, padded after each row's end token, for right-padded prompts.
 
         The LLM runs once over the prompts; the SLM's KV cache is filled by one pass over the fused prompt; every
-        step after that feeds plain token embeddings (transformers' generate with `inputs_embeds`).
+        step after that feeds plain token embeddings. Decoding is decoding.decode (greedy, sampling, beam search
+        with transformers' semantics and less per-step work); engine="transformers", or options decode does not
+        know (stop strings, prefix tuning's cache), use transformers' generate with `inputs_embeds` instead.
         """
+        from llm2slm_cli.decoding import decode, search_from, start
+
         p = self.prompt_embeddings(prompt_ids, prompt_mask, features)
         mask = prompt_mask
-        if self.config.slm_kind == "decoder-only":
+        encoder_decoder = self.config.slm_kind == "encoder-decoder"
+        if not encoder_decoder:
             p, mask = _right_to_left(p, mask)
         p, mask, extra = self._virtual_tokens(p, mask, generation)
-        out = self.slm.generate(inputs_embeds=p, attention_mask=mask, **extra, **generation)
-        if self.config.slm_kind == "encoder-decoder":
-            out = out[:, 1:]
-        return strip_generated(self.tokenizer_ids(out), self.config.eos_token_id, self.config.pad_token_id)
+        g = self.slm.generation_config
+        search = None if extra or engine == "transformers" else \
+            search_from(generation, g, eos=g.eos_token_id, pad=g.pad_token_id, device=p.device)
+        if search is not None:
+            step, logits = start(self.slm, mask, search, inputs_embeds=p, decoder_start=g.decoder_start_token_id
+                                 if encoder_decoder else None)
+            out = decode(step, logits, search)
+        else:
+            out = self.slm.generate(inputs_embeds=p, attention_mask=mask, **extra, **generation)
+            if encoder_decoder:
+                out = out[:, 1:]
+        return self.tokenizer_ids(out)
 
     # ------------------------------------------------------------------------------------------------ save/load
 

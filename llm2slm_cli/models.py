@@ -251,6 +251,34 @@ def keep_vocabulary(model, kept) -> None:
         text.vocab_size = len(kept)
 
 
+def widen_vocabulary(model, kept, full: int, *, fill: int) -> None:
+    """Undo keep_vocabulary for a model that must read and score the full vocabulary (a draft for transformers'
+    assisted generation), in place: row kept[i] gets new row i; other input rows copy row `fill` (the unknown
+    token, as trimmed models read them); the head scores other tokens -1e4 through a bias, so they are never picked.
+    The head is untied from the input embedding."""
+    import torch
+    from torch import nn
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = emb.weight.data
+    rows = weight[fill].expand(full, -1).clone()
+    rows[kept] = weight
+    out = nn.Linear(weight.shape[1], full, bias=True, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.zero_()
+        out.weight[kept] = head.weight.data
+        out.bias.fill_(-1e4)
+        out.bias[kept] = head.bias.data if getattr(head, "bias", None) is not None else 0.0
+    emb.weight = nn.Parameter(rows, requires_grad=False)
+    emb.num_embeddings = full
+    model.set_output_embeddings(out)
+    model.config.tie_word_embeddings = False
+    model.config.vocab_size = full
+    text = getattr(model.config, "text_config", None)
+    if text is not None and hasattr(text, "vocab_size"):
+        text.vocab_size = full
+
+
 def _auto_class(kind: ModelKind, *, with_head: bool):
     import transformers as tf
 

@@ -133,3 +133,32 @@ def test_train_trim_vocab_through_the_cli(cli, toy_files, tmp_path):
     assert set(model.slm_vocab.tolist()) == used and config["kept"] == len(used)
     cli("generate", toy_files["dev"], "--model", run / "final", "--out", tmp_path / "p", "--max-new-tokens", "4",
         "--num-beams", "1", "--quiet")
+
+
+@pytest.mark.parametrize("slm", ["tiny-gpt2", "tiny-t5"])
+def test_plain_slm_widens_a_trimmed_vocabulary_back(slm):
+    """plain_slm (a draft for transformers' assisted generation) reads and scores the full vocabulary, emits only
+    kept tokens, and decodes exactly as the trimmed model does."""
+    from llm2slm_cli.decoding import generate_plain, search_from
+    from llm2slm_cli.llm2slm import _right_to_left
+
+    model = _model(slm, None)
+    ids, mask = _batch(model)
+    full = model.generate(ids, mask, **GREEDY)
+    kept = {int(t) for t in ids[mask.bool()]} | {t for row in full for t in row}
+    small = _trimmed(model, kept)
+    plain = small.plain_slm()
+    assert plain.get_input_embeddings().weight.shape[0] == small.config.trim_vocab["full"]
+    assert plain.get_output_embeddings().weight.shape[0] == small.config.trim_vocab["full"]
+    encoder_decoder = small.config.slm_kind == "encoder-decoder"
+    a, m = (ids, mask) if encoder_decoder else _right_to_left(ids, mask)
+    g = plain.generation_config
+    out = generate_plain(plain, a, m, search_from(GREEDY, g, eos=g.eos_token_id, pad=g.pad_token_id, device=None))
+    from llm2slm_cli.llm2slm import strip_generated
+
+    assert strip_generated(out, small.config.eos_token_id, small.config.pad_token_id) == small.generate(ids, mask,
+                                                                                                        **GREEDY)
+    # unkept ids are scored -1e4 below: never emitted
+    assert set(torch.unique(out).tolist()) <= set(small.slm_vocab.tolist())
+    with pytest.raises(Exception, match="reads the LLM's features"):
+        _model("tiny-t5", "tiny-t5-large").plain_slm()

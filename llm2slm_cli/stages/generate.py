@@ -53,18 +53,25 @@ class PlainModel:
         self.identity = {"name": spec, "kind": self.kind, "fingerprint": M.state_fingerprint(self.model)}
 
     def generate(self, prompt_ids, prompt_mask, **generation) -> list[list[int]]:
+        """Our decoding loop (decoding.decode), or transformers' generate for what it does not do (stop strings)."""
         import torch
 
+        from llm2slm_cli.decoding import generate_plain, search_from
         from llm2slm_cli.llm2slm import _right_to_left, strip_generated
 
         tok = self.prompt_tokenizer
         if generation.get("stop_strings"):
             generation = {**generation, "tokenizer": tok}
+        ids, mask = (prompt_ids, prompt_mask) if self.kind == "encoder-decoder" else \
+            _right_to_left(prompt_ids, prompt_mask)
+        search = search_from(generation, self.model.generation_config, eos=tok.eos_token_id, pad=tok.pad_token_id,
+                             device=ids.device)
         with torch.inference_mode():
-            if self.kind == "encoder-decoder":
-                out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **generation)[:, 1:]
+            if search is not None:
+                out = generate_plain(self.model, ids, mask, search)
+            elif self.kind == "encoder-decoder":
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **generation)[:, 1:]
             else:
-                ids, mask = _right_to_left(prompt_ids, prompt_mask)
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **generation)[:, ids.shape[1]:]
         return strip_generated(out, tok.eos_token_id, tok.pad_token_id)
 
