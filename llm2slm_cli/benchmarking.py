@@ -1,10 +1,13 @@
 """Measuring decoding the paper's way, apart from the `bench` stage that picks the rows and writes the files.
 
-A row is something that turns a batch of prompts into exactly n new tokens per sequence: the LLM or the SLM with
-transformers' `generate` on input ids, or an LLM-to-SLM model through `LLMToSLM.generate` (so its one LLM encoder
-pass is timed too). Prompts are random token ids: speed does not depend on what the tokens say, and fresh weights
-would stop at once on an end token, so generation runs with `min_new_tokens = max_new_tokens = n` and every run's
-output length is checked. Times are medians over repeats after warm-up; GPU work is synchronised around each run.
+A row is something that turns a batch of prompts into exactly n new tokens per sequence: the LLM or the SLM alone
+on input ids, or an LLM-to-SLM model through `LLMToSLM.generate_ids` (so its one LLM encoder pass is timed too),
+each decoded by this toolkit's loop (decoding.decode, engine "llm2slm") or by transformers' `generate` (engine
+"transformers"); or transformers' assisted generation, or our speculative decoding. Prompts are random token ids:
+speed does not depend on what the tokens say, and fresh weights would stop at once on an end token, so generation
+runs with `min_new_tokens = max_new_tokens = n` and every run's output length is checked. Times are medians over
+repeats after warm-up; GPU work is synchronised around each run. `encode_throughput` and `train_throughput` time
+the other two stages' inner work.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,11 @@ class Row:
     special_ids: set[int] = field(default_factory=set)
     tokenizer: Any = None  # for --prompts (real text instead of random ids)
     speculative: Any = None  # SpeculativeStats of the timed runs, for speculative decoding rows
+    engine: str = "llm2slm"  # whose decoding loop: "llm2slm" (decoding.decode) or "transformers" (generate)
+
+
+class Unsupported(Exception):
+    """A row cannot run at this setting (transformers' assisted generation takes one prompt at a time)."""
 
 
 def generation_kwargs(new_tokens: int, num_beams: int) -> dict[str, Any]:
@@ -78,9 +85,11 @@ def random_prompts(vocab_size: int, avoid: set[int], batch: int, length: int, se
     return ids.to(device), torch.ones_like(ids, device=device)
 
 
-def plain_generate(model: Any) -> GenerateFn:
-    """The model alone with transformers' generate on input ids (encoder-decoder or decoder-only)."""
+def plain_generate(model: Any, engine: str = "transformers") -> GenerateFn:
+    """The model alone on input ids (encoder-decoder or decoder-only), decoded by `engine`."""
     import torch
+
+    from llm2slm_cli.decoding import generate_plain, search_from
 
     gen = model.generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
@@ -90,6 +99,11 @@ def plain_generate(model: Any) -> GenerateFn:
     prefix = 1 if model.config.is_encoder_decoder else None  # the decoder start token, or the prompt
 
     def run(ids, mask, **generation: Any) -> int:
+        if engine == "llm2slm":
+            search = search_from(generation, gen, eos=_one(gen.eos_token_id), pad=gen.pad_token_id, device=ids.device)
+            if search is None:
+                raise UserError(f"decoding.decode cannot do {sorted(generation)} with this model's generation config")
+            return generate_plain(model, ids, mask, search).shape[1]
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, **generation)
         return out.shape[1] - (prefix if prefix is not None else ids.shape[1])
@@ -97,18 +111,33 @@ def plain_generate(model: Any) -> GenerateFn:
     return run
 
 
-def llm2slm_generate(model: Any) -> GenerateFn:
-    """An LLM-to-SLM model through its own `generate`: LLM encoder once, then the SLM's generate on embeddings.
+def _one(eos: Any) -> int | None:
+    return eos[0] if isinstance(eos, (list, tuple)) else eos
 
-    `LLMToSLM.generate` returns token lists cut at the end token and stripped of trailing padding, which would
-    hide a fresh model's padding ids; the SLM's raw output is observed instead to check the length."""
-    encoder_decoder = model.config.slm_kind == "encoder-decoder"
+
+def llm2slm_generate(model: Any, engine: str = "llm2slm") -> GenerateFn:
+    """An LLM-to-SLM model through `generate_ids`: LLM encoder once, then the SLM decodes from the fused prompt."""
+    def run(ids, mask, **generation: Any) -> int:
+        return model.generate_ids(ids, mask, engine="transformers" if engine == "transformers" else "auto",
+                                  **generation).shape[1]
+
+    return run
+
+
+def assisted_generate(model: Any, assistant: Any) -> GenerateFn:
+    """transformers' assisted generation: `assistant` drafts for `model` (same vocabulary), greedy, one prompt."""
+    import torch
+
+    prefix = 1 if model.config.is_encoder_decoder else None
 
     def run(ids, mask, **generation: Any) -> int:
-        widths: list[int] = []
-        with _observe_generate(model.slm, widths):
-            model.generate(ids, mask, **generation)
-        return widths[-1] - (1 if encoder_decoder else 0)  # with inputs_embeds only new tokens come back
+        if ids.shape[0] != 1:
+            raise Unsupported("transformers' assisted generation takes batch size 1")
+        if generation.get("num_beams", 1) != 1:
+            raise Unsupported("transformers' assisted generation is greedy or sampling, not beam search")
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, assistant_model=assistant, **generation)
+        return out.shape[1] - (prefix if prefix is not None else ids.shape[1])
 
     return run
 
@@ -122,7 +151,7 @@ def speculative_generate_fn(draft: Any, verifier: Any, gamma: int, stats: Any) -
 
     def run(ids, mask, **generation: Any) -> int:
         if generation.get("num_beams", 1) != 1:
-            raise UserError("speculative decoding rows are greedy: use --num-beams 1")
+            raise Unsupported("speculative decoding is greedy or sampling, not beam search")
         tokens, st = speculative_generate(draft, verifier, ids, mask, gamma=gamma,
                                           max_new_tokens=generation["max_new_tokens"], suppress_tokens=banned)
         stats.add(st)
@@ -148,22 +177,6 @@ def text_prompts(tokenizer: Any, texts: list[str], batch: int, length: int, devi
         raise UserError(f"--prompts has {len(rows)} prompts of at least {length} tokens; {batch} are needed")
     ids = torch.tensor(rows, dtype=torch.long, device=device)
     return ids, torch.ones_like(ids)
-
-
-@contextmanager
-def _observe_generate(slm: Any, widths: list[int]) -> Iterator[None]:
-    original = slm.generate
-
-    def generate(*args: Any, **kwargs: Any):
-        out = original(*args, **kwargs)
-        widths.append(out.shape[1])
-        return out
-
-    slm.generate = generate  # an instance attribute shadows the method for this one call
-    try:
-        yield
-    finally:
-        del slm.generate
 
 
 def _sync(device: Any) -> None:
@@ -291,7 +304,7 @@ def summarize(row: Row, seconds: list[float], *, batch: int, prompt_length: int,
     rss = peak_rss_bytes()
     mb = 1024 * 1024
     return {
-        "label": row.label, "role": row.role, "llm": row.llm, "slm": row.slm,
+        "label": row.label, "role": row.role, "engine": row.engine, "llm": row.llm, "slm": row.slm,
         "batch_size": batch, "prompt_length": prompt_length, "new_tokens": new_tokens, "num_beams": num_beams,
         "repeats": len(seconds),
         "seconds_median": median, "seconds_min": min(seconds), "seconds_max": max(seconds),
@@ -309,17 +322,94 @@ def summarize(row: Row, seconds: list[float], *, batch: int, prompt_length: int,
 
 def add_ratios(results: list[dict[str, Any]], slm_of: Callable[[dict[str, Any]], str | None]) -> None:
     """Speedup against the LLM row and time relative to the SLM row, both from the same run, matched on batch size
-    and generation length. A row's SLM row is the SLM row of the same SLM (`slm_of` normalises names), else the only
-    SLM row there is; with several SLMs and no match there is none."""
+    and generation length. The LLM row is the one decoded by transformers' generate where there is one (what a user
+    would otherwise run), else ours. A row's SLM row is the SLM row of the same SLM (`slm_of` normalises names) and
+    the same decoding engine, else the only SLM there is; with several SLMs and no match there is none."""
     key = lambda r: (r["part"], r["batch_size"], r["new_tokens"])  # noqa: E731
-    llm = {key(r): r for r in results if r["role"] == "LLM"}
+    llm: dict[Any, dict[str, Any]] = {}
+    for r in results:
+        if r["role"] == "LLM" and (key(r) not in llm or r["engine"] == "transformers"):
+            llm[key(r)] = r
     slms = [r for r in results if r["role"] == "SLM"]
     for r in results:
         ref = llm.get(key(r))
         r["speedup_vs_llm"] = ref["seconds_median"] / r["seconds_median"] if ref else None
         same = [s for s in slms if key(s) == key(r)]
         match = [s for s in same if slm_of(s) == slm_of(r) and slm_of(r) is not None]
-        if not match and len({s["label"] for s in slms}) == 1:
+        if not match and len({slm_of(s) for s in slms}) == 1:
             match = same
+        engine = [s for s in match if s["engine"] == r["engine"]]
+        match = engine or match
         r["slm_row"] = match[0]["label"] if match else None
         r["time_vs_slm"] = r["seconds_median"] / match[0]["seconds_median"] if match else None
+
+
+# ------------------------------------------------------------------------------------------------------ throughput
+
+
+def _median_seconds(fn: Callable[[], Any], *, warmup: int, repeats: int, device: Any) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def encode_throughput(llm: Any, *, batch: int, length: int, warmup: int, repeats: int, seed: int,
+                      device: Any) -> dict[str, Any]:
+    """`encode`'s work: the frozen LLM's forward pass up to the feature layer over `batch` prompts of `length`
+    random tokens; prompt tokens per second."""
+    import torch
+
+    config, tok = llm.config, llm.tokenizer
+    ids, mask = random_prompts(prompt_vocab(config, tok), special_ids(config, tok), batch, length, seed, device)
+    with torch.inference_mode():
+        seconds = _median_seconds(lambda: llm.encode(ids, mask), warmup=warmup, repeats=repeats, device=device)
+    median = statistics.median(seconds)
+    return {"stage": "encode", "batch_size": batch, "prompt_length": length, "target_length": None,
+            "seconds_median": median, "tokens_per_s": batch * length / median, "examples_per_s": batch / median,
+            "repeats": len(seconds)}
+
+
+def train_throughput(model: Any, *, batch: int, length: int, target_length: int, warmup: int, repeats: int, seed: int,
+                     device: Any) -> dict[str, Any]:
+    """`train`'s work per optimizer step: the LLM-to-SLM loss on stored features (float16, as `encode` writes
+    them), backward, gradient clipping and an AdamW step, for `batch` examples of `length` prompt and
+    `target_length` target tokens; examples and target tokens per second."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.trim_vocab["full"] if model.config.trim_vocab else \
+        model.slm.get_input_embeddings().num_embeddings
+    hi = min(vocab, len(model.prompt_tokenizer)) if model.prompt_tokenizer is not None else vocab
+    ids = torch.randint(10, hi, (batch, length), generator=gen).to(device)
+    targets = torch.randint(10, hi, (batch, target_length), generator=gen).to(device)
+    mask, target_mask = torch.ones_like(ids), torch.ones_like(targets)
+    features = None
+    if model.has_llm:
+        width = model.projector[0].in_features
+        features = torch.randn(batch, length, width, generator=gen).to(device=device, dtype=torch.float16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.1)
+    model.train()
+
+    def step() -> None:
+        loss, n = model(ids, mask, targets, target_mask, features)
+        (loss / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        seconds = _median_seconds(step, warmup=warmup, repeats=repeats, device=device)
+    finally:
+        model.eval()
+    median = statistics.median(seconds)
+    return {"stage": "train", "batch_size": batch, "prompt_length": length, "target_length": target_length,
+            "seconds_median": median, "tokens_per_s": batch * target_length / median, "examples_per_s": batch / median,
+            "repeats": len(seconds)}

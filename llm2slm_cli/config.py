@@ -317,6 +317,19 @@ class BenchConfig:
     speculative: list[str] = opt([], "Speculative decoding as LABEL=DRAFT_DIR (repeatable): the checkpoint drafts, "
                                      "--llm checks; greedy; acceptance rate in the table.")
     gamma: int = opt(4, "Draft tokens per LLM pass for --speculative rows.")
+    compare: bool = opt(False, "Also decode every LLM, SLM, LLM-to-SLM and --model row with transformers' generate "
+                               "(rows 'LABEL [transformers]'): our decoding against the peers, in one run; speedups "
+                               "are then against the LLM with transformers' generate.")
+    assistant: list[str] = opt([], "transformers' assisted generation as LABEL=MODEL (repeatable): MODEL (a model "
+                                   "with the LLM's vocabulary, or a checkpoint trained without --llm) drafts for "
+                                   "--llm; greedy, batch 1 (other settings are listed as not measured).")
+    throughput: bool = opt(False, "Also measure encode (LLM prompt tokens/s, --llm) and train (examples/s of the "
+                                  "LLM-to-SLM step with stored features, --llm and the first --slm) over "
+                                  "--throughput-batch-sizes x --throughput-lengths.")
+    throughput_batch_sizes: str = opt("1,8,32", "Comma-separated batch sizes for --throughput.")
+    throughput_lengths: str = opt("32,128", "Comma-separated prompt lengths for --throughput (train targets are "
+                                            "--throughput-target-length tokens).")
+    throughput_target_length: int = opt(32, "Target tokens per training example for --throughput.")
     prompts: Path | None = opt(None, "Real prompts instead of random token ids: an examples file (first prompts of "
                                      "at least --prompt-length tokens, cut to that length). Drafts agree with an LLM "
                                      "on text, not on random ids.")
@@ -349,7 +362,18 @@ class BenchConfig:
             self.slm = [self.slm] if self.slm else []
         if not (self.llm or self.slm or self.model):
             raise UserError("nothing to measure: give --llm, --slm and/or --model LABEL=DIR")
-        _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads", "gamma")
+        _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads", "gamma",
+                  "throughput_target_length")
+        for name in ("throughput_batch_sizes", "throughput_lengths"):
+            try:
+                values = [int(x) for x in getattr(self, name).split(",") if x.strip()]
+            except ValueError:
+                values = []
+            if not values or any(v <= 0 for v in values):
+                raise UserError(f"--{name.replace('_', '-')} must be comma-separated positive integers, "
+                                f"got {getattr(self, name)!r}")
+        if self.throughput and not (self.llm and self.slm):
+            raise UserError("--throughput needs --llm (encode) and --slm (train)")
         if self.warmup < 0:
             raise UserError("--warmup must be 0 or more")
         if not self.batch_size or any(b <= 0 for b in self.batch_size):
@@ -365,7 +389,7 @@ class BenchConfig:
                 raise UserError(f"--lengths must be comma-separated integers, got {self.lengths!r}") from None
             if not sweep or any(n <= 0 for n in sweep):
                 raise UserError(f"--lengths must be positive integers, got {self.lengths!r}")
-        for name in ("model", "quality"):
+        for name in ("model", "quality", "assistant", "speculative"):
             for item in getattr(self, name):
                 label, sep, path = item.partition("=")
                 if not (sep and label.strip() and path.strip()):

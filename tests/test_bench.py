@@ -120,8 +120,10 @@ def test_generation_length_is_exact_and_checked():
     assert ids.min() >= 10 and ids.max() < 260 and mask.all()
     assert (ids == B.random_prompts(260, {0, 1}, 2, 6, 0, "cpu")[0]).all()  # seeded
     llm = FrozenLLM("tiny-llama", tokenizer_optional=True)  # decoder-only LLM
-    fns = [B.plain_generate(M.load_model("tiny-t5")), B.plain_generate(llm.model),
-           B.llm2slm_generate(LLMToSLM.build("tiny-gpt2", llm)), B.llm2slm_generate(LLMToSLM.build("tiny-t5", llm))]
+    models = [M.load_model("tiny-t5"), llm.model]
+    llm2slm = [LLMToSLM.build("tiny-gpt2", llm), LLMToSLM.build("tiny-t5", llm)]
+    fns = [B.plain_generate(m, engine) for m in models for engine in ("llm2slm", "transformers")] + \
+        [B.llm2slm_generate(m, engine) for m in llm2slm for engine in ("llm2slm", "transformers")]
     for fn in fns:
         for beams in (1, 2):
             assert fn(ids, mask, **B.generation_kwargs(5, beams)) == 5
@@ -182,3 +184,43 @@ def test_python_api_takes_one_slm_as_a_string(tmp_path):
     from llm2slm_cli.config import BenchConfig
 
     assert BenchConfig(out=tmp_path, slm="tiny-t5").slm == ["tiny-t5"]
+
+
+def test_compare_assisted_and_throughput(cli, tmp_path):
+    """bench --compare: every generate row twice (ours, transformers'), assisted generation at batch 1 only (listed
+    as not measured at batch 2), speedups against transformers' LLM row; --throughput: encode and train tables."""
+    out = tmp_path / "cmp"
+    cli("bench", "--llm", "tiny-t5-large", "--slm", "tiny-t5", "--compare", "--assistant", "assisted=tiny-t5",
+        *TINY, "--batch-size", "1", "--batch-size", "2", "--throughput", "--throughput-batch-sizes", "1,2",
+        "--throughput-lengths", "4,8", "--throughput-target-length", "3", "--out", out, "--quiet")
+    rows = pq.read_table(out / "bench.parquet").to_pylist()
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    assert labels == ["LLM [transformers]", "LLM", "SLM [transformers]", "SLM", "LLM-to-SLM [transformers]",
+                      "LLM-to-SLM", "assisted"]
+    engines = {r["label"]: r["engine"] for r in rows}
+    assert engines["LLM"] == engines["SLM"] == engines["LLM-to-SLM"] == "llm2slm"
+    assert engines["LLM [transformers]"] == engines["assisted"] == "transformers"
+    assert sorted(r["batch_size"] for r in rows if r["label"] == "assisted") == [1]
+    for r in rows:
+        ref = next(x for x in rows if x["label"] == "LLM [transformers]" and x["batch_size"] == r["batch_size"])
+        assert r["speedup_vs_llm"] == pytest.approx(ref["seconds_median"] / r["seconds_median"])
+        if r["label"] == "LLM-to-SLM":
+            assert r["slm_row"] == "SLM"
+        if r["label"] == "LLM-to-SLM [transformers]":
+            assert r["slm_row"] == "SLM [transformers]"
+    report = json.loads((out / "bench.json").read_text())
+    assert report["skipped"] == ["assisted, batch 2: transformers' assisted generation takes batch size 1"]
+    grid = [(t["stage"], t["batch_size"], t["prompt_length"]) for t in report["throughput"]]
+    assert grid == [(stage, b, n) for stage in ("encode", "train") for n in (4, 8) for b in (1, 2)]
+    for t in report["throughput"]:
+        assert t["examples_per_s"] == pytest.approx(t["batch_size"] / t["seconds_median"])
+        tokens = t["prompt_length"] if t["stage"] == "encode" else t["target_length"]
+        assert t["tokens_per_s"] == pytest.approx(t["batch_size"] * tokens / t["seconds_median"])
+
+
+def test_assistant_must_be_a_plain_model(cli, tmp_path, checkpoint):
+    result = cli("bench", "--llm", "tiny-t5-large", "--assistant", f"a={checkpoint}", *TINY, "--out",
+                 tmp_path / "o", code=2)
+    assert "reads the LLM's features" in result.output
+    result = cli("bench", "--slm", "tiny-t5", "--throughput", *TINY, "--out", tmp_path / "o2", code=2)
+    assert "--throughput needs --llm" in result.output

@@ -27,6 +27,7 @@ DRY_RUNS = {
     "paper-translation": [(("all", "kd"), {"distill-labels", "train", "generate", "eval", "bench"})],
     "paper-summarization": [((), {"train", "generate", "eval", "bench"})],
     "speculative": [((), {"distill-labels", "train", "bench"})],
+    "speed": [((), {"bench"}), (("gemma-sd",), {"bench"})],
     "offline-study": [((), {"convert", "encode", "train", "generate", "eval", "bench"}),
                       (("DS=2", "KS=1 4", "slm-d2", "llm2slm-d2-k4"), {"convert", "encode", "train", "generate",
                                                                         "eval"})],

@@ -28,10 +28,10 @@ PLOT_QUALITY = "quality_runtime.png"
 METRICS_FILE = "metrics.json"  # what `eval` writes
 QUALITY_METRICS = ("bleu", "rougeL", "chrf")  # the first one an eval result has is plotted
 
-COLUMNS = ["label", "role", "part", "llm", "slm", "device", "dtype", "batch_size", "prompt_length", "new_tokens",
-           "num_beams", "repeats", "seconds_median", "seconds_min", "seconds_max", "ms_per_token", "ms_per_token_min",
-           "ms_per_token_max", "tokens_per_s", "speedup_vs_llm", "time_vs_slm", "slm_row", "flops_per_token",
-           "flops_total", "weights_mb", "cuda_peak_mb", "process_peak_rss_mb", "acceptance_rate",
+COLUMNS = ["label", "role", "engine", "part", "llm", "slm", "device", "dtype", "batch_size", "prompt_length",
+           "new_tokens", "num_beams", "repeats", "seconds_median", "seconds_min", "seconds_max", "ms_per_token",
+           "ms_per_token_min", "ms_per_token_max", "tokens_per_s", "speedup_vs_llm", "time_vs_slm", "slm_row",
+           "flops_per_token", "flops_total", "weights_mb", "cuda_peak_mb", "process_peak_rss_mb", "acceptance_rate",
            "tokens_per_llm_call", "run_seconds"]
 
 
@@ -40,10 +40,15 @@ class Plan:
     """A row before anything is loaded: enough to check labels and options up front."""
 
     label: str
-    role: str  # "LLM", "SLM", "LLM-to-SLM", "checkpoint", "speculative"
+    role: str  # "LLM", "SLM", "LLM-to-SLM", "checkpoint", "speculative", "assisted"
     llm: str | None
     slm: str | None
     checkpoint: Path | None = None
+    engine: str = "llm2slm"  # "llm2slm" (decoding.decode) or "transformers" (its generate)
+
+    def twin(self) -> Plan:
+        """The same row decoded by transformers' generate (bench --compare)."""
+        return Plan(f"{self.label} [transformers]", self.role, self.llm, self.slm, self.checkpoint, "transformers")
 
 
 def _short(spec: str) -> str:
@@ -84,12 +89,27 @@ def plan_rows(config: BenchConfig) -> list[Plan]:
         label, _, directory = (x.strip() for x in item.partition("="))
         cfg = read_model_config(Path(directory))
         plans.append(Plan(label, "checkpoint", cfg.llm["name"] if cfg.llm else None, cfg.slm, Path(directory)))
+    if config.compare:  # every row that decodes with generate, once more with transformers' generate
+        plans = [q for p in plans for q in (p.twin(), p)]
     for item in config.speculative:
         label, _, directory = (x.strip() for x in item.partition("="))
         cfg = read_model_config(Path(directory))
         if not config.llm:
             raise UserError(f"--speculative {label}: name the LLM that checks the drafts with --llm")
         plans.append(Plan(label, "speculative", config.llm, cfg.slm, Path(directory)))
+    for item in config.assistant:
+        label, _, spec = (x.strip() for x in item.partition("="))
+        if not config.llm:
+            raise UserError(f"--assistant {label}: name the LLM it drafts for with --llm")
+        directory = Path(spec)
+        if (directory / "llm2slm.json").is_file():
+            cfg = read_model_config(directory)
+            if cfg.llm is not None:
+                raise UserError(f"--assistant {label}: {spec} reads the LLM's features; transformers' assisted "
+                                "generation needs a plain model (a checkpoint trained without --llm, or a model)")
+            plans.append(Plan(label, "assisted", config.llm, cfg.slm, directory, "transformers"))
+        else:
+            plans.append(Plan(label, "assisted", config.llm, spec, None, "transformers"))
     labels = [p.label for p in plans]
     for label in labels:
         if labels.count(label) > 1:
@@ -158,8 +178,17 @@ def _metric(data: Any, name: str) -> float | None:
 def _plain_row(plan: Plan, model: Any, tokenizer: Any = None):
     from llm2slm_cli import benchmarking as B
 
-    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.plain_generate(model), [model],
-                 B.prompt_vocab(model.config, tokenizer), B.special_ids(model.config, tokenizer), tokenizer=tokenizer)
+    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.plain_generate(model, plan.engine), [model],
+                 B.prompt_vocab(model.config, tokenizer), B.special_ids(model.config, tokenizer), tokenizer=tokenizer,
+                 engine=plan.engine)
+
+
+def _assisted_row(plan: Plan, model: Any, assistant: Any, tokenizer: Any = None):
+    from llm2slm_cli import benchmarking as B
+
+    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.assisted_generate(model, assistant), [model, assistant],
+                 B.prompt_vocab(model.config, tokenizer), B.special_ids(model.config, tokenizer), tokenizer=tokenizer,
+                 engine=plan.engine)
 
 
 def _speculative_row(plan: Plan, draft: Any, verifier: Any, gamma: int):
@@ -181,10 +210,10 @@ def _llm2slm_row(plan: Plan, model: Any):
     config = llm.config if llm is not None else model.slm.config
     tok = model.prompt_tokenizer
     modules = [model] + ([llm.model] if llm is not None else [])
-    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.llm2slm_generate(model), modules,
+    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.llm2slm_generate(model, plan.engine), modules,
                  B.prompt_vocab(config, tok), B.special_ids(config, tok) | {model.config.pad_token_id,
                                                                              model.config.eos_token_id},
-                 tokenizer=tok)
+                 tokenizer=tok, engine=plan.engine)
 
 
 def _can_share(llm: Any, checkpoint: Path) -> bool:
@@ -240,26 +269,30 @@ def run(config: BenchConfig) -> Path:
             torch.set_num_threads(config.threads)
         transformers.logging.set_verbosity_error()  # fresh weights and forced lengths make generate chatty
         with runtime.timer() as clock:
-            results, identities = measure_rows(config, plans, device)
+            results, identities, skipped, throughput = measure_rows(config, plans, device)
         order = {label: i for i, label in enumerate(labels)}
         results.sort(key=lambda r: (r["part"] != "main", order[r["label"]], r["batch_size"], r["new_tokens"]))
         for r in results:
             r.update(device=str(device), dtype=config.dtype)
         B.add_ratios(results, lambda r: _same_spec(r["slm"]))
         rows = [{c: r[c] for c in COLUMNS} for r in results]
-        _write_outputs(out, config, rows, quality, identities, clock["seconds"])
+        _write_outputs(out, config, rows, quality, identities, clock["seconds"], skipped, throughput)
     finally:
         transformers.logging.set_verbosity(verbosity)
         torch.set_num_threads(threads)  # a Python caller keeps its own setting
     if not config.quiet:
         _print_table(rows, quality)
+        _print_throughput(throughput)
+        for line in skipped:
+            runtime.say(f"not measured: {line}")
     if config.json:
         print(json.dumps(rows, indent=2))
     runtime.say(f"measured {len(plans)} rows in {clock['seconds']:.0f}s -> {out}", config.quiet)
     return out
 
 
-def measure_rows(config: BenchConfig, plans: list[Plan], device: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def measure_rows(config: BenchConfig, plans: list[Plan], device: Any
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[str], list[dict[str, Any]]]:
     """Every row at every batch size (and sweep length); each model loaded once, only the row's own resident.
 
     SLMs alone first, then the LLM and everything built on it, then checkpoints that bring an LLM of their own."""
@@ -271,6 +304,8 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any) -> tuple[l
     dtype = M.torch_dtype(config.dtype)
     results: list[dict[str, Any]] = []
     identities: dict[str, Any] = {}
+    skipped: list[str] = []
+    throughput: list[dict[str, Any]] = []
     texts = _prompt_texts(config)
     common = dict(prompt_length=config.prompt_length, num_beams=config.num_beams, warmup=config.warmup,
                   repeats=config.repeats, flops=config.flops, seed=config.seed, device=device, texts=texts)
@@ -280,61 +315,134 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any) -> tuple[l
         def measure(row: B.Row) -> None:
             for batch in config.batch_size:
                 bar.update(task, description=f"{row.label} batch {batch}")
-                results.append({**B.measure(row, batch=batch, new_tokens=config.new_tokens, **common),
-                                "part": "main"})
-                bar.update(task, advance=1, rate=f"{results[-1]['ms_per_token']:.1f} ms/token")
+                try:
+                    results.append({**B.measure(row, batch=batch, new_tokens=config.new_tokens, **common),
+                                    "part": "main"})
+                    bar.update(task, rate=f"{results[-1]['ms_per_token']:.1f} ms/token")
+                except B.Unsupported as e:
+                    skipped.append(f"{row.label}, batch {batch}: {e}")
+                bar.update(task, advance=1)
             for n in lengths:
                 bar.update(task, description=f"{row.label} {n} tokens")
-                results.append({**B.measure_length(row, batch=config.batch_size[0], new_tokens=n, **common),
-                                "part": "sweep"})
-                bar.update(task, advance=1, rate=f"{results[-1]['seconds_median']:.2f} s")
+                try:
+                    results.append({**B.measure_length(row, batch=config.batch_size[0], new_tokens=n, **common),
+                                    "part": "sweep"})
+                    bar.update(task, rate=f"{results[-1]['seconds_median']:.2f} s")
+                except B.Unsupported as e:
+                    skipped.append(f"{row.label}, {n} tokens: {e}")
+                bar.update(task, advance=1)
 
-        for plan in (p for p in plans if p.role == "SLM"):
-            if M.model_kind(M.load_config(plan.slm)) == "encoder-only":
-                raise UserError(f"the SLM {plan.slm!r} is encoder-only and cannot generate")
-            slm = M.load_model(plan.slm, dtype=config.dtype, role="SLM").to(device)
-            identities[plan.label] = {"slm": plan.slm, "parameters": _count(slm)}
-            measure(_plain_row(plan, slm, _tokenizer_or_none(plan.slm) if texts else None))
+        slm_specs = list(dict.fromkeys(p.slm for p in plans if p.role == "SLM"))
+        for spec in slm_specs:
+            if M.model_kind(M.load_config(spec)) == "encoder-only":
+                raise UserError(f"the SLM {spec!r} is encoder-only and cannot generate")
+            slm = M.load_model(spec, dtype=config.dtype, role="SLM").to(device)
+            for plan in (p for p in plans if p.role == "SLM" and p.slm == spec):
+                identities[plan.label] = {"slm": plan.slm, "parameters": _count(slm), "engine": plan.engine}
+                measure(_plain_row(plan, slm, _tokenizer_or_none(plan.slm) if texts else None))
             del slm
             _free()
         frozen = None
         if config.llm:
             frozen = FrozenLLM(config.llm, dtype=config.dtype, device=device, tokenizer_optional=not texts)
             for plan in (p for p in plans if p.role == "LLM"):
-                identities[plan.label] = {"llm": plan.llm, "parameters": _count(frozen.model)}
+                identities[plan.label] = {"llm": plan.llm, "parameters": _count(frozen.model), "engine": plan.engine}
                 measure(_plain_row(plan, frozen.model, frozen.tokenizer))
-            for plan in (p for p in plans if p.role == "LLM-to-SLM"):
-                model = LLMToSLM.build(plan.slm, frozen, slm_dtype=config.dtype).to(device=device, dtype=dtype)
-                identities[plan.label] = {"llm": plan.llm, "slm": plan.slm, "projector": "fresh",
-                                          "vocab_adapter": model.config.vocab_adapter,
-                                          "parameters": _count(model), "llm_parameters": _count(frozen.model)}
-                measure(_llm2slm_row(plan, model.eval()))
+            if config.throughput:
+                throughput += _throughput(config, frozen, device, bar)
+            for spec in dict.fromkeys(p.slm for p in plans if p.role == "LLM-to-SLM"):
+                model = LLMToSLM.build(spec, frozen, slm_dtype=config.dtype).to(device=device, dtype=dtype).eval()
+                for plan in (p for p in plans if p.role == "LLM-to-SLM" and p.slm == spec):
+                    identities[plan.label] = {"llm": plan.llm, "slm": plan.slm, "projector": "fresh",
+                                              "vocab_adapter": model.config.vocab_adapter, "engine": plan.engine,
+                                              "parameters": _count(model), "llm_parameters": _count(frozen.model)}
+                    measure(_llm2slm_row(plan, model))
                 del model
+                _free()
+            for plan in (p for p in plans if p.role == "assisted"):
+                if plan.checkpoint is not None:
+                    assistant = LLMToSLM.from_pretrained(plan.checkpoint, device=device).plain_slm().to(dtype=dtype)
+                else:
+                    assistant = M.load_model(plan.slm, dtype=config.dtype, role="SLM").to(device).eval()
+                if assistant.config.vocab_size != frozen.model.config.vocab_size and \
+                        frozen.model.config.vocab_size < assistant.config.vocab_size:
+                    raise UserError(f"--assistant {plan.label}: its vocabulary ({assistant.config.vocab_size}) is not "
+                                    f"the LLM's ({frozen.model.config.vocab_size})")
+                identities[plan.label] = {"assistant": str(plan.checkpoint or plan.slm), "verifier": plan.llm,
+                                          "engine": plan.engine, "parameters": _count(assistant)}
+                measure(_assisted_row(plan, frozen.model, assistant, frozen.tokenizer))
+                del assistant
                 _free()
             for plan in (p for p in plans if p.role == "speculative"):
                 draft = LLMToSLM.from_pretrained(plan.checkpoint, llm=frozen if _can_share(frozen, plan.checkpoint)
                                                  else None, device=device).to(dtype=dtype)
                 identities[plan.label] = {"draft": str(plan.checkpoint), "verifier": plan.llm, "gamma": config.gamma,
                                           "weights_sha256": A.sha256_file(plan.checkpoint / A.MODEL_WEIGHTS),
-                                          "parameters": _count(draft)}
+                                          "parameters": _count(draft), "engine": plan.engine}
                 measure(_speculative_row(plan, draft.eval(), frozen, config.gamma))
                 del draft
                 _free()
         # Checkpoints made with exactly this LLM reuse it; the others then load their own, one at a time.
-        checkpoints = [p for p in plans if p.role == "checkpoint"]
-        shared = [p for p in checkpoints if _can_share(frozen, p.checkpoint)]
-        for plan in shared + [p for p in checkpoints if p not in shared]:
-            if plan not in shared and frozen is not None:
+        checkpoints = list(dict.fromkeys(p.checkpoint for p in plans if p.role == "checkpoint"))
+        shared = [c for c in checkpoints if _can_share(frozen, c)]
+        for directory in shared + [c for c in checkpoints if c not in shared]:
+            if directory not in shared and frozen is not None:
                 frozen = None
                 _free()
-            model = LLMToSLM.from_pretrained(plan.checkpoint, llm=frozen, device=device).to(dtype=dtype)
-            identities[plan.label] = {"checkpoint": str(plan.checkpoint), "llm": plan.llm, "slm": plan.slm,
-                                      "weights_sha256": A.sha256_file(plan.checkpoint / A.MODEL_WEIGHTS),
-                                      "parameters": _count(model)}
-            measure(_llm2slm_row(plan, model.eval()))
+            model = LLMToSLM.from_pretrained(directory, llm=frozen, device=device).to(dtype=dtype).eval()
+            for plan in (p for p in plans if p.role == "checkpoint" and p.checkpoint == directory):
+                identities[plan.label] = {"checkpoint": str(directory), "llm": plan.llm, "slm": plan.slm,
+                                          "weights_sha256": A.sha256_file(directory / A.MODEL_WEIGHTS),
+                                          "parameters": _count(model), "engine": plan.engine}
+                measure(_llm2slm_row(plan, model))
             del model
             _free()
-    return results, identities
+    return results, identities, skipped, throughput
+
+
+def _throughput(config: BenchConfig, frozen: Any, device: Any, bar: Any) -> list[dict[str, Any]]:
+    """encode's prompt tokens/s and train's examples/s over the batch sizes x prompt lengths of --throughput."""
+    from llm2slm_cli import benchmarking as B
+    from llm2slm_cli.llm2slm import LLMToSLM
+
+    batches = [int(x) for x in config.throughput_batch_sizes.split(",") if x.strip()]
+    lengths = [int(x) for x in config.throughput_lengths.split(",") if x.strip()]
+    common = dict(warmup=config.warmup, repeats=config.repeats, seed=config.seed, device=device)
+    rows = []
+    task = bar.add_task("throughput", total=2 * len(batches) * len(lengths), rate="")
+    for length in lengths:
+        for batch in batches:
+            bar.update(task, description=f"encode {batch}x{length}")
+            rows.append({"llm": config.llm, "slm": None, **B.encode_throughput(frozen, batch=batch, length=length,
+                                                                                 **common)})
+            bar.update(task, advance=1)
+    model = LLMToSLM.build(config.slm[0], frozen, slm_dtype=config.dtype).to(device=device)
+    for length in lengths:
+        for batch in batches:
+            bar.update(task, description=f"train {batch}x{length}")
+            rows.append({"llm": config.llm, "slm": config.slm[0],
+                         **B.train_throughput(model, batch=batch, length=length,
+                                              target_length=config.throughput_target_length, **common)})
+            bar.update(task, advance=1)
+    del model
+    _free()
+    return rows
+
+
+def _print_throughput(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    table = Table(title="encode: LLM prompt tokens/s; train: LLM-to-SLM optimizer steps on stored features")
+    for name in ("stage", "batch", "prompt tokens", "target tokens", "s/batch", "examples/s", "tokens/s"):
+        table.add_column(name, justify="left" if name == "stage" else "right")
+    for r in rows:
+        table.add_row(r["stage"], str(r["batch_size"]), str(r["prompt_length"]), str(r["target_length"] or "-"),
+                      f"{r['seconds_median']:.3f}", f"{r['examples_per_s']:.1f}", f"{r['tokens_per_s']:.0f}")
+    console.print(table)
 
 
 def _prompt_texts(config: BenchConfig) -> list[str] | None:
@@ -365,7 +473,8 @@ def _count(model: Any) -> int:
 
 
 def _write_outputs(out: Path, config: BenchConfig, rows: list[dict[str, Any]], quality: dict[str, tuple[str, float]],
-                   identities: dict[str, Any], seconds: float) -> None:
+                   identities: dict[str, Any], seconds: float, skipped: list[str],
+                   throughput: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import torch
 
@@ -375,6 +484,8 @@ def _write_outputs(out: Path, config: BenchConfig, rows: list[dict[str, Any]], q
     A.atomic_write_json(out / BENCH_JSON, {
         "rows": rows, "settings": settings, "environment": A.environment(), "torch_threads": torch.get_num_threads(),
         "quality": {k: {"metric": m, "score": v} for k, (m, v) in quality.items()},
+        "skipped": skipped,
+        "throughput": throughput,
     })
     plots = [PLOT_MS_PER_TOKEN]
     plot_ms_per_token(rows, out / PLOT_MS_PER_TOKEN)
@@ -397,7 +508,7 @@ def _write_outputs(out: Path, config: BenchConfig, rows: list[dict[str, Any]], q
 def _schema():
     import pyarrow as pa
 
-    strings = {"label", "role", "part", "llm", "slm", "device", "dtype", "slm_row"}
+    strings = {"label", "role", "engine", "part", "llm", "slm", "device", "dtype", "slm_row"}
     ints = {"batch_size", "prompt_length", "new_tokens", "num_beams", "repeats"}
     fields = []
     for c in COLUMNS:
