@@ -196,13 +196,18 @@ def _one_run(row: Row, ids: Any, mask: Any, n: int, num_beams: int) -> None:
 def time_runs(row: Row, ids: Any, mask: Any, n: int, *, num_beams: int, warmup: int, repeats: int,
               device: Any) -> list[float]:
     """Seconds of each timed run (after `warmup` untimed ones), with the GPU synchronised before and after."""
+    return timed(lambda: _one_run(row, ids, mask, n, num_beams), warmup=warmup, repeats=repeats, device=device)
+
+
+def timed(fn: Callable[[], Any], *, warmup: int, repeats: int, device: Any) -> list[float]:
+    """Seconds of each of `repeats` calls of fn after `warmup` untimed ones, the GPU synchronised around each."""
     for _ in range(warmup):
-        _one_run(row, ids, mask, n, num_beams)
+        fn()
     seconds = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        _one_run(row, ids, mask, n, num_beams)
+        fn()
         _sync(device)
         seconds.append(time.perf_counter() - start)
     return seconds
@@ -347,19 +352,6 @@ def add_ratios(results: list[dict[str, Any]], slm_of: Callable[[dict[str, Any]],
 # ------------------------------------------------------------------------------------------------------ throughput
 
 
-def _median_seconds(fn: Callable[[], Any], *, warmup: int, repeats: int, device: Any) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
 def encode_throughput(llm: Any, *, batch: int, length: int, warmup: int, repeats: int, seed: int,
                       device: Any) -> dict[str, Any]:
     """`encode`'s work: the frozen LLM's forward pass up to the feature layer over `batch` prompts of `length`
@@ -369,7 +361,7 @@ def encode_throughput(llm: Any, *, batch: int, length: int, warmup: int, repeats
     config, tok = llm.config, llm.tokenizer
     ids, mask = random_prompts(prompt_vocab(config, tok), special_ids(config, tok), batch, length, seed, device)
     with torch.inference_mode():
-        seconds = _median_seconds(lambda: llm.encode(ids, mask), warmup=warmup, repeats=repeats, device=device)
+        seconds = timed(lambda: llm.encode(ids, mask), warmup=warmup, repeats=repeats, device=device)
     median = statistics.median(seconds)
     return {"stage": "encode", "batch_size": batch, "prompt_length": length, "target_length": None,
             "seconds_median": median, "tokens_per_s": batch * length / median, "examples_per_s": batch / median,
@@ -406,7 +398,7 @@ def train_throughput(model: Any, *, batch: int, length: int, target_length: int,
         optimizer.zero_grad(set_to_none=True)
 
     try:
-        seconds = _median_seconds(step, warmup=warmup, repeats=repeats, device=device)
+        seconds = timed(step, warmup=warmup, repeats=repeats, device=device)
     finally:
         model.eval()
     median = statistics.median(seconds)
