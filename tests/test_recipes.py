@@ -137,3 +137,28 @@ def test_smoke_recipe(tmp_path):
     labels = [r["label"] for r in json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"]]
     assert {"LLM", "SLM", "LLM-to-SLM", "llm2slm", "slm"} <= set(labels)
     assert (tmp_path / "bench" / "quality_runtime.png").stat().st_size > 0
+
+
+def test_offline_study_curves_table_and_plot(tmp_path):
+    """recipes/offline-study/curves.py reads each row's train_log.jsonl (train's own format) and its manifest."""
+    for name, losses, dev in (("llm2slm-d1-k2", [9.0, 6.5, 5.25], 5.5), ("slm-d1", [10.0, 7.0, 6.0], 6.25)):
+        train = tmp_path / name / "train"
+        train.mkdir(parents=True)
+        (train / "train_log.jsonl").write_text("".join(
+            json.dumps({"step": s + 1, "epoch": 0, "loss": v, "lr": 1e-4, "examples_per_second": 8.0 + s}) + "\n"
+            for s, v in enumerate(losses)))
+        (train / "manifest.json").write_text(json.dumps({"result": {"train_loss": losses[-1], "dev_loss": dev}}))
+    plot = tmp_path / "bench" / "loss_curves.png"
+    done = subprocess.run([sys.executable, str(ROOT / "recipes" / "offline-study" / "curves.py"), str(tmp_path),
+                           "--steps", "1,3,5", "--plot", str(plot)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:4] == [
+        "| row | step 1 | step 3 | step 5 | dev loss | examples/s |",
+        "|---|---|---|---|---|---|",
+        "| slm-d1 | 10.00 | 6.00 | - | 6.250 | 9.00 |",
+        "| llm2slm-d1-k2 | 9.00 | 5.25 | - | 5.500 | 9.00 |",
+    ]
+    assert plot.stat().st_size > 0
+    missing = subprocess.run([sys.executable, str(ROOT / "recipes" / "offline-study" / "curves.py"),
+                              str(tmp_path / "none")], capture_output=True, text=True)
+    assert missing.returncode == 1 and "no */train/train_log.jsonl" in missing.stderr
