@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,20 +161,26 @@ def speculative_generate_fn(draft: Any, verifier: Any, gamma: int, stats: Any) -
     return run
 
 
-def text_prompts(tokenizer: Any, texts: list[str], batch: int, length: int, device: Any):
-    """The first `batch` prompts of at least `length` tokens, cut to exactly `length` (real text, exact shape)."""
+def text_prompts(tokenizer: Any, texts: list[str], batch: int, length: int, device: Any, *, whole: bool = False):
+    """The first `batch` prompts of at least `length` tokens, cut to exactly `length` (real text, exact shape); with
+    `whole`, the first `batch` prompts of exactly `length` tokens."""
     import torch
 
     if tokenizer is None:
         raise UserError("--prompts needs every row's tokenizer, and a row has none (a preset without its tokenizer?)")
-    rows = []
+    rows, lengths = [], Counter()
     for text in texts:
         ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
-        if len(ids) >= length:
+        lengths[len(ids)] += 1
+        if len(ids) == length or (len(ids) > length and not whole):
             rows.append(ids[:length])
         if len(rows) == batch:
             break
     if len(rows) < batch:
+        if whole:
+            common = ", ".join(f"{n} ({c})" for n, c in sorted(lengths.items(), key=lambda x: -x[1])[:5])
+            raise UserError(f"--prompts has {len(rows)} prompts of exactly {length} tokens; {batch} are needed "
+                            f"(most common lengths, with counts: {common})")
         raise UserError(f"--prompts has {len(rows)} prompts of at least {length} tokens; {batch} are needed")
     ids = torch.tensor(rows, dtype=torch.long, device=device)
     return ids, torch.ones_like(ids)
@@ -243,29 +250,65 @@ def peak_rss_bytes() -> int | None:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def prompts_for(row: Row, batch: int, prompt_length: int, seed: int, device: Any, texts: list[str] | None):
+def prompts_for(row: Row, batch: int, prompt_length: int, seed: int, device: Any, texts: list[str] | None,
+                whole: bool = False):
     if texts:
-        return text_prompts(row.tokenizer, texts, batch, prompt_length, device)
+        return text_prompts(row.tokenizer, texts, batch, prompt_length, device, whole=whole)
     return random_prompts(row.vocab_size, row.special_ids, batch, prompt_length, seed, device)
 
 
-def measure(row: Row, *, batch: int, prompt_length: int, new_tokens: int, num_beams: int, warmup: int,
-            repeats: int, flops: bool, seed: int, device: Any, texts: list[str] | None = None) -> dict[str, Any]:
-    """Time one row at one batch size and generation length; FLOPs from one extra run after the timed ones."""
+def measure(rows: list[Row], *, batch: int, prompt_length: int, new_tokens: int, num_beams: int, warmup: int,
+            repeats: int, flops: bool, seed: int, device: Any, texts: list[str] | None = None, whole: bool = False,
+            warm: bool = False) -> list[dict[str, Any] | Unsupported]:
+    """Time rows whose models are loaded together (one model decoded by two engines, say), side by side: each row
+    is warmed up, then their timed runs interleave (run i of every row before run i + 1 of any), so a drift of the
+    machine (clock, other load) falls on every row alike. Per row: its measurement, or why it was not measured.
+
+    `warm`: the models ran already (a point of the length sweep): one untimed run per row, the FLOP-counted one if
+    FLOPs are counted. Otherwise `warmup` untimed runs, and FLOPs from one extra run after the timed ones."""
     import torch
 
-    ids, mask = prompts_for(row, batch, prompt_length, seed, device, texts)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    _reset_speculative(row)
-    seconds = time_runs(row, ids, mask, new_tokens, num_beams=num_beams, warmup=warmup, repeats=repeats,
-                        device=device)
-    accepted = _speculative_summary(row)
-    cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    total_flops = count_flops(row, ids, mask, new_tokens, num_beams=num_beams) if flops else None
-    return {**summarize(row, seconds, batch=batch, prompt_length=prompt_length, new_tokens=new_tokens,
-                        num_beams=num_beams, total_flops=total_flops, cuda_peak=cuda_peak), **accepted}
+    cuda = device.type == "cuda"
+    out: list[dict[str, Any] | Unsupported] = [Unsupported("not measured")] * len(rows)
+    live: dict[int, dict[str, Any]] = {}
+    for i, row in enumerate(rows):
+        ids, mask = prompts_for(row, batch, prompt_length, seed, device, texts, whole)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        _reset_speculative(row)
+        try:
+            total = count_flops(row, ids, mask, new_tokens, num_beams=num_beams) if warm and flops else None
+            for _ in range(0 if warm and flops else min(warmup, 1) if warm else warmup):
+                _one_run(row, ids, mask, new_tokens, num_beams)
+        except Unsupported as e:
+            out[i] = e
+            continue
+        ran = warm or warmup > 0
+        live[i] = {"ids": ids, "mask": mask, "seconds": [], "flops": total,
+                   "cuda_peak": torch.cuda.max_memory_allocated(device) if cuda and ran else None}
+    for _ in range(repeats):
+        for i, m in list(live.items()):
+            peak = cuda and m["cuda_peak"] is None  # no untimed run: the peak of the first timed one
+            if peak:
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                m["seconds"] += timed(lambda r=rows[i], m=m: _one_run(r, m["ids"], m["mask"], new_tokens, num_beams),
+                                      warmup=0, repeats=1, device=device)
+            except Unsupported as e:  # only when there was no warm-up run to find out
+                out[i] = e
+                del live[i]
+                continue
+            if peak:
+                m["cuda_peak"] = torch.cuda.max_memory_allocated(device)
+    for i, m in live.items():
+        row = rows[i]
+        accepted = _speculative_summary(row)  # the warm-up and timed runs, not the FLOP-counted one after
+        if flops and not warm:
+            m["flops"] = count_flops(row, m["ids"], m["mask"], new_tokens, num_beams=num_beams)
+        out[i] = {**summarize(row, m["seconds"], batch=batch, prompt_length=prompt_length, new_tokens=new_tokens,
+                              num_beams=num_beams, total_flops=m["flops"], cuda_peak=m["cuda_peak"]), **accepted}
+    return out
 
 
 def _reset_speculative(row: Row) -> None:
@@ -279,27 +322,6 @@ def _speculative_summary(row: Row) -> dict[str, float | None]:
         return {"acceptance_rate": None, "tokens_per_llm_call": None}
     return {"acceptance_rate": row.speculative.acceptance_rate,
             "tokens_per_llm_call": row.speculative.tokens_per_llm_call}
-
-
-def measure_length(row: Row, *, batch: int, prompt_length: int, new_tokens: int, num_beams: int, warmup: int,
-                   repeats: int, flops: bool, seed: int, device: Any, texts: list[str] | None = None
-                   ) -> dict[str, Any]:
-    """One point of the length sweep: the models are warm already, so one untimed run (the FLOP-counted one, if
-    FLOPs are counted) precedes the timed ones."""
-    import torch
-
-    ids, mask = prompts_for(row, batch, prompt_length, seed, device, texts)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    total_flops = count_flops(row, ids, mask, new_tokens, num_beams=num_beams) if flops else None
-    _reset_speculative(row)
-    seconds = time_runs(row, ids, mask, new_tokens, num_beams=num_beams, warmup=0 if flops else min(warmup, 1),
-                        repeats=repeats, device=device)
-    accepted = _speculative_summary(row)
-    cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {**summarize(row, seconds, batch=batch, prompt_length=prompt_length, new_tokens=new_tokens,
-                        num_beams=num_beams, total_flops=total_flops, cuda_peak=cuda_peak), **accepted}
 
 
 def summarize(row: Row, seconds: list[float], *, batch: int, prompt_length: int, new_tokens: int, num_beams: int,

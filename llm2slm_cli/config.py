@@ -333,6 +333,8 @@ class BenchConfig:
     prompts: Path | None = opt(None, "Real prompts instead of random token ids: an examples file (first prompts of "
                                      "at least --prompt-length tokens, cut to that length). Drafts agree with an LLM "
                                      "on text, not on random ids.")
+    whole_prompts: bool = opt(False, "With --prompts: only prompts of exactly --prompt-length tokens, uncut (a cut "
+                                     "prompt loses its template's end, e.g. 'German:').")
     template: str | None = opt(None, "Prompt template for --prompts (as in the other stages).")
     prompt_field: str = opt("src", "Prompt field for --prompts.")
     prompt_length: int = opt(100, "Prompt tokens (paper: 100).")

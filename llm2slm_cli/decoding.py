@@ -404,8 +404,10 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
     llm_kind = verifier.kind
     if llm_kind == "encoder-only":
         raise UserError(f"the LLM {verifier.spec!r} is encoder-only: it cannot verify drafts")
+    # The verifier's pass over the prompt gives the draft its features when both are the same LLM: a decoder-only
+    # LLM's pass returns every layer's hidden state, so the draft's layer need not be the verifier's.
     shares_llm = draft.has_llm and cfg.llm["fingerprint"] == verifier.fingerprint and \
-        cfg.llm["layer"] == verifier.layer
+        (cfg.llm["layer"] == verifier.layer or llm_kind == "decoder-only")
 
     # --- the LLM's one pass over the prompt
     llm_step = Stepper(llm_model, encoder_decoder=llm_kind == "encoder-decoder")
@@ -422,7 +424,7 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
         llm_pending = prompt_ids[:, :0]  # nothing pending: the prompt's last logits score the first draft
         llm_first = out.logits[:, -1:]
         if shares_llm:  # the same pass gives the draft its features: the hidden state of the draft's layer
-            features, _ = _left_to_right(_layer(verifier, out.hidden_states), mask_left)
+            features, _ = _left_to_right(_layer(cfg.llm["layer"], out.hidden_states), mask_left)
         del out
 
     # --- the draft's prompt: the fused embeddings, once
@@ -525,11 +527,12 @@ def _widen(draft, verifier):
     return widen
 
 
-def _layer(verifier, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The decoder-only LLM's features as FrozenLLM.encode defines them, from a pass with all hidden states."""
-    if verifier.layer == "all":
+def _layer(layer: int | str, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A decoder-only LLM's features of `layer` as FrozenLLM.encode defines them, from a pass with all hidden
+    states."""
+    if layer == "all":
         return torch.stack(hidden_states[1:]).float().mean(0).to(hidden_states[-1].dtype)
-    return hidden_states[verifier.layer]
+    return hidden_states[layer]
 
 
 def _left_to_right(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

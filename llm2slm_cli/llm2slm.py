@@ -20,6 +20,7 @@ or, as the paper's PEFT baselines (Table 6), frozen with LoRA, prompt tuning or 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -101,6 +102,15 @@ class FrozenLLM:
         if self._fingerprint is None:
             self._fingerprint = M.state_fingerprint(self.model)
         return self._fingerprint
+
+    def at_layer(self, layer: str | int) -> FrozenLLM:
+        """The same loaded model giving the features of another layer (decoder-only; nothing is copied)."""
+        if self.kind != "decoder-only":
+            raise UserError(f"--layer applies to decoder-only LLMs; a {self.kind} LLM gives its last layer")
+        _ = self.fingerprint  # hashed once, for both
+        other = copy.copy(self)
+        other.layer = parse_layer(layer, self.n_layers)
+        return other
 
     def input_embedding_weight(self) -> torch.Tensor:
         return self.model.get_input_embeddings().weight

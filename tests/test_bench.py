@@ -224,3 +224,49 @@ def test_assistant_must_be_a_plain_model(cli, tmp_path, checkpoint):
     assert "reads the LLM's features" in result.output
     result = cli("bench", "--slm", "tiny-t5", "--throughput", *TINY, "--out", tmp_path / "o2", code=2)
     assert "--throughput needs --llm" in result.output
+
+
+def test_rows_of_one_model_are_timed_interleaved():
+    """Warm-ups first, then run i of every row before run i + 1 of any; a row that cannot run is reported as such
+    and the others are still measured."""
+    import torch
+
+    from llm2slm_cli import benchmarking as B
+
+    calls: list[str] = []
+
+    def fn(name):
+        def run(ids, mask, **kw):
+            if name == "beamless" and kw["num_beams"] > 1:
+                raise B.Unsupported("greedy only")
+            calls.append(name)
+            return kw["max_new_tokens"]
+        return run
+
+    rows = [B.Row(n, "SLM", None, "x", fn(n), [torch.nn.Linear(2, 2)], 260) for n in ("a", "b")]
+    got = B.measure(rows, batch=2, prompt_length=6, new_tokens=4, num_beams=1, warmup=2, repeats=3, flops=False,
+                    seed=0, device=torch.device("cpu"))
+    assert calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
+    assert [g["label"] for g in got] == ["a", "b"] and all(len(g["run_seconds"]) == 3 for g in got)
+    calls.clear()
+    rows.append(B.Row("beamless", "SLM", None, "x", fn("beamless"), [], 260))
+    got = B.measure(rows, batch=1, prompt_length=6, new_tokens=4, num_beams=2, warmup=2, repeats=2, flops=False,
+                    seed=0, device=torch.device("cpu"), warm=True)  # a sweep point: one untimed run each
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert isinstance(got[2], B.Unsupported) and got[0]["num_beams"] == 2 and got[1]["repeats"] == 2
+
+
+def test_text_prompts_cut_or_whole():
+    from llm2slm_cli import benchmarking as B
+    from llm2slm_cli import models as M
+    from llm2slm_cli.errors import UserError
+
+    tok = M.builtin_tokenizer("bytes")
+    texts = ["abcdefgh", "xyz", "0123", "klmnopqrstuv", "wxyz"]
+    n = len(tok("0123")["input_ids"])  # the byte tokenizer's ids for 4 characters, special tokens included
+    ids, mask = B.text_prompts(tok, texts, 2, n, "cpu")  # cut: the first two of at least n tokens
+    assert ids.tolist() == [tok("abcdefgh")["input_ids"][:n], tok("0123")["input_ids"]] and mask.all()
+    ids, _ = B.text_prompts(tok, texts, 2, n, "cpu", whole=True)  # whole: exactly n tokens, uncut
+    assert ids.tolist() == [tok("0123")["input_ids"], tok("wxyz")["input_ids"]]
+    with pytest.raises(UserError, match=f"2 prompts of exactly {n} tokens; 3 are needed"):
+        B.text_prompts(tok, texts, 3, n, "cpu", whole=True)

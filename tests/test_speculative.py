@@ -202,3 +202,23 @@ def test_bench_speculative_rows(cli, toy_files, tmp_path):
     assert rows["sd"]["role"] == "speculative" and rows["sd"]["speedup_vs_llm"] > 0
     result = cli("bench", "--speculative", f"sd={tmp_path / 'draft' / 'final'}", "--out", tmp_path / "b2", code=2)
     assert "--llm" in result.output
+
+
+def test_verifier_at_another_layer_gives_the_draft_the_same_features():
+    """A draft on layer-1 features checked by the same LLM loaded for its last layer: the verifier's prompt pass
+    supplies layer 1 (no second LLM pass), and drafting is exactly as with the draft's own LLM."""
+    llm1 = FrozenLLM("tiny-llama", layer=1)
+    draft = draft_for(llm1, "tiny-llama", 0.05)
+    last = llm1.at_layer(-1)
+    assert last.model is llm1.model and last.layer == llm1.n_layers and llm1.layer == 1
+    ids, mask = batch(llm1)
+    runs = [speculative_generate(draft, verifier, ids, mask, gamma=3, max_new_tokens=12) for verifier in (llm1, last)]
+    calls = []
+    hook = llm1.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        speculative_generate(draft, last, ids, mask, gamma=3, max_new_tokens=12)
+    finally:
+        hook.remove()
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1].as_counts() == runs[1][1].as_counts() and runs[0][1].accepted > 0
+    assert len(calls) == runs[1][1].rounds + 1  # the prompt once, then one pass per round: no extra feature pass

@@ -197,8 +197,8 @@ def _speculative_row(plan: Plan, draft: Any, verifier: Any, gamma: int):
 
     stats = SpeculativeStats()
     config, tok = verifier.model.config, verifier.tokenizer
-    modules = [draft, verifier.model] + ([draft.llm.model] if draft.llm is not None and draft.llm is not verifier
-                                         else [])
+    modules = [draft, verifier.model] + ([draft.llm.model] if draft.llm is not None and
+                                         draft.llm.model is not verifier.model else [])
     return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.speculative_generate_fn(draft, verifier, gamma, stats),
                  modules, B.prompt_vocab(config, tok), B.special_ids(config, tok), tokenizer=tok, speculative=stats)
 
@@ -218,18 +218,26 @@ def _llm2slm_row(plan: Plan, model: Any):
 
 def _can_share(llm: Any, checkpoint: Path) -> bool:
     """Whether a checkpoint was made with exactly this LLM (weights, layer, tokenizer), so it need not load its own."""
+    return _shared_llm(llm, checkpoint, any_layer=False) is not None
+
+
+def _shared_llm(llm: Any, checkpoint: Path, *, any_layer: bool) -> Any:
+    """The loaded LLM (a view at the checkpoint's layer with `any_layer`) if the checkpoint was made with exactly
+    its weights and tokenizer; else None, and the checkpoint loads its own."""
     from llm2slm_cli.llm2slm import check_llm, read_model_config
 
     expected = read_model_config(checkpoint).llm
     if llm is None or expected is None or _same_spec(expected["name"]) != _same_spec(llm.spec):
-        return False
+        return None
     if expected.get("dtype") != llm.dtype:
-        return False
+        return None
+    if any_layer and llm.kind == "decoder-only" and expected.get("layer") != llm.layer:
+        llm = llm.at_layer(expected["layer"])
     try:
         check_llm(llm, expected, f"checkpoint {checkpoint}")
     except UserError:
-        return False
-    return True
+        return None
+    return llm
 
 
 def _free() -> None:
@@ -308,55 +316,61 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any
     throughput: list[dict[str, Any]] = []
     texts = _prompt_texts(config)
     common = dict(prompt_length=config.prompt_length, num_beams=config.num_beams, warmup=config.warmup,
-                  repeats=config.repeats, flops=config.flops, seed=config.seed, device=device, texts=texts)
+                  repeats=config.repeats, flops=config.flops, seed=config.seed, device=device, texts=texts,
+                  whole=config.whole_prompts)
     with runtime.progress(config.quiet) as bar:
         task = bar.add_task("bench", total=len(plans) * (len(config.batch_size) + len(lengths)), rate="")
 
-        def measure(row: B.Row) -> None:
-            for batch in config.batch_size:
-                bar.update(task, description=f"{row.label} batch {batch}")
-                try:
-                    results.append({**B.measure(row, batch=batch, new_tokens=config.new_tokens, **common),
-                                    "part": "main"})
-                    bar.update(task, rate=f"{results[-1]['ms_per_token']:.1f} ms/token")
-                except B.Unsupported as e:
-                    skipped.append(f"{row.label}, batch {batch}: {e}")
-                bar.update(task, advance=1)
-            for n in lengths:
-                bar.update(task, description=f"{row.label} {n} tokens")
-                try:
-                    results.append({**B.measure_length(row, batch=config.batch_size[0], new_tokens=n, **common),
-                                    "part": "sweep"})
-                    bar.update(task, rate=f"{results[-1]['seconds_median']:.2f} s")
-                except B.Unsupported as e:
-                    skipped.append(f"{row.label}, {n} tokens: {e}")
-                bar.update(task, advance=1)
+        def measure(*rows: B.Row) -> None:
+            """Rows sharing loaded models, timed side by side (B.measure); results listed row by row."""
+            got: list[list[dict[str, Any]]] = [[] for _ in rows]
+            names = " | ".join(r.label for r in rows)
+            points = [("main", b, config.new_tokens) for b in config.batch_size] + \
+                [("sweep", config.batch_size[0], n) for n in lengths]
+            for part, batch, n in points:
+                bar.update(task, description=f"{names}: batch {batch}" if part == "main" else f"{names}: {n} tokens")
+                measured = B.measure(list(rows), batch=batch, new_tokens=n, warm=part == "sweep", **common)
+                for row, mine, m in zip(rows, got, measured):
+                    if isinstance(m, B.Unsupported):
+                        skipped.append(f"{row.label}, batch {batch}: {m}" if part == "main" else
+                                       f"{row.label}, {n} tokens: {m}")
+                    else:
+                        mine.append({**m, "part": part})
+                        bar.update(task, rate=f"{m['ms_per_token']:.1f} ms/token")
+                bar.update(task, advance=len(rows))
+            for mine in got:
+                results.extend(mine)
 
         slm_specs = list(dict.fromkeys(p.slm for p in plans if p.role == "SLM"))
         for spec in slm_specs:
             if M.model_kind(M.load_config(spec)) == "encoder-only":
                 raise UserError(f"the SLM {spec!r} is encoder-only and cannot generate")
             slm = M.load_model(spec, dtype=config.dtype, role="SLM").to(device)
-            for plan in (p for p in plans if p.role == "SLM" and p.slm == spec):
+            tok = _tokenizer_or_none(spec) if texts else None
+            group = [p for p in plans if p.role == "SLM" and p.slm == spec]
+            for plan in group:
                 identities[plan.label] = {"slm": plan.slm, "parameters": _count(slm), "engine": plan.engine}
-                measure(_plain_row(plan, slm, _tokenizer_or_none(plan.slm) if texts else None))
+            measure(*(_plain_row(plan, slm, tok) for plan in group))
             del slm
             _free()
         frozen = None
         if config.llm:
             frozen = FrozenLLM(config.llm, dtype=config.dtype, device=device, tokenizer_optional=not texts)
-            for plan in (p for p in plans if p.role == "LLM"):
+            group = [p for p in plans if p.role == "LLM"]
+            for plan in group:
                 identities[plan.label] = {"llm": plan.llm, "parameters": _count(frozen.model), "engine": plan.engine}
-                measure(_plain_row(plan, frozen.model, frozen.tokenizer))
+            if group:
+                measure(*(_plain_row(plan, frozen.model, frozen.tokenizer) for plan in group))
             if config.throughput:
                 throughput += _throughput(config, frozen, device, bar)
             for spec in dict.fromkeys(p.slm for p in plans if p.role == "LLM-to-SLM"):
                 model = LLMToSLM.build(spec, frozen, slm_dtype=config.dtype).to(device=device, dtype=dtype).eval()
-                for plan in (p for p in plans if p.role == "LLM-to-SLM" and p.slm == spec):
+                group = [p for p in plans if p.role == "LLM-to-SLM" and p.slm == spec]
+                for plan in group:
                     identities[plan.label] = {"llm": plan.llm, "slm": plan.slm, "projector": "fresh",
                                               "vocab_adapter": model.config.vocab_adapter, "engine": plan.engine,
                                               "parameters": _count(model), "llm_parameters": _count(frozen.model)}
-                    measure(_llm2slm_row(plan, model))
+                measure(*(_llm2slm_row(plan, model) for plan in group))
                 del model
                 _free()
             for plan in (p for p in plans if p.role == "assisted"):
@@ -374,8 +388,10 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any
                 del assistant
                 _free()
             for plan in (p for p in plans if p.role == "speculative"):
-                draft = LLMToSLM.from_pretrained(plan.checkpoint, llm=frozen if _can_share(frozen, plan.checkpoint)
-                                                 else None, device=device).to(dtype=dtype)
+                # a draft made with this LLM at another layer shares it too (speculative_generate reads its layer)
+                draft = LLMToSLM.from_pretrained(plan.checkpoint, llm=_shared_llm(frozen, plan.checkpoint,
+                                                                                  any_layer=True),
+                                                 device=device).to(dtype=dtype)
                 identities[plan.label] = {"draft": str(plan.checkpoint), "verifier": plan.llm, "gamma": config.gamma,
                                           "weights_sha256": A.sha256_file(plan.checkpoint / A.MODEL_WEIGHTS),
                                           "parameters": _count(draft), "engine": plan.engine}
@@ -390,11 +406,12 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any
                 frozen = None
                 _free()
             model = LLMToSLM.from_pretrained(directory, llm=frozen, device=device).to(dtype=dtype).eval()
-            for plan in (p for p in plans if p.role == "checkpoint" and p.checkpoint == directory):
+            group = [p for p in plans if p.role == "checkpoint" and p.checkpoint == directory]
+            for plan in group:
                 identities[plan.label] = {"checkpoint": str(directory), "llm": plan.llm, "slm": plan.slm,
                                           "weights_sha256": A.sha256_file(directory / A.MODEL_WEIGHTS),
                                           "parameters": _count(model), "engine": plan.engine}
-                measure(_llm2slm_row(plan, model))
+            measure(*(_llm2slm_row(plan, model) for plan in group))
             del model
             _free()
     return results, identities, skipped, throughput
