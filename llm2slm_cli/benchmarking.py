@@ -200,12 +200,6 @@ def _one_run(row: Row, ids: Any, mask: Any, n: int, num_beams: int) -> None:
                         "(stopping criteria other than the end token?), so its speed cannot be compared")
 
 
-def time_runs(row: Row, ids: Any, mask: Any, n: int, *, num_beams: int, warmup: int, repeats: int,
-              device: Any) -> list[float]:
-    """Seconds of each timed run (after `warmup` untimed ones), with the GPU synchronised before and after."""
-    return timed(lambda: _one_run(row, ids, mask, n, num_beams), warmup=warmup, repeats=repeats, device=device)
-
-
 def timed(fn: Callable[[], Any], *, warmup: int, repeats: int, device: Any) -> list[float]:
     """Seconds of each of `repeats` calls of fn after `warmup` untimed ones, the GPU synchronised around each."""
     for _ in range(warmup):
@@ -279,12 +273,13 @@ def measure(rows: list[Row], *, batch: int, prompt_length: int, new_tokens: int,
         _reset_speculative(row)
         try:
             total = count_flops(row, ids, mask, new_tokens, num_beams=num_beams) if warm and flops else None
-            for _ in range(0 if warm and flops else min(warmup, 1) if warm else warmup):
+            untimed = (0 if flops else min(warmup, 1)) if warm else warmup
+            for _ in range(untimed):
                 _one_run(row, ids, mask, new_tokens, num_beams)
         except Unsupported as e:
             out[i] = e
             continue
-        ran = warm or warmup > 0
+        ran = total is not None or untimed > 0
         live[i] = {"ids": ids, "mask": mask, "seconds": [], "flops": total,
                    "cuda_peak": torch.cuda.max_memory_allocated(device) if cuda and ran else None}
     for _ in range(repeats):

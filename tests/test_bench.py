@@ -129,7 +129,8 @@ def test_generation_length_is_exact_and_checked():
             assert fn(ids, mask, **B.generation_kwargs(5, beams)) == 5
     short = B.Row("short", "SLM", None, "x", lambda ids, mask, **kw: kw["max_new_tokens"] - 1, [], 260)
     with pytest.raises(UserError, match="generated 4 tokens instead of 5"):
-        B.time_runs(short, ids, mask, 5, num_beams=1, warmup=0, repeats=1, device=ids.device)
+        B.measure([short], batch=2, prompt_length=6, new_tokens=5, num_beams=1, warmup=0, repeats=1, flops=False,
+                  seed=0, device=ids.device)
 
 
 def test_encoder_only_llm_has_no_llm_row(cli, tmp_path):
