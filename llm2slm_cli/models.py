@@ -231,12 +231,14 @@ def keep_vocabulary(model, kept) -> None:
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
+    sharing = _sharing(model, emb)
     old_pad = emb.padding_idx
     emb.weight = nn.Parameter(emb.weight.data[kept].clone(), requires_grad=emb.weight.requires_grad)
     emb.num_embeddings = len(kept)
     if old_pad is not None:
         where = (kept == old_pad).nonzero()
         emb.padding_idx = int(where[0, 0]) if len(where) else None
+    _share(sharing, emb)
     if head is not None:
         if tied:
             head.weight = emb.weight
@@ -249,6 +251,23 @@ def keep_vocabulary(model, kept) -> None:
     text = getattr(model.config, "text_config", None)
     if text is not None and hasattr(text, "vocab_size"):
         text.vocab_size = len(kept)
+
+
+def _sharing(model, emb) -> list:
+    """The other embedding modules that read `emb`'s table: T5's encoder and decoder `embed_tokens` share the
+    weight of `shared` (tied, not the same module), so replacing only `shared.weight` would leave them the old
+    table, indexed by new ids."""
+    from torch import nn
+
+    return [m for m in model.modules() if isinstance(m, nn.Embedding) and m is not emb and
+            getattr(m, "weight", None) is emb.weight]
+
+
+def _share(modules: list, emb) -> None:
+    for m in modules:
+        m.weight = emb.weight
+        m.num_embeddings = emb.num_embeddings
+        m.padding_idx = emb.padding_idx
 
 
 def widen_vocabulary(model, kept, full: int, *, fill: int) -> None:
@@ -269,8 +288,10 @@ def widen_vocabulary(model, kept, full: int, *, fill: int) -> None:
         out.weight[kept] = head.weight.data
         out.bias.fill_(-1e4)
         out.bias[kept] = head.bias.data if getattr(head, "bias", None) is not None else 0.0
+    sharing = _sharing(model, emb)
     emb.weight = nn.Parameter(rows, requires_grad=False)
     emb.num_embeddings = full
+    _share(sharing, emb)
     model.set_output_embeddings(out)
     model.config.tie_word_embeddings = False
     model.config.vocab_size = full

@@ -162,3 +162,44 @@ def test_plain_slm_widens_a_trimmed_vocabulary_back(slm):
     assert set(torch.unique(out).tolist()) <= set(small.slm_vocab.tolist())
     with pytest.raises(Exception, match="reads the LLM's features"):
         _model("tiny-t5", "tiny-t5-large").plain_slm()
+
+
+def _varied(model: LLMToSLM) -> LLMToSLM:
+    """A fresh tiny T5 greedily writes one token over and over; perturbed weights make it write many, so a trimmed
+    model that read the wrong embedding rows would write something else."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.slm.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("llm", ["tiny-t5-large", None])
+def test_trimmed_t5_reads_the_kept_rows_in_encoder_and_decoder(llm, tmp_path):
+    """T5's encoder and decoder read the table through their own `embed_tokens` (tied to `shared`): trimming, the
+    widening of plain_slm and save/load must all move them with it."""
+    from llm2slm_cli.decoding import generate_plain, search_from
+    from llm2slm_cli.llm2slm import strip_generated
+
+    model = _varied(_model("tiny-t5", llm))
+    ids, mask = _batch(model)
+    full = model.generate(ids, mask, **GREEDY)
+    assert len({t for row in full for t in row}) >= 8, full  # outputs vary: the comparison below can fail
+    kept = {int(t) for t in ids[mask.bool()]} | {t for row in full for t in row}
+    small = _trimmed(model, kept)
+    slm = small.slm
+    assert slm.encoder.embed_tokens.weight is slm.shared.weight
+    assert slm.decoder.embed_tokens.weight is slm.shared.weight
+    assert slm.shared.weight.shape[0] == small.config.trim_vocab["kept"]
+    assert small.generate(ids, mask, **GREEDY) == full
+    small.save_pretrained(tmp_path / "c")
+    again = LLMToSLM.from_pretrained(tmp_path / "c", llm=model.llm)
+    assert again.generate(ids, mask, **GREEDY) == full
+    if llm is None:  # widened back to the full vocabulary (a draft for assisted generation): the same tokens
+        plain = small.plain_slm()
+        assert plain.encoder.embed_tokens.weight is plain.shared.weight
+        assert plain.decoder.embed_tokens.weight.shape[0] == small.config.trim_vocab["full"]
+        g = plain.generation_config
+        out = generate_plain(plain, ids, mask, search_from(GREEDY, g, eos=g.eos_token_id, pad=g.pad_token_id,
+                                                           device=None))
+        assert strip_generated(out, small.config.eos_token_id, small.config.pad_token_id) == full
