@@ -128,9 +128,10 @@ class TrainConfig(ExampleFields):
                                      "(needs --fusion replace).", choices=["llm", "slm"])
     slm_tokenizer: Path | None = opt(None, "Tokenizer directory for the SLM.")
     freeze_slm: bool = opt(False, "Train only the projector (and vocabulary adapter); the SLM stays frozen.")
-    slm_layers: int | None = opt(None, "Keep only the SLM's first d layers, with their weights (paper Figure 4). "
-                                       "Decoder-only: the first d blocks; encoder-decoder (T5): the first d blocks "
-                                       "of the encoder and of the decoder.")
+    slm_layers: str | None = opt(None, "Keep only some of the SLM's layers, with their weights: d (the first d; "
+                                       "paper Figure 4) or comma-separated block indices (e.g. 0,1,-1: the first "
+                                       "two and the last). Decoder-only: those blocks; encoder-decoder (T5): those "
+                                       "blocks of the encoder and of the decoder.")
     trim_vocab: bool = opt(False, "Keep only the SLM embedding and head rows of tokens that occur in the training "
                                   "examples (targets, and prompts where the SLM embeds them) plus special tokens; "
                                   "the id map is saved in the checkpoint. Generation then emits only kept tokens; "
@@ -152,6 +153,15 @@ class TrainConfig(ExampleFields):
                                         "parameters (by part) and exit: the examples are not read and nothing is "
                                         "written.")
     json: bool = opt(False, "With --count-parameters: print the counts as JSON.")
+    projector_init: str = opt("default", "default: both projector layers as torch initialises them; zero: its last "
+                                         "layer starts at zero, so fusion starts as the plain SLM and the features "
+                                         "can only add what helps.", choices=["default", "zero"])
+    kd_weight: float = opt(0.0, "Logit distillation: the loss is (1 - A) * cross-entropy + A * KL(teacher || SLM) "
+                                "against the LLM's stored top-K distributions (distill-labels --top-k-logits); the "
+                                "mass outside the top K is one more outcome on both sides (see llm2slm.kd_loss).")
+    kd_temperature: float = opt(1.0, "Softmax temperature of the distillation term (its KL is scaled by T^2).")
+    kd_logits: Path | None = opt(None, "Output directory of distill-labels --top-k-logits (default: the training "
+                                       "input, when it is one).")
     max_length: int = opt(512, "Longest prompt in tokens (prompts are truncated).")
     max_target_length: int = opt(256, "Longest target in tokens (targets are truncated).")
     lr: float = opt(1e-3, "Peak learning rate (paper: 1e-3).")
@@ -192,7 +202,17 @@ class TrainConfig(ExampleFields):
             if self.freeze_slm:
                 raise UserError("--peft already freezes the SLM (--freeze-slm is for --llm: projector only)"
                                 if self.peft else "--freeze-slm without --llm would train nothing")
-        _positive(self, "slm_layers", "peft_virtual_tokens", "peft_lora_rank", "peft_lora_alpha")
+        from llm2slm_cli.models import parse_slm_layers
+
+        self.slm_layers = parse_slm_layers(self.slm_layers)
+        _positive(self, "peft_virtual_tokens", "peft_lora_rank", "peft_lora_alpha")
+        if not 0 <= self.kd_weight <= 1:
+            raise UserError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
+        _positive(self, "kd_temperature")
+        if self.projector_init != "default" and self.llm is None:
+            raise UserError("--projector-init applies to LLM-to-SLM (--llm): the SLM alone has no projector")
+        if self.kd_logits is not None and not self.kd_weight:
+            raise UserError("--kd-logits is read only with --kd-weight A > 0")
         method_of = {"peft_virtual_tokens": ("prompt", "prefix"), "peft_prefix_hidden": ("prefix",),
                      "peft_lora_rank": ("lora",), "peft_lora_alpha": ("lora",), "peft_lora_dropout": ("lora",),
                      "peft_lora_targets": ("lora",)}
@@ -274,7 +294,8 @@ class DistillConfig(DecodingOptions, ExampleFields):
 
     def __post_init__(self) -> None:
         _inputs(self.inputs)
-        _positive(self, "max_new_tokens", "batch_size", "shard_size", "max_length")
+        _positive(self, "max_new_tokens", "batch_size", "shard_size", "max_length", "top_k_logits",
+                  "max_target_length")
         self._check_decoding()
 
 
@@ -296,6 +317,13 @@ class EvalConfig(ExampleFields):
                                       "http://127.0.0.1:8000/v1.")
     judge_model: str | None = opt(None, "Model name the judge endpoint serves.")
     judge_api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the judge's API key (if any).")
+    top_k_logits: int | None = opt(None, "Also store the LLM's top-K next-token distributions (log-probabilities "
+                                         "over its whole vocabulary) at every target token, teacher-forced, for "
+                                         "`train --kd-weight` (logit distillation).")
+    teacher_forced: bool = opt(False, "Keep the input's targets and only store the LLM's distributions over them "
+                                      "(no generation; needs --top-k-logits).")
+    max_target_length: int = opt(256, "With --top-k-logits: longest target in tokens, as `train` cuts them (the "
+                                      "same value must be given to train).")
     judge_timeout: float = opt(60.0, "Seconds to wait for one judge reply.")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     json: bool = opt(False, "Print the metrics as JSON on stdout.")
@@ -306,6 +334,8 @@ class EvalConfig(ExampleFields):
 class BenchConfig:
     """Measure decoding speed the paper's way: ms per generated token for --new-tokens tokens after a
     --prompt-length prompt, for the LLM alone, the SLM alone and LLM-to-SLM; plus FLOPs, memory and plots."""
+        if self.teacher_forced and self.top_k_logits is None:
+            raise UserError("--teacher-forced only stores distributions: give --top-k-logits K")
 
     out: Path = opt(REQUIRED, "Output directory: bench.parquet, bench.json, manifest.json and PNG plots.")
     llm: str | None = opt(None, "The LLM (hub id, directory, .gguf or preset:NAME): an 'LLM' row, and the LLM of "

@@ -213,7 +213,8 @@ class ModelConfig:
     template: str | None = None
     max_prompt_length: int = 512
     peft: dict[str, Any] | None = None  # the peft config of a PEFT baseline (SLM alone), as peft writes it
-    slm_layers: int | None = None  # the SLM was cut to its first d layers (slm_config.json has the new shape)
+    # the SLM was cut to its first d layers, or to the blocks listed (slm_config.json has the new shape)
+    slm_layers: int | list[int] | None = None
     # a trimmed SLM vocabulary: {"kept": n, "full": N, "unknown": old id that unkept prompt tokens become}; the kept
     # ids themselves are the `slm_vocab` tensor in model.safetensors
     trim_vocab: dict[str, int] | None = None
@@ -472,7 +473,7 @@ class LLMToSLM(nn.Module):
     @classmethod
     def build(cls, slm_spec: str, llm: FrozenLLM | None, *, fusion: Fusion = "add", tokenizer: TokenizerMode = "llm",
               slm_tokenizer: str | Path | None = None, template: str | None = None,
-              max_prompt_length: int = 512, slm_dtype: str = "float32", slm_layers: int | None = None,
+              max_prompt_length: int = 512, slm_dtype: str = "float32", slm_layers: int | list[int] | None = None,
               peft: dict[str, Any] | None = None) -> LLMToSLM:
         """A new model: the SLM's pretrained (or preset) weights, a fresh projector and, if needed, adapter.
 
@@ -537,10 +538,14 @@ class LLMToSLM(nn.Module):
         return p * prompt_mask.unsqueeze(-1).to(p.dtype)
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, target_ids: torch.Tensor,
-                target_mask: torch.Tensor, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                target_mask: torch.Tensor, features: torch.Tensor | None = None, *,
+                teacher_ids: torch.Tensor | None = None, teacher_logprobs: torch.Tensor | None = None,
+                kd_weight: float = 0.0, kd_temperature: float = 1.0, return_parts: bool = False):
         """Summed cross-entropy over target tokens (prompt tokens carry no loss) and the number of those tokens.
 
-        All inputs are right-padded; targets end with the end-of-sequence token.
+        All inputs are right-padded; targets end with the end-of-sequence token. With a teacher's top-K distributions
+        (`teacher_ids`, `teacher_logprobs`: (batch, target length, K), tokenizer ids) and `kd_weight` A > 0, the loss
+        is (1 - A) * cross-entropy + A * `kd_loss`, both summed over target tokens; `return_parts` adds the two sums.
         """
         p = self.prompt_embeddings(prompt_ids, prompt_mask, features)
         target_ids = self.slm_ids(target_ids)
@@ -563,7 +568,21 @@ class LLMToSLM(nn.Module):
                               logits_to_keep=target_ids.shape[1] + 1, **extra).logits[:, :-1]
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                            reduction="sum")
-        return loss, target_mask.sum()
+        if not kd_weight:
+            return (loss, target_mask.sum(), {"ce": loss.detach()}) if return_parts else (loss, target_mask.sum())
+        kd = kd_loss(logits, target_mask, self.teacher_slm_ids(teacher_ids), teacher_logprobs, kd_temperature)
+        mixed = (1 - kd_weight) * loss + kd_weight * kd
+        if return_parts:
+            return mixed, target_mask.sum(), {"ce": loss.detach(), "kd": kd.detach()}
+        return mixed, target_mask.sum()
+
+    def teacher_slm_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """A teacher's tokenizer ids -> the SLM's output ids, -1 where the SLM has no such token (a trimmed
+        vocabulary) or where `ids` is already -1 (padding)."""
+        if self.config.trim_vocab is None:
+            return ids
+        mapped = self.slm_ids(ids.clamp(min=0))
+        return mapped.masked_fill((ids < 0) | (self.slm_vocab[mapped] != ids), -1)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, features: torch.Tensor | None = None,
@@ -717,6 +736,38 @@ def _same_vocabulary(llm: FrozenLLM, slm_spec: str, slm_tokenizer: str | Path | 
 
 def strip_generated(out: torch.Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
     """Cut each row at its first end token; rows that stopped early are padded after it."""
+def kd_loss(logits: torch.Tensor, target_mask: torch.Tensor, teacher_ids: torch.Tensor,
+            teacher_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Logit distillation against a teacher's stored top-K: KL(teacher || student), summed over target tokens.
+
+    Only the teacher's K most likely tokens are known, so both distributions are compared over K + 1 outcomes: each
+    of the K tokens, and "any other token" (teacher: 1 - the K tokens' mass; student: 1 - its probability of those
+    same K tokens). This is the exact KL of the two distributions coarsened to these K + 1 outcomes, so it never
+    asks the student for mass the teacher did not state, and it is 0 only when the student matches the teacher on
+    the K tokens. A teacher token the student cannot emit (id -1: outside a trimmed vocabulary) moves its mass to
+    "other" on both sides. With temperature T the K + 1 log-probabilities of both sides are divided by T and
+    renormalised, and the KL is multiplied by T^2 (Hinton et al.), so gradients keep their scale across T.
+
+    logits (batch, T, V) of the student at the target positions; target_mask (batch, T); teacher_ids (batch, T, K)
+    in the student's ids, -1 for none; teacher_logprobs (batch, T, K) log-probabilities at temperature 1."""
+    valid = teacher_ids >= 0
+    student = logits.float().log_softmax(-1).gather(-1, teacher_ids.clamp(min=0))
+    never = torch.finfo(torch.float32).min
+    t_top = teacher_logprobs.float().masked_fill(~valid, never)
+    s_top = student.masked_fill(~valid, never)
+
+    def with_other(top: torch.Tensor) -> torch.Tensor:
+        mass = top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)
+        return torch.cat([top, torch.log1p(-mass)], -1)
+
+    t, s = with_other(t_top), with_other(s_top)
+    if temperature != 1.0:
+        t, s = (t / temperature).log_softmax(-1), (s / temperature).log_softmax(-1)
+    p = t.exp()
+    kl = (p * (t - s)).masked_fill(p == 0, 0.0).sum(-1)
+    return (kl * target_mask.to(kl.dtype)).sum() * temperature ** 2
+
+
     result = []
     for row in out.tolist():
         if eos_id in row:

@@ -194,11 +194,15 @@ def num_layers(config) -> int:
     raise UserError(f"cannot tell the number of layers of a {config.model_type} model")
 
 
-def truncate_layers(model, d: int, spec: str) -> None:
-    """Keep the first d layers of `model` with their weights, in place (paper Figure 4: GPT2 cut to 1, 2, 4 layers).
+def truncate_layers(model, layers: int | list[int], spec: str) -> None:
+    """Keep some layers of `model` with their weights, in place: the first d (an int; paper Figure 4: GPT2 cut to 1,
+    2, 4 layers) or the blocks at the given indices, in order (a list; negative counts from the end, e.g. [0, 1, -1]:
+    the first two and the last, so the kept last block still writes into the space the head reads).
 
-    Decoder-only: the first d blocks. Encoder-decoder: the first d blocks of the encoder and of the decoder. Embeddings,
-    final norms and the head stay. The config's layer counts follow, so a checkpoint rebuilds the same shape."""
+    Decoder-only: those blocks. Encoder-decoder: those blocks of the encoder and of the decoder (T5: block 0, which
+    holds the relative position bias, must be kept). Embeddings, final norms and the head stay. The config's layer
+    counts (and per-layer attention kinds) follow and each kept block is renumbered, so a checkpoint rebuilds the
+    same shape and the KV cache sees consecutive layers."""
     from torch import nn
 
     config = model.config
@@ -210,16 +214,48 @@ def truncate_layers(model, d: int, spec: str) -> None:
         n = num_layers(config)
         lists = [m for m in model.base_model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
         if not lists:
-            raise UserError(f"cannot find the layer list of {spec!r} to keep its first {d} layers")
+            raise UserError(f"cannot find the layer list of {spec!r} to keep {layers} of its layers")
         stacks = [(lists[0], "num_hidden_layers")]  # GPT2 maps num_hidden_layers to n_layer
     depth = min(len(blocks) for blocks, _ in stacks)
-    if not 1 <= d <= depth:
-        raise UserError(f"--slm-layers {d}: the SLM {spec!r} has {depth} layers")
+    if isinstance(layers, int):
+        if not 1 <= layers <= depth:
+            raise UserError(f"--slm-layers {layers}: the SLM {spec!r} has {depth} layers")
+        keep = list(range(layers))
+    else:
+        keep = [i + depth if i < 0 else i for i in layers]
+        if not keep or any(not 0 <= i < depth for i in keep) or keep != sorted(set(keep)):
+            raise UserError(f"--slm-layers {','.join(map(str, layers))}: give distinct block indices in increasing "
+                            f"order, each in [-{depth}, {depth - 1}] (the SLM {spec!r} has {depth} layers)")
+        if model_kind(config) == "encoder-decoder" and keep[0] != 0:
+            raise UserError("--slm-layers: a T5 SLM must keep block 0 (it holds the relative position bias)")
     for blocks, key in stacks:
-        del blocks[d:]
-        setattr(config, key, d)
-    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Llama, Qwen, ...)
-        config.layer_types = config.layer_types[:d]
+        kept = [blocks[i] for i in keep]
+        del blocks[:]
+        for new, block in enumerate(kept):
+            for m in block.modules():
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = new
+            blocks.append(block)
+        setattr(config, key, len(keep))
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Gemma, Qwen, ...)
+        config.layer_types = [config.layer_types[i] for i in keep]
+
+
+def parse_slm_layers(text: str | int | list[int] | None) -> int | list[int] | None:
+    """--slm-layers: "d" (the first d) or "i,j,k" (those blocks; negative counts from the end)."""
+    if text is None or isinstance(text, (int, list)):
+        return text
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise UserError(f"--slm-layers takes a number of layers or comma-separated block indices, got {text!r}")
+    if "," not in str(text):
+        if values[0] <= 0:
+            raise UserError(f"--slm-layers must be positive, got {values[0]}")
+        return values[0]
+    return values
 
 
 def keep_vocabulary(model, kept) -> None:

@@ -6,6 +6,10 @@ stage reads like any input file:
     examples.parquet   id, prompt (template applied), target (the LLM's output), reference (the original target)
     manifest.json      the LLM, decoding settings, template, input sha256, counts, timing
 
+With --top-k-logits K the LLM's top-K next-token distributions over every target token are stored beside them
+(teacher.py: logits-NNNNN.safetensors, one per shard), for `train --kd-weight`; --teacher-forced keeps the input's
+targets and only computes those distributions (no generation).
+
 Work is written in shards of --shard-size examples (input order), split across processes under `accelerate launch`;
 --resume skips the shards already written (see sharding.py).
 """
@@ -18,21 +22,27 @@ from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.config import DistillConfig
 from llm2slm_cli.data import Fields, read_examples
+from llm2slm_cli.errors import UserError
 from llm2slm_cli.sharding import ShardedRun, shard_seed
+from llm2slm_cli.teacher import LOGITS_SHARD, teacher_topk, write_shard
 
 PART = "examples-{:05d}.parquet"
 
 
-def labels_table(rows: list[dict]):
+def labels_table(rows: list[dict], logits_shard: int | None = None):
     import pyarrow as pa
 
-    return pa.table({
+    columns = {
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "prompt": pa.array([r["prompt"] for r in rows], pa.string()),
         "target": pa.array([r["target"] for r in rows], pa.string()),
         "reference": pa.array([r["reference"] for r in rows], pa.string()),
         "n_tokens": pa.array([r["n_tokens"] for r in rows], pa.int32()),
-    })
+    }
+    if logits_shard is not None:  # where each example's teacher distributions are
+        columns["logits_shard"] = pa.array([logits_shard] * len(rows), pa.int32())
+        columns["logits_row"] = pa.array(range(len(rows)), pa.int32())
+    return pa.table(columns)
 
 
 def run(config: DistillConfig) -> Path:
@@ -44,7 +54,8 @@ def run(config: DistillConfig) -> Path:
 
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field,
                     template=config.template)
-    examples = read_examples(config.inputs, fields)
+    examples = read_examples(config.inputs, fields, require_target=config.teacher_forced)
+    top_k = config.top_k_logits
     out = Path(config.out)
     with ShardedRun(out, stage="distill", overwrite=config.overwrite, resume=config.resume, device=config.device,
                     quiet=config.quiet) as work:
@@ -54,41 +65,71 @@ def run(config: DistillConfig) -> Path:
         ids, truncated = runtime.tokenize_prompts(tok, [e.prompt for e in examples], config.max_length,
                                                   strict=config.strict,
                                                   where=runtime.places(config.inputs, examples))
-        generation = generation_kwargs(config)
+        generation = None if config.teacher_forced else generation_kwargs(config)
+        if top_k is not None and top_k > len(tok):
+            raise UserError(f"--top-k-logits {top_k} is more than the LLM's {len(tok)} tokens")
         input_sha = A.input_sha256(config.inputs)
         shards = [list(range(i, min(i + config.shard_size, len(examples))))
                   for i in range(0, len(examples), config.shard_size)]
         work.plan({"input_sha256": input_sha, "llm": llm.identity, "generation": generation, "shards": len(shards),
-                   "template": config.template, "max_length": config.max_length, "seed": config.seed})
+                   "template": config.template, "max_length": config.max_length, "seed": config.seed,
+                   "top_k_logits": top_k, "teacher_forced": config.teacher_forced,
+                   "max_target_length": config.max_target_length if top_k else None})
 
+        # the examples part is written last: its presence marks a complete shard (logits included)
         todo = work.todo(len(shards), lambda k: (out / PART.format(k)).is_file())
         batcher = HalvingBatcher(config.batch_size)
-        new_tokens = 0
+        new_tokens = teacher_tokens = 0
         with runtime.progress(quiet) as bar, runtime.timer() as clock:
             task = bar.add_task("distill", total=sum(len(shards[k]) for k in todo), rate="")
             for k in todo:
                 members = shards[k]
                 torch.manual_seed(shard_seed(config.seed, k))
-                outputs = generate_shard(llm, ids, members, config.batch_size, generation, work, batcher, bar, task)
-                new_tokens += sum(len(t) for t in outputs.values())
-                texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
-                rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": t.strip(),
-                         "reference": examples[i].target, "n_tokens": len(outputs[i])}
-                        for i, t in zip(members, texts)]
+                if config.teacher_forced:
+                    rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": examples[i].target,
+                             "reference": examples[i].target, "n_tokens": 0} for i in members]
+                else:
+                    outputs = generate_shard(llm, ids, members, config.batch_size, generation, work, batcher, bar,
+                                             task)
+                    new_tokens += sum(len(t) for t in outputs.values())
+                    texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
+                    rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": t.strip(),
+                             "reference": examples[i].target, "n_tokens": len(outputs[i])}
+                            for i, t in zip(members, texts)]
                 empty = [r["id"] for r in rows if not r["target"]]
                 if empty:
                     runtime.say(f"warning: the LLM gave an empty answer for {len(empty)} examples of shard {k} "
                                 f"(e.g. {empty[0]!r}); train skips examples with empty targets", config.quiet)
-                A.write_parquet(out / PART.format(k), labels_table(rows))
+                if top_k is not None:
+                    work.check_stop()
+                    targets = runtime.tokenize_targets(tok, [r["target"] for r in rows], config.max_target_length)
+                    topk = teacher_topk(llm.model, llm.kind, [ids[i] for i in members], targets, top_k,
+                                        pad_id=tok.pad_token_id, batch_size=config.batch_size,
+                                        decoder_start=getattr(llm.model.config, "decoder_start_token_id", None))
+                    write_shard(out / LOGITS_SHARD.format(k), topk, targets)
+                    teacher_tokens += sum(len(t) for t in targets)
+                    if config.teacher_forced:
+                        bar.update(task, advance=len(members))
+                A.write_parquet(out / PART.format(k), labels_table(rows, k if top_k is not None else None))
         seconds = clock["seconds"]
 
         if work.finish():
             table = pa.concat_tables([pq.read_table(out / PART.format(k)) for k in range(len(shards))])
             generated = sum(table["n_tokens"].to_pylist())
             A.write_parquet(out / A.LABELS, table.drop_columns(["n_tokens"]))
+            logits = None
+            if top_k is not None:
+                from llm2slm_cli.models import tokenizer_fingerprint
+
+                logits = {"top_k": top_k, "max_target_length": config.max_target_length,
+                          "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+                          "teacher_forced": config.teacher_forced, "temperature": 1.0,
+                          "files": {LOGITS_SHARD.format(k): A.file_record(out / LOGITS_SHARD.format(k))
+                                    for k in range(len(shards))}}
             manifest = A.make_manifest(
                 A.KIND_LABELS, config, llm=llm.identity, generation=generation, template=config.template,
                 prompt_field=config.prompt_field, inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
+                logits=logits,
                 counts={"examples": len(examples), "generated_tokens": generated,
                         "truncated_prompts": sum(truncated),
                         "empty_targets": sum(1 for t in table["target"].to_pylist() if not t)},

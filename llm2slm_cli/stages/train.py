@@ -32,6 +32,7 @@ class Split:
     def __init__(self, examples: list[Example], prompt_ids: list[list[int]], target_ids: list[list[int]],
                  store: Any | None) -> None:
         self.examples, self.prompt_ids, self.target_ids, self.store = examples, prompt_ids, target_ids, store
+        self.teacher: Any | None = None  # teacher.TeacherLogits, for logit distillation
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -49,6 +50,15 @@ class Split:
             for j, r in enumerate(rows):
                 feats[j, : r.shape[0]] = r.to(dtype)
             batch["features"] = feats
+        if self.teacher is not None:  # (batch, target length, K); id -1 where a row is padding
+            rows = [self.teacher.rows(self.examples[i].id) for i in indices]
+            k = self.teacher.top_k
+            ids = torch.full((len(rows), target_ids.shape[1], k), -1, dtype=torch.long)
+            logprobs = torch.zeros(len(rows), target_ids.shape[1], k, dtype=torch.float32)
+            for j, (top, values, _) in enumerate(rows):
+                ids[j, : len(top)] = torch.from_numpy(top).long()
+                logprobs[j, : len(values)] = torch.from_numpy(values).float()
+            batch["teacher_ids"], batch["teacher_logprobs"] = ids, logprobs
         return batch
 
 
@@ -119,12 +129,7 @@ def run(config: TrainConfig) -> Path:
     if not config.count_parameters:
         train_examples = _read(config.inputs, config, template)
         dev_examples = _read(config.dev, config, template) if config.dev else None
-    if main and not config.count_parameters:
-        A.prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
-    accelerator.wait_for_everyone()
-    resume_from = latest_checkpoint(out) if config.resume and not config.count_parameters else None
-    if config.resume and resume_from is None and main and not config.count_parameters:
-        runtime.say(f"no checkpoint in {out} yet: starting from the beginning", quiet)
+    teacher = _teacher(config) if config.kd_weight and not config.count_parameters else None
 
     # --- models
     llm = None
@@ -157,6 +162,22 @@ def run(config: TrainConfig) -> Path:
     dev = _load_split(dev_examples, config, dev_store, model, max_length, "dev") if config.dev else None
     if config.trim_vocab:
         _trim_vocabulary(model, train, quiet)
+    if config.projector_init == "zero" and model.has_llm:  # fusion starts as the plain SLM
+        torch.nn.init.zeros_(model.projector[-1].weight)
+        torch.nn.init.zeros_(model.projector[-1].bias)
+    if teacher is not None:
+        from llm2slm_cli.models import tokenizer_fingerprint
+
+        teacher.check(train.examples, train.target_ids, tokenizer_fingerprint(model.target_tokenizer), "training")
+        train.teacher = teacher
+
+    # every input is read and checked: only now is the output directory touched
+    if main:
+        A.prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
+    accelerator.wait_for_everyone()
+    resume_from = latest_checkpoint(out) if config.resume else None
+    if config.resume and resume_from is None and main:
+        runtime.say(f"no checkpoint in {out} yet: starting from the beginning", quiet)
 
     # --- optimisation (paper defaults)
     n = len(train)
@@ -220,14 +241,17 @@ def run(config: TrainConfig) -> Path:
                 if not micro:  # a last batch smaller than the process count: join the all-reduce with zero
                     micro, weight = [global_batch[:1]], 0.0
                 loss_sum = torch.zeros((), device=accelerator.device)
+                parts_sum = torch.zeros(2, device=accelerator.device)  # cross-entropy, KD (with --kd-weight)
                 for j, indices in enumerate(micro):
                     batch = train.batch(indices, prompt_pad, target_pad, feature_dtype)
                     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                     sync = nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
-                        summed, _ = model(**batch)
+                        summed, _, parts = model(**batch, kd_weight=config.kd_weight,
+                                                 kd_temperature=config.kd_temperature, return_parts=True)
                         accelerator.backward(summed * weight)
                     loss_sum += summed.detach() * (weight > 0)
+                    parts_sum += torch.stack([parts["ce"], parts.get("kd", parts["ce"] * 0)]) * (weight > 0)
                 grad_norm = None
                 if config.max_grad_norm:
                     grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
@@ -235,6 +259,8 @@ def run(config: TrainConfig) -> Path:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 loss = float(accelerator.reduce(loss_sum, "sum")) / global_tokens
+                if config.kd_weight:
+                    ce, kd = (float(x) / global_tokens for x in accelerator.reduce(parts_sum, "sum"))
                 seen_examples += len(global_batch)
                 if not math.isfinite(loss):
                     kept = latest_checkpoint(out)
@@ -246,6 +272,8 @@ def run(config: TrainConfig) -> Path:
                 record = {"step": step + 1, "epoch": epoch, "loss": round(loss, 6),
                           "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": global_tokens,
                           "examples_per_second": round(seen_examples / elapsed, 2)}
+                if config.kd_weight:
+                    record.update(ce=round(ce, 6), kd=round(kd, 6))
                 if dev is not None and config.eval_every and (step + 1) % config.eval_every == 0:
                     record["dev_loss"] = last["dev_loss"] = _dev_loss(model, dev, accelerator, config,
                                                                       prompt_pad, target_pad, feature_dtype)
@@ -274,7 +302,9 @@ def run(config: TrainConfig) -> Path:
             manifest = A.make_manifest(
                 A.KIND_TRAINING, config, model=_model_identity(core), counts=counts,
                 inputs={"train_sha256": A.input_sha256(config.inputs),
-                        "dev_sha256": A.input_sha256(config.dev) if config.dev else None},
+                        "dev_sha256": A.input_sha256(config.dev) if config.dev else None,
+                        "kd_logits_manifest_sha256": A.sha256_file(teacher.directory / A.MANIFEST)
+                        if teacher is not None else None},
                 result={"train_loss": last["loss"], "dev_loss": last["dev_loss"]},
                 timing={"seconds": round(seconds, 2), "examples_per_second": round(seen_examples / seconds, 2)},
                 checkpoints=sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")))
@@ -285,6 +315,20 @@ def run(config: TrainConfig) -> Path:
         return out
     finally:
         stop.__exit__(None, None, None)
+
+
+def _teacher(config: TrainConfig):
+    """The stored teacher distributions for --kd-weight: --kd-logits, else the training input if it has them."""
+    from llm2slm_cli.teacher import TeacherLogits
+
+    path = config.kd_logits
+    if path is None:
+        src = Path(config.inputs[0])
+        if len(config.inputs) != 1 or not src.is_dir():
+            raise UserError("--kd-weight needs the teacher's distributions: give --kd-logits DIR (distill-labels "
+                            "--top-k-logits), or that directory as the training input")
+        path = src
+    return TeacherLogits(path)
 
 
 def _trim_vocabulary(model, train: Split, quiet: bool) -> None:
