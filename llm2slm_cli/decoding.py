@@ -152,11 +152,17 @@ class SpeculativeStats:
                 "tokens_per_llm_call": round(self.tokens_per_llm_call, 4)}
 
 
-def _process(logits: torch.Tensor, temperature: float, top_p: float, banned: list[int]) -> torch.Tensor:
-    """Logits -> the probabilities sampling draws from (temperature, then nucleus), banned tokens removed."""
+def _process(logits: torch.Tensor, temperature: float, top_p: float, banned: list[int], *, top_k: int = 0
+             ) -> torch.Tensor:
+    """Logits -> the probabilities sampling draws from, as transformers' warpers make them: banned tokens removed,
+    temperature, the `top_k` most likely (0: all), then the nucleus."""
     logits = logits.float()
     if banned:
+        logits = logits.clone()
         logits[..., banned] = float("-inf")
+    if top_k and top_k < logits.shape[-1]:  # before top-p, as in transformers (and unchanged by the temperature)
+        kth = torch.topk(logits, top_k).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / temperature, -1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
@@ -190,7 +196,7 @@ class Search:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # transformers' generation configs default to 50 for sampling
+    top_k: int = 0  # 0: no top-k; search_from fills in transformers' default (50) where the model sets none
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
@@ -199,8 +205,21 @@ class Search:
 
 
 # Options `decode` understands; anything else asked of a generation falls back to transformers' generate.
-SEARCH_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "num_beams",
-                  "length_penalty", "early_stopping"}
+SEARCH_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams",
+                  "length_penalty", "early_stopping", "suppress_tokens"}
+
+
+def generation_value(generation_config: Any, name: str, fallback: Any = None) -> Any:
+    """What transformers' generate uses for `name`: the model's generation config, or where that leaves it unset
+    (None), the default generate fills in (transformers 5: top_k None in the config means 50)."""
+    value = getattr(generation_config, name, None)
+    if value is not None:
+        return value
+    from transformers import GenerationConfig
+
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    value = defaults().get(name) if defaults is not None else getattr(GenerationConfig(), name, None)
+    return fallback if value is None else value
 
 
 def search_from(options: dict[str, Any], generation_config: Any, *, eos: int | None, pad: int | None,
@@ -222,8 +241,10 @@ def search_from(options: dict[str, Any], generation_config: Any, *, eos: int | N
         value = getattr(g, name, default)
         if value is not None and value != default:
             return None
-    pick = lambda name, default: options.get(name, getattr(g, name, None) if getattr(g, name, None) is not None  # noqa: E731
-                                             else default)
+
+    def pick(name: str, default: Any) -> Any:
+        return options[name] if options.get(name) is not None else generation_value(g, name, default)
+
     do_sample = bool(options.get("do_sample", False))
     if eos is None and pad is None:
         return None
@@ -231,8 +252,9 @@ def search_from(options: dict[str, Any], generation_config: Any, *, eos: int | N
                   pad_token_id=pad if pad is not None else eos, min_new_tokens=int(options.get("min_new_tokens") or 0),
                   do_sample=do_sample, temperature=float(pick("temperature", 1.0)) if do_sample else 1.0,
                   top_p=float(pick("top_p", 1.0)) if do_sample else 1.0,
-                  top_k=int(getattr(g, "top_k", None) or 0) if do_sample else 0, num_beams=int(pick("num_beams", 1)),
+                  top_k=int(pick("top_k", 0) or 0) if do_sample else 0, num_beams=int(pick("num_beams", 1)),
                   length_penalty=float(pick("length_penalty", 1.0)), early_stopping=pick("early_stopping", False),
+                  suppress=tuple(int(i) for i in options.get("suppress_tokens") or ()),
                   check_every=8 if getattr(device, "type", "cpu") == "cuda" else 1)
 
 
@@ -302,10 +324,7 @@ def _sample_or_greedy(step: Stepper, logits: torch.Tensor, search: Search, gener
         scores = logits.to(dtype=torch.float32, copy=True)
         _ban(scores, search, t)
         if search.do_sample:
-            if search.top_k and search.top_k < scores.shape[-1]:  # before top-p, as in transformers
-                kth = torch.topk(scores, search.top_k).values[:, -1:]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            token = torch.multinomial(_process(scores, search.temperature, search.top_p, []), 1,
+            token = torch.multinomial(_process(scores, search.temperature, search.top_p, [], top_k=search.top_k), 1,
                                       generator=generator).squeeze(1)
         else:
             token = scores.argmax(-1)
@@ -383,11 +402,13 @@ def _beam_search(step: Stepper, logits: torch.Tensor, search: Search) -> torch.T
 @torch.inference_mode()
 def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, gamma: int = 4,
                          max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
-                         top_p: float = 1.0, generator: torch.Generator | None = None,
+                         top_p: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
                          suppress_tokens: list[int] | None = None) -> tuple[list[list[int]], SpeculativeStats]:
     """Generate for right-padded prompts with `verifier` (a FrozenLLM: its full model checks) and `draft` (an
     LLMToSLM reading the same vocabulary). Returns token ids without the end token, and acceptance statistics.
-    `suppress_tokens` are never generated (benchmarks suppress the end token to time an exact length)."""
+    `suppress_tokens` are never generated (benchmarks suppress the end token to time an exact length). Sampling
+    draws from the LLM's distribution as its own sampling would: `top_k` None is what transformers' generate uses
+    for the LLM (its generation config's, else 50); 0 turns top-k off."""
     from llm2slm_cli.llm2slm import _right_to_left, strip_generated
 
     if gamma < 1:
@@ -402,6 +423,8 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
     batch = prompt_ids.shape[0]
     llm_model = verifier.model
     llm_kind = verifier.kind
+    if top_k is None:
+        top_k = int(generation_value(llm_model.generation_config, "top_k", 0) or 0) if do_sample else 0
     if llm_kind == "encoder-only":
         raise UserError(f"the LLM {verifier.spec!r} is encoder-only: it cannot verify drafts")
     # The verifier's pass over the prompt gives the draft its features when both are the same LLM: a decoder-only
@@ -451,7 +474,7 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
         base = draft_step.fed
         for j in range(g):
             if do_sample:
-                qj = _process(draft_logits, temperature, top_p, banned)
+                qj = _process(draft_logits, temperature, top_p, banned, top_k=top_k)
                 dj = torch.multinomial(qj, 1, generator=generator).squeeze(1)
                 q.append(qj)
             else:
@@ -467,7 +490,7 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
             logits = torch.cat([llm_first, logits[:, :g]], 1)
         # 3. how many drafts each row accepts
         if do_sample:
-            p_all = _process(logits, temperature, top_p, banned)
+            p_all = _process(logits, temperature, top_p, banned, top_k=top_k)
             q_all = torch.stack(q, 1)
             p_d = p_all[:, :g].gather(-1, d.unsqueeze(-1)).squeeze(-1)
             q_d = q_all.gather(-1, d.unsqueeze(-1)).squeeze(-1)

@@ -67,6 +67,18 @@ def toy_files(tmp_path_factory) -> dict[str, Path]:
     return {"train": write_jsonl(d / "train.jsonl", rows[:16]), "dev": write_jsonl(d / "dev.jsonl", rows[16:])}
 
 
+@pytest.fixture
+def decode_calls(monkeypatch) -> list:
+    """Counts the calls of our decoding loop (decoding.decode), so that a test of it can assert that it ran and not
+    transformers' generate (options decode does not know fall back to generate without a word)."""
+    from llm2slm_cli import decoding
+
+    calls: list = []
+    real = decoding.decode
+    monkeypatch.setattr(decoding, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 class Cli:
     def __init__(self) -> None:
         self.runner = CliRunner()

@@ -55,10 +55,11 @@ def _batch(model: LLMToSLM):
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 @pytest.mark.parametrize("slm,llm", [("tiny-gpt2", None), ("tiny-t5", "tiny-t5-large"), ("tiny-llama", "tiny-llama")])
-def test_llm2slm_decoding_equals_transformers_generate(slm, llm, settings):
+def test_llm2slm_decoding_equals_transformers_generate(slm, llm, settings, decode_calls):
     model = _model(slm, llm)
     ids, mask = _batch(model)
     ours = model.generate_ids(ids, mask, **settings)
+    assert len(decode_calls) == 1  # ours is our loop (options it does not know would go to generate silently)
     theirs = model.generate_ids(ids, mask, engine="transformers", **settings)
     eos, padding = model.config.eos_token_id, model.config.pad_token_id
     assert strip_generated(ours, eos, padding) == strip_generated(theirs, eos, padding)
@@ -85,7 +86,7 @@ def test_rows_finish_at_different_steps(slm, llm):
 
 @pytest.mark.parametrize("spec", ["tiny-gpt2", "tiny-t5", "tiny-llama"])
 @pytest.mark.parametrize("num_beams", [1, 4])
-def test_plain_model_decoding_equals_transformers_generate(spec, num_beams):
+def test_plain_model_decoding_equals_transformers_generate(spec, num_beams, decode_calls):
     torch.manual_seed(1)
     model = M.load_model(spec, role="model").eval()
     tok = M.load_tokenizer(spec)
@@ -100,6 +101,7 @@ def test_plain_model_decoding_equals_transformers_generate(spec, num_beams):
     g.eos_token_id, g.pad_token_id = tok.eos_token_id, tok.pad_token_id
     search = search_from(settings, g, eos=tok.eos_token_id, pad=tok.pad_token_id, device=ids.device)
     ours = generate_plain(model, ids, mask, search)
+    assert len(decode_calls) == 1
     with torch.inference_mode():
         theirs = model.generate(input_ids=ids, attention_mask=mask, **settings)
     theirs = theirs[:, 1:] if encoder_decoder else theirs[:, ids.shape[1]:]
@@ -107,7 +109,7 @@ def test_plain_model_decoding_equals_transformers_generate(spec, num_beams):
         strip_generated(theirs, tok.eos_token_id, tok.pad_token_id)
 
 
-def test_sampling_follows_the_seed_and_the_nucleus():
+def test_sampling_follows_the_seed_and_the_nucleus(decode_calls):
     model = _model("tiny-llama", "tiny-llama")
     ids, mask = _batch(model)
     sample = dict(do_sample=True, temperature=1.0, top_p=0.9, num_beams=1, max_new_tokens=12)
@@ -124,6 +126,7 @@ def test_sampling_follows_the_seed_and_the_nucleus():
     greedy = model.generate_ids(ids, mask, do_sample=False, num_beams=1, max_new_tokens=12)
     eos, padding = model.config.eos_token_id, model.config.pad_token_id
     assert strip_generated(tiny, eos, padding) == strip_generated(greedy, eos, padding)
+    assert len(decode_calls) == 5
 
 
 def test_suppressed_and_early_end_tokens_are_never_emitted():
@@ -166,3 +169,44 @@ def test_beam_search_prefills_each_prompt_once():
     finally:
         hook.remove()
     assert widths[0] == len(PROMPTS) and set(widths[1:]) == {4 * len(PROMPTS)}
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-t5"])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.95)])
+def test_sampling_draws_from_transformers_distribution(spec, temperature, top_p, monkeypatch):
+    """The distribution our loop samples the first token from is the one transformers' generate samples from for
+    the same model and options: its generation config leaves top_k unset (None), which generate reads as 50."""
+    import llm2slm_cli.decoding as D
+
+    model = M.load_model(spec, role="model").eval()
+    tok = M.load_tokenizer(spec)
+    g = model.generation_config
+    g.eos_token_id, g.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    assert g.top_k is None
+    ids, mask = pad([tok(p).input_ids for p in PROMPTS], tok.pad_token_id)
+    if not model.config.is_encoder_decoder:
+        ids, mask = _right_to_left(ids, mask)
+    settings = dict(do_sample=True, temperature=temperature, top_p=top_p, num_beams=1, max_new_tokens=1)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True,
+                             **settings)
+    theirs = torch.softmax(out.scores[0].float(), -1)
+    seen = []
+    process = D._process
+    monkeypatch.setattr(D, "_process", lambda *a, **k: seen.append(process(*a, **k)) or seen[-1])
+    search = search_from(settings, g, eos=tok.eos_token_id, pad=tok.pad_token_id, device=ids.device)
+    assert search is not None and search.top_k == 50
+    generate_plain(model, ids, mask, search)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], theirs, atol=1e-6, rtol=1e-4)
+    assert set((theirs > 0).sum(-1).tolist()) <= set(range(1, 51))  # top-k did cut: at most 50 tokens each
+
+
+def test_sampling_options_name_top_k():
+    model = M.load_model("tiny-llama", role="model")
+    g = model.generation_config
+    sample = dict(do_sample=True, max_new_tokens=3)
+    assert search_from(sample, g, eos=1, pad=0, device=None).top_k == 50  # transformers' default
+    assert search_from({**sample, "top_k": 0}, g, eos=1, pad=0, device=None).top_k == 0  # asked: off
+    g.top_k = 7
+    assert search_from(sample, g, eos=1, pad=0, device=None).top_k == 7  # the model's own

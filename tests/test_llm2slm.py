@@ -73,29 +73,40 @@ def test_encoder_decoder_features_go_to_the_encoder_only():
 
 @pytest.mark.parametrize("slm", ["tiny-gpt2", "tiny-t5"])
 def test_loss_covers_target_tokens_only(slm):
+    from llm2slm_cli.decoding import Search, start
+
     model = build("tiny-t5-large", slm)
     prompt_ids, prompt_mask, target_ids, target_mask = batch(model)
     loss, tokens = model(prompt_ids, prompt_mask, target_ids, target_mask)
     assert int(tokens) == sum(len(t) for t in tokenize_targets(model.target_tokenizer, TARGETS, 64))
-    # The same sum, one example at a time: neither padding nor prompt tokens contribute.
-    per_example = 0.0
-    for i in range(len(PROMPTS)):
-        n, t = int(prompt_mask[i].sum()), int(target_mask[i].sum())
-        s, _ = model(prompt_ids[i: i + 1, :n], prompt_mask[i: i + 1, :n], target_ids[i: i + 1, :t],
-                     target_mask[i: i + 1, :t])
-        per_example += float(s.detach())
+    # The same sum, one example at a time: padding does not contribute. And each example's loss is exactly the
+    # target tokens' negative log-likelihood as generation scores them (the decoding loop's own prompt pass and
+    # cache, token by token): prompt positions add nothing, no target token is missed or shifted.
+    per_example = scored = 0.0
+    c = model.config
+    with torch.no_grad():
+        for i in range(len(PROMPTS)):
+            n, t = int(prompt_mask[i].sum()), int(target_mask[i].sum())
+            ids, mask, target = prompt_ids[i: i + 1, :n], prompt_mask[i: i + 1, :n], target_ids[i: i + 1, :t]
+            s, _ = model(ids, mask, target, target_mask[i: i + 1, :t])
+            per_example += float(s)
+            search = Search(max_new_tokens=t, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+            step, logits = start(model.slm, mask, search, inputs_embeds=model.prompt_embeddings(ids, mask),
+                                 decoder_start=c.decoder_start_token_id)
+            nll = 0.0
+            for j in range(t):
+                nll -= float(torch.log_softmax(logits.float(), -1)[0, target[0, j]])
+                logits = step.feed(target[:, j: j + 1])[:, -1]
+            assert float(s) == pytest.approx(nll, rel=1e-4), i
+            scored += nll
     assert float(loss.detach()) == pytest.approx(per_example, rel=1e-5)
-    # Changing a prompt token changes the input, never the set of positions the loss counts.
-    prompt_ids2 = prompt_ids.clone()
-    prompt_ids2[0, 0] = (prompt_ids2[0, 0] + 1) % 200
-    _, tokens2 = model(prompt_ids2, prompt_mask, target_ids, target_mask)
-    assert int(tokens2) == int(tokens)
+    assert per_example == pytest.approx(scored, rel=1e-4)
 
 
 @pytest.mark.parametrize("llm,slm", [("tiny-t5-large", "tiny-gpt2"), ("tiny-bert", "tiny-gpt2"),
                                      ("tiny-t5-large", "tiny-t5"), (None, "tiny-gpt2")])
 @pytest.mark.parametrize("beams", [1, 3])
-def test_batched_generation_equals_one_by_one(llm, slm, beams):
+def test_batched_generation_equals_one_by_one(llm, slm, beams, decode_calls):
     model = build(llm, slm)
     prompt_ids, prompt_mask, _, _ = batch(model)
     # fresh weights: keep the end and padding tokens out so every row has tokens to compare
@@ -108,6 +119,7 @@ def test_batched_generation_equals_one_by_one(llm, slm, beams):
         alone += model.generate(prompt_ids[i: i + 1, :n], prompt_mask[i: i + 1, :n], **kw)
     assert together == alone
     assert all(len(t) >= 3 for t in together)
+    assert len(decode_calls) == 1 + len(PROMPTS)  # our decoding loop, not transformers' generate
 
 
 def test_vocabulary_adapter_only_when_vocabularies_differ():
@@ -134,7 +146,7 @@ def test_fusion_replace_ignores_slm_prompt_embeddings():
 @pytest.mark.parametrize("llm,slm,kw", [("tiny-t5-large", "tiny-gpt2", {}), ("tiny-bert", "tiny-t5", {}),
                                         ("tiny-llama", "tiny-gpt2", {"tokenizer": "slm", "fusion": "replace"}),
                                         (None, "tiny-t5", {})])
-def test_save_and_reload_generates_the_same_tokens(tmp_path, llm, slm, kw):
+def test_save_and_reload_generates_the_same_tokens(tmp_path, llm, slm, kw, decode_calls):
     model = build(llm, slm, **kw)
     prompt_ids, prompt_mask, _, _ = batch(model)
     before = model.generate(prompt_ids, prompt_mask, max_new_tokens=8, min_new_tokens=4, num_beams=2,
@@ -144,5 +156,6 @@ def test_save_and_reload_generates_the_same_tokens(tmp_path, llm, slm, kw):
     assert again.config == model.config
     assert again.generate(prompt_ids, prompt_mask, max_new_tokens=8, min_new_tokens=4, num_beams=2,
                             suppress_tokens=[model.config.pad_token_id]) == before
+    assert len(decode_calls) == 2
     for (k, a), (k2, b) in zip(sorted(model.state_dict().items()), sorted(again.state_dict().items())):
         assert k == k2 and torch.equal(a, b)

@@ -102,7 +102,7 @@ def test_loss_covers_exactly_the_target_tokens(slm, method):
 
 
 @pytest.mark.parametrize("slm,method", CASES)
-def test_generation_is_padding_independent_and_continues_what_training_scores(slm, method):
+def test_generation_is_padding_independent_and_continues_what_training_scores(slm, method, decode_calls):
     model = build(slm, method)
     prompt_ids, prompt_mask, _, _ = batch(model)
     for beams in (1, 3):
@@ -114,6 +114,8 @@ def test_generation_is_padding_independent_and_continues_what_training_scores(sl
             n = int(prompt_mask[i].sum())
             alone += model.generate(*rows(prompt_ids, prompt_mask, i=i, n=n), **kw)
         assert together == alone and all(len(t) >= 3 for t in together)
+    # our decoding loop, except for prefix tuning (its virtual keys and values go through transformers' generate)
+    assert len(decode_calls) == (0 if method == "prefix" else 2 * (1 + len(PROMPTS)))
     # Greedy tokens are the argmax of the training forward over them (teacher forcing): the virtual tokens, masks
     # and positions are the same in training and in generation.
     pad_id = model.config.pad_token_id
@@ -133,7 +135,7 @@ def test_generation_is_padding_independent_and_continues_what_training_scores(sl
 
 
 @pytest.mark.parametrize("slm,method", CASES)
-def test_save_and_reload_rewraps_and_generates_the_same(tmp_path, slm, method):
+def test_save_and_reload_rewraps_and_generates_the_same(tmp_path, slm, method, decode_calls):
     model = build(slm, method)
     prompt_ids, prompt_mask, _, _ = batch(model)
     kw = dict(max_new_tokens=8, min_new_tokens=4, num_beams=2, suppress_tokens=[model.config.pad_token_id])
@@ -144,6 +146,7 @@ def test_save_and_reload_rewraps_and_generates_the_same(tmp_path, slm, method):
     again = LLMToSLM.from_pretrained(tmp_path / "ckpt")
     assert again.config == model.config
     assert again.generate(prompt_ids, prompt_mask, **kw) == before
+    assert len(decode_calls) == (0 if method == "prefix" else 2)
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(UserError, match="PEFT baseline"):  # no plain model without its adapter

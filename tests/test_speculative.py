@@ -100,6 +100,19 @@ def chi_square_ok(sample: torch.Tensor, p: torch.Tensor) -> bool:
     return stat < df + 5 * (2 * df) ** 0.5 and float(counts[p == 0].sum()) == 0.0
 
 
+def transformers_probs(llm: FrozenLLM, ids: torch.Tensor, temperature: float, top_p: float, banned: list[int]
+                       ) -> torch.Tensor:
+    """The next-token distributions transformers' generate samples from after `ids` (unpadded rows of one length),
+    with its own processors and defaults."""
+    tok = llm.tokenizer
+    with torch.inference_mode():
+        out = llm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=temperature, top_p=top_p, suppress_tokens=banned, max_new_tokens=1,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_scores=True,
+                                 return_dict_in_generate=True)
+    return torch.softmax(out.scores[0].float(), -1)
+
+
 def sharp_llm() -> FrozenLLM:
     """A fresh tiny Llama's next-token distribution is close to uniform over 260 tokens, where 2,000 samples say
     little; a sharper head (logits x 8) gives the test a distribution with real structure."""
@@ -122,9 +135,10 @@ def test_the_check_rejects_a_wrong_distribution():
 @pytest.mark.parametrize("scale", [0.0, 1.0])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.9)])
 def test_sampling_follows_the_llms_distribution(scale, temperature, top_p):
-    """2,000 samples of the first two tokens after one prompt; their frequencies must fit the LLM's exact
-    (temperature/top-p processed) distributions: token 1 directly, token 2 as a marginal over token 1. The draft is
-    the LLM itself (scale 0: every draft accepted, bonus tokens) or another model (rejections and residuals)."""
+    """2,000 samples of the first two tokens after one prompt; their frequencies must fit the distributions the
+    LLM's own sampling draws from (transformers' generate: temperature, its default top-k of 50, top-p): token 1
+    directly, token 2 as a marginal over token 1. The draft is the LLM itself (scale 0: every draft accepted, bonus
+    tokens) or another model (rejections and residuals)."""
     llm = sharp_llm()
     draft = draft_for(llm, "tiny-llama" if scale == 0.0 else "tiny-gpt2", scale)
     if scale == 0.0:
@@ -141,13 +155,12 @@ def test_sampling_follows_the_llms_distribution(scale, temperature, top_p):
                                       generator=torch.Generator().manual_seed(1234))
     first = torch.tensor([o[0] for o in out])
     second = torch.tensor([o[1] for o in out])
-    with torch.inference_mode():
-        logits = llm.model(torch.tensor([prompt])).logits[0, -1]
-        p1 = _process(logits, temperature, top_p, banned)
-        support = p1.nonzero().squeeze(1)
-        follow = torch.cat([torch.tensor([prompt] * len(support)), support.unsqueeze(1)], 1)
-        p2_given = _process(llm.model(follow).logits[:, -1], temperature, top_p, banned)
-        p2 = (p1[support].unsqueeze(1) * p2_given).sum(0)
+    p1 = transformers_probs(llm, torch.tensor([prompt]), temperature, top_p, banned)[0]
+    support = p1.nonzero().squeeze(1)
+    assert len(support) <= 50  # the LLM's top-k applies (a third of the mass lies outside its top 50 tokens)
+    follow = torch.cat([torch.tensor([prompt] * len(support)), support.unsqueeze(1)], 1)
+    p2_given = transformers_probs(llm, follow, temperature, top_p, banned)
+    p2 = (p1[support].unsqueeze(1) * p2_given).sum(0)
     assert chi_square_ok(first, p1) and chi_square_ok(second, p2)
     if scale == 0.0:
         assert stats.acceptance_rate == 1.0
