@@ -357,10 +357,17 @@ class BenchConfig:
                                   "LLM-to-SLM step with stored features, --llm and the first --slm) over "
                                   "--throughput-batch-sizes x --throughput-lengths.")
     throughput_batch_sizes: str = opt("1,8,32", "Comma-separated batch sizes for --throughput.")
+    paired_with: Path | None = opt(None, "Predictions of a baseline system on the same examples (a `generate` output "
+                                         "directory): BLEU and chrF of both with 95% confidence intervals and the "
+                                         "p-value of the difference, by sacrebleu's paired bootstrap resampling.")
+    bootstrap_samples: int = opt(1000, "Resamples for --paired-with.")
     throughput_lengths: str = opt("32,128", "Comma-separated prompt lengths for --throughput (train targets are "
                                             "--throughput-target-length tokens).")
     throughput_target_length: int = opt(32, "Target tokens per training example for --throughput.")
     prompts: Path | None = opt(None, "Real prompts instead of random token ids: an examples file (first prompts of "
+    def __post_init__(self) -> None:
+        _positive(self, "bootstrap_samples")
+
                                      "at least --prompt-length tokens, cut to that length). Drafts agree with an LLM "
                                      "on text, not on random ids.")
     whole_prompts: bool = opt(False, "With --prompts: only prompts of exactly --prompt-length tokens, uncut (a cut "

@@ -205,3 +205,39 @@ def test_slm_layers_first_and_last_blocks_keep_their_weights_and_save_load(tmp_p
     assert again.config.slm_layers == [0, -1] and again.generate(ids, torch.ones_like(ids), **greedy) == out
     with pytest.raises(Exception, match="increasing order"):
         LLMToSLM.build("tiny-llama", None, slm_layers=[1, 0])
+
+
+def test_eval_counts_loops_and_distinct_outputs_and_pairs_a_bootstrap(tmp_path):
+    import pyarrow as pa
+
+    from llm2slm_cli import artifacts as A
+    from llm2slm_cli.config import EvalConfig
+    from llm2slm_cli.stages import evaluate
+
+    assert evaluate.repetition_loop("die Regierung, die Regierung, die Regierung,")
+    assert evaluate.repetition_loop("Es ist es es es")
+    assert not evaluate.repetition_loop("Die Regierung hat die Wahl gewonnen, sagte er.")
+
+    refs = ["Die Katze sitzt auf der Matte .", "Der Hund bellt laut .", "Es regnet heute in Berlin .",
+            "Wir gehen morgen ins Kino ."] * 5
+
+    def predictions(name, texts):
+        d = tmp_path / name
+        d.mkdir()
+        ids = [str(i) for i in range(len(texts))]
+        A.write_parquet(d / A.PREDICTIONS, pa.table({"id": ids, "prompt": ["p"] * len(ids), "prediction": texts,
+                                                     "reference": refs}))
+        A.atomic_write_json(d / A.MANIFEST, A.make_manifest(A.KIND_PREDICTIONS, {}, files={
+            A.PREDICTIONS: A.file_record(d / A.PREDICTIONS)}))
+        return d
+
+    base = predictions("base", ["die die die die"] * 20)
+    good = predictions("good", [r if i % 4 else "Die Katze ." for i, r in enumerate(refs)])
+    result = evaluate.run(EvalConfig(predictions=good, out=tmp_path / "eval", metrics="bleu,chrf",
+                                     paired_with=base, bootstrap_samples=100, quiet=True))
+    assert result["outputs"] == {"distinct": 4 / 20, "repetition_loops": 0.0, "empty": 0.0}
+    paired = result["paired"]
+    assert paired["chrf"]["score"] == pytest.approx(result["metrics"]["chrf"]["score"])
+    assert paired["chrf"]["delta"] > 50 and paired["chrf"]["p_value"] < 0.05 and paired["chrf"]["ci95"] >= 0
+    worse = evaluate.run(EvalConfig(predictions=base, out=tmp_path / "eval2", metrics="chrf", quiet=True))
+    assert worse["outputs"]["repetition_loops"] == 1.0 and worse["outputs"]["distinct"] == 1 / 20

@@ -241,16 +241,26 @@ def run(config: EvalConfig) -> dict[str, Any]:
         columns["judge_rating"] = pa.array([v.rating for v in verdicts], pa.float64())
         columns["judge_error"] = pa.array([v.error for v in verdicts], pa.string())
         columns["judge_reply"] = pa.array([v.reply for v in verdicts], pa.string())
+    loops = [repetition_loop(h) for h in hypotheses]
+    columns["repetition_loop"] = pa.array(loops, pa.bool_())
+    outputs = {"distinct": len(set(hypotheses)) / len(hypotheses), "repetition_loops": sum(loops) / len(loops),
+               "empty": sum(1 for h in hypotheses if not h.strip()) / len(hypotheses)}
+    paired = None
+    if config.paired_with is not None:
+        paired = paired_bootstrap(config, rows, hypotheses, references)
     seconds = time.perf_counter() - start
 
     result = {
         "metrics": metrics,
+        "outputs": outputs,
+        "paired": paired,
         "counts": {"examples": len(rows), "unused_references": ref_info.get("unused", 0)},
         "predictions": {"dir": str(pred_dir), "model": pred_manifest.get("model"),
                         "generation": pred_manifest.get("generation"),
                         "sha256": A.sha256_file(pred_dir / A.PREDICTIONS)},
         "references": {k: v for k, v in ref_info.items() if k != "unused"},
         "scores_file": {"name": A.SCORES, "columns": list(columns),
+                        "repetition_loop": "the output ends in a word n-gram (n <= 4) repeated 3 or more times",
                         "scale": "bleu and chrf: sentence scores (0-100); rouge*: F-measure x 100; "
                                  "judge_rating: 1-10, null when unparsable or failed"},
     }
@@ -267,6 +277,48 @@ def run(config: EvalConfig) -> dict[str, Any]:
     if not config.quiet:
         _print_table(result, out)
     return result
+
+
+def repetition_loop(text: str, times: int = 3, longest: int = 4) -> bool:
+    """Does the output end in a loop: its last words are one n-gram (n <= `longest` words) repeated `times` or more
+    times (what a degenerate decoder writes until its length limit: "die die die", "der Regierung, der Regierung,
+    der Regierung,")?"""
+    words = text.split()
+    for n in range(1, longest + 1):
+        tail = words[len(words) - n * times:] if len(words) >= n * times else None
+        if tail and all(tail[i] == tail[i % n] for i in range(len(tail))):
+            return True
+    return False
+
+
+def paired_bootstrap(config: EvalConfig, rows: list[dict[str, Any]], hypotheses: list[str],
+                     references: list[str]) -> dict[str, Any]:
+    """BLEU and chrF of these predictions and of --paired-with's on the same examples, with 95% confidence intervals
+    and the p-value of the difference (sacrebleu's paired bootstrap resampling, --bootstrap-samples resamples)."""
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import PairedTest
+
+    _, base_rows = load_predictions(Path(config.paired_with), need_prompt=False)
+    base = {row["id"]: row["prediction"] for row in base_rows}
+    missing = [row["id"] for row in rows if row["id"] not in base]
+    if missing or len(base) != len(rows):
+        raise UserError(f"--paired-with must hold predictions of the same examples: {len(missing)} of {len(rows)} "
+                        f"ids are not there" + (f" (e.g. {missing[0]!r})" if missing else
+                                                f", and it has {len(base)} predictions"), path=config.paired_with)
+    systems = [("baseline", [_one_line(base[row["id"]]) for row in rows]),
+               ("system", [_one_line(h) for h in hypotheses])]
+    metrics = {"bleu": BLEU(tokenize=config.bleu_tokenize, lowercase=config.lowercase),
+               "chrf": CHRF(lowercase=config.lowercase)}
+    signatures, scores = PairedTest(systems, metrics, references=[[_one_line(r) for r in references]],
+                                    test_type="bs", n_samples=config.bootstrap_samples)()
+    out: dict[str, Any] = {"baseline": str(config.paired_with), "samples": config.bootstrap_samples}
+    for name in metrics:
+        key = next(k for k in scores if k.lower().startswith(name))
+        b, s = scores[key]
+        out[name] = {"score": s.score, "mean": s.mean, "ci95": s.ci, "baseline_score": b.score,
+                     "baseline_mean": b.mean, "baseline_ci95": b.ci, "delta": s.score - b.score,
+                     "p_value": s.p_value, "signature": str(signatures[key])}
+    return out
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, float | None]:
