@@ -41,6 +41,8 @@ OPTIMIZER_STATE = "optimizer.pt"
 RNG_STATE = "rng_state-{}.pt"
 TOKENIZER_DIR = "tokenizer"
 SLM_TOKENIZER_DIR = "slm_tokenizer"
+BUNDLED_LLM = "llm"  # an exported checkpoint's own copy of its LLM (export --include-llm)
+MODEL_CARD = "README.md"
 
 KIND_FEATURES = "features"
 KIND_CHECKPOINT = "checkpoint"

@@ -70,12 +70,30 @@ def command(name: str, config_cls: type, stage: str) -> None:
     fields = sorted(dataclasses.fields(config_cls),
                     key=lambda f: (not f.metadata.get("argument"), f.default is not dataclasses.MISSING))
     params = [_parameter(f, hints[f.name]) for f in fields]
+    names = {f.name for f in fields}
+    params += [
+        inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Path | None, typer.Option("--config", metavar="FILE", is_eager=True, show_default=False,
+                                      callback=lambda ctx, value: _read_config_file(ctx, value, names),
+                                      help="Options from a YAML or JSON file (keys: option names, as "
+                                           "--print-config writes them); options on the command line win.")]),
+        inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option("--print-config", help="Print the effective configuration as YAML and exit.")]),
+    ]
 
-    def run_stage(**kwargs: Any) -> None:
+    def run_stage(config_file: Path | None = None, print_config: bool = False, **kwargs: Any) -> None:
         kwargs = {k: ([] if v is None and _list_hint(hints[k]) else v.value if isinstance(v, enum.Enum) else v)
                   for k, v in kwargs.items()}
         try:
             config = config_cls(**kwargs)
+            C.check_numbers(config)
+            if print_config:
+                import yaml
+
+                from llm2slm_cli.artifacts import config_to_dict
+
+                print(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), end="")
+                return
             importlib.import_module(f"llm2slm_cli.stages.{stage}").run(config)
         except UserError as e:
             raise _fail(e.message) from None
@@ -87,6 +105,40 @@ def command(name: str, config_cls: type, stage: str) -> None:
     run_stage.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     run_stage.__name__ = name.replace("-", "_")
     app.command(name, help=config_cls.__doc__, no_args_is_help=True)(run_stage)
+
+
+def _read_config_file(ctx: typer.Context, path: Path | None, names: set[str]) -> Path | None:
+    """--config FILE: its values become the defaults of this command's options (click's default map), so options
+    given on the command line (or by environment variable) still win."""
+    if path is None:
+        return None
+    import json
+
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _fail(f"{path}: cannot read the config file ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        values = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise _fail(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
+                    f"({' '.join(str(e).split())})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise _fail(f"{path}: expected a mapping of option names to values, got {type(values).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise _fail(f"{path}: unknown option{'s' if len(unknown) > 1 else ''} "
+                    f"{', '.join(k.replace('_', '-') for k in unknown)} for `llm2slm {ctx.info_name}`")
+    for k, v in values.items():
+        if isinstance(v, (dict, set)) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)):
+            raise _fail(f"{path}: option {k.replace('_', '-')} takes a value or a list of values, not a mapping")
+    ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in values.items() if v is not None}}
+    return path
 
 
 def _metavar(annotation: Any, argument: bool) -> str:
@@ -109,6 +161,8 @@ command("generate", C.GenerateConfig, "generate")
 command("eval", C.EvalConfig, "evaluate")
 command("bench", C.BenchConfig, "bench")
 command("convert", C.ConvertConfig, "convert")
+command("serve", C.ServeConfig, "serve")
+command("export", C.ExportConfig, "export")
 
 
 def _version(value: bool) -> None:

@@ -234,12 +234,20 @@ class TrainConfig(ExampleFields):
 
 @dataclass(kw_only=True)
 class GenerateConfig(DecodingOptions, ExampleFields):
-    """Generate responses with a trained checkpoint, or with a plain LLM or SLM as a baseline."""
+    """Generate responses with a trained checkpoint, or with a plain LLM or SLM as a baseline: examples files to
+    predictions (--out), or prompts (--prompt, or - for stdin) to stdout."""
 
-    inputs: list[Path] = opt(REQUIRED, "Examples to answer (any format `encode` reads).", argument=True)
-    model: str = opt(REQUIRED, "A checkpoint directory from `train` (final/ or step-NNNNNN/), or a plain model "
-                               "(hub id, directory, .gguf, preset:NAME).")
-    out: Path = opt(REQUIRED, "Output directory: predictions.parquet + manifest.json.")
+    inputs: list[Path] = opt([], "Examples to answer (any format `encode` reads), or - to read prompts from stdin "
+                                 "(plain lines, or JSONL records read with the field options) and print the "
+                                 "responses.", argument=True)
+    model: str = opt(REQUIRED, "A checkpoint directory from `train` (final/ or step-NNNNNN/) or `export`, or a plain "
+                               "model (hub id, directory, .gguf, preset:NAME).")
+    out: Path | None = opt(None, "Output directory: predictions.parquet + manifest.json (not with --prompt or -).")
+    prompt: list[str] = opt([], "A prompt to answer on stdout (repeatable; the checkpoint's template is applied). "
+                                "One prompt streams its response as it is decoded (--num-beams 1, --sample or "
+                                "--speculative; beam search prints it at the end).")
+    json: bool = opt(False, "With --prompt or -: one JSON object per response (id, prompt, prediction, n_tokens, "
+                            "finish_reason) instead of text lines.")
     llm: str | None = opt(None, "Load the checkpoint's LLM from here instead of the name it records (its "
                                 "fingerprint must match).")
     max_new_tokens: int = opt(128, "Longest response in tokens.")
@@ -262,8 +270,30 @@ class GenerateConfig(DecodingOptions, ExampleFields):
     resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.")
     quiet: bool = opt(False, "No progress bar.")
 
+    @property
+    def to_stdout(self) -> bool:
+        """Prompts from --prompt or stdin, responses to stdout."""
+        return bool(self.prompt) or [str(p) for p in self.inputs] == ["-"]
+
     def __post_init__(self) -> None:
-        _inputs(self.inputs)
+        if self.to_stdout:
+            if self.prompt and self.inputs:
+                raise UserError("give prompts with --prompt or as input files (or - for stdin), not both")
+            if self.out is not None:
+                raise UserError("--prompt and - print the responses: leave --out out (or give input files)")
+            for name in ("resume", "overwrite"):
+                if getattr(self, name):
+                    raise UserError(f"--{name} applies to --out")
+        else:
+            if not self.inputs:
+                raise UserError("give input files, - for stdin, or --prompt TEXT")
+            _inputs(self.inputs)
+            if "-" in [str(p) for p in self.inputs]:
+                raise UserError("- (stdin) is the only input when given")
+            if self.out is None:
+                raise UserError("give --out DIR for the predictions (or --prompt TEXT to print responses)")
+            if self.json:
+                raise UserError("--json applies to --prompt and - (stdout)")
         _positive(self, "max_new_tokens", "batch_size", "shard_size", "max_length", "gamma")
         self._check_decoding(speculative=self.speculative)
         if self.verifier and not self.speculative:
@@ -447,5 +477,66 @@ class ConvertConfig:
     out: Path = opt(REQUIRED, "Output directory.")
     dtype: str = opt("float32", "Precision of the saved weights (GGUF weights are dequantized to it).",
                      choices=["float32", "bfloat16", "float16"])
+    overwrite: bool = opt(False, "Replace an existing output directory.")
+    quiet: bool = opt(False, "No messages.")
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /health) on 127.0.0.1: a checkpoint, a plain model, or with --draft speculative decoding. Concurrent requests are
+    decoded together in batches. Ctrl-C or SIGTERM stops accepting, finishes what is in flight, then exits."""
+
+    model: str = opt(REQUIRED, "A checkpoint from `train` or `export`, or a plain model (hub id, directory, .gguf, "
+                               "preset:NAME); with --draft, the LLM that verifies the drafts.")
+    draft: str | None = opt(None, "Speculative decoding: a checkpoint that drafts --gamma tokens for --model to "
+                                  "check; the responses are --model's own.")
+    gamma: int = opt(4, "Draft tokens per LLM pass with --draft.")
+    llm: str | None = opt(None, "Load the checkpoint's (or draft's) LLM from here instead of the name it records.")
+    tokenizer: Path | None = opt(None, "Tokenizer directory for a plain model.")
+    template: str | None = opt(None, "Prompt template for completions (default: the checkpoint's training "
+                                     "template; none for a plain model).")
+    chat_template: str | None = opt(None, "Jinja chat template (a file, or the template itself) for "
+                                          "/v1/chat/completions (default: the tokenizer's; without one chat "
+                                          "requests get a 400).")
+    served_model_name: str | None = opt(None, "The model name clients send (default: --model as given).")
+    host: str = opt("127.0.0.1", "Address to bind (0.0.0.0 exposes the server to the network).")
+    port: int = opt(8000, "Port to listen on (0: any free port; the address is printed).")
+    max_batch_size: int = opt(8, "Most requests decoded together in one batch.")
+    batch_wait_ms: float = opt(5.0, "How long a batch waits for more requests after its first one arrives.")
+    max_queue: int = opt(64, "Most requests waiting or being decoded at once; more get 429.")
+    max_new_tokens: int = opt(128, "Response length for requests that give no max_tokens.")
+    max_tokens_limit: int = opt(1024, "Largest max_tokens a request may ask for (more get 400).")
+    max_length: int | None = opt(None, "Longest prompt in tokens (default: the checkpoint's, or 512); longer "
+                                       "prompts get 400.")
+    dtype: str = opt("float32", "Precision of a plain model or verifier.", choices=["float32", "bfloat16", "float16"])
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
+    quiet: bool = opt(False, "No access log.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "gamma", "max_batch_size", "max_queue", "max_new_tokens", "max_tokens_limit", "max_length")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be in 0..65535, got {self.port}")
+        if self.batch_wait_ms < 0:
+            raise UserError("--batch-wait-ms must be 0 or more")
+        if self.max_new_tokens > self.max_tokens_limit:
+            raise UserError(f"--max-new-tokens {self.max_new_tokens} is over --max-tokens-limit "
+                            f"{self.max_tokens_limit}")
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """Write a trained checkpoint as a self-contained directory with a model card (README.md: the LLM and its
+    fingerprint, the SLM, the training data and budget, metrics, how to load it) that `load`, `generate` and `serve`
+    take and that uploads as it is (huggingface_hub's upload_folder)."""
+
+    checkpoint: Path = opt(REQUIRED, "A checkpoint from `train` (run/final or run/step-NNNNNN).", argument=True)
+    out: Path = opt(REQUIRED, "Output directory.")
+    eval: Path | None = opt(None, "An `eval` output directory of this checkpoint's predictions: its metrics go "
+                                  "into the model card.")
+    include_llm: str = opt("auto", "Copy the LLM's weights into DIR/llm (auto: when the checkpoint names it by a "
+                                   "local path, which would not exist elsewhere; hub ids and presets are loaded by "
+                                   "name).", choices=["auto", "yes", "no"])
+    name: str | None = opt(None, "Model name for the card's title (default: the output directory's name).")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     quiet: bool = opt(False, "No messages.")

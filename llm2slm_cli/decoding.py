@@ -16,6 +16,7 @@ checks them in one forward pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -115,6 +116,11 @@ class Stepper:
         """Row i continues from row rows[i] (beam search). Rows move within their prompt's beams, so the prompt
         masks, positions and encoder output stay as they are."""
         self.cache.reorder_cache(rows)
+
+
+# A hook that sees the tokens a decoding loop emits, as they are chosen: called with (batch, k >= 1) token ids (the
+# tokenizer's ids; rows that have finished get padding), it may return a (batch,) bool mask of rows to stop now.
+Streamer = Callable[[torch.Tensor], "torch.Tensor | Sequence[bool] | None"]
 
 
 @dataclass
@@ -285,25 +291,29 @@ def _keeps_logits(model) -> bool:
 
 @torch.inference_mode()
 def generate_plain(model, input_ids: torch.Tensor, mask: torch.Tensor, search: Search, *,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, streamer: Streamer | None = None) -> torch.Tensor:
     """A transformers model alone through `decode`: (batch, n) new token ids (left-padded decoder-only prompts)."""
     step, logits = start(model, mask, search, input_ids=input_ids,
                          decoder_start=getattr(model.generation_config, "decoder_start_token_id", None)
                          if model.config.is_encoder_decoder else None)
-    return decode(step, logits, search, generator=generator)
+    return decode(step, logits, search, generator=generator, streamer=streamer)
 
 
 @torch.inference_mode()
-def decode(step: Stepper, logits: torch.Tensor, search: Search, *, generator: torch.Generator | None = None
-           ) -> torch.Tensor:
+def decode(step: Stepper, logits: torch.Tensor, search: Search, *, generator: torch.Generator | None = None,
+           streamer: Streamer | None = None) -> torch.Tensor:
     """Decode with `step`'s model from `logits` (batch, vocab), the scores of each prompt's first new token; returns
     (batch, n <= max_new_tokens) token ids, padding after a row's end token. For beam search, `step` holds each
-    prompt once: its cache is repeated to num_beams rows here (one prefill per prompt, not per beam)."""
+    prompt once: its cache is repeated to num_beams rows here (one prefill per prompt, not per beam).
+
+    `streamer` (greedy and sampling; beam search only knows its tokens at the end and never calls it) sees every
+    step's tokens as they are chosen; the rows it asks to stop finish there, as if they had emitted the end token.
+    Without one, or when it never asks, the output is the same token for token."""
     if search.do_sample and search.num_beams > 1:
         raise UserError("beam sampling is not supported: use --num-beams 1 with sampling")
     if search.num_beams > 1:
         return _beam_search(step, logits, search)
-    return _sample_or_greedy(step, logits, search, generator)
+    return _sample_or_greedy(step, logits, search, generator, streamer)
 
 
 def _ban(scores: torch.Tensor, search: Search, t: int) -> None:
@@ -314,7 +324,8 @@ def _ban(scores: torch.Tensor, search: Search, t: int) -> None:
         scores[:, search.eos_token_id] = float("-inf")
 
 
-def _sample_or_greedy(step: Stepper, logits: torch.Tensor, search: Search, generator) -> torch.Tensor:
+def _sample_or_greedy(step: Stepper, logits: torch.Tensor, search: Search, generator,
+                      streamer: Streamer | None = None) -> torch.Tensor:
     batch, n = logits.shape[0], search.max_new_tokens
     out = torch.full((batch, n), search.pad_token_id, dtype=torch.long, device=logits.device)
     done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
@@ -332,10 +343,24 @@ def _sample_or_greedy(step: Stepper, logits: torch.Tensor, search: Search, gener
         out[:, t] = token
         if eos is not None:
             done |= token == eos
-        if t == n - 1 or ((t + 1) % search.check_every == 0 and eos is not None and bool(done.all())):
+        stop = _stream(streamer, token.unsqueeze(1))
+        if stop is not None:
+            done |= stop
+        if t == n - 1 or ((t + 1) % search.check_every == 0 and (eos is not None or stop is not None)
+                          and bool(done.all())):
             break
         logits = step.feed(token.unsqueeze(1))[:, -1]
     return out[:, : t + 1]
+
+
+def _stream(streamer: Streamer | None, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Show `streamer` the (batch, k) tokens just emitted; the (batch,) bool mask of rows it wants stopped, or None."""
+    if streamer is None:
+        return None
+    stop = streamer(tokens)
+    if stop is None:
+        return None
+    return torch.as_tensor(stop, dtype=torch.bool, device=tokens.device)
 
 
 def _beam_search(step: Stepper, logits: torch.Tensor, search: Search) -> torch.Tensor:
@@ -403,12 +428,14 @@ def _beam_search(step: Stepper, logits: torch.Tensor, search: Search) -> torch.T
 def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, gamma: int = 4,
                          max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
                          top_p: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-                         suppress_tokens: list[int] | None = None) -> tuple[list[list[int]], SpeculativeStats]:
+                         suppress_tokens: list[int] | None = None, streamer: Streamer | None = None
+                         ) -> tuple[list[list[int]], SpeculativeStats]:
     """Generate for right-padded prompts with `verifier` (a FrozenLLM: its full model checks) and `draft` (an
     LLMToSLM reading the same vocabulary). Returns token ids without the end token, and acceptance statistics.
     `suppress_tokens` are never generated (benchmarks suppress the end token to time an exact length). Sampling
     draws from the LLM's distribution as its own sampling would: `top_k` None is what transformers' generate uses
-    for the LLM (its generation config's, else 50); 0 turns top-k off."""
+    for the LLM (its generation config's, else 50); 0 turns top-k off. `streamer`
+    (see `decode`) sees each round's m + 1 tokens; the rows it stops finish there."""
     from llm2slm_cli.llm2slm import _right_to_left, strip_generated
 
     if gamma < 1:
@@ -526,6 +553,9 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
         stats.emitted += (m + 1) * n_live
         out_tokens = torch.cat([out_tokens, emitted], 1)
         done = done | (emitted == eos).any(1)
+        stop = _stream(streamer, emitted)
+        if stop is not None:
+            done = done | stop
         # 6. roll both caches back to what was accepted and queue the rest
         llm_step.rewind(llm_base + pending + m)  # the pending token + the m accepted drafts
         llm_pending = nxt.unsqueeze(1)

@@ -593,13 +593,14 @@ class LLMToSLM(nn.Module):
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, features: torch.Tensor | None = None,
-                     *, engine: str = "auto", **generation: Any) -> torch.Tensor:
+                     *, engine: str = "auto", streamer: Any = None, **generation: Any) -> torch.Tensor:
         """(batch, n) generated tokenizer ids, padded after each row's end token, for right-padded prompts.
 
         The LLM runs once over the prompts; the SLM's KV cache is filled by one pass over the fused prompt; every
         step after that feeds plain token embeddings. Decoding is decoding.decode (greedy, sampling, beam search
         with transformers' semantics and less per-step work); engine="transformers", or options decode does not
         know (stop strings, prefix tuning's cache), use transformers' generate with `inputs_embeds` instead.
+        `streamer` (decoding.Streamer) sees the tokenizer ids of each step in our loop; transformers' never calls it.
         """
         from llm2slm_cli.decoding import decode, search_from, start
 
@@ -615,7 +616,8 @@ class LLMToSLM(nn.Module):
         if search is not None:
             step, logits = start(self.slm, mask, search, inputs_embeds=p, decoder_start=g.decoder_start_token_id
                                  if encoder_decoder else None)
-            out = decode(step, logits, search)
+            out = decode(step, logits, search,
+                         streamer=None if streamer is None else lambda t: streamer(self.tokenizer_ids(t)))
         else:
             out = self.slm.generate(inputs_embeds=p, attention_mask=mask, **extra, **generation)
             if encoder_decoder:
@@ -642,15 +644,17 @@ class LLMToSLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: Path, *, llm: FrozenLLM | None = None, llm_spec: str | None = None,
                         device: str | torch.device = "cpu") -> LLMToSLM:
-        """Load a checkpoint; its LLM is loaded by the name it records (or `llm_spec`) and must match its
-        fingerprint."""
+        """Load a checkpoint; its LLM is loaded by the name it records (or from `llm_spec`, or the copy `export` put
+        in DIR/llm) and must match its fingerprint."""
         from safetensors.torch import load_model
         from transformers import AutoConfig
 
         directory = Path(directory)
         config = read_model_config(directory)
         if config.llm is not None and llm is None:
-            llm = FrozenLLM(llm_spec or config.llm["name"], layer=config.llm["layer"], dtype=config.llm["dtype"],
+            bundled = directory / A.BUNDLED_LLM  # `export` may copy the LLM in beside the weights
+            spec = llm_spec or (str(bundled) if (bundled / "config.json").is_file() else config.llm["name"])
+            llm = FrozenLLM(spec, layer=config.llm["layer"], dtype=config.llm["dtype"],
                             tokenizer=directory / A.TOKENIZER_DIR, device=device)
         if llm is not None:
             check_llm(llm, config.llm, f"checkpoint {directory}")

@@ -94,3 +94,21 @@ class Cli:
 @pytest.fixture(scope="session")
 def cli() -> Cli:
     return Cli()
+
+
+SERVE_TEMPLATE = "shout: {src}"
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(toy_files, tmp_path_factory) -> Path:
+    """An LLM-to-SLM checkpoint (tiny-llama -> tiny-llama, a template) trained for a few steps in the test with the
+    train stage itself (enough for responses that differ by prompt): what `load`, `generate --prompt`, `serve` and
+    `export` are tested on."""
+    from llm2slm_cli.config import TrainConfig
+    from llm2slm_cli.stages import train
+
+    run = tmp_path_factory.mktemp("served") / "run"
+    train.run(TrainConfig(inputs=[toy_files["train"]], llm="tiny-llama", slm="tiny-llama", template=SERVE_TEMPLATE,
+                          out=run, batch_size=8, micro_batch_size=8, max_steps=3, lr=1e-3, device="cpu",
+                          quiet=True))
+    return run / "final"

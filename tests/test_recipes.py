@@ -30,7 +30,9 @@ DRY_RUNS = {
     "speed": [((), {"bench"}), (("gemma-sd",), {"bench"})],
     "offline-study": [((), {"convert", "encode", "train", "generate", "eval", "bench"}),
                       (("DS=2", "KS=1 4", "slm-d2", "llm2slm-d2-k4"), {"convert", "encode", "train", "generate",
-                                                                        "eval"})],
+                                                                        "eval"}),
+                      (("pilots",), {"convert", "distill-labels", "encode", "train", "generate", "eval"}),
+                      (("final",), {"convert", "distill-labels", "encode", "train", "generate", "eval", "bench"})],
     "paper-ablations": [((), {"distill-labels", "train", "generate", "eval", "bench"}),
                         (("counts",), {"train"})],
     "paper-instructions": [

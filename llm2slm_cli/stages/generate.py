@@ -52,8 +52,9 @@ class PlainModel:
             cfg.eos_token_id = tok.eos_token_id
         self.identity = {"name": spec, "kind": self.kind, "fingerprint": M.state_fingerprint(self.model)}
 
-    def generate(self, prompt_ids, prompt_mask, **generation) -> list[list[int]]:
-        """Our decoding loop (decoding.decode), or transformers' generate for what it does not do (stop strings)."""
+    def generate(self, prompt_ids, prompt_mask, *, streamer=None, **generation) -> list[list[int]]:
+        """Our decoding loop (decoding.decode), or transformers' generate for what it does not do (stop strings);
+        `streamer` (decoding.Streamer) sees our loop's tokens step by step."""
         import torch
 
         from llm2slm_cli.decoding import generate_plain, search_from
@@ -68,7 +69,7 @@ class PlainModel:
                              device=ids.device)
         with torch.inference_mode():
             if search is not None:
-                out = generate_plain(self.model, ids, mask, search)
+                out = generate_plain(self.model, ids, mask, search, streamer=streamer)
             elif self.kind == "encoder-decoder":
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **generation)[:, 1:]
             else:
@@ -79,7 +80,7 @@ class PlainModel:
 class SpeculativeModel:
     """A checkpoint drafting for an LLM (decoding.speculative_generate), with the interface of the other models."""
 
-    def __init__(self, draft, verifier, config: GenerateConfig) -> None:
+    def __init__(self, draft, verifier, *, name: str, gamma: int = 4, seed: int = 0) -> None:
         import torch
 
         from llm2slm_cli import models as M
@@ -92,50 +93,84 @@ class SpeculativeModel:
                 M.tokenizer_fingerprint(verifier.tokenizer) != M.tokenizer_fingerprint(draft.target_tokenizer) or \
                 M.tokenizer_fingerprint(verifier.tokenizer) != M.tokenizer_fingerprint(draft.prompt_tokenizer):
             raise UserError(f"speculative decoding needs a draft that reads and writes the LLM's tokens: the draft "
-                            f"{config.model} and the LLM {verifier.spec!r} have different vocabularies")
-        self.draft, self.verifier, self.config = draft, verifier, config
+                            f"{name} and the LLM {verifier.spec!r} have different vocabularies")
+        self.draft, self.verifier, self.gamma = draft, verifier, gamma
         self.prompt_tokenizer = self.target_tokenizer = verifier.tokenizer
         self.stats = SpeculativeStats()
-        self.generator = torch.Generator(device=next(draft.parameters()).device).manual_seed(config.seed)
+        self.generator = torch.Generator(device=next(draft.parameters()).device).manual_seed(seed)
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
-    def generate(self, prompt_ids, prompt_mask, **_ignored) -> list[list[int]]:
+    def generate(self, prompt_ids, prompt_mask, *, max_new_tokens: int = 128, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, gamma: int | None = None, streamer=None,
+                 **_ignored) -> list[list[int]]:
+        """Options as `speculative_kwargs` writes them."""
         from llm2slm_cli.decoding import speculative_generate
 
-        c = self.config
         tokens, stats = speculative_generate(
-            self.draft, self.verifier, prompt_ids, prompt_mask, gamma=c.gamma, max_new_tokens=c.max_new_tokens,
-            do_sample=c.sample, temperature=c.temperature, top_p=c.top_p, generator=self.generator)
+            self.draft, self.verifier, prompt_ids, prompt_mask, gamma=gamma or self.gamma,
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            generator=self.generator, streamer=streamer)
         self.stats.add(stats)
         return tokens
 
 
+def speculative_kwargs(config: Any) -> dict[str, Any]:
+    """Options for SpeculativeModel.generate (recorded in the predictions' manifest as the generation)."""
+    return {"speculative": True, "gamma": config.gamma, "do_sample": config.sample,
+            "max_new_tokens": config.max_new_tokens,
+            **({"top_p": config.top_p, "temperature": config.temperature} if config.sample else {})}
+
+
 def load_generator(config: GenerateConfig, device):
     """A checkpoint directory from `train`, or any plain model spec; with --speculative, a draft and its LLM."""
+    return open_model(config.model, llm=config.llm, speculative=config.speculative, verifier=config.verifier,
+                      gamma=config.gamma, seed=config.seed, dtype=config.dtype, tokenizer=config.tokenizer,
+                      device=device)
+
+
+def _cast(model, dtype: str, path: Path):
+    """A checkpoint's SLM and projector in --dtype (its LLM runs in the precision it was trained with); float16 is
+    refused for a T5-family SLM, as for every T5 model."""
+    from llm2slm_cli import models as M
+
+    M.refuse_float16(model.slm.config.model_type, dtype, f"the SLM of checkpoint {path}")
+    if M.DTYPES.get(dtype, dtype) != "float32":
+        model.to(M.torch_dtype(dtype))
+    return model
+
+
+def is_checkpoint(spec: str | Path) -> bool:
+    path = Path(spec)
+    return path.is_dir() and (path / A.MODEL_CONFIG).is_file()
+
+
+def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, verifier: str | None = None,
+               gamma: int = 4, seed: int = 0, dtype: str = "float32", tokenizer=None, device="cpu"):
+    """(model, identity, template, max prompt length) for a checkpoint or a plain model spec; with `speculative`,
+    the checkpoint `spec` drafts for `verifier` (default: the LLM it was trained with)."""
     from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
 
-    path = Path(config.model)
-    is_checkpoint = path.is_dir() and (path / A.MODEL_CONFIG).is_file()
-    if config.speculative and not is_checkpoint:
-        raise UserError("--speculative needs a checkpoint from `train` as --model (the draft)", path=config.model)
-    if is_checkpoint:
-        model = LLMToSLM.from_pretrained(path, llm_spec=config.llm, device=device)
+    path = Path(spec)
+    if speculative and not is_checkpoint(path):
+        raise UserError("--speculative needs a checkpoint from `train` as --model (the draft)", path=spec)
+    if is_checkpoint(path):
+        model = _cast(LLMToSLM.from_pretrained(path, llm_spec=llm, device=device), dtype, path)
         identity = {"name": str(path), "kind": "llm2slm", **_asdict(model.config)}
-        if config.speculative:
-            if config.verifier:
-                verifier = FrozenLLM(config.verifier, dtype=config.dtype, device=device)
+        if speculative:
+            if verifier:
+                checker = FrozenLLM(verifier, dtype=dtype, device=device)
             elif model.llm is not None:
-                verifier = model.llm
+                checker = model.llm
             else:
                 raise UserError("this draft was trained without an LLM: name the LLM that checks it with --verifier",
                                 path=path)
-            identity = {"draft": identity, "verifier": verifier.identity(), "gamma": config.gamma}
-            return (SpeculativeModel(model, verifier, config), identity, model.config.template,
-                    model.config.max_prompt_length)
+            identity = {"draft": identity, "verifier": checker.identity(), "gamma": gamma}
+            return (SpeculativeModel(model, checker, name=str(spec), gamma=gamma, seed=seed), identity,
+                    model.config.template, model.config.max_prompt_length)
         return model, identity, model.config.template, model.config.max_prompt_length
-    plain = PlainModel(config.model, dtype=config.dtype, tokenizer=config.tokenizer, device=device)
+    plain = PlainModel(spec, dtype=dtype, tokenizer=tokenizer, device=device)
     return plain, plain.identity, None, plain.max_prompt_length
 
 
@@ -164,6 +199,8 @@ def run(config: GenerateConfig) -> Path:
     import pyarrow.parquet as pq
     import torch
 
+    if config.to_stdout:
+        return print_responses(config)
     out = Path(config.out)
     template = config.template or _checkpoint_template(Path(config.model))
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)
@@ -180,9 +217,7 @@ def run(config: GenerateConfig) -> Path:
         if config.first_line and isinstance(model, PlainModel):
             generation["stop_strings"] = ["\n"]
         if config.speculative:
-            generation = {"speculative": True, "gamma": config.gamma, "do_sample": config.sample,
-                          "max_new_tokens": config.max_new_tokens,
-                          **({"top_p": config.top_p, "temperature": config.temperature} if config.sample else {})}
+            generation = speculative_kwargs(config)
         input_sha = A.input_sha256(config.inputs)
         shards = [list(range(i, min(i + config.shard_size, len(examples))))
                   for i in range(0, len(examples), config.shard_size)]
@@ -255,6 +290,76 @@ def run(config: GenerateConfig) -> Path:
                             f"({speculative['llm_calls']} LLM calls)", config.quiet)
         work.done()
     return out
+
+
+def print_responses(config: GenerateConfig) -> None:
+    """--prompt and - (stdin): responses on stdout, as text lines or --json objects; one prompt streams."""
+    import sys
+
+    from llm2slm_cli import runtime
+    from llm2slm_cli.api import Model
+
+    template = config.template or _checkpoint_template(Path(config.model))
+    records = _stdin_prompts(sys.stdin.read(), config, template) if not config.prompt else \
+        [(str(i), f"--prompt {i + 1}", p, True) for i, p in enumerate(config.prompt)]
+    device = runtime.device(config.device)
+    impl, identity, _, max_length = load_generator(config, device)
+    kind = "speculative" if config.speculative else "llm2slm" if is_checkpoint(config.model) else "plain"
+    model = Model(impl, name=config.model, kind=kind, identity=identity, template=template,
+                  max_prompt_length=config.max_length or max_length, chat_template=None, device=device)
+    texts = [model.prompt_text(p, where=where) if fill else p for _, where, p, fill in records]
+    options = {f: getattr(config, f) for f in ("num_beams", "length_penalty", "sample", "top_p", "temperature",
+                                               "seed", "max_new_tokens")}
+    if config.first_line and isinstance(impl, PlainModel):
+        options["stop"] = ["\n"]
+    streaming = len(texts) == 1 and not config.json and not config.first_line
+    printer = _Printer() if streaming else None
+    results = model.complete(texts, template=False, strict=config.strict, batch_size=config.batch_size,
+                             on_text=printer, **options)
+    if printer is not None:
+        print(flush=True)
+        return
+    for (key, *_), text, result in zip(records, texts, results):
+        prediction = _first_line(result.text) if config.first_line else result.text.strip()
+        if config.json:
+            print(json.dumps({"id": key, "prompt": text, "prediction": prediction,
+                              "n_tokens": len(result.token_ids), "finish_reason": result.finish_reason},
+                             ensure_ascii=False), flush=True)
+        else:
+            print(prediction, flush=True)
+
+
+class _Printer:
+    """Writes a streamed response to stdout as it comes, without its leading white space (as `generate` strips)."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def __call__(self, _index: int, text: str) -> None:
+        import sys
+
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _stdin_prompts(text: str, config: GenerateConfig, template: str | None) -> list[tuple[str, str, str, bool]]:
+    """(id, where, prompt, needs the template) for each prompt on stdin: JSONL records (the field options and template
+    apply as to a file), or plain lines (blank ones skipped), each filled into the template."""
+    from llm2slm_cli.data import Fields, _records_jsonl, _to_examples
+
+    lines = text.splitlines()
+    first = next((line.strip() for line in lines if line.strip()), None)
+    if first is None:
+        raise UserError("no prompts on stdin")
+    if first.startswith("{"):
+        fields = Fields(prompt=config.prompt_field, target=None, id=config.id_field, template=template)
+        examples = _to_examples(_records_jsonl(Path("<stdin>"), text), "<stdin>", fields, False)
+        return [(e.id, f"<stdin>, {e.place}", e.prompt, False) for e in examples]
+    lines = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    return [(str(k), f"<stdin>, line {i}", line, True) for k, (i, line) in enumerate(lines)]
 
 
 def generate_shard(model, ids, members: list[int], batch_size: int, generation: dict[str, Any], work,

@@ -1,0 +1,349 @@
+"""Use a trained model from Python: text in, text out.
+
+    from llm2slm_cli import load
+
+    model = load("runs/t5l-t5s/final")               # a checkpoint from `train` (or `export`); its LLM is loaded too
+    model.generate(["Hello world"], num_beams=4)      # -> ["Hallo Welt"]: the training template is applied
+    load("preset:tiny-gpt2").generate("Hi", num_beams=1, max_new_tokens=5)      # a plain model
+    load("t5-large", draft="runs/t5l-t5s/final")      # speculative decoding: t5-large's own output, drafted
+
+Decoding options and their defaults are the CLI's (config.DecodingOptions, `generate --max-new-tokens`): beam search
+4 with length penalty 0.6 unless `num_beams=1` or `sample=True`. `generate` returns what `llm2slm generate` writes
+as predictions (the same tokens, stripped); `complete` returns the raw text with its tokens and finish reason, and
+is what `llm2slm serve` calls. A Model is used from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from llm2slm_cli.config import DecodingOptions, GenerateConfig
+from llm2slm_cli.errors import UserError
+
+MAX_NEW_TOKENS = next(f.default for f in dataclasses.fields(GenerateConfig) if f.name == "max_new_tokens")
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(kw_only=True)
+class Decoding(DecodingOptions):
+    """One call's decoding options: the CLI's (DecodingOptions) plus the response length and stop strings."""
+
+    max_new_tokens: int = MAX_NEW_TOKENS
+    stop: list[str] = field(default_factory=list)
+    # None: leave the random state as it is (the server's requests without a seed); the CLI and `generate` seed
+    seed: int | None = 0
+    gamma: int | None = None  # speculative decoding: draft tokens per LLM pass (None: the model's, load(gamma=))
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise UserError("a stop string must not be empty")
+        if self.gamma is not None and self.gamma <= 0:
+            raise UserError(f"gamma must be positive, got {self.gamma}")
+        self._check_decoding()
+
+
+@dataclass
+class Completion:
+    text: str  # the decoded response, cut before the first stop string
+    token_ids: list[int]  # the generated tokens (without the end token)
+    prompt_tokens: int
+    finish_reason: FinishReason
+
+
+class _Row:
+    """One response being decoded: its tokens, text so far and why it ended; sends new text to `on_text`."""
+
+    def __init__(self, tokenizer, eos: int | None, pad: int | None, prompt_tokens: int, decoding: Decoding,
+                 on_text: Callable[[str], None] | None = None, cancelled: threading.Event | None = None) -> None:
+        self.tok, self.eos, self.pad = tokenizer, eos, pad
+        self.prompt_tokens, self.max_new_tokens, self.stop = prompt_tokens, decoding.max_new_tokens, decoding.stop
+        self.on_text, self.cancelled = on_text, cancelled
+        self.ids: list[int] = []
+        self.text, self.sent = "", 0
+        self.finished: FinishReason | None = None
+        # text that could still become a stop string is held back while streaming
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def push(self, tokens: Sequence[int]) -> bool:
+        """Take newly generated tokens; True once this row needs no more."""
+        if self.finished is None and self.cancelled is not None and self.cancelled.is_set():
+            self.finished = "cancelled"
+        if self.finished is not None:
+            return True
+        for t in tokens:
+            if t == self.eos:
+                self.finished = "stop"
+                break
+            self.ids.append(int(t))
+            if len(self.ids) >= self.max_new_tokens:
+                self.finished = "length"
+                break
+        self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.finished = self.text[:cut], "stop"
+        self._send()
+        return self.finished is not None
+
+    def finish(self, generated: list[int]) -> Completion:
+        """After the batch: `generated` is what the model returned for this row (used where no streamer ran)."""
+        if not self.ids and self.finished is None:
+            self.push(generated)
+        if self.finished is None:  # the model ended the row (its end token is not in `generated`)
+            self.finished = "length" if len(self.ids) >= self.max_new_tokens else "stop"
+        while self.ids and self.pad is not None and self.ids[-1] == self.pad and self.pad != self.eos:
+            self.ids.pop()  # padding after a row's end, as strip_generated drops it
+        self._send()
+        return Completion(self.text, self.ids, self.prompt_tokens, self.finished)
+
+    def _send(self) -> None:
+        if self.on_text is None:
+            return
+        ready = self.text if self.finished else self.text[: len(self.text) - self.hold] if self.hold else self.text
+        if not self.finished:
+            ready = ready.rstrip("\ufffd")  # an incomplete multi-byte character waits for its next token
+        if len(ready) > self.sent and self.finished != "cancelled":
+            self.on_text(ready[self.sent:])
+            self.sent = len(ready)
+
+
+class Model:
+    """A trained checkpoint, a plain model, or a draft with the LLM that verifies it: `generate` takes text and
+    gives text. Made by `load`."""
+
+    def __init__(self, impl: Any, *, name: str, kind: str, identity: dict[str, Any], template: str | None,
+                 max_prompt_length: int, chat_template: str | None, device: Any) -> None:
+        self.impl, self.name, self.kind, self.identity = impl, name, kind, identity
+        self.template, self.max_prompt_length, self.device = template, max_prompt_length, device
+        self.tokenizer = impl.prompt_tokenizer
+        self.output_tokenizer = impl.target_tokenizer
+        self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None) or None
+        self.eos = self.output_tokenizer.eos_token_id
+        self.pad = self.output_tokenizer.pad_token_id
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, kind={self.kind!r})"
+
+    # ------------------------------------------------------------------------------------------------ prompts
+
+    def prompt_text(self, prompt: str | dict[str, Any], *, template: bool = True, where: str = "prompt") -> str:
+        """The text the model reads: the training template applied to `prompt` (or to the fields of a dict)."""
+        from llm2slm_cli.data import Fields, _to_examples, template_fields
+
+        use = self.template if template else None
+        if isinstance(prompt, dict):
+            record = prompt
+        elif not isinstance(prompt, str):
+            raise UserError(f"{where}: expected text, got {type(prompt).__name__}")
+        elif not prompt.strip():
+            raise UserError(f"{where}: empty prompt")
+        elif use:
+            names = sorted({re.split(r"[.\[]", n, maxsplit=1)[0] for n in template_fields(use)})
+            if len(names) != 1:
+                raise UserError(f"the template {use!r} fills the fields {', '.join(names)}: give each prompt as a "
+                                "dict of them")
+            record = {names[0]: prompt}
+        else:
+            record = {"src": prompt}
+        fields = Fields(prompt="src", target=None, id=None, template=use)
+        return _to_examples(iter([({}, record)]), where, fields, False)[0].prompt
+
+    def prompt_ids(self, texts: Sequence[str], *, strict: bool = False, special_tokens: bool = True) -> list[list[int]]:
+        """Token ids as `generate` makes them: longer than the model's prompt limit is cut (or, `strict`, refused)."""
+        from llm2slm_cli.runtime import tokenize_prompts
+
+        if not special_tokens:  # a chat template writes the special tokens itself
+            ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+            long = [i for i, t in enumerate(ids) if len(t) > self.max_prompt_length]
+            if long and strict:
+                raise UserError(f"the prompt has {len(ids[long[0]])} tokens, over this model's limit of "
+                                f"{self.max_prompt_length}")
+            return [t[: self.max_prompt_length] for t in ids]
+        ids, cut = tokenize_prompts(self.tokenizer, list(texts), self.max_prompt_length)
+        if strict and any(cut):
+            n = len(self.tokenizer(texts[cut.index(True)])["input_ids"])
+            raise UserError(f"the prompt has {n} tokens, over this model's limit of {self.max_prompt_length}")
+        return ids
+
+    def chat_text(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt for chat `messages` ({"role", "content"} dicts), from the model's chat template."""
+        if not self.chat_template:
+            raise UserError(f"the model {self.name!r} has no chat template: use completions, or give one "
+                            "(load(..., chat_template=FILE), serve --chat-template FILE)")
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=True)
+        except Exception as e:  # jinja2 errors: a template that raises, or one that does not fit these messages
+            raise UserError(f"the chat template cannot render these messages ({type(e).__name__}: {e})") from None
+
+    # ------------------------------------------------------------------------------------------------ decoding
+
+    def decoding(self, **options: Any) -> Decoding:
+        """Checked options (Decoding's fields; unknown names are refused)."""
+        known = {f.name for f in dataclasses.fields(Decoding)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UserError(f"unknown decoding option {', '.join(unknown)} (options: {', '.join(sorted(known))})")
+        options = {k: v for k, v in options.items()}
+        if isinstance(options.get("stop"), str):
+            options["stop"] = [options["stop"]]
+        d = Decoding(**options)
+        if self.kind == "speculative":
+            if d.num_beams not in (None, 1):
+                raise UserError("speculative decoding draws one sequence per prompt: leave num_beams out")
+            d.num_beams = 1
+        return d
+
+    def run(self, prompt_ids: list[list[int]], decoding: Decoding, rows: list[_Row]) -> list[Completion]:
+        """Decode one batch (prompts padded together); each row has its own length limit and stop strings."""
+        import torch
+
+        from llm2slm_cli.data import pad
+        from llm2slm_cli.stages.generate import SpeculativeModel, generation_kwargs, speculative_kwargs
+
+        speculative = isinstance(self.impl, SpeculativeModel)
+        options = dataclasses.replace(decoding, max_new_tokens=max(r.max_new_tokens for r in rows))
+        kwargs = speculative_kwargs(options) if speculative else generation_kwargs(options)
+        if decoding.seed is not None:
+            torch.manual_seed(decoding.seed)
+            if speculative:
+                self.impl.reseed(decoding.seed)
+        ids, mask = pad(prompt_ids, self.tokenizer.pad_token_id)
+
+        def streamer(tokens: torch.Tensor) -> list[bool]:
+            return [row.push(t) for row, t in zip(rows, tokens.tolist())]
+
+        out = self.impl.generate(ids.to(self.device), mask.to(self.device), streamer=streamer, **kwargs)
+        return [row.finish(list(generated)) for row, generated in zip(rows, out)]
+
+    def complete(self, prompts: str | dict | Sequence[str | dict], *, template: bool = True, strict: bool = False,
+                 batch_size: int = 16, on_text: Callable[[int, str], None] | None = None,
+                 **options: Any) -> list[Completion]:
+        """The raw responses with their tokens and finish reasons, in length-sorted batches of `batch_size` (as
+        `generate` makes them); `on_text(i, text)` receives each response's new text as it is decoded."""
+        from llm2slm_cli.data import length_sorted_batches
+
+        one = isinstance(prompts, (str, dict))
+        prompts = [prompts] if one else list(prompts)
+        if not prompts:
+            return []
+        decoding = self.decoding(**options)
+        texts = [self.prompt_text(p, template=template, where=f"prompt {i}") for i, p in enumerate(prompts)]
+        ids = self.prompt_ids(texts, strict=strict)
+        results: dict[int, Completion] = {}
+        for batch in length_sorted_batches([len(t) for t in ids], batch_size):
+            rows = [self.row(len(ids[i]), decoding, None if on_text is None else
+                             (lambda text, i=i: on_text(i, text))) for i in batch]
+            results.update(zip(batch, self.run([ids[i] for i in batch], decoding, rows)))
+        return [results[i] for i in range(len(prompts))]
+
+    def row(self, prompt_tokens: int, decoding: Decoding, on_text: Callable[[str], None] | None = None,
+            cancelled: threading.Event | None = None) -> _Row:
+        return _Row(self.output_tokenizer, self.eos, self.pad, prompt_tokens, decoding, on_text, cancelled)
+
+    def generate(self, prompts: str | dict | Sequence[str | dict], *, first_line: bool = False,
+                 **options: Any) -> list[str]:
+        """Responses to `prompts` (one string gives a list of one), as `llm2slm generate` writes them: the same
+        tokens for the same options, stripped. Options: those of `complete` and Decoding (num_beams,
+        length_penalty, sample, top_p, temperature, seed, max_new_tokens, stop); `first_line` as in the CLI."""
+        from llm2slm_cli.stages.generate import PlainModel, _first_line
+
+        if first_line and isinstance(self.impl, PlainModel):  # the CLI stops a plain model at the line break
+            stop = options.get("stop") or []
+            options["stop"] = [*([stop] if isinstance(stop, str) else stop), "\n"]
+        out = [c.text for c in self.complete(prompts, **options)]
+        return [_first_line(t) if first_line else t.strip() for t in out]
+
+    def stream(self, prompt: str | dict, **options: Any) -> Iterator[str]:
+        """The response to one prompt, piece by piece as it is decoded (greedy, sampling and speculative decoding;
+        beam search gives it whole at the end). Stopping the iteration stops the decoding."""
+        pieces: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                decoding = self.decoding(**options)
+                ids = self.prompt_ids([self.prompt_text(prompt)])
+                row = self.row(len(ids[0]), decoding, pieces.put, cancelled)
+                self.run(ids, decoding, [row])
+                pieces.put(done)
+            except BaseException as e:  # noqa: BLE001 -- handed to the consumer
+                pieces.put(e)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            while (item := pieces.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            thread.join()
+
+    def chat(self, messages: list[dict[str, Any]], **options: Any) -> str:
+        """The assistant's reply to chat `messages`, through the model's chat template."""
+        decoding = self.decoding(**options)
+        ids = self.prompt_ids([self.chat_text(messages)], special_tokens=False)
+        return self.run(ids, decoding, [self.row(len(ids[0]), decoding)])[0].text.strip()
+
+
+def _chat_template(value: str | Path | None) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    if "{" not in text:  # a file
+        path = Path(text)
+        try:
+            return path.read_text()
+        except OSError as e:
+            raise UserError(f"cannot read the chat template ({e.strerror})", path=path) from None
+    return text
+
+
+def load(model: str | Path, *, draft: str | Path | None = None, gamma: int = 4, llm: str | None = None,
+         tokenizer: str | Path | None = None, dtype: str = "float32", device: str = "auto",
+         template: str | None = None, chat_template: str | Path | None = None) -> Model:
+    """A model to generate with: a checkpoint directory from `train` or `export` (its LLM is loaded by the name it
+    records, or from `llm`), or a plain model (hub id, directory, .gguf, preset:NAME). With `draft` (a
+    checkpoint), speculative decoding: `model` is the LLM that verifies and the output is its own.
+
+    `template` replaces the checkpoint's training template; `chat_template` (Jinja text or a file) the tokenizer's.
+    """
+    from llm2slm_cli import runtime
+    from llm2slm_cli.llm2slm import read_model_config
+    from llm2slm_cli.stages.generate import is_checkpoint, open_model
+
+    dev = runtime.device(device)
+    spec = str(model)
+    if draft is not None:
+        if not is_checkpoint(draft):
+            raise UserError("the draft must be a checkpoint from `train`", path=draft)
+        recorded = (read_model_config(Path(draft)).llm or {}).get("name")
+        verifier = None if recorded is not None and _same_model(recorded, spec) else spec
+        impl, identity, own_template, max_length = open_model(
+            str(draft), llm=llm, speculative=True, verifier=verifier, gamma=gamma, dtype=dtype, device=dev)
+        kind = "speculative"
+    else:
+        impl, identity, own_template, max_length = open_model(spec, llm=llm, dtype=dtype, tokenizer=tokenizer,
+                                                              device=dev)
+        kind = "llm2slm" if is_checkpoint(spec) else "plain"
+    return Model(impl, name=spec, kind=kind, identity=identity, template=template or own_template,
+                 max_prompt_length=max_length, chat_template=_chat_template(chat_template), device=dev)
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b or a.removeprefix("preset:") == b.removeprefix("preset:"):
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

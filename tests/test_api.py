@@ -1,0 +1,248 @@
+"""The Python API (`from llm2slm_cli import load`), `generate --prompt` / stdin, the decoding loop's streaming hook,
+--config / --print-config and `export`: each checked against the file pipeline's own output."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import SERVE_TEMPLATE
+
+from llm2slm_cli import load
+from llm2slm_cli.errors import UserError
+
+
+def prompts(toy_files) -> list[str]:
+    return [json.loads(line)["src"] for line in toy_files["dev"].read_text().splitlines()]
+
+
+def predictions(cli, tmp_path, name, *args):
+    cli("generate", *args, "--out", tmp_path / name, "--quiet")
+    return pq.read_table(tmp_path / name / "predictions.parquet").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def model(trained_checkpoint):
+    return load(trained_checkpoint, device="cpu")
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_load_generates_what_generate_writes(cli, model, trained_checkpoint, toy_files, tmp_path, beams):
+    rows = predictions(cli, tmp_path, "pred", toy_files["dev"], "--model", trained_checkpoint, "--num-beams", beams,
+                       "--max-new-tokens", 6)
+    texts = prompts(toy_files)
+    assert model.kind == "llm2slm" and model.template == SERVE_TEMPLATE
+    assert model.generate(texts, num_beams=beams, max_new_tokens=6) == [r["prediction"] for r in rows]
+    assert [len(c.token_ids) for c in model.complete(texts, num_beams=beams, max_new_tokens=6)] == \
+        [r["n_tokens"] for r in rows]
+    assert rows[0]["prompt"] == SERVE_TEMPLATE.format(src=texts[0])  # the template was applied on both sides
+    assert len({r["prediction"] for r in rows}) > 1  # responses depend on the prompt
+    # one prompt at a time (other padding) gives the same greedy tokens
+    if beams == 1:
+        assert [model.generate(p, num_beams=1, max_new_tokens=6)[0] for p in texts] == [r["prediction"] for r in rows]
+
+
+def test_plain_model_and_speculative_decoding(cli, model, trained_checkpoint, toy_files, tmp_path):
+    texts = prompts(toy_files)
+    plain = load("tiny-llama", device="cpu")
+    assert plain.kind == "plain" and plain.template is None
+    rows = predictions(cli, tmp_path, "plain", toy_files["dev"], "--model", "tiny-llama", "--num-beams", 1,
+                       "--max-new-tokens", 6)
+    assert plain.generate(texts, num_beams=1, max_new_tokens=6) == [r["prediction"] for r in rows]
+
+    spec = load("tiny-llama", draft=trained_checkpoint, gamma=3, device="cpu")
+    assert spec.kind == "speculative"
+    rows = predictions(cli, tmp_path, "spec", toy_files["dev"], "--model", trained_checkpoint, "--speculative",
+                       "--gamma", 3, "--max-new-tokens", 6)
+    got = spec.generate(texts, max_new_tokens=6)
+    assert got == [r["prediction"] for r in rows]
+    # the output is the LLM's own greedy output for the templated prompts
+    assert got == plain.generate([SERVE_TEMPLATE.format(src=t) for t in texts], num_beams=1, max_new_tokens=6)
+    with pytest.raises(UserError, match="one sequence"):
+        spec.generate(texts, num_beams=4)
+
+
+def test_the_streaming_hook_changes_no_output():
+    """decoding.decode and speculative_generate with a streamer: the same tokens as without, and the streamer saw
+    exactly them; a streamer that stops a row ends that row there and leaves the others as they were."""
+    from llm2slm_cli.data import pad
+    from llm2slm_cli.decoding import Search, generate_plain, speculative_generate
+    from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, _right_to_left
+
+    llm = FrozenLLM("tiny-llama")
+    tok = llm.tokenizer
+    ids, mask = pad([tok(p).input_ids for p in ["alpha beta", "a much longer prompt here", "x"]], tok.pad_token_id)
+    left, left_mask = _right_to_left(ids, mask)
+    for sample in (False, True):
+        search = Search(max_new_tokens=12, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                        do_sample=sample, temperature=0.9, top_p=0.8)
+        torch.manual_seed(3)
+        plain = generate_plain(llm.model, left, left_mask, search)
+        seen = []
+        torch.manual_seed(3)
+        streamed = generate_plain(llm.model, left, left_mask, search, streamer=lambda t: seen.append(t.clone()))
+        assert torch.equal(plain, streamed) and torch.equal(torch.cat(seen, 1), plain)
+        # stop row 1 after 3 tokens: it is padded from there, the others are unchanged
+        count = {"n": 0}
+
+        def stop_row_one(t):
+            count["n"] += 1
+            return [False, count["n"] >= 3, False]
+
+        torch.manual_seed(3)
+        stopped = generate_plain(llm.model, left, left_mask, search, streamer=stop_row_one)
+        assert torch.equal(stopped[[0, 2]], plain[[0, 2]]) and torch.equal(stopped[1, :3], plain[1, :3])
+        assert (stopped[1, 3:] == tok.pad_token_id).all()
+
+    torch.manual_seed(0)
+    draft = LLMToSLM.build("tiny-gpt2", llm).eval()
+    expected, _ = speculative_generate(draft, llm, ids, mask, gamma=3, max_new_tokens=12)
+    chunks = []
+    got, _ = speculative_generate(draft, llm, ids, mask, gamma=3, max_new_tokens=12,
+                                  streamer=lambda t: chunks.append(t.tolist()))
+    assert got == expected
+    rows = [[t for chunk in chunks for t in chunk[i]] for i in range(3)]
+    assert [r[: len(e)] for r, e in zip(rows, expected)] == expected
+
+
+def test_rows_of_one_batch_keep_their_own_limits_and_stop_strings(model, toy_files):
+    texts = prompts(toy_files)[:4]
+    full = model.complete(texts, num_beams=1, max_new_tokens=8)
+    limits = [2, 8, 5, 8]
+    stop = full[3].text[2:4] if len(full[3].text) >= 4 else "\u2603"
+    cut = model.complete(texts[:3], num_beams=1, max_new_tokens=8)  # the same batch, then row-wise limits
+    assert cut == full[:3]
+    decoding = [model.decoding(num_beams=1, max_new_tokens=n, stop=[stop] if i == 3 else []) for i, n in
+                enumerate(limits)]
+    ids = model.prompt_ids([model.prompt_text(t) for t in texts])
+    rows = [model.row(len(i), d) for i, d in zip(ids, decoding)]
+    batched = model.run(ids, decoding[0], rows)
+    for i, (b, f) in enumerate(zip(batched, full)):
+        if i == 3 and stop != "\u2603":
+            assert b.finish_reason == "stop" and b.text == f.text[: f.text.find(stop)]
+        else:
+            assert b.token_ids == f.token_ids[: limits[i]]
+            assert b.finish_reason == ("length" if len(f.token_ids) >= limits[i] else f.finish_reason)
+
+
+def test_stream_gives_the_response_piece_by_piece(model, toy_files):
+    text = prompts(toy_files)[1]
+    pieces = list(model.stream(text, num_beams=1, max_new_tokens=8))
+    assert len(pieces) > 1 and "".join(pieces) == model.complete(text, num_beams=1, max_new_tokens=8)[0].text
+    beam = list(model.stream(text, num_beams=2, max_new_tokens=8))  # beam search: whole at the end
+    assert "".join(beam) == model.complete(text, num_beams=2, max_new_tokens=8)[0].text
+    assert model.generate({"src": text}, num_beams=1) == model.generate(text, num_beams=1)
+
+
+def test_api_mistakes_are_user_errors(model):
+    with pytest.raises(UserError, match="unknown decoding option"):
+        model.generate("a", beams=2)
+    with pytest.raises(UserError, match="empty prompt"):
+        model.generate("  ")
+    with pytest.raises(UserError, match="max_new_tokens"):
+        model.generate("a", max_new_tokens=0)
+    with pytest.raises(UserError, match="top-p"):
+        model.generate("a", sample=True, top_p=0)
+    with pytest.raises(UserError, match="chat template"):
+        model.chat([{"role": "user", "content": "hi"}])
+    with pytest.raises(UserError, match="fills the fields"):
+        load("tiny-gpt2", template="{a} and {b}", device="cpu").generate("x")
+    with pytest.raises(UserError, match="over this model's limit"):
+        model.complete("alpha " * 600, strict=True)
+
+
+def test_generate_prompt_and_stdin_print_responses(cli, model, toy_files):
+    texts = prompts(toy_files)[:3]
+    expected = model.generate(texts, num_beams=1, max_new_tokens=6)
+    common = ["--model", model.name, "--num-beams", 1, "--max-new-tokens", 6]
+    args = [a for t in texts for a in ("--prompt", t)]
+    out = cli("generate", *common, *args, "--json").stdout.splitlines()
+    assert [json.loads(line)["prediction"] for line in out] == expected
+    assert [json.loads(line)["id"] for line in out] == ["0", "1", "2"]
+    # one prompt streams its response to the terminal: the same text
+    assert cli("generate", *common, "--prompt", texts[0]).stdout == expected[0] + "\n"
+    # stdin: plain lines (blank lines skipped), or JSONL with the field options
+    assert cli.runner.invoke(_app(), ["generate", "-", *map(str, common)], input="\n".join(texts) + "\n\n"
+                             ).stdout.splitlines() == expected
+    records = "".join(json.dumps({"key": f"k{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    result = cli.runner.invoke(_app(), ["generate", "-", *map(str, common), "--json", "--template",
+                                        "shout: {text}", "--id-field", "key"], input=records)
+    assert result.exit_code == 0, result.output
+    assert [(json.loads(x)["id"], json.loads(x)["prediction"]) for x in result.stdout.splitlines()] == \
+        [(f"k{i}", e) for i, e in enumerate(expected)]
+    bad = cli.runner.invoke(_app(), ["generate", "-", "--model", model.name], input='{"src": "a"}\n{"src": \n')
+    assert bad.exit_code == 2 and "<stdin>, line 2: malformed JSON" in bad.output
+    for wrong in (["--prompt", "a", "--out", "o"], ["--prompt", "a", toy_files["dev"]], []):
+        result = cli("generate", "--model", model.name, *wrong, code=2)
+        assert result.output.startswith("error:") and "Traceback" not in result.output
+
+
+def _app():
+    from llm2slm_cli.cli import app
+
+    return app
+
+
+def test_config_file_and_print_config(cli, toy_files, tmp_path):
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text(f"model: tiny-gpt2\nnum-beams: 2\nmax_new_tokens: 7\ninputs: [{toy_files['dev']}]\n"
+                   f"out: {tmp_path / 'o'}\n")
+    printed = cli("generate", "--config", cfg, "--max-new-tokens", 3, "--print-config").stdout
+    import yaml
+
+    effective = yaml.safe_load(printed)
+    assert effective["model"] == "tiny-gpt2" and effective["num_beams"] == 2 and effective["max_new_tokens"] == 3
+    assert effective["inputs"] == [str(toy_files["dev"])] and effective["length_penalty"] == 0.6
+    assert not (tmp_path / "o").exists()  # --print-config runs nothing
+    # what --print-config writes is a config file giving the same configuration (JSON too)
+    again = tmp_path / "again.yaml"
+    again.write_text(printed)
+    assert cli("generate", "--config", again, "--print-config").stdout == printed
+    as_json = tmp_path / "c.json"
+    as_json.write_text(json.dumps(effective))
+    assert cli("generate", "--config", as_json, "--print-config").stdout == printed
+    # a config file runs the stage
+    cli("generate", "--config", again, "--quiet")
+    assert pq.read_table(tmp_path / "o" / "predictions.parquet").num_rows == 8
+    for text, message in [("nope: 1\n", "unknown option nope for `llm2slm generate`"),
+                          ("[1, 2]\n", "expected a mapping"), ("model: [\n", "not valid YAML")]:
+        cfg.write_text(text)
+        result = cli("generate", "--config", cfg, code=2)
+        assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert "--config FILE" in cli("train", "--help").output and "--print-config" in cli("serve", "--help").output
+
+
+def test_export_writes_a_loadable_directory_with_a_model_card(cli, model, trained_checkpoint, toy_files, tmp_path):
+    from huggingface_hub import ModelCard
+
+    pred = tmp_path / "pred"
+    cli("generate", toy_files["dev"], "--model", trained_checkpoint, "--out", pred, "--num-beams", 1,
+        "--max-new-tokens", 4, "--quiet")
+    cli("eval", pred, "--out", tmp_path / "eval", "--metrics", "chrf,rouge", "--quiet")
+    out = tmp_path / "export"
+    cli("export", trained_checkpoint, "--out", out, "--eval", tmp_path / "eval", "--quiet")
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert {"README.md", "manifest.json", "llm2slm.json", "slm_config.json", "model.safetensors"} <= files
+    assert not any(f.startswith(("optimizer", "rng_state", "trainer_state", ".")) for f in files)
+    card = (out / "README.md").read_text()
+    identity = json.loads((trained_checkpoint / "llm2slm.json").read_text())["llm"]
+    assert "`tiny-llama`" in card and identity["fingerprint"] in card and SERVE_TEMPLATE in card
+    assert str(toy_files["train"]) in card and "lr 0.001" in card and "chrf" in card
+    assert f"load({str(out)!r})" in card and f"llm2slm serve --model {out}" in card
+    meta = ModelCard.load(out / "README.md").data.to_dict()
+    assert meta["library_name"] == "llm2slm" and "llm2slm" in meta["tags"]
+    texts = prompts(toy_files)
+    assert load(out, device="cpu").generate(texts, num_beams=1, max_new_tokens=6) == \
+        model.generate(texts, num_beams=1, max_new_tokens=6)
+    # with the LLM copied in, loading takes it from there
+    bundled = tmp_path / "bundled"
+    cli("export", trained_checkpoint, "--out", bundled, "--include-llm", "yes", "--quiet")
+    again = load(bundled, device="cpu")
+    assert again.impl.llm.spec == str(bundled / "llm")
+    assert again.generate(texts[:2], num_beams=1, max_new_tokens=6) == model.generate(texts[:2], num_beams=1,
+                                                                                      max_new_tokens=6)
+    assert "error:" in cli("export", trained_checkpoint, "--out", out, code=2).output  # refuses to clobber
+    assert "not an llm2slm checkpoint" in cli("export", toy_files["dev"].parent, "--out", tmp_path / "x",
+                                              code=2).output
