@@ -241,3 +241,12 @@ def test_eval_counts_loops_and_distinct_outputs_and_pairs_a_bootstrap(tmp_path):
     assert paired["chrf"]["delta"] > 50 and paired["chrf"]["p_value"] < 0.05 and paired["chrf"]["ci95"] >= 0
     worse = evaluate.run(EvalConfig(predictions=base, out=tmp_path / "eval2", metrics="chrf", quiet=True))
     assert worse["outputs"]["repetition_loops"] == 1.0 and worse["outputs"]["distinct"] == 1 / 20
+
+
+def test_kd_into_an_encoder_decoder_slm(cli, toy_files, tmp_path):
+    labels = _teacher_files(tmp_path, toy_files, "tiny-t5-large")
+    cli("train", labels, "--slm", "tiny-t5", "--llm", "tiny-t5-large", "--batch-size", "4", "--micro-batch-size", "2",
+        "--max-steps", "6", "--max-target-length", "16", "--lr", "3e-3", "--kd-weight", "1", "--quiet",
+        "--out", tmp_path / "t5")
+    log = _log(tmp_path / "t5")
+    assert log[-1]["kd"] < log[0]["kd"] and all(r["loss"] == pytest.approx(r["kd"], abs=1e-6) for r in log)
