@@ -7,6 +7,8 @@ line takes. Checks that need no files run in `__post_init__`; a bad value raises
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,20 @@ def _positive(cfg: Any, *names: str) -> None:
         v = getattr(cfg, n)
         if v is not None and v <= 0:
             raise UserError(f"--{n.replace('_', '-')} must be positive, got {v}")
+
+
+def check_numbers(cfg: Any) -> None:
+    """Every float option finite and every seed 0 or more, in any config: NaN passes every range check (`nan <= 0`
+    is False), so `--lr nan` would train on NaN and `--temperature inf` sample uniformly. The CLI calls this for
+    every stage; the configs with float options call it from `__post_init__` too."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        flag = f.metadata.get("name") or "--" + f.name.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{flag} must be a finite number, got {v}")
+            if (f.name == "seed" or f.name.endswith("_seed")) and isinstance(v, int) and v < 0:
+                raise UserError(f"{flag} must be 0 or more, got {v}")
 
 
 def _inputs(paths: list[Path]) -> None:
@@ -62,6 +78,7 @@ class DecodingOptions:
     seed: int = opt(0, "Seed for sampling.")
 
     def _check_decoding(self, *, speculative: bool = False) -> None:
+        check_numbers(self)
         _positive(self, "num_beams", "temperature")
         one = "--sample" if self.sample else "--speculative" if speculative else None
         if one and self.num_beams not in (None, 1):
@@ -112,7 +129,8 @@ class TrainConfig(ExampleFields):
     inputs: list[Path] = opt(REQUIRED, "Training examples with targets (any format `encode` reads, or the "
                                        "output directory of distill-labels).", argument=True)
     slm: str = opt(REQUIRED, "The SLM: hub id, local directory, .gguf file, or preset:NAME.")
-    out: Path = opt(REQUIRED, "Output directory: step-NNNNNN/ and final/ checkpoints, train_log.jsonl.")
+    out: Path | None = opt(None, "Output directory: step-NNNNNN/ and final/ checkpoints, train_log.jsonl (required, "
+                                 "except with --count-parameters).")
     llm: str | None = opt(None, "The frozen LLM. Without it the SLM is trained alone (the baseline).")
     features: Path | None = opt(None, "Features of the training prompts from `encode` (else the LLM encodes "
                                       "each batch on the fly).")
@@ -171,12 +189,14 @@ class TrainConfig(ExampleFields):
     micro_batch_size: int = opt(16, "Examples per forward pass; gradients accumulate to --batch-size.")
     epochs: int = opt(1, "Passes over the training data.")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
-    max_grad_norm: float | None = opt(1.0, "Clip gradients to this norm (none: no clipping).")
+    max_grad_norm: float | None = opt(1.0, "Clip gradients to this norm (0: no clipping).")
     eval_every: int | None = opt(None, "Dev loss every N steps (and always at the end, if --dev is given).")
     save_every: int | None = opt(None, "Checkpoint step-NNNNNN/ every N steps (final/ is always written).")
     log_every: int = opt(10, "Print the training loss every N steps (every step goes to train_log.jsonl).")
     seed: int = opt(0, "Seed for data order, initialisation and dropout.")
-    mixed_precision: str = opt("no", "Mixed precision on GPUs.", choices=["no", "bf16", "fp16"])
+    mixed_precision: str | None = opt(None, "Mixed precision on GPUs (default: accelerate's, i.e. what `accelerate "
+                                            "launch --mixed_precision` or `accelerate config` set, else no).",
+                                      choices=["no", "bf16", "fp16"])
     device: str = opt("auto", "auto, cpu, cuda. Several GPUs: accelerate launch -m llm2slm_cli train ...")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     resume: bool = opt(False, "Continue from the last checkpoint in --out (same result as an uninterrupted run).")
@@ -186,8 +206,23 @@ class TrainConfig(ExampleFields):
 
     def __post_init__(self) -> None:
         _inputs(self.inputs)
+        check_numbers(self)
+        if self.out is None:
+            if not self.count_parameters:
+                raise UserError("--out is required: the output directory (only --count-parameters needs none)")
+            self.out = Path(os.devnull)  # --count-parameters writes nothing; the stage still takes a path
         if self.dev and len(self.dev) > 2:
             raise UserError("--dev takes one file, or two line-aligned files")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise UserError(f"--max-grad-norm must be 0 (no clipping) or positive, got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if (self.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":
+            from llm2slm_cli.models import preset_model_type, refuse_float16
+
+            for role, spec in (("SLM", self.slm), ("LLM", self.llm)):  # presets: known without a file
+                refuse_float16(preset_model_type(spec) if spec else None, "float16", f"{role} {spec!r}",
+                               "use --mixed-precision bf16 or no")
         _positive(self, "max_length", "max_target_length", "lr", "batch_size", "micro_batch_size", "epochs",
                   "max_steps", "eval_every", "save_every", "log_every")
         if self.batch_size % self.micro_batch_size:
@@ -264,7 +299,9 @@ class GenerateConfig(DecodingOptions, ExampleFields):
     verifier: str | None = opt(None, "The LLM that checks the drafts (default: the checkpoint's own LLM; needed for "
                                      "a draft trained without one). It must read the draft's vocabulary.")
     tokenizer: Path | None = opt(None, "Tokenizer directory for a plain model.")
-    dtype: str = opt("float32", "Precision of a plain model.", choices=["float32", "bfloat16", "float16"])
+    dtype: str = opt("float32", "Precision of a plain model, of a checkpoint's SLM and projector (its LLM keeps the "
+                                "precision it was trained with) and of --verifier.",
+                     choices=["float32", "bfloat16", "float16"])
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.")
@@ -298,6 +335,10 @@ class GenerateConfig(DecodingOptions, ExampleFields):
         self._check_decoding(speculative=self.speculative)
         if self.verifier and not self.speculative:
             raise UserError("--verifier is for --speculative decoding")
+        from llm2slm_cli.models import preset_model_type, refuse_float16
+
+        for spec in (self.model, self.verifier):  # presets: known without a file (others: when they load)
+            refuse_float16(preset_model_type(spec) if spec else None, self.dtype, repr(spec))
 
 
 @dataclass(kw_only=True)
@@ -316,6 +357,13 @@ class DistillConfig(DecodingOptions, ExampleFields):
     shard_size: int = opt(1024, "Examples per output shard (the unit of --resume, and of the split across "
                                 "processes under `accelerate launch`).")
     tokenizer: Path | None = opt(None, "Tokenizer directory to use instead of the model's own.")
+    top_k_logits: int | None = opt(None, "Also store the LLM's top-K next-token distributions (log-probabilities "
+                                         "over its whole vocabulary) at every target token, teacher-forced, for "
+                                         "`train --kd-weight` (logit distillation).")
+    teacher_forced: bool = opt(False, "Keep the input's targets and only store the LLM's distributions over them "
+                                      "(no generation; needs --top-k-logits).")
+    max_target_length: int = opt(256, "With --top-k-logits: longest target in tokens, as `train` cuts them (the "
+                                      "same value must be given to train).")
     dtype: str = opt("float32", "Precision of the LLM.", choices=["float32", "bfloat16", "float16"])
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     overwrite: bool = opt(False, "Replace an existing output directory.")
@@ -327,6 +375,8 @@ class DistillConfig(DecodingOptions, ExampleFields):
         _positive(self, "max_new_tokens", "batch_size", "shard_size", "max_length", "top_k_logits",
                   "max_target_length")
         self._check_decoding()
+        if self.teacher_forced and self.top_k_logits is None:
+            raise UserError("--teacher-forced only stores distributions: give --top-k-logits K")
 
 
 @dataclass(kw_only=True)
@@ -347,25 +397,24 @@ class EvalConfig(ExampleFields):
                                       "http://127.0.0.1:8000/v1.")
     judge_model: str | None = opt(None, "Model name the judge endpoint serves.")
     judge_api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the judge's API key (if any).")
-    top_k_logits: int | None = opt(None, "Also store the LLM's top-K next-token distributions (log-probabilities "
-                                         "over its whole vocabulary) at every target token, teacher-forced, for "
-                                         "`train --kd-weight` (logit distillation).")
-    teacher_forced: bool = opt(False, "Keep the input's targets and only store the LLM's distributions over them "
-                                      "(no generation; needs --top-k-logits).")
-    max_target_length: int = opt(256, "With --top-k-logits: longest target in tokens, as `train` cuts them (the "
-                                      "same value must be given to train).")
     judge_timeout: float = opt(60.0, "Seconds to wait for one judge reply.")
+    paired_with: Path | None = opt(None, "Predictions of a baseline system on the same examples (a `generate` output "
+                                         "directory): BLEU and chrF of both with 95% confidence intervals and the "
+                                         "p-value of the difference, by sacrebleu's paired bootstrap resampling.")
+    bootstrap_samples: int = opt(1000, "Resamples for --paired-with.")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     json: bool = opt(False, "Print the metrics as JSON on stdout.")
     quiet: bool = opt(False, "No table or progress output.")
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        _positive(self, "bootstrap_samples", "judge_timeout")
 
 
 @dataclass(kw_only=True)
 class BenchConfig:
     """Measure decoding speed the paper's way: ms per generated token for --new-tokens tokens after a
     --prompt-length prompt, for the LLM alone, the SLM alone and LLM-to-SLM; plus FLOPs, memory and plots."""
-        if self.teacher_forced and self.top_k_logits is None:
-            raise UserError("--teacher-forced only stores distributions: give --top-k-logits K")
 
     out: Path = opt(REQUIRED, "Output directory: bench.parquet, bench.json, manifest.json and PNG plots.")
     llm: str | None = opt(None, "The LLM (hub id, directory, .gguf or preset:NAME): an 'LLM' row, and the LLM of "
@@ -387,17 +436,10 @@ class BenchConfig:
                                   "LLM-to-SLM step with stored features, --llm and the first --slm) over "
                                   "--throughput-batch-sizes x --throughput-lengths.")
     throughput_batch_sizes: str = opt("1,8,32", "Comma-separated batch sizes for --throughput.")
-    paired_with: Path | None = opt(None, "Predictions of a baseline system on the same examples (a `generate` output "
-                                         "directory): BLEU and chrF of both with 95% confidence intervals and the "
-                                         "p-value of the difference, by sacrebleu's paired bootstrap resampling.")
-    bootstrap_samples: int = opt(1000, "Resamples for --paired-with.")
     throughput_lengths: str = opt("32,128", "Comma-separated prompt lengths for --throughput (train targets are "
                                             "--throughput-target-length tokens).")
     throughput_target_length: int = opt(32, "Target tokens per training example for --throughput.")
     prompts: Path | None = opt(None, "Real prompts instead of random token ids: an examples file (first prompts of "
-    def __post_init__(self) -> None:
-        _positive(self, "bootstrap_samples")
-
                                      "at least --prompt-length tokens, cut to that length). Drafts agree with an LLM "
                                      "on text, not on random ids.")
     whole_prompts: bool = opt(False, "With --prompts: only prompts of exactly --prompt-length tokens, uncut (a cut "
@@ -429,6 +471,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.slm is None or isinstance(self.slm, str):  # BenchConfig(slm="t5-small") from Python: one SLM
             self.slm = [self.slm] if self.slm else []
+        check_numbers(self)
         if not (self.llm or self.slm or self.model):
             raise UserError("nothing to measure: give --llm, --slm and/or --model LABEL=DIR")
         _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads", "gamma",

@@ -65,13 +65,13 @@ class FrozenLLM:
 
     def __init__(self, spec: str, *, layer: str | int = -1, dtype: str = "float32",
                  tokenizer: str | Path | None = None, device: str | torch.device = "cpu",
-                 tokenizer_optional: bool = False) -> None:
+                 tokenizer_optional: bool = False, tokenizer_option: str | None = "--tokenizer") -> None:
         config = M.load_config(spec)
         self.spec = spec
         self.kind: M.ModelKind = M.model_kind(config)
         if M.DTYPES.get(dtype) == "float16" and config.model_type in M.T5_TYPES:
             raise UserError("float16 is refused for T5-family LLMs (their activations overflow to inf/NaN): "
-                            "use --dtype bfloat16 or float32")
+                            "use bfloat16 or float32")
         self.dtype = M.DTYPES.get(dtype, dtype)
         self.n_layers = M.num_layers(config)
         self.layer = parse_layer(layer, self.n_layers) if self.kind == "decoder-only" else self.n_layers
@@ -81,7 +81,7 @@ class FrozenLLM:
         self.model.requires_grad_(False)
         self.config = config
         try:
-            self.tokenizer = M.load_tokenizer(spec, tokenizer, local_only=tokenizer_optional)
+            self.tokenizer = M.load_tokenizer(spec, tokenizer, local_only=tokenizer_optional, option=tokenizer_option)
         except UserError:
             if not tokenizer_optional:  # benchmarks of paper-shape presets run offline on random token ids
                 raise
@@ -490,7 +490,7 @@ class LLMToSLM(nn.Module):
             M.truncate_layers(slm, slm_layers, slm_spec)
         own_tok = None
         if llm is None or tokenizer == "slm":
-            own_tok = M.load_tokenizer(slm_spec, slm_tokenizer)
+            own_tok = M.load_tokenizer(slm_spec, slm_tokenizer, option="--slm-tokenizer")
             out_tok = own_tok
         else:
             out_tok = llm.tokenizer

@@ -123,6 +123,7 @@ def resolve(spec: str) -> Source:
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UserError("no such GGUF file", path=spec)
+        _check_gguf_header(path)
         return Source(spec, "gguf", str(path.resolve()))
     if path.is_dir() and (path / "llm2slm.json").is_file():
         # A model trained alone by `train` (no --llm) serves as a plain model, e.g. a fine-tuned LLM.
@@ -142,6 +143,53 @@ def resolve(spec: str) -> Source:
         raise UserError("not a model: expected a transformers model directory, a .gguf file, a hub id or "
                         "preset:NAME", path=spec)
     return Source(spec, "hub", spec)
+
+
+def refuse_float16(model_type: str | None, dtype: str | None, what: str,
+                   fix: str = "use --dtype bfloat16 or float32") -> None:
+    """T5-family weights were trained in bfloat16: in float16 their activations overflow to inf/NaN, and generation
+    goes silently wrong. Refused for every T5 model, LLM or SLM, plain or inside a checkpoint."""
+    if DTYPES.get(str(dtype), dtype) == "float16" and model_type in T5_TYPES:
+        raise UserError(f"float16 is refused for T5-family models ({what}: their activations overflow to inf/NaN): "
+                        f"{fix}")
+
+
+def preset_model_type(spec: str) -> str | None:
+    """The model type of a preset spec, without reading any file (None for other specs)."""
+    name = spec.removeprefix("preset:")
+    if not (spec.startswith("preset:") or (spec.startswith("tiny-") and not Path(spec).exists())):
+        return None
+    try:
+        return preset(name).model_type
+    except UserError:
+        return None
+
+
+def _check_gguf_header(path: Path) -> None:
+    """The fixed 24-byte header of a GGUF file (magic, version, tensor and metadata counts): a foreign or cut file is
+    a one-line error here, not a parser's traceback later."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror or e})", path=path) from None
+    if head[:4] != b"GGUF":
+        raise UserError("not a GGUF file (it does not start with the bytes 'GGUF')", path=path)
+    if len(head) < 24:
+        raise UserError(f"truncated GGUF file: {len(head)} bytes, shorter than its 24-byte header", path=path)
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (1, 2, 3):
+        raise UserError(f"GGUF version {version} is not supported (1 to 3 are)", path=path)
+
+
+def _from_gguf(path: Path, load):
+    """`load()` a model, config or tokenizer from a GGUF file; the parser's many failures on a damaged file (struct
+    errors, missing keys, bad tensors) are one user error naming it."""
+    try:
+        return load()
+    except Exception as e:  # noqa: BLE001 -- whatever a damaged file makes the parser raise
+        raise UserError(f"cannot read this GGUF file, damaged or not a model ({type(e).__name__}: {_short(e)})",
+                        path=path) from None
 
 
 def torch_dtype(name: str):
@@ -166,7 +214,7 @@ def load_config(spec: str):
     try:
         if src.kind == "gguf":
             path = Path(src.name)
-            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            return _from_gguf(path, lambda: AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
         return AutoConfig.from_pretrained(src.name)
     except OSError as e:
         raise UserError(f"cannot load the model config of {spec!r} ({_short(e)})") from None
@@ -354,6 +402,7 @@ def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, rol
     hf_logging.disable_progress_bar()  # our stages show their own progress; a bar per weight file is noise
     src = resolve(spec)
     config = load_config(spec)
+    refuse_float16(config.model_type, dtype, f"{role} {spec!r}")
     kind = model_kind(config)
     cls = _auto_class(kind, with_head=with_head)
     dt = torch_dtype(dtype)
@@ -380,7 +429,7 @@ def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, rol
         try:
             if src.kind == "gguf":
                 path = Path(src.name)
-                model = cls.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dt)
+                model = _from_gguf(path, lambda: cls.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dt))
             else:
                 model = cls.from_pretrained(src.name, dtype=dt)
         except (OSError, ValueError) as e:
@@ -410,10 +459,12 @@ def _short(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 
 
-def load_tokenizer(spec: str, override: str | Path | None = None, *, local_only: bool = False):
+def load_tokenizer(spec: str, override: str | Path | None = None, *, local_only: bool = False,
+                   option: str | None = "--tokenizer"):
     """The tokenizer of a model spec (or the one at `override`), with pad and eos tokens guaranteed.
 
-    A paper-shape preset borrows its tokenizer from the hub cache (or the hub, unless `local_only`)."""
+    A paper-shape preset borrows its tokenizer from the hub cache (or the hub, unless `local_only`); where that
+    fails, the error names `option`, the command's option that gives this model's tokenizer (None: it has none)."""
     from transformers import AutoTokenizer
 
     src = resolve(spec)
@@ -434,10 +485,12 @@ def load_tokenizer(spec: str, override: str | Path | None = None, *, local_only:
                         tok = AutoTokenizer.from_pretrained(p.tokenizer)
                 except OSError:
                     raise UserError(f"preset {src.name!r} uses the tokenizer of {p.tokenizer!r}, which cannot be "
-                                    "loaded here (offline?): pass --tokenizer DIR") from None
+                                    "loaded here (offline?): " + (f"pass {option} DIR" if option else
+                                    "this command takes no tokenizer option: load it once with network access "
+                                    "(it is cached), or give a model directory with its tokenizer files")) from None
         elif src.kind == "gguf":
             path = Path(src.name)
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tok = _from_gguf(path, lambda: AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
         elif src.kind == "checkpoint":
             tok = AutoTokenizer.from_pretrained(str(Path(src.name) / "tokenizer"))
         else:

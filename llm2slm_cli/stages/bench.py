@@ -114,6 +114,13 @@ def plan_rows(config: BenchConfig) -> list[Plan]:
     for label in labels:
         if labels.count(label) > 1:
             raise UserError(f"two rows are labelled {label!r}: give each --model a label of its own")
+    if M.DTYPES.get(config.dtype) == "float16":  # before any row is measured: every model of every row
+        for p in plans:
+            types = [A.read_json_or_none(p.checkpoint / A.SLM_CONFIG, "model_type") if p.checkpoint is not None
+                     else M.load_config(p.slm).model_type if p.slm is not None else None,
+                     M.load_config(p.llm).model_type if p.llm is not None and p.checkpoint is None else None]
+            for model_type in types:
+                M.refuse_float16(model_type, config.dtype, f"row {p.label!r}")
     longest = config.prompt_length + max([config.new_tokens, *_lengths(config)])
     for spec in {p.llm for p in plans if p.role == "LLM"} | set(config.slm):
         hf = M.load_config(spec)
@@ -355,7 +362,8 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any
             _free()
         frozen = None
         if config.llm:
-            frozen = FrozenLLM(config.llm, dtype=config.dtype, device=device, tokenizer_optional=not texts)
+            frozen = FrozenLLM(config.llm, dtype=config.dtype, device=device, tokenizer_optional=not texts,
+                               tokenizer_option=None)
             group = [p for p in plans if p.role == "LLM"]
             for plan in group:
                 identities[plan.label] = {"llm": plan.llm, "parameters": _count(frozen.model), "engine": plan.engine}

@@ -45,8 +45,8 @@ def run(config: ConvertConfig) -> Path:
             source = str(gguf_from_package(source.removeprefix("package:"), work))
         src = M.resolve(source)
         with runtime.timer() as clock:
+            tokenizer = M.load_tokenizer(source, option=None)  # first: it fails fast (a preset offline)
             model = M.load_model(source, dtype=config.dtype, role="model")
-            tokenizer = M.load_tokenizer(source)
             tmp = work / "model"
             M.save_plain(model, tmp)
             tokenizer.save_pretrained(str(tmp))
