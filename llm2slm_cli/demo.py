@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
+    from rich.markup import escape
+
     from llm2slm_cli import pydoc_task, runtime
     from llm2slm_cli.config import BenchConfig, EncodeConfig, EvalConfig, GenerateConfig, TrainConfig
     from llm2slm_cli.stages import bench, encode, evaluate, generate, train
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     rows = {}
     for label, config in runs.items():
-        runtime.say(f"[bold]{label}[/bold]: {config.slm}" + (" with all-MiniLM-L6-v2" if config.llm else " alone"))
+        runtime.say(f"[bold]{escape(label)}[/bold]: {escape(config.slm)}" +
+                    (" with all-MiniLM-L6-v2" if config.llm else " alone"), markup=True)
         train.run(config)
         name = config.out.name
         generate.run(GenerateConfig(inputs=[data / "test.jsonl"], model=str(config.out / "final"),

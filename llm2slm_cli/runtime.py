@@ -86,16 +86,18 @@ def progress(quiet: bool = False):
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=Console(stderr=True), disable=quiet, transient=False)
 
 
-def say(message: str, quiet: bool = False) -> None:
+def say(message: str, quiet: bool = False, *, markup: bool = False) -> None:
+    """One message on stderr. Messages carry user strings (paths like runs/exp[lr], labels like 'LLM [transformers]')
+    that rich would read as markup tags and drop: markup only where the caller escaped them (rich.markup.escape)."""
     if not quiet:
         from rich.console import Console
 
-        Console(stderr=True, highlight=False, soft_wrap=True).print(message)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(message, markup=markup)
 
 
 TOKENIZE_CHUNK = 1024  # prompts per tokenizer call: a whole dataset at once costs gigabytes of Encoding objects

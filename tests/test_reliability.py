@@ -195,3 +195,24 @@ def test_generate_dtype_is_honoured_for_checkpoints(cli, tmp_path):
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert manifest["config"]["dtype"] == "bfloat16"
     assert pq.read_table(tmp_path / "p" / "predictions.parquet").num_rows == 2
+
+
+# ------------------------------------------------------------------------------------------- markup ate text
+
+
+def test_bracketed_labels_and_paths_are_printed_as_given(cli, tmp_path):
+    """rich reads [word] as a markup tag and drops it: 'LLM [transformers]' became a second 'LLM' row and
+    runs/exp[lr] became runs/exp."""
+    out = tmp_path / "exp[lr]"
+    result = cli("bench", "--llm", "tiny-llama", "--compare", "--prompt-length", "4", "--new-tokens", "2",
+                 "--repeats", "1", "--warmup", "0", "--no-flops", "--out", out)
+    rows = [line for line in result.output.splitlines() if "LLM" in line and "│" in line]
+    assert any("LLM [transformers]" in line for line in rows), result.output
+    assert f"-> {out}" in result.output.replace("\n", ""), result.output
+
+
+def test_say_and_eval_print_user_strings_verbatim(capsys, tmp_path):
+    from llm2slm_cli import runtime
+
+    runtime.say("wrote runs/exp[lr] and [bold]x[/bold]")
+    assert "wrote runs/exp[lr] and [bold]x[/bold]" in capsys.readouterr().err

@@ -637,6 +637,7 @@ def plot_quality(rows: list[dict[str, Any]], quality: dict[str, tuple[str, float
 
 def _print_table(rows: list[dict[str, Any]], quality: dict[str, tuple[str, float]]) -> None:
     from rich.console import Console
+    from rich.markup import escape  # labels are user strings, and 'LLM [transformers]' is one of ours
     from rich.table import Table
 
     def num(v: float | None, fmt: str) -> str:
@@ -657,7 +658,7 @@ def _print_table(rows: list[dict[str, Any]], quality: dict[str, tuple[str, float
         table.add_column(name, justify="left" if name == "row" else "right")
     for r in main:
         q = quality.get(r["label"])
-        cells = [r["label"], str(r["batch_size"]), f"{r['ms_per_token']:.2f}",
+        cells = [escape(r["label"]), str(r["batch_size"]), f"{r['ms_per_token']:.2f}",
                  f"{r['ms_per_token_min']:.2f}-{r['ms_per_token_max']:.2f}", f"{r['tokens_per_s']:.1f}",
                  num(r["speedup_vs_llm"], ".2f"), num(r["time_vs_slm"], ".2f"),
                  num(r["flops_per_token"] / 1e9 if r["flops_per_token"] is not None else None, ".3f"),
@@ -675,5 +676,5 @@ def _print_table(rows: list[dict[str, Any]], quality: dict[str, tuple[str, float
             t.add_column(str(n), justify="right")
         for label in dict.fromkeys(r["label"] for r in sweep):
             by_n = {r["new_tokens"]: r["seconds_median"] for r in sweep if r["label"] == label}
-            t.add_row(label, *(num(by_n.get(n), ".3f") for n in lengths))
+            t.add_row(escape(label), *(num(by_n.get(n), ".3f") for n in lengths))
         console.print(t)

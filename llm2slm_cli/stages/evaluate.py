@@ -334,6 +334,7 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float | None]:
 
 def _print_table(result: dict[str, Any], out: Path) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     metrics = result["metrics"]
@@ -355,7 +356,8 @@ def _print_table(result: dict[str, Any], out: Path) -> None:
     if "judge" in metrics:
         j = metrics["judge"]
         table.add_row("judge", "-" if j["mean"] is None else f"{j['mean']:.2f}",
-                      f"{j['parsed']} rated, {j['unparsable']} unparsable, {j['failed']} failed ({j['model']})")
+                      escape(f"{j['parsed']} rated, {j['unparsable']} unparsable, {j['failed']} failed "
+                             f"({j['model']})"))
     console = Console(stderr=True, highlight=False)
     console.print(table)
-    console.print(f"-> {out}")
+    console.print(f"-> {out}", markup=False)
