@@ -66,10 +66,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def sha256_files(paths: Iterable[Path]) -> str:
     """One fingerprint for an input made of several files (line-aligned pairs), order-sensitive."""
     paths = [Path(p) for p in paths]
+    if len(paths) == 1 and not paths[0].exists() and ":" in str(paths[0]):  # DIR:SPLIT of a datasets DatasetDict
+        base, _, split = str(paths[0]).rpartition(":")
+        if (Path(base) / split).is_dir():
+            paths = [Path(base) / split]
     if len(paths) == 1 and not paths[0].is_dir():
         return sha256_file(paths[0])
-    if len(paths) == 1:  # an artifact directory used as input (distill-labels output): all of its files
-        paths = sorted(p for p in paths[0].iterdir() if p.is_file() and p.name != MANIFEST)
+    if len(paths) == 1:  # a directory used as input (distill-labels output, a datasets directory): all its files
+        paths = sorted(p for p in paths[0].rglob("*") if p.is_file() and p.name != MANIFEST)
     h = hashlib.sha256()
     for p in paths:
         h.update(sha256_file(p).encode())

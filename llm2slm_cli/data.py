@@ -51,9 +51,12 @@ def _lookup(record: dict[str, Any], name: str) -> Any:
         return record[name]
     value: Any = record
     for part in name.split("."):
-        if not isinstance(value, dict) or part not in value:
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):  # a[0]: an item of a list
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
             raise KeyError(name)
-        value = value[part]
     return value
 
 
@@ -311,6 +314,62 @@ def _records_table(table, path: Path) -> Iterator[tuple[dict[str, int], dict[str
         yield {"row": row}, rec
 
 
+def dataset_source(spec: str) -> tuple[Path, str | None] | None:
+    """A directory `datasets` wrote with save_to_disk -- a Dataset, or a DatasetDict named with its split as
+    `DIR:SPLIT` -- as (directory, split); None for anything else."""
+    path, split = Path(spec), None
+    if not path.exists() and ":" in spec:
+        base, _, split = spec.rpartition(":")
+        path = Path(base)
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return path, split or None
+    return None
+
+
+def _records_dataset(directory: Path, split: str | None) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+    """The rows of a save_to_disk directory, through datasets.load_from_disk."""
+    try:
+        import datasets
+
+        ds = datasets.load_from_disk(str(directory))
+    except Exception as e:  # noqa: BLE001 -- a damaged directory makes datasets raise many kinds of errors
+        raise UserError(f"not a readable `datasets` directory ({type(e).__name__}: {_show(str(e), 200)})",
+                        path=directory) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None and len(ds) != 1:
+            raise UserError(f"a DatasetDict with splits {', '.join(ds)}: name one as {directory}:SPLIT",
+                            path=directory)
+        split = split or next(iter(ds))
+        if split not in ds:
+            raise UserError(f"no split {split!r} (the splits: {', '.join(ds)})", path=directory)
+        ds, where = ds[split], f"{directory}:{split}"
+    elif split is not None:
+        raise UserError(f"a Dataset without splits: give {directory} without :{split}", path=directory)
+    else:
+        where = str(directory)
+    yield from _records_table(ds.with_format("arrow")[:], where)
+
+
+def _read_arrow(path: Path):
+    """An .arrow file: the Arrow streaming format `datasets` caches and shards in, or the Arrow file format."""
+    import pyarrow as pa
+
+    if not Path(path).is_file():
+        _read_bytes(path)  # the usual "no such file" / "is a directory"
+    for open_arrow in (pa.ipc.open_stream, pa.ipc.open_file):
+        try:
+            with pa.OSFile(str(path)) as source:  # read into memory: the table outlives the file handle
+                table = open_arrow(source).read_all()
+        except (pa.ArrowException, OSError, ValueError):
+            continue
+        names = table.column_names
+        for column in names:
+            if names.count(column) > 1:
+                raise UserError(f"column {_show(column)} appears twice", path=path)
+        return table
+    raise UserError("not a readable Arrow file (neither Arrow's streaming nor its file format)", path=path)
+
+
 def _records_hf(spec: str) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
     parts = re.split(r":(?![^\[]*\])", spec.removeprefix("hf:"))  # a split may be sliced: train[:10000]
     name = parts[0]
@@ -343,11 +402,16 @@ def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
     src = inputs[0]
     if src.startswith("hf:"):
         return _to_examples(_records_hf(src), src, fields, require_target)
+    dataset = dataset_source(src)
+    if dataset is not None:
+        return _to_examples(_records_dataset(*dataset), src, fields, require_target)
     path = Path(src)
     if path.is_dir():
         return _read_labels(path, fields, require_target)
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
+    if suffix == ".arrow":
+        records = _records_table(_read_arrow(path), path)
+    elif suffix in (".jsonl", ".ndjson"):
         records = _records_jsonl(path)
     elif suffix == ".json":
         records = _records_json(path)
@@ -367,7 +431,8 @@ def _read_labels(directory: Path, fields: Fields, require_target: bool) -> list[
     from llm2slm_cli import artifacts as A
 
     if not (directory / A.MANIFEST).is_file():
-        raise UserError(f"a directory without {A.MANIFEST}: give a file of examples, or the output directory of "
+        raise UserError(f"a directory without {A.MANIFEST}: give a file of examples, a directory that `datasets` "
+                        "saved (save_to_disk; DIR:SPLIT for a DatasetDict), or the output directory of "
                         "distill-labels (if it is one, that run did not finish: continue it with --resume)",
                         path=directory)
     manifest = A.read_manifest(directory, A.KIND_LABELS)
@@ -459,28 +524,50 @@ class _Record:
         return text
 
 
+def _template_path(name: str) -> str:
+    """A template field as the field options name it: `{translation.en}` (and str.format's `{translation[en]}`)
+    is the field `translation.en`; str.format itself would read `.en` as an attribute, which a record has not."""
+    return re.sub(r"\[([^\]]*)\]", r".\1", name)
+
+
 def _template_value(r: _Record, name: str) -> Any:
-    """The record's value for a template field `name` (`src`, `translation[en]`, `a.b`)."""
-    top = re.split(r"[.\[]", name, maxsplit=1)[0]
-    value = r.get(top)
+    """The record's value for a template field `name` (`src`, `translation.en`, `translation[en]`): text or a
+    number."""
+    path = _template_path(name)
+    value = r.get(path)
     if value is None:
-        raise r.error("expected a value for the template, got null", top)
-    if top == name and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
-        raise r.error(f"expected text for the template, got {type(value).__name__}", top)
+        raise r.error("expected a value for the template, got null", path)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise r.error(f"expected text for the template, got {type(value).__name__}", path)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise r.error(f"expected text for the template, got the number {value}", path)
     return value
+
+
+def _render(template: str, r: _Record) -> str:
+    """str.format over the record, each field looked up as a field option would be (`_template_path`)."""
+    parts = []
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        parts.append(literal)
+        if name is not None:
+            value = _template_value(r, name)
+            if conversion:
+                value = {"r": repr, "s": str, "a": ascii}[conversion](value)
+            parts.append(format(value, spec or ""))
+    return "".join(parts)
 
 
 def _to_examples(records: Iterator[tuple[dict[str, int], dict[str, Any]]], path: Path | str, fields: Fields,
                  require_target: bool) -> list[Example]:
-    template_names = template_fields(fields.template) if fields.template else []
+    if fields.template:
+        template_fields(fields.template)  # a malformed template fails before the first record
     out: list[Example] = []
     seen: dict[str, _Record] = {}
     for n, (where, raw) in enumerate(records):
         r = _Record(raw, path, where)
         if fields.template:
-            values = {re.split(r"[.\[]", name, maxsplit=1)[0]: _template_value(r, name) for name in template_names}
             try:
-                prompt = fields.template.format(**values)
+                prompt = _render(fields.template, r)
             except (KeyError, IndexError, AttributeError, TypeError, ValueError, OverflowError) as e:
                 raise r.error(f"template {_show(fields.template)} does not fit this record ({_show(e)})") from None
             prompt_field = "template"

@@ -216,3 +216,79 @@ def test_say_and_eval_print_user_strings_verbatim(capsys, tmp_path):
 
     runtime.say("wrote runs/exp[lr] and [bold]x[/bold]")
     assert "wrote runs/exp[lr] and [bold]x[/bold]" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def test_one_null_target_keeps_the_other_references(cli, tmp_path):
+    import pyarrow.parquet as pq
+
+    rows = [{"id": "a", "src": "hello", "tgt": "x"}, {"id": "b", "src": "hi", "tgt": None},
+            {"id": "c", "src": "hey", "tgt": "z"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cli("generate", data, "--model", "tiny-gpt2", "--num-beams", "1", "--max-new-tokens", "2", "--out",
+        tmp_path / "p", "--quiet")
+    table = pq.read_table(tmp_path / "p" / "predictions.parquet")
+    assert dict(zip(table["id"].to_pylist(), table["reference"].to_pylist())) == {"a": "x", "b": None, "c": "z"}
+    msg = _error(cli, "eval", tmp_path / "p", "--out", tmp_path / "e")  # eval says which one it cannot score
+    assert "prediction id 'b' has no reference" in msg
+
+
+def _saved_datasets(tmp_path):
+    import datasets
+
+    rows = {"id": ["a", "b", "c"], "translation": [{"en": "one", "de": "eins"}, {"en": "two", "de": "zwei"},
+                                                  {"en": "three", "de": "drei"}]}
+    ds = datasets.Dataset.from_dict(rows)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([2])}).save_to_disk(str(tmp_path / "dd"))
+    return ds
+
+
+def test_datasets_directories_splits_and_arrow_files_are_read(tmp_path):
+    from llm2slm_cli.data import Fields, read_examples
+
+    _saved_datasets(tmp_path)
+    fields = Fields(prompt="translation.en", target="translation.de")
+    want = [("a", "one", "eins"), ("b", "two", "zwei"), ("c", "three", "drei")]
+    got = lambda spec: [(e.id, e.prompt, e.target) for e in read_examples([spec], fields)]  # noqa: E731
+    assert got(str(tmp_path / "ds")) == want
+    assert got(f"{tmp_path / 'dd'}:train") == want and got(f"{tmp_path / 'dd'}:test") == want[2:]
+    arrow = sorted((tmp_path / "ds").glob("*.arrow"))
+    assert len(arrow) == 1 and got(str(arrow[0])) == want
+    from llm2slm_cli.errors import UserError
+
+    with pytest.raises(UserError, match=r"a DatasetDict with splits train, test: name one as .*dd:SPLIT"):
+        read_examples([str(tmp_path / "dd")], fields)
+    with pytest.raises(UserError, match=r"no split 'dev' \(the splits: train, test\)"):
+        read_examples([f"{tmp_path / 'dd'}:dev"], fields)
+    bad = tmp_path / "bad.arrow"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match="not a readable Arrow file"):
+        read_examples([str(bad)], fields)
+
+
+def test_a_datasets_split_through_the_cli_has_its_own_fingerprint(cli, tmp_path):
+    _saved_datasets(tmp_path)
+    for split in ("train", "test"):
+        cli("encode", f"{tmp_path / 'dd'}:{split}", "--model", "tiny-t5", "--prompt-field", "translation.en",
+            "--out", tmp_path / split, "--quiet")
+    manifests = [json.loads((tmp_path / s / "manifest.json").read_text()) for s in ("train", "test")]
+    assert [m["counts"]["examples"] for m in manifests] == [3, 1]
+    assert manifests[0]["input_sha256"] != manifests[1]["input_sha256"]
+
+
+def test_templates_take_the_field_options_syntax(tmp_path):
+    from llm2slm_cli.data import Fields, read_examples
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"translation": {"en": "one", "de": "eins"}, "n": 3, "l": ["x"]}])
+    dotted = read_examples([data], Fields(template="translate: {translation.en} ({n:02d}, {l[0]})"))
+    brackets = read_examples([data], Fields(template="translate: {translation[en]} ({n:02d}, {l.0})"))
+    assert dotted[0].prompt == brackets[0].prompt == "translate: one (03, x)"
+    from llm2slm_cli.errors import UserError
+
+    with pytest.raises(UserError, match=r"line 1, field 'translation.fr': missing field"):
+        read_examples([data], Fields(template="{translation.fr}"))
+    with pytest.raises(UserError, match=r"field 'translation': expected text for the template, got dict"):
+        read_examples([data], Fields(template="{translation}"))

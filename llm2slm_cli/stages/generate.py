@@ -246,7 +246,7 @@ def run(config: GenerateConfig) -> Path:
                                            pa.string()),
                     "n_tokens": pa.array([len(outputs[i]) for i in members], pa.int32()),
                 }
-                if all(e.target is not None for e in examples):
+                if any(e.target is not None for e in examples):  # examples without one get a null reference
                     columns["reference"] = pa.array([examples[i].target for i in members], pa.string())
                 table = pa.table(columns)
                 if isinstance(model, SpeculativeModel):  # this shard's counts, summed over shards at the end
