@@ -129,6 +129,16 @@ class Model:
         self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None) or None
         self.eos = self.output_tokenizer.eos_token_id
         self.pad = self.output_tokenizer.pad_token_id
+        # prompt + response tokens a decoder-only model's positions allow (None: no such limit, e.g. T5)
+        self.context_length = _context_length(impl)
+
+    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a prompt and response longer than the model's positions reach (a decoder-only model would fail
+        or degrade past them)."""
+        if self.context_length is not None and prompt_tokens + max_new_tokens > self.context_length:
+            raise UserError(f"this model reads at most {self.context_length} tokens, prompt and response together: "
+                            f"the prompt has {prompt_tokens}, so max_new_tokens can be at most "
+                            f"{max(self.context_length - prompt_tokens, 0)}, not {max_new_tokens}")
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, kind={self.kind!r})"
@@ -211,6 +221,8 @@ class Model:
         from llm2slm_cli.stages.generate import SpeculativeModel, generation_kwargs, speculative_kwargs
 
         speculative = isinstance(self.impl, SpeculativeModel)
+        for ids, row in zip(prompt_ids, rows):
+            self.check_length(len(ids), row.max_new_tokens)
         options = dataclasses.replace(decoding, max_new_tokens=max(r.max_new_tokens for r in rows))
         kwargs = speculative_kwargs(options) if speculative else generation_kwargs(options)
         if decoding.seed is not None:
@@ -296,6 +308,21 @@ class Model:
         decoding = self.decoding(**options)
         ids = self.prompt_ids([self.chat_text(messages)], special_tokens=False)
         return self.run(ids, decoding, [self.row(len(ids[0]), decoding)])[0].text.strip()
+
+
+def _context_length(impl: Any) -> int | None:
+    from llm2slm_cli.stages.generate import PlainModel, SpeculativeModel
+
+    if isinstance(impl, SpeculativeModel):
+        models = [impl.draft.slm, impl.verifier.model]
+    elif isinstance(impl, PlainModel):
+        models = [impl.model]
+    else:
+        models = [impl.slm]
+    limits = [getattr(m.config, "n_positions", None) or getattr(m.config, "max_position_embeddings", None)
+              for m in models if not m.config.is_encoder_decoder]
+    limits = [n for n in limits if isinstance(n, int) and n > 0]
+    return min(limits) if limits else None
 
 
 def _chat_template(value: str | Path | None) -> str | None:

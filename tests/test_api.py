@@ -82,12 +82,13 @@ def test_the_streaming_hook_changes_no_output():
         plain = generate_plain(llm.model, left, left_mask, search)
         seen = []
         torch.manual_seed(3)
-        streamed = generate_plain(llm.model, left, left_mask, search, streamer=lambda t: seen.append(t.clone()))
+        streamed = generate_plain(llm.model, left, left_mask, search,
+                                  streamer=lambda t, seen=seen: seen.append(t.clone()))
         assert torch.equal(plain, streamed) and torch.equal(torch.cat(seen, 1), plain)
         # stop row 1 after 3 tokens: it is padded from there, the others are unchanged
         count = {"n": 0}
 
-        def stop_row_one(t):
+        def stop_row_one(t, count=count):
             count["n"] += 1
             return [False, count["n"] >= 3, False]
 

@@ -1,0 +1,316 @@
+"""`llm2slm serve`: a real server on 127.0.0.1 driven by the official `openai` client. Responses equal `generate`'s,
+concurrent clients are batched and all answered right, bad requests get OpenAI error bodies with the right status,
+a client that drops mid-stream frees its slot, and SIGTERM lets the request in flight finish before a clean exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pyarrow.parquet as pq
+import pytest
+
+from llm2slm_cli import load
+
+CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+NAME = "kv-model"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A server in a thread of this process (uvicorn, as `llm2slm serve` runs it)."""
+
+    def __init__(self, model, *, name: str, **engine) -> None:
+        import uvicorn
+
+        from llm2slm_cli.server.app import build_app
+        from llm2slm_cli.server.serving import Engine, OpenAIServing
+
+        limits = {k: engine.pop(k) for k in ("max_new_tokens", "max_tokens_limit") if k in engine}
+        self.serving = OpenAIServing(model, Engine(model, **engine), name=name, **limits)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(build_app(self.serving), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    @property
+    def engine(self):
+        return self.serving.engine
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(trained_checkpoint):
+    return load(trained_checkpoint, device="cpu", chat_template=CHAT)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    running = Running(model, name=NAME, max_batch_size=8, batch_wait_ms=20, max_queue=64)
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def plain_server():
+    """A plain model without a chat template, a queue of 2 and room for long responses."""
+    running = Running(load("tiny-gpt2", device="cpu"), name="tiny-gpt2", max_batch_size=4, batch_wait_ms=1,
+                      max_queue=2, max_tokens_limit=4000)
+    yield running
+    running.close()
+
+
+def dev_prompts(toy_files) -> list[str]:
+    return [json.loads(line)["src"] for line in toy_files["dev"].read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def greedy(cli, trained_checkpoint, toy_files, tmp_path_factory) -> list[dict]:
+    """`llm2slm generate`'s greedy predictions for the dev prompts (the file pipeline)."""
+    out = tmp_path_factory.mktemp("greedy") / "pred"
+    cli("generate", toy_files["dev"], "--model", trained_checkpoint, "--out", out, "--num-beams", 1,
+        "--max-new-tokens", 8, "--quiet")
+    return pq.read_table(out / "predictions.parquet").to_pylist()
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client.models.list().data] == [NAME]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == NAME
+
+
+def test_completions_equal_generate(server, greedy, toy_files):
+    for prompt, row in zip(dev_prompts(toy_files), greedy):
+        got = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
+        choice = got.choices[0]
+        assert choice.text.strip() == row["prediction"]
+        assert got.usage.completion_tokens == row["n_tokens"] and got.usage.prompt_tokens > 0
+        assert choice.finish_reason == ("length" if row["n_tokens"] == 8 else "stop")
+    # several prompts in one request: one choice each, in order
+    many = server.client.completions.create(model=NAME, prompt=dev_prompts(toy_files)[:3], max_tokens=8,
+                                            temperature=0)
+    assert [c.text.strip() for c in sorted(many.choices, key=lambda c: c.index)] == \
+        [r["prediction"] for r in greedy[:3]]
+
+
+def test_streaming_equals_the_whole_response(server, model, toy_files):
+    prompt = dev_prompts(toy_files)[0]
+    whole = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
+    chunks = list(server.client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text and len([c for c in chunks if c.choices and c.choices[0].text]) > 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    messages = [{"role": "system", "content": "answer"}, {"role": "user", "content": prompt}]
+    chat = server.client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+    ids = model.prompt_ids([model.chat_text(messages)], special_tokens=False)
+    expected = model.run(ids, model.decoding(num_beams=1, max_new_tokens=8),
+                         [model.row(len(ids[0]), model.decoding(num_beams=1, max_new_tokens=8))])[0]
+    assert chat.choices[0].message.content == expected.text and chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens == len(ids[0]) and chat.usage.completion_tokens == len(expected.token_ids)
+    stream = list(server.client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0,
+                                                        stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected.text
+    assert stream[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+
+def test_sampling_with_a_seed_repeats_and_stop_strings_cut(server, toy_files):
+    prompt = dev_prompts(toy_files)[2]
+    a, b = (server.client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=1.3, top_p=0.95,
+                                             seed=7).choices[0].text for _ in range(2))
+    assert a == b
+    full = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0).choices[0]
+    stop = full.text[3:5]
+    cut = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0,
+                                           stop=[stop]).choices[0]
+    assert cut.text == full.text[: full.text.find(stop)] and cut.finish_reason == "stop"
+    beams = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=8,
+                                             extra_body={"num_beams": 2}).choices[0]
+    assert isinstance(beams.text, str)
+
+
+def test_sixteen_concurrent_clients_are_batched_and_all_right(server, greedy, toy_files):
+    prompts = dev_prompts(toy_files)
+    expected = {p: r["prediction"] for p, r in zip(prompts, greedy)}
+    before = len(server.engine.batches)
+
+    def client(k: int) -> list[bool]:
+        own = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        results = []
+        for i in range(3):  # a bounded loop per client
+            prompt = prompts[(k + i) % len(prompts)]
+            if (k + i) % 2:
+                text = "".join(c.choices[0].text for c in own.completions.create(
+                    model=NAME, prompt=prompt, max_tokens=8, temperature=0, stream=True))
+            else:
+                text = own.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+            results.append(text.strip() == expected[prompt])
+        return results
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(client, range(16)))
+    assert all(all(r) for r in answers) and sum(len(r) for r in answers) == 48
+    sizes = list(server.engine.batches)[before:]
+    assert sum(sizes) == 48 and max(sizes) > 1  # requests were decoded together
+    assert server.engine.active == 0
+
+
+def _post(url: str, body, path: str = "/v1/completions") -> httpx.Response:
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(url + path, content=content, headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def test_bad_requests_get_openai_errors(server, plain_server):
+    ok = {"model": NAME, "prompt": "alpha", "max_tokens": 4}
+    cases = [
+        ('{"model": "kv-model", "prompt": ', 400, None),  # malformed JSON
+        ("", 400, None),
+        ({**ok, "max_tokens": "many"}, 400, "max_tokens"),  # wrong types
+        ({**ok, "prompt": 5}, 400, "prompt"),
+        ({**ok, "temperature": "hot"}, 400, "temperature"),
+        ({**ok, "max_tokens": -3}, 400, "max_tokens"),
+        ({**ok, "max_tokens": 0}, 400, "max_tokens"),
+        ({**ok, "max_tokens": 10**12}, 400, "max_tokens"),  # over the server's limit
+        ({**ok, "prompt": ""}, 400, "prompt"),
+        ({**ok, "prompt": "   "}, 400, "prompt"),
+        ({**ok, "prompt": []}, 400, "prompt"),
+        ({**ok, "prompt": [[]]}, 400, "prompt"),
+        ({**ok, "prompt": "alpha " * 400}, 400, "prompt"),  # over the model's prompt limit
+        ({**ok, "temperature": 3}, 400, "temperature"),
+        ({**ok, "n": 2}, 400, "n"),
+        ({**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({**ok, "logprobs": 2}, 400, "logprobs"),
+        ({**ok, "num_beams": 2, "temperature": 0.7}, 400, "num_beams"),
+        ({"prompt": "alpha"}, 400, "model"),
+        ({**ok, "model": "gpt-4"}, 404, "model"),
+    ]
+    for body, status, param in cases:
+        r = _post(server.url, body)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()["error"]
+        assert error["message"] and error["type"] and error["param"] == param, (body, error)
+        assert "Traceback" not in r.text
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
+    for body, status in [({**chat, "messages": []}, 400), ({**chat, "messages": [{"role": "x", "content": "a"}]}, 400),
+                         ({**chat, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
+                         ({**chat, "max_completion_tokens": -1}, 400)]:
+        assert _post(server.url, body, "/v1/chat/completions").status_code == status, body
+    # a model without a chat template: a clear 400
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        plain_server.client.chat.completions.create(model="tiny-gpt2", messages=chat["messages"])
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.client.completions.create(model="nope", prompt="a")
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    assert server.client.completions.create(model=NAME, prompt="alpha", max_tokens=2).choices  # still serving
+    assert server.engine.active == 0
+
+
+def test_a_client_dropping_mid_stream_frees_its_slot(plain_server, monkeypatch):
+    """The queue holds 2: a long stream and a request waiting behind it fill it, a third gets 429. Dropping the
+    stream frees its slot and stops its decoding long before its 1000 tokens, so the waiting request is answered
+    at once. (Each token is slowed to 5 ms here, so that the stream cannot finish before it is dropped.)"""
+    url, engine = plain_server.url, plain_server.engine
+    row = engine.model.row
+
+    def slow_row(*args, **kwargs):
+        r = row(*args, **kwargs)
+        push = r.push
+        r.push = lambda tokens: time.sleep(0.005) or push(tokens)
+        return r
+
+    monkeypatch.setattr(engine.model, "row", slow_row)
+    body = {"model": "tiny-gpt2", "prompt": "alpha", "max_tokens": 1000, "temperature": 0, "stream": True}
+    before = engine.generated
+    waiting: dict = {}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", url + "/v1/completions", json=body) as stream:
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the connection
+            assert next(line for line in lines if line.startswith("data:"))  # decoding has started
+            behind = threading.Thread(target=lambda: waiting.update(
+                r=_post(url, {"model": "tiny-gpt2", "prompt": "x", "max_tokens": 2}), t=time.monotonic()))
+            behind.start()
+            deadline = time.monotonic() + 5
+            while engine.active < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            full = _post(url, {"model": "tiny-gpt2", "prompt": "x", "max_tokens": 2})
+            assert full.status_code == 429 and full.json()["error"]["type"] == "rate_limit_error"
+            dropped = time.monotonic()
+        # leaving the block closed the stream: the client is gone
+        behind.join(timeout=30)
+    assert waiting["r"].status_code == 200 and waiting["t"] - dropped < 2.0  # 1000 tokens would take 5 s
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.active == 0 and engine.generated - before < 500
+    too_long = _post(url, {**body, "stream": False, "max_tokens": 1024})  # past tiny-gpt2's 1024 positions
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(trained_checkpoint, model, toy_files):
+    # the prompt with the longest greedy response: what the interrupted stream must still deliver in full
+    answers = model.complete(dev_prompts(toy_files), num_beams=1, max_new_tokens=300)
+    prompt, expected = max(zip(dev_prompts(toy_files), answers), key=lambda pa: len(pa[1].token_ids))
+    assert len(expected.token_ids) > 20
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llm2slm_cli", "serve", "--model", str(trained_checkpoint),
+                             "--port", str(port), "--device", "cpu", "--served-model-name", NAME],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=Path(__file__).parent)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=300, temperature=0, stream=True)
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(openai.APIConnectionError):  # no longer accepting
+            openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=5).models.list()
+        rest = list(stream)
+        finish = [c.choices[0].finish_reason for c in [first, *rest] if c.choices]
+        text = "".join(c.choices[0].text for c in [first, *rest] if c.choices)
+        assert text == expected.text and finish[-1] == expected.finish_reason  # all of it, after the SIGTERM
+        assert len([c for c in rest if c.choices and c.choices[0].text]) > 5
+        code = proc.wait(timeout=60)
+        err = proc.stderr.read()
+        assert code == 0, err
+        assert "Traceback" not in err and "serving 'kv-model' (llm2slm) on http://127.0.0.1" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
