@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import write_jsonl
 
-STAGES = ["encode", "distill-labels", "train", "generate", "eval", "bench"]
+STAGES = ["encode", "distill-labels", "train", "generate", "eval", "bench", "convert", "serve", "export"]
 
 
 def test_help_lists_every_stage(cli):
