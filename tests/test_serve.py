@@ -181,6 +181,28 @@ def test_sixteen_concurrent_clients_are_batched_and_all_right(server, greedy, to
     assert server.engine.active == 0
 
 
+def test_speculative_decoding_is_served(trained_checkpoint, toy_files):
+    """serve --model LLM --draft CKPT: the responses, streamed or not, are the LLM's own greedy ones."""
+    from conftest import SERVE_TEMPLATE
+
+    running = Running(load("tiny-llama", draft=trained_checkpoint, device="cpu"), name="spec", max_batch_size=4)
+    try:
+        llm = load("tiny-llama", device="cpu")
+        prompts = dev_prompts(toy_files)[:4]
+        expected = llm.complete([SERVE_TEMPLATE.format(src=p) for p in prompts], num_beams=1, max_new_tokens=10)
+        for prompt, want in zip(prompts, expected):
+            got = running.client.completions.create(model="spec", prompt=prompt, max_tokens=10, temperature=0)
+            assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
+            streamed = running.client.completions.create(model="spec", prompt=prompt, max_tokens=10, temperature=0,
+                                                         stream=True)
+            assert "".join(c.choices[0].text for c in streamed) == want.text
+        assert [m.kind for m in running.serving.models().data] == ["speculative"]
+        r = _post(running.url, {"model": "spec", "prompt": "a", "num_beams": 2})
+        assert r.status_code == 400 and "one sequence" in r.json()["error"]["message"]
+    finally:
+        running.close()
+
+
 def _post(url: str, body, path: str = "/v1/completions") -> httpx.Response:
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
     return httpx.post(url + path, content=content, headers={"Content-Type": "application/json"}, timeout=60)
