@@ -8,14 +8,17 @@ what does not fit.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import platform
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +87,90 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class DiskFull(UserError):
+    """The disk (or the user's quota) is full: one line naming the path; what was being written was removed."""
+
+
+_DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def is_disk_full(e: BaseException, where: Path | str | None = None) -> bool:
+    """Whether `e` means a full disk or quota: an OSError's errno, or the words of the libraries that drop it
+    (safetensors' Rust I/O error; Arrow's message). torch.save only says that a write failed: then whether the file
+    system at `where` has (almost) no space left decides."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    if any(words in text for words in _DISK_FULL_WORDS):
+        return True
+    if where is not None and isinstance(e, RuntimeError) and ("inline_container" in text or "write failed" in text):
+        place = Path(where)
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        try:
+            return shutil.disk_usage(place).free < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
+def disk_full_error(e: BaseException, path: Path | str) -> DiskFull:
+    quota = getattr(e, "errno", None) == errno.EDQUOT or "quota" in str(e).lower()
+    return DiskFull(f"{'disk quota exceeded' if quota else 'no space left on device'} while writing here "
+                    "(the unfinished file was removed): free some space, then run the command again", path=path)
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def library_temporaries(directory: Path) -> list[Path]:
+    """Files `.tmpXXXXXX` that safetensors (Rust's tempfile) writes beside its target before renaming it: a
+    process killed meanwhile leaves one."""
+    import re
+
+    return [p for p in Path(directory).glob(".tmp*") if re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", p.name) and p.is_file()]
+
+
+def remove_temporaries(directory: Path | str | None) -> None:
+    """The temporaries this process left in `directory` (files `.NAME.tmp-PID`, directories `.NAME.tmp`, and the
+    libraries' own): after a failure, so that nothing half-written stays (none is ever read, but they hold space)."""
+    if directory is None or not Path(directory).is_dir():
+        return
+    for p in Path(directory).glob(".*.tmp*"):
+        if p.name.endswith((f".tmp-{os.getpid()}", ".tmp")):
+            _remove(p)
+    for p in library_temporaries(Path(directory)):
+        _remove(p)
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; renamed to `path` when the block completes. If the block fails the
+    temporary is removed, and a full disk becomes a one-line DiskFull naming `path`."""
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        _remove(tmp)
+        if is_disk_full(e, path):
+            raise disk_full_error(e, path) from None
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_output(Path(path)) as tmp, open(tmp, "wb") as f:  # closed before it is renamed
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -105,9 +185,8 @@ def atomic_path(path: Path) -> Path:
 def write_parquet(path: Path, table: Any) -> None:
     import pyarrow.parquet as pq
 
-    tmp = atomic_path(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_output(Path(path)) as tmp:
+        pq.write_table(table, tmp)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -187,14 +266,94 @@ def read_manifest(directory: Path, kind: str) -> dict[str, Any]:
                         path=directory)
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"unreadable manifest ({e})", path=path) from None
+    except OSError as e:
+        raise UserError(f"cannot read the manifest ({e.strerror or e})", path=path) from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"the manifest is {_json_kind(manifest)}, expected a table (a JSON object)", path=path)
     if manifest.get("kind") != kind:
         raise UserError(f"is a '{manifest.get('kind')}' artifact, expected '{kind}'", path=directory)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"schema version {manifest.get('schema_version')} is not supported "
                         f"(this tool reads version {SCHEMA_VERSION})", path=path)
+    check_schema(manifest, MANIFEST_SCHEMA.get(kind, {}), path)
     return manifest
+
+
+NONE = type(None)
+FILES = "files"  # a schema entry: file name -> {"bytes", "sha256"} (what file_record writes)
+_FILE_RECORD = {"bytes": int, "sha256": str}
+_LLM_IDENTITY = {"name": str, "kind": str, "layer": (int, str), "d_model": int, "fingerprint": str,
+                 "tokenizer_fingerprint?": (str, NONE)}
+_EVERY_KIND = {"config?": dict, "files?": FILES}
+
+# What the readers of each kind take from its manifest, so that a manifest of another shape (edited by hand, cut,
+# written by something else) is one line naming the key, never a TypeError deep in a stage. Keys ending in "?" may be
+# absent; a value is a JSON type or a tuple of them, a nested table (dict), a list of tables ([table]) or FILES.
+MANIFEST_SCHEMA: dict[str, dict[str, Any]] = {
+    KIND_FEATURES: {**_EVERY_KIND, "llm": _LLM_IDENTITY, "layer": (int, str), "d_model": int, "max_length": int,
+                    "template": (str, NONE), "feature_dtype": str,
+                    "shards": [{"file": str, **_FILE_RECORD, "examples?": int}]},
+    KIND_LABELS: {**_EVERY_KIND, "template?": (str, NONE), "llm?": (dict, NONE), "logits?": (dict, NONE)},
+    KIND_CHECKPOINT: {**_EVERY_KIND, "model?": (dict, NONE), "step?": (int, NONE), "counts?": (dict, NONE)},
+    KIND_PREDICTIONS: {**_EVERY_KIND, "model?": (dict, NONE), "generation?": (dict, NONE)},
+    KIND_TRAINING: {**_EVERY_KIND, "result?": (dict, NONE), "timing?": (dict, NONE), "inputs?": (dict, NONE),
+                    "counts?": (dict, NONE)},
+    KIND_EVALUATION: dict(_EVERY_KIND),
+}
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "a table", list: "a list", str: "text", bool: "true/false", NONE: "null", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def check_schema(value: Any, schema: Any, path: Path, where: str = "") -> None:
+    """Refuse `value` (a parsed JSON file) unless it has the shape `schema` describes (see MANIFEST_SCHEMA)."""
+    def bad(expected: str) -> UserError:
+        return UserError(f"'{where or 'the file'}' is {_json_kind(value)}, expected {expected} (a damaged or foreign "
+                         "file)", path=path)
+
+    if schema == FILES:
+        if not isinstance(value, dict):
+            raise bad("a table of file names")
+        for name, record in value.items():
+            check_schema(record, _FILE_RECORD, path, f"{where}.{name}")
+    elif isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise bad("a table")
+        for key, sub in schema.items():
+            name = key.removesuffix("?")
+            if name in value:
+                check_schema(value[name], sub, path, f"{where}.{name}" if where else name)
+            elif not key.endswith("?"):
+                raise UserError(f"no '{f'{where}.{name}' if where else name}' in it (a damaged or foreign file)",
+                                path=path)
+    elif isinstance(schema, list):
+        if not isinstance(value, list):
+            raise bad("a list")
+        for i, item in enumerate(value):
+            check_schema(item, schema[0], path, f"{where}[{i}]")
+    else:
+        types = schema if isinstance(schema, tuple) else (schema,)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise bad(" or ".join(_json_kind(t()) if t is not NONE else "null" for t in types))
+
+
+def read_json_table(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold a table (an object): one line for a missing, unreadable or other-shaped file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"no {what} here (an incomplete directory?)", path=path) from None
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
+        raise UserError(f"unreadable {what} ({e})", path=path) from None
+    except OSError as e:
+        raise UserError(f"cannot read the {what} ({e.strerror or e})", path=path) from None
+    if not isinstance(value, dict):
+        raise UserError(f"the {what} is {_json_kind(value)}, expected a table (a JSON object)", path=path)
+    return value
 
 
 def read_json_or_none(path: Path, key: str) -> Any:
@@ -205,15 +364,84 @@ def read_json_or_none(path: Path, key: str) -> Any:
         return None
 
 
+_LOCKS: dict[str, tuple[int, Path]] = {}
+
+
+def lock_output(out: Path) -> None:
+    """Hold an exclusive OS lock (flock) on the output directory `out` until `release_output` (or the process
+    ends): a second llm2slm process given the same --out is refused at once, instead of the two writing (or
+    --overwrite deleting) each other's files. The lock file `.NAME.lock` sits beside `out` -- inside it --overwrite
+    would delete it -- and is removed on release. Taken again by the process that holds it, it is a no-op."""
+    import fcntl
+
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        parent = out.parent.resolve()
+    except OSError as e:
+        raise UserError(f"cannot create output directory ({e.strerror})", path=out) from None
+    key = str(parent / out.name)
+    if key in _LOCKS:
+        return
+    path = parent / f".{out.name}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a parent we may not write to: no lock (the stage's own writes will say what is wrong)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return  # a file system without locks
+            raise UserError(f"another llm2slm process{f' (pid {holder})' if holder else ''} is writing this output "
+                            "directory: wait for it to finish, or give another --out", path=out) from None
+        try:  # its last holder may have removed the file between our open and our lock: lock a fresh one then
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[key] = (fd, path)
+
+
+def release_output(out: Path | None = None) -> None:
+    """Give up the lock on `out` (None: every lock this process holds)."""
+    if out is not None:
+        out = Path(out)
+        try:
+            keys = [str(out.parent.resolve() / out.name)]
+        except OSError:
+            return
+    else:
+        keys = list(_LOCKS)
+    for key in keys:
+        if key in _LOCKS:
+            fd, path = _LOCKS.pop(key)
+            with suppress(OSError):
+                path.unlink(missing_ok=True)  # while still locked: a newcomer locks a fresh file
+            os.close(fd)
+
+
+atexit.register(release_output)
+
+
 def prepare_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False, resumable: bool = True) -> bool:
     """Create `out` for a stage; returns True when there is earlier work in it to resume.
 
     A directory with files in it is refused unless the user asked to overwrite it (its contents are removed) or to
-    resume (its contents are kept and the stage continues where it stopped).
+    resume (its contents are kept and the stage continues where it stopped). Another llm2slm process writing `out`
+    is refused first (`lock_output`).
     """
     out = Path(out)
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other")
+    lock_output(out)
     if out.exists() and not out.is_dir():
         raise UserError("exists and is not a directory", path=out)
     has_content = out.is_dir() and any(out.iterdir())

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from llm2slm_cli import __version__
+from llm2slm_cli import artifacts as A
 from llm2slm_cli import config as C
 from llm2slm_cli.errors import Interrupted, UserError
 
@@ -84,6 +85,7 @@ def command(name: str, config_cls: type, stage: str) -> None:
     def run_stage(config_file: Path | None = None, print_config: bool = False, **kwargs: Any) -> None:
         kwargs = {k: ([] if v is None and _list_hint(hints[k]) else v.value if isinstance(v, enum.Enum) else v)
                   for k, v in kwargs.items()}
+        config = None
         try:
             config = config_cls(**kwargs)
             C.check_numbers(config)
@@ -96,11 +98,25 @@ def command(name: str, config_cls: type, stage: str) -> None:
                 return
             importlib.import_module(f"llm2slm_cli.stages.{stage}").run(config)
         except UserError as e:
+            if isinstance(e, A.DiskFull):  # raised where a file was being written: remove the other temporaries too
+                A.remove_temporaries(getattr(config, "out", None))
+                raise _fail(e.message + (" with --resume" if stage in RESUMABLE else "")) from None
             raise _fail(e.message) from None
         except Interrupted as e:
             raise _fail(str(e), 130) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", 130) from None
+        except Exception as e:
+            out = getattr(config, "out", None)
+            if not A.is_disk_full(e, out):
+                raise
+            # a full disk wherever it happened (torch.save, safetensors, a tokenizer's files): one line, and no
+            # temporary left behind (what a stage renamed into place is complete; --resume trusts nothing else)
+            A.remove_temporaries(out)
+            message = A.disk_full_error(e, getattr(e, "filename", None) or out or ".").message
+            raise _fail(message + (" with --resume" if stage in RESUMABLE else "")) from None
+        finally:
+            A.release_output()  # the stage's lock on its --out
 
     run_stage.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     run_stage.__name__ = name.replace("-", "_")
@@ -139,6 +155,9 @@ def _read_config_file(ctx: typer.Context, path: Path | None, names: set[str]) ->
             raise _fail(f"{path}: option {k.replace('_', '-')} takes a value or a list of values, not a mapping")
     ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in values.items() if v is not None}}
     return path
+
+
+RESUMABLE = {"encode", "distill", "generate", "train"}  # stages whose --resume continues after the last complete part
 
 
 def _metavar(annotation: Any, argument: bool) -> str:

@@ -55,6 +55,10 @@ class FeatureStore:
         self._shard_of = table.column("shard").to_numpy()
         self._offset = table.column("offset").to_numpy()
         self._length = table.column("length").to_numpy()
+        shards = len(self.manifest["shards"])
+        if len(self._shard_of) and not 0 <= int(self._shard_of.min()) <= int(self._shard_of.max()) < shards:
+            raise UserError(f"the index names shard {int(self._shard_of.max())}, the manifest lists {shards} "
+                            "(a damaged or foreign artifact)", path=index)
         ids = table.column("input_ids").combine_chunks()
         self._id_values, self._id_offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
         self._files: dict[int, Any] = {}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -633,9 +632,8 @@ class LLMToSLM(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         A.atomic_write_json(directory / A.MODEL_CONFIG, dataclasses.asdict(self.config))
         A.atomic_write_json(directory / A.SLM_CONFIG, self.slm_base_config)
-        tmp = A.atomic_path(directory / A.MODEL_WEIGHTS)
-        save_model(self, str(tmp))
-        tmp.replace(directory / A.MODEL_WEIGHTS)
+        with A.atomic_output(directory / A.MODEL_WEIGHTS) as tmp:
+            save_model(self, str(tmp))
         if self.prompt_tokenizer is not None:
             self.prompt_tokenizer.save_pretrained(str(directory / A.TOKENIZER_DIR))
         if self.target_tokenizer is not self.prompt_tokenizer:
@@ -647,7 +645,6 @@ class LLMToSLM(nn.Module):
         """Load a checkpoint; its LLM is loaded by the name it records (or from `llm_spec`, or the copy `export` put
         in DIR/llm) and must match its fingerprint."""
         from safetensors.torch import load_model
-        from transformers import AutoConfig
 
         directory = Path(directory)
         config = read_model_config(directory)
@@ -658,8 +655,7 @@ class LLMToSLM(nn.Module):
                             tokenizer=directory / A.TOKENIZER_DIR, device=device)
         if llm is not None:
             check_llm(llm, config.llm, f"checkpoint {directory}")
-        base = json.loads((directory / A.SLM_CONFIG).read_text())
-        slm_config = AutoConfig.for_model(base.pop("model_type"), **base)
+        slm_config = M.checkpoint_slm_config(directory)
         slm = M._auto_class(config.slm_kind, with_head=True).from_config(slm_config)
         model = cls(config, slm, llm)
         if (directory / A.MANIFEST).is_file():  # written by `train`, with the weights' size and sha256
@@ -685,22 +681,33 @@ def _load_tok(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+# The shape of llm2slm.json (see ModelConfig): a damaged or foreign one is one line naming the key.
+MODEL_CONFIG_SCHEMA: dict[str, Any] = {
+    "slm": str, "slm_kind": str, "llm": (dict, A.NONE), "fusion?": str, "tokenizer?": str, "vocab_adapter?": bool,
+    "pad_token_id?": int, "eos_token_id?": int, "decoder_start_token_id?": (int, A.NONE), "template?": (str, A.NONE),
+    "max_prompt_length?": int, "peft?": (dict, A.NONE), "slm_layers?": (int, list, A.NONE),
+    "trim_vocab?": (dict, A.NONE), "version": int}
+TRIM_SCHEMA = {"kept": int, "full": int, "unknown": int}
+
+
 def read_model_config(directory: Path) -> ModelConfig:
     path = Path(directory) / A.MODEL_CONFIG
     if not path.is_file():
         raise UserError(f"not an llm2slm checkpoint (no {A.MODEL_CONFIG})", path=directory)
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"unreadable checkpoint config ({e})", path=path) from None
-    if not isinstance(raw, dict) or raw.get("version") != A.SCHEMA_VERSION:
-        version = raw.get("version") if isinstance(raw, dict) else None
-        raise UserError(f"checkpoint schema version {version} is not supported (this tool reads version "
+    raw = A.read_json_table(path, "checkpoint config")
+    if "version" not in raw:
+        raise UserError("no 'version' in the checkpoint config (a damaged or foreign file)", path=path)
+    if raw.get("version") != A.SCHEMA_VERSION:
+        raise UserError(f"checkpoint schema version {raw.get('version')} is not supported (this tool reads version "
                         f"{A.SCHEMA_VERSION})", path=path)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"unknown checkpoint config keys {', '.join(unknown)} (made by another version?)", path=path)
+    A.check_schema(raw, MODEL_CONFIG_SCHEMA, path)
+    for key, schema in (("llm", A.MANIFEST_SCHEMA[A.KIND_FEATURES]["llm"]), ("trim_vocab", TRIM_SCHEMA)):
+        if raw.get(key) is not None:
+            A.check_schema(raw[key], schema, path, key)
     try:
         return ModelConfig(**raw)
     except TypeError as e:
@@ -738,8 +745,6 @@ def _same_vocabulary(llm: FrozenLLM, slm_spec: str, slm_tokenizer: str | Path | 
     return same and slm_config.vocab_size >= len(llm.tokenizer)
 
 
-def strip_generated(out: torch.Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
-    """Cut each row at its first end token; rows that stopped early are padded after it."""
 def kd_loss(logits: torch.Tensor, target_mask: torch.Tensor, teacher_ids: torch.Tensor,
             teacher_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Logit distillation against a teacher's stored top-K: KL(teacher || student), summed over target tokens.
@@ -772,6 +777,8 @@ def kd_loss(logits: torch.Tensor, target_mask: torch.Tensor, teacher_ids: torch.
     return (kl * target_mask.to(kl.dtype)).sum() * temperature ** 2
 
 
+def strip_generated(out: torch.Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
+    """Cut each row at its first end token; rows that stopped early are padded after it."""
     result = []
     for row in out.tolist():
         if eos_id in row:

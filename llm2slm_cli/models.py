@@ -9,7 +9,6 @@ paper-shape presets take the tokenizer of the model they copy (hub access or `--
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +126,9 @@ def resolve(spec: str) -> Source:
         return Source(spec, "gguf", str(path.resolve()))
     if path.is_dir() and (path / "llm2slm.json").is_file():
         # A model trained alone by `train` (no --llm) serves as a plain model, e.g. a fine-tuned LLM.
-        recorded = json.loads((path / "llm2slm.json").read_text())
+        from llm2slm_cli.artifacts import read_json_table
+
+        recorded = read_json_table(path / "llm2slm.json", "checkpoint config")
         if recorded.get("llm") is not None:
             raise UserError("is an LLM-to-SLM checkpoint; only a model trained without --llm can be used as a "
                             "plain model here", path=spec)
@@ -209,8 +210,7 @@ def load_config(spec: str):
         p = preset(src.name)
         return AutoConfig.for_model(p.model_type, **p.config)
     if src.kind == "checkpoint":
-        base = json.loads((Path(src.name) / "slm_config.json").read_text())
-        return AutoConfig.for_model(base.pop("model_type"), **base)
+        return checkpoint_slm_config(Path(src.name))
     try:
         if src.kind == "gguf":
             path = Path(src.name)
@@ -218,6 +218,25 @@ def load_config(spec: str):
         return AutoConfig.from_pretrained(src.name)
     except OSError as e:
         raise UserError(f"cannot load the model config of {spec!r} ({_short(e)})") from None
+
+
+def checkpoint_slm_config(directory: Path):
+    """The transformers config of a checkpoint's SLM (slm_config.json), checked: a table with a model type that
+    transformers knows."""
+    from transformers import AutoConfig
+
+    from llm2slm_cli.artifacts import read_json_table
+
+    path = Path(directory) / "slm_config.json"
+    base = read_json_table(path, "SLM config")
+    model_type = base.pop("model_type", None)
+    if not isinstance(model_type, str) or not model_type:
+        raise UserError("the SLM config names no model_type (a damaged or foreign file)", path=path)
+    try:
+        return AutoConfig.for_model(model_type, **base)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"the SLM config does not describe a model transformers knows ({_short(e)})",
+                        path=path) from None
 
 
 def model_kind(config) -> ModelKind:

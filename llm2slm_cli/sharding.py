@@ -45,7 +45,7 @@ class ShardedRun:
     def _prepare(self, overwrite: bool, resume: bool) -> bool:
         resuming = A.prepare_output_dir(self.out, overwrite=overwrite, resume=resume)
         if resuming:  # files a killed run was writing when it died: never renamed, never read
-            for tmp in self.out.glob(".*.tmp-*"):
+            for tmp in [*self.out.glob(".*.tmp-*"), *A.library_temporaries(self.out)]:
                 tmp.unlink()
         return resuming
 
@@ -75,6 +75,8 @@ class ShardedRun:
 
     def __exit__(self, *exc) -> None:
         self.stop.__exit__(*exc)
+        if self.is_main:  # taken by prepare_output_dir: held while the run writes --out
+            A.release_output(self.out)
 
     def todo(self, n_shards: int, done) -> list[int]:
         """This process's shards that still need work; `done(k)` says shard k's files exist from an earlier run."""

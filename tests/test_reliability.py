@@ -292,3 +292,287 @@ def test_templates_take_the_field_options_syntax(tmp_path):
         read_examples([data], Fields(template="{translation.fr}"))
     with pytest.raises(UserError, match=r"field 'translation': expected text for the template, got dict"):
         read_examples([data], Fields(template="{translation}"))
+
+
+# ------------------------------------------------------------------------------------------------- disk full
+
+
+def test_atomic_writes_on_a_full_disk_leave_nothing_and_name_the_path(tmp_path, monkeypatch):
+    import errno
+    import os
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from llm2slm_cli import artifacts as A
+
+    target = tmp_path / "manifest.json"
+    target.write_text("the complete earlier file\n")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)  # the OS call where a full disk shows (delayed allocation, NFS)
+    with pytest.raises(A.DiskFull, match=f"{target}: no space left on device"):
+        A.atomic_write_json(target, {"kind": "x"})
+    assert target.read_text() == "the complete earlier file\n"  # nothing already written is lost
+    monkeypatch.undo()
+    import pyarrow.parquet as pq
+
+    def half_then_full(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1 half")
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(pq, "write_table", half_then_full)
+    with pytest.raises(A.DiskFull, match="disk quota exceeded"):
+        A.write_parquet(tmp_path / "p.parquet", pa.table({"a": [1]}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]  # no temporary left
+
+
+def _tmpfs_available() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt 2>/dev/null || "
+                            "mount -t tmpfs -o size=64k tmpfs /tmp"], capture_output=True)
+    return probe.returncode == 0
+
+
+A_LOG = "train_log.jsonl"
+DRIVER = '''
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from llm2slm_cli.cli import app
+
+torch.set_num_threads(1)
+steps, keep = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+results = []
+for step in steps:
+    if "mount" in step:  # a small file system of its own for the next run: a real ENOSPC from the kernel
+        Path(step["mount"]).mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + step["size"], "tmpfs", step["mount"]], check=True)
+    elif "grow" in step:  # space freed
+        subprocess.run(["mount", "-o", "remount,size=64m", step["grow"]], check=True)
+    else:
+        r = CliRunner().invoke(app, step["argv"])
+        out = Path(step["out"])
+        results.append({"code": r.exit_code, "output": r.output, "exception": repr(r.exception),
+                        "files": sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.is_dir() else []})
+        if r.exit_code == 0:
+            shutil.copytree(out, keep / out.name)
+print("RESULTS" + json.dumps(results))
+'''
+
+
+@pytest.mark.skipif(not _tmpfs_available(), reason="needs unprivileged user namespaces (unshare -rm) to mount a "
+                                                   "small tmpfs")
+def test_a_full_disk_is_one_line_and_resume_finishes_the_run(cli, tmp_path):
+    """encode, generate, train and convert on a real, tiny tmpfs (its kernel's ENOSPC, whatever library writes:
+    safetensors, Arrow, torch.save, json): exit 2 with one line naming the path, no temporary left, no manifest; then,
+    with space freed, --resume writes exactly what an uninterrupted run writes."""
+    import os
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    rows = [{"id": f"r{i}", "src": " ".join(rng.choices(words, k=rng.randint(3, 12))), "tgt": "x"} for i in range(300)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    encode = ["encode", data, "--model", "tiny-t5", "--shard-size", "40", "--quiet"]
+    generate = ["generate", data, "--model", "tiny-gpt2", "--num-beams", "1", "--max-new-tokens", "3",
+                "--shard-size", "40", "--quiet"]
+    train = ["train", data, "--slm", "tiny-gpt2", "--max-steps", "4", "--batch-size", "8", "--micro-batch-size", "8",
+             "--save-every", "2", "--quiet"]
+    runs = {"encode": (encode, "256k"), "generate": (generate, "40k"), "train": (train, "1200k")}
+    for name, (argv, _) in runs.items():  # the uninterrupted runs, on a disk with room
+        cli(*argv, "--out", tmp_path / "ref" / name)
+    steps = []
+    for name, (argv, size) in runs.items():
+        fs, out = mnt / name, mnt / name / name
+        argv = [str(a) for a in argv] + ["--out", str(out)]
+        steps += [{"mount": str(fs), "size": size}, {"argv": argv, "out": str(out)}, {"grow": str(fs)},
+                  {"argv": argv + ["--resume"], "out": str(out)}]
+    converted = str(mnt / "convert" / "c")
+    steps += [{"mount": str(mnt / "convert"), "size": "300k"},
+              {"argv": ["convert", "tiny-gpt2", "--out", converted], "out": converted}]
+    (tmp_path / "steps.json").write_text(json.dumps(steps))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    proc = subprocess.run(["unshare", "-rm", sys.executable, tmp_path / "driver.py", tmp_path / "steps.json",
+                           tmp_path / "keep"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                               "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # this checkout's code
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    failed = [results[0], results[2], results[4], results[6]]
+    for (name, _), r in zip([*runs.items(), ("convert", None)], failed):
+        assert r["code"] == 2, (name, r)
+        lines = [line for line in r["output"].splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and "Traceback" not in r["output"], (name, r["output"])
+        assert "no space left on device" in lines[0] and str(mnt / name) in lines[0], (name, lines[0])
+        assert not [f for f in r["files"] if ".tmp" in f] and "manifest.json" not in r["files"], (name, r["files"])
+    assert results[6]["files"] == []  # convert: nothing of the model was left in its output directory
+    for name, r in zip(runs, [results[1], results[3], results[5]]):
+        assert r["code"] == 0, (name, r["output"], r["exception"])
+    ref, keep = tmp_path / "ref", tmp_path / "keep"
+    for f in sorted((ref / "encode").glob("*.safetensors")) + [ref / "encode" / "index.parquet"]:
+        assert (keep / "encode" / f.name).read_bytes() == f.read_bytes(), f.name
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(keep / "generate" / "predictions.parquet").equals(
+        pq.read_table(ref / "generate" / "predictions.parquet"))
+    assert (keep / "train" / "final" / "model.safetensors").read_bytes() == \
+        (ref / "train" / "final" / "model.safetensors").read_bytes()
+    losses = [[(r["step"], r["loss"]) for r in map(json.loads, (d / "train" / A_LOG).read_text().splitlines())]
+              for d in (ref, keep)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+# ------------------------------------------------------------------------------------ two runs on one --out
+
+
+def test_a_second_process_on_the_same_out_is_refused_and_the_first_finishes(cli, tmp_path):
+    """A real second llm2slm process (with --overwrite, which would delete the first one's files, and with
+    --resume) is refused at once while the first holds its --out; the first, paused meanwhile, then finishes with
+    exactly the files of a run that was alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = [{"id": f"r{i}", "src": "alpha beta gamma " * (1 + i % 5)} for i in range(200)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    argv = [sys.executable, "-m", "llm2slm_cli", "encode", str(data), "--model", "tiny-t5", "--shard-size", "20",
+            "--device", "cpu", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out, lock = tmp_path / "f", tmp_path / ".f.lock"
+    first = subprocess.Popen([*argv, "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not lock.exists():  # the lock is taken before the LLM is loaded: a wide window
+        assert first.poll() is None, first.stderr.read()
+        assert time.monotonic() < deadline, "the first run never took its lock"
+        time.sleep(0.005)
+    first.send_signal(signal.SIGSTOP)  # it holds --out, doing nothing, while the others try
+    try:
+        for extra in (["--overwrite"], ["--resume"], []):
+            second = subprocess.run([*argv, "--out", str(out), *extra], env=env, capture_output=True, text=True,
+                                    timeout=120)
+            assert second.returncode == 2, second.stderr
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0] == (f"error: {out}: another llm2slm process (pid {first.pid}) is "
+                                                    "writing this output directory: wait for it to finish, or give "
+                                                    "another --out"), second.stderr
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=240) == 0, first.stderr.read()
+    assert not lock.exists()  # released with the run
+    cli("encode", data, "--model", "tiny-t5", "--shard-size", "20", "--out", tmp_path / "alone", "--quiet")
+    for f in sorted((tmp_path / "alone").iterdir()):
+        if f.name != "manifest.json":
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "alone").iterdir())
+    cli("encode", data, "--model", "tiny-t5", "--shard-size", "20", "--out", out, "--overwrite", "--quiet")
+
+
+# ------------------------------------------------------------------------------------- manifests of other shapes
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, toy_files):
+    """One of each artifact kind a stage reads: features, a checkpoint (with its manifest), predictions, labels."""
+    from conftest import Cli
+
+    cli, d = Cli(), tmp_path_factory.mktemp("artifacts")
+    cli("encode", toy_files["train"], "--model", "tiny-t5", "--out", d / "features", "--quiet")
+    cli("train", toy_files["train"], "--slm", "tiny-gpt2", "--max-steps", "1", "--batch-size", "8",
+        "--micro-batch-size", "8", "--out", d / "run", "--quiet")
+    cli("generate", toy_files["dev"], "--model", "tiny-gpt2", "--num-beams", "1", "--max-new-tokens", "2", "--out",
+        d / "predictions", "--quiet")
+    cli("distill-labels", toy_files["train"], "--model", "tiny-gpt2", "--num-beams", "1", "--max-new-tokens", "2",
+        "--out", d / "labels", "--quiet")
+    return d
+
+
+def _tamper(artifacts, tmp_path, name: str, file: str, change) -> object:
+    import shutil
+
+    shutil.copytree(artifacts / name, tmp_path / name)
+    path = tmp_path / name / file
+    value = json.loads(path.read_text())
+    path.write_text(json.dumps(change(value)))
+    return tmp_path / name
+
+
+def _set(key, value):
+    def change(d):
+        d = dict(d)
+        if value is KeyError:
+            d.pop(key)
+        else:
+            d[key] = value
+        return d
+    return change
+
+
+FEATURE_CASES = [
+    (lambda m: [m], "the manifest is a list, expected a table"),
+    (lambda m: "features", "the manifest is text, expected a table"),
+    (_set("llm", "tiny-t5"), "'llm' is text, expected a table"),
+    (_set("llm", {"name": "tiny-t5"}), "no 'llm.kind' in it"),
+    (_set("shards", {"0": 1}), "'shards' is a table, expected a list"),
+    (_set("files", {"index.parquet": "abc"}), "'files.index.parquet' is text, expected a table"),
+    (_set("template", 5), "'template' is an integer, expected text or null"),
+    (_set("max_length", True), "'max_length' is true/false, expected an integer"),
+    (_set("layer", KeyError), "no 'layer' in it"),
+]
+
+
+@pytest.mark.parametrize("change,expected", FEATURE_CASES)
+def test_a_features_manifest_of_another_shape_is_one_line(cli, artifacts, toy_files, tmp_path, change, expected):
+    features = _tamper(artifacts, tmp_path, "features", "manifest.json", change)
+    msg = _error(cli, "train", toy_files["train"], "--llm", "tiny-t5", "--slm", "tiny-gpt2", "--features", features,
+                 "--out", tmp_path / "o")
+    assert msg.startswith(str(features / "manifest.json")) and expected in msg, msg
+
+
+CHECKPOINT_CASES = [
+    ("llm2slm.json", lambda m: [], "the checkpoint config is a list, expected a table"),
+    ("llm2slm.json", lambda m: {}, "no 'version' in the checkpoint config"),
+    ("llm2slm.json", _set("llm", "tiny-llama"), "'llm' is text, expected a table or null"),
+    ("llm2slm.json", _set("trim_vocab", {"kept": 3}), "no 'trim_vocab.full' in it"),
+    ("llm2slm.json", _set("pad_token_id", "0"), "'pad_token_id' is text, expected an integer"),
+    ("slm_config.json", lambda m: {}, "the SLM config names no model_type"),
+    ("slm_config.json", lambda m: {"model_type": "no-such-model"}, "does not describe a model transformers knows"),
+    ("slm_config.json", lambda m: "gpt2", "the SLM config is text, expected a table"),
+    ("manifest.json", _set("files", ["model.safetensors"]), "'files' is a list, expected a table of file names"),
+    ("manifest.json", _set("files", {"model.safetensors": {"bytes": "12", "sha256": "x"}}),
+     "'files.model.safetensors.bytes' is text, expected an integer"),
+]
+
+
+@pytest.mark.parametrize("file,change,expected", CHECKPOINT_CASES)
+def test_a_checkpoint_of_another_shape_is_one_line(cli, artifacts, toy_files, tmp_path, file, change, expected):
+    run = tmp_path / "run"
+    _tamper(artifacts, tmp_path, "run", f"final/{file}", change)
+    checkpoint = run / "final"
+    msg = _error(cli, "generate", toy_files["dev"], "--model", checkpoint, "--out", tmp_path / "o")
+    assert msg.startswith(str(checkpoint / file)) and expected in msg, msg
+
+
+def test_predictions_and_labels_manifests_of_another_shape_are_one_line(cli, artifacts, toy_files, tmp_path):
+    predictions = _tamper(artifacts, tmp_path, "predictions", "manifest.json", _set("files", "predictions.parquet"))
+    msg = _error(cli, "eval", predictions, "--out", tmp_path / "e")
+    assert "'files' is text, expected a table of file names" in msg, msg
+    labels = _tamper(artifacts, tmp_path, "labels", "manifest.json", lambda m: [m])
+    msg = _error(cli, "train", labels, "--slm", "tiny-gpt2", "--out", tmp_path / "t")
+    assert msg.startswith(str(labels / "manifest.json")) and "the manifest is a list" in msg, msg

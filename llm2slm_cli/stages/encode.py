@@ -99,9 +99,8 @@ def run(config: EncodeConfig) -> Path:
                                rate=f"{tokens / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.0f} tok/s")
                     work.check_stop()
                 shard_path = out / A.FEATURES_SHARD.format(k)
-                tmp = A.atomic_path(shard_path)
-                save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
-                os.replace(tmp, shard_path)
+                with A.atomic_output(shard_path) as tmp:
+                    save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
                 # the shard's index part is written last: its presence marks the shard complete (for --resume)
                 info = {"file": shard_path.name, **A.file_record(shard_path), "examples": len(members)}
                 table = index_table(rows).replace_schema_metadata({SHARD_META: json.dumps(info)})
