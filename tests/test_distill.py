@@ -50,11 +50,11 @@ def test_resume_after_a_crash_gives_the_same_labels(toy_files, tmp_path, monkeyp
     real = distill.labels_table
     calls = {"n": 0}
 
-    def crash_on_third(rows):
+    def crash_on_third(rows, *shard):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated crash while writing shard 2")
-        return real(rows)
+        return real(rows, *shard)
 
     monkeypatch.setattr(distill, "labels_table", crash_on_third)
     with pytest.raises(RuntimeError):
@@ -69,7 +69,7 @@ def test_resume_after_a_crash_gives_the_same_labels(toy_files, tmp_path, monkeyp
 
 
 def test_resume_refuses_changed_options(toy_files, tmp_path, monkeypatch):
-    monkeypatch.setattr(distill, "labels_table", lambda rows: (_ for _ in ()).throw(RuntimeError("crash")))
+    monkeypatch.setattr(distill, "labels_table", lambda rows, *shard: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError):
         distill.run(_settings(toy_files, tmp_path / "o"))
     monkeypatch.undo()

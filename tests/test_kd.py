@@ -69,6 +69,7 @@ def test_kd_loss_equals_a_hand_computed_reference(temperature):
 
 
 def _teacher_files(tmp_path, toy_files, model="tiny-llama", k=5, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = DistillConfig(inputs=[toy_files["train"]], model=model, out=tmp_path / f"kd-{model}", top_k_logits=k,
                            teacher_forced=True, max_target_length=16, shard_size=5, batch_size=3,
                            template="upper: {src}", quiet=True, **kw)
@@ -250,3 +251,23 @@ def test_kd_into_an_encoder_decoder_slm(cli, toy_files, tmp_path):
         "--out", tmp_path / "t5")
     log = _log(tmp_path / "t5")
     assert log[-1]["kd"] < log[0]["kd"] and all(r["loss"] == pytest.approx(r["kd"], abs=1e-6) for r in log)
+
+
+def test_teacher_logits_resume_after_a_crash_gives_the_same_files(toy_files, tmp_path, monkeypatch):
+    straight = _teacher_files(tmp_path / "a", toy_files)
+    real = distill.labels_table
+    calls = {"n": 0}
+
+    def crash_on_third(rows, *shard):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash while writing shard 2")
+        return real(rows, *shard)
+
+    monkeypatch.setattr(distill, "labels_table", crash_on_third)
+    with pytest.raises(RuntimeError):
+        _teacher_files(tmp_path / "b", toy_files)
+    monkeypatch.setattr(distill, "labels_table", real)
+    broken = _teacher_files(tmp_path / "b", toy_files, resume=True)
+    for name in [f"logits-{k:05d}.safetensors" for k in range(4)] + ["examples.parquet"]:
+        assert (straight / name).read_bytes() == (broken / name).read_bytes(), name
