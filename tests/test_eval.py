@@ -45,7 +45,7 @@ MULTILINE = [
      "The home team won the final.\nThe fans celebrated late into the night."),
 ]
 MODEL = {"name": "runs/t5l-t5s/final", "kind": "llm2slm", "llm": "t5-large", "slm": "t5-small"}
-SCORE_COLUMNS = ["id", "prediction", "reference", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum"]
+SCORE_COLUMNS = ["id", "prediction", "reference", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "repetition_loop"]
 ROUGE = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
 
 
@@ -149,7 +149,7 @@ def test_lowercase_and_tokenizer_options(cli, preds, tmp_path):
     chrf = CHRF(lowercase=True)
     assert m["chrf"]["score"] == chrf.corpus_score(hyps, [refs]).score and "case:lc" in m["chrf"]["signature"]
     scores = pq.read_table(out / A.SCORES).to_pylist()
-    assert list(scores[0]) == ["id", "prediction", "reference", "bleu", "chrf"]
+    assert list(scores[0]) == ["id", "prediction", "reference", "bleu", "chrf", "repetition_loop"]
     case_only = scores[6]
     direct = sacrebleu.sentence_bleu(ROWS[6][1], [ROWS[6][2]], tokenize="intl", lowercase=True).score
     assert case_only["bleu"] == direct == pytest.approx(100)
@@ -274,7 +274,7 @@ def test_judge_ratings_are_parsed_strictly(cli, tmp_path, judge_server, monkeypa
         "--judge-model", "judge-m", "--judge-api-key-env", "TEST_JUDGE_KEY")
 
     scores = pq.read_table(out / A.SCORES).to_pylist()
-    assert list(scores[0]) == ["id", "prediction", "reference", "bleu", "judge_rating", "judge_error", "judge_reply"]
+    assert list(scores[0]) == ["id", "prediction", "reference", "bleu", "judge_rating", "judge_error", "judge_reply", "repetition_loop"]
     assert [s["judge_rating"] for s in scores] == [8.0, 3.5, None, None, 10.0]
     assert [s["judge_error"] is None for s in scores] == [True, True, False, False, True]
     assert scores[2]["judge_error"] == "unparsable: " + REPLIES["Markets"][:80]

@@ -271,3 +271,13 @@ def test_teacher_logits_resume_after_a_crash_gives_the_same_files(toy_files, tmp
     broken = _teacher_files(tmp_path / "b", toy_files, resume=True)
     for name in [f"logits-{k:05d}.safetensors" for k in range(4)] + ["examples.parquet"]:
         assert (straight / name).read_bytes() == (broken / name).read_bytes(), name
+
+
+def test_fp16_training_of_a_t5_slm_from_a_directory_is_refused(cli, toy_files, tmp_path):
+    from llm2slm_cli import models as M
+
+    M.load_model("tiny-t5", role="SLM").save_pretrained(tmp_path / "t5dir")
+    M.load_tokenizer("tiny-t5").save_pretrained(tmp_path / "t5dir")
+    r = cli("train", toy_files["train"], "--slm", tmp_path / "t5dir", "--mixed-precision", "fp16", "--max-steps", "1",
+            "--out", tmp_path / "run", code=2)
+    assert "float16 is refused" in r.output and not (tmp_path / "run").exists()

@@ -148,6 +148,10 @@ def run(config: TrainConfig) -> Path:
     model = LLMToSLM.build(config.slm, llm, fusion=config.fusion, tokenizer=config.tokenizer_mode,
                            slm_tokenizer=config.slm_tokenizer, template=template, max_prompt_length=max_length,
                            slm_layers=config.slm_layers, peft=_peft_spec(config))
+    from llm2slm_cli import models as M
+
+    M.refuse_float16(model.slm.config.model_type, "float16" if accelerator.mixed_precision == "fp16" else None,
+                     f"SLM {config.slm!r}", "use --mixed-precision bf16 or no")
     if config.freeze_slm:
         model.slm.requires_grad_(False)
         if model.config.vocab_adapter:  # new layers are trained from scratch even with a frozen SLM
