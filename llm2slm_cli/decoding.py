@@ -436,7 +436,7 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
     draws from the LLM's distribution as its own sampling would: `top_k` None is what transformers' generate uses
     for the LLM (its generation config's, else 50); 0 turns top-k off. `streamer`
     (see `decode`) sees each round's m + 1 tokens; the rows it stops finish there."""
-    from llm2slm_cli.llm2slm import _right_to_left, strip_generated
+    from llm2slm_cli.padding import right_to_left, strip_generated
 
     if gamma < 1:
         raise UserError("--gamma must be at least 1")
@@ -468,7 +468,7 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
         llm_pending = torch.full((batch, 1), llm_model.config.decoder_start_token_id, device=device)
         features = hidden if shares_llm else None
     else:
-        ids_left, mask_left = _right_to_left(prompt_ids, prompt_mask)
+        ids_left, mask_left = right_to_left(prompt_ids, prompt_mask)
         out = llm_step.prefill(mask_left, input_ids=ids_left, output_hidden_states=shares_llm,
                                logits_to_keep=1 if _keeps_logits(llm_model) else 0)
         llm_pending = prompt_ids[:, :0]  # nothing pending: the prompt's last logits score the first draft
@@ -487,7 +487,7 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
         start = torch.full((batch, 1), cfg.decoder_start_token_id, device=device)
         draft_logits = widen(draft_step.feed(feed_draft(start))[:, -1])
     else:
-        p_left, m_left = _right_to_left(p, prompt_mask)
+        p_left, m_left = right_to_left(p, prompt_mask)
         draft_logits = widen(draft_step.prefill(m_left, inputs_embeds=p_left,
                                                   logits_to_keep=1 if _keeps_logits(draft.slm) else 0).logits[:, -1])
 

@@ -32,6 +32,7 @@ from torch import nn
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import models as M
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.padding import right_to_left, strip_generated  # noqa: F401 (strip_generated: re-exported)
 
 Fusion = Literal["add", "replace"]
 TokenizerMode = Literal["llm", "slm"]
@@ -296,17 +297,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ the model
 
 
-def _right_to_left(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move right padding to the left (decoder-only SLMs generate after a left-padded prompt)."""
-    m = mask.shape[1]
-    shift = m - mask.sum(1, keepdim=True)
-    idx = (torch.arange(m, device=mask.device).unsqueeze(0) - shift) % m
-    mask = torch.gather(mask, 1, idx)
-    if x.dim() == 3:
-        x = torch.gather(x, 1, idx.unsqueeze(-1).expand_as(x))
-    else:
-        x = torch.gather(x, 1, idx)
-    return x, mask
+_right_to_left = right_to_left  # the name the tests and older callers import from here
 
 
 class LLMToSLM(nn.Module):
@@ -775,18 +766,6 @@ def kd_loss(logits: torch.Tensor, target_mask: torch.Tensor, teacher_ids: torch.
     p = t.exp()
     kl = (p * (t - s)).masked_fill(p == 0, 0.0).sum(-1)
     return (kl * target_mask.to(kl.dtype)).sum() * temperature ** 2
-
-
-def strip_generated(out: torch.Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
-    """Cut each row at its first end token; rows that stopped early are padded after it."""
-    result = []
-    for row in out.tolist():
-        if eos_id in row:
-            row = row[: row.index(eos_id)]
-        while row and row[-1] == pad_id:
-            row.pop()
-        result.append(row)
-    return result
 
 
 def parameter_counts(model: LLMToSLM) -> dict[str, Any]:

@@ -36,7 +36,7 @@ def teacher_topk(model, kind: str, prompt_ids: list, target_ids: list, k: int, *
     import torch
 
     from llm2slm_cli.data import length_sorted_batches, pad
-    from llm2slm_cli.llm2slm import _right_to_left
+    from llm2slm_cli.padding import right_to_left
 
     device = next(model.parameters()).device
     lengths = [len(p) + len(t) for p, t in zip(prompt_ids, target_ids)]
@@ -51,7 +51,7 @@ def teacher_topk(model, kind: str, prompt_ids: list, target_ids: list, k: int, *
                 logits = model(input_ids=p, attention_mask=pm, decoder_input_ids=torch.cat([start, t[:, :-1]], 1),
                                use_cache=False).logits
             else:
-                p, pm = _right_to_left(p, pm)
+                p, pm = right_to_left(p, pm)
                 ids, mask = torch.cat([p, t], 1), torch.cat([pm, tm], 1)
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,

@@ -58,13 +58,13 @@ class PlainModel:
         import torch
 
         from llm2slm_cli.decoding import generate_plain, search_from
-        from llm2slm_cli.llm2slm import _right_to_left, strip_generated
+        from llm2slm_cli.padding import right_to_left, strip_generated
 
         tok = self.prompt_tokenizer
         if generation.get("stop_strings"):
             generation = {**generation, "tokenizer": tok}
         ids, mask = (prompt_ids, prompt_mask) if self.kind == "encoder-decoder" else \
-            _right_to_left(prompt_ids, prompt_mask)
+            right_to_left(prompt_ids, prompt_mask)
         search = search_from(generation, self.model.generation_config, eos=tok.eos_token_id, pad=tok.pad_token_id,
                              device=ids.device)
         with torch.inference_mode():
