@@ -217,6 +217,7 @@ def test_eval_counts_loops_and_distinct_outputs_and_pairs_a_bootstrap(tmp_path):
 
     assert evaluate.repetition_loop("die Regierung, die Regierung, die Regierung,")
     assert evaluate.repetition_loop("Es ist es es es")
+    assert evaluate.repetition_loop("Die Regierung der Regierung der Regierung der Regierung, die die Regie")
     assert not evaluate.repetition_loop("Die Regierung hat die Wahl gewonnen, sagte er.")
 
     refs = ["Die Katze sitzt auf der Matte .", "Der Hund bellt laut .", "Es regnet heute in Berlin .",

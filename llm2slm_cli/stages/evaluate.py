@@ -260,7 +260,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
                         "sha256": A.sha256_file(pred_dir / A.PREDICTIONS)},
         "references": {k: v for k, v in ref_info.items() if k != "unused"},
         "scores_file": {"name": A.SCORES, "columns": list(columns),
-                        "repetition_loop": "the output ends in a word n-gram (n <= 4) repeated 3 or more times",
+                        "repetition_loop": "the output holds a word n-gram (n <= 4) repeated 3 or more times in a row",
                         "scale": "bleu and chrf: sentence scores (0-100); rouge*: F-measure x 100; "
                                  "judge_rating: 1-10, null when unparsable or failed"},
     }
@@ -280,14 +280,15 @@ def run(config: EvalConfig) -> dict[str, Any]:
 
 
 def repetition_loop(text: str, times: int = 3, longest: int = 4) -> bool:
-    """Does the output end in a loop: its last words are one n-gram (n <= `longest` words) repeated `times` or more
-    times (what a degenerate decoder writes until its length limit: "die die die", "der Regierung, der Regierung,
-    der Regierung,")?"""
+    """Does the output fall into a loop: somewhere, one n-gram of n <= `longest` words repeated `times` or more times
+    in a row (what a degenerate decoder writes until its length limit: "die die die", "der Regierung der Regierung
+    der Regierung")? A loop cut by the length limit mid-cycle still counts."""
     words = text.split()
     for n in range(1, longest + 1):
-        tail = words[len(words) - n * times:] if len(words) >= n * times else None
-        if tail and all(tail[i] == tail[i % n] for i in range(len(tail))):
-            return True
+        for start in range(0, len(words) - n * times + 1):
+            gram = words[start: start + n]
+            if all(words[start + k * n: start + (k + 1) * n] == gram for k in range(1, times)):
+                return True
     return False
 
 

@@ -4,7 +4,7 @@
 
 For each pilot: the dev cross-entropy at every step `train --eval-every` logged it (train_log.jsonl), chrF and BLEU of
 greedy outputs at step --mid and at the end (eval-mid/, eval-final/: metrics.json), the share of distinct outputs and
-of outputs ending in a repetition loop (eval's `outputs`), the wall time and examples/s of training. Prints a
+of outputs falling into a repetition loop (eval's `outputs`), the wall time and examples/s of training. Prints a
 Markdown table; --plot draws dev loss against step and chrF at both points.
 """
 
