@@ -244,6 +244,41 @@ def verify_file(path: Path, record: dict[str, Any] | None, what: str = "file") -
         raise UserError(f"{what} is damaged: its sha256 differs from the manifest's", path=path)
 
 
+# A checkpoint's own files that its manifest hashes (train, export and LLMToSLM.save_pretrained write the records).
+CHECKPOINT_FILES = {MODEL_WEIGHTS: "checkpoint weights file", MODEL_CONFIG: "checkpoint config",
+                    SLM_CONFIG: "checkpoint SLM config"}
+UNVERIFIED_CHECKPOINTS = "LLM2SLM_UNVERIFIED_CHECKPOINTS"  # =1: load checkpoints that have no manifest
+
+
+def checkpoint_records(directory: Path) -> dict[str, Any]:
+    """Size and sha256 of a checkpoint's weights, llm2slm.json and slm_config.json, for its manifest."""
+    return {name: file_record(Path(directory) / name) for name in CHECKPOINT_FILES
+            if (Path(directory) / name).is_file()}
+
+
+def verify_checkpoint(directory: Path, *, unverified: bool = False) -> dict[str, Any]:
+    """A checkpoint's manifest, after its weights and config files were checked against it; refuses a checkpoint
+    without a manifest (random bytes in its weights would load silently) unless `unverified` or the environment
+    variable LLM2SLM_UNVERIFIED_CHECKPOINTS=1 allows it (then {}). Manifests of older versions hash the weights
+    only: their config files are not checked."""
+    directory = Path(directory)
+    allowed = unverified or os.environ.get(UNVERIFIED_CHECKPOINTS) == "1"
+    if not (directory / MANIFEST).is_file():
+        if allowed:
+            return {}
+        raise UserError(f"no {MANIFEST}: this checkpoint's files cannot be verified (damaged weights would load "
+                        f"silently); to load it anyway, set {UNVERIFIED_CHECKPOINTS}=1", path=directory)
+    manifest = read_manifest(directory, KIND_CHECKPOINT)
+    files = manifest.get("files") or {}
+    if MODEL_WEIGHTS not in files and not allowed:
+        raise UserError(f"the manifest records no sha256 of {MODEL_WEIGHTS}: the weights cannot be verified (set "
+                        f"{UNVERIFIED_CHECKPOINTS}=1 to load them anyway)", path=directory / MANIFEST)
+    for name, what in CHECKPOINT_FILES.items():
+        if name in files:
+            verify_file(directory / name, files[name], what)
+    return manifest
+
+
 def make_manifest(kind: str, config: Any, **fields: Any) -> dict[str, Any]:
     return {
         "kind": kind,
@@ -431,13 +466,10 @@ def release_output(out: Path | None = None) -> None:
 atexit.register(release_output)
 
 
-def prepare_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False, resumable: bool = True) -> bool:
-    """Create `out` for a stage; returns True when there is earlier work in it to resume.
-
-    A directory with files in it is refused unless the user asked to overwrite it (its contents are removed) or to
-    resume (its contents are kept and the stage continues where it stopped). Another llm2slm process writing `out`
-    is refused first (`lock_output`).
-    """
+def check_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False, resumable: bool = True) -> bool:
+    """Refuse an output directory a stage may not write, before any work, and without changing it; returns whether
+    it holds files. Another llm2slm process writing `out` is refused first (`lock_output`, held from now on); a
+    directory with files in it unless the user asked to overwrite or to resume it; a finished run to resume."""
     out = Path(out)
     if overwrite and resume:
         raise UserError("--overwrite and --resume exclude each other")
@@ -448,15 +480,51 @@ def prepare_output_dir(out: Path, *, overwrite: bool = False, resume: bool = Fal
     if has_content and not (overwrite or resume):
         hint = " or --resume to continue an interrupted run" if resumable else ""
         raise UserError(f"output directory exists and is not empty: pass --overwrite to replace it{hint}", path=out)
-    if has_content and overwrite:
-        shutil.rmtree(out)
     if resume and has_content and (out / MANIFEST).is_file():
         raise UserError("this run already finished (manifest.json present); nothing to resume", path=out)
+    return has_content
+
+
+def prepare_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False, resumable: bool = True) -> bool:
+    """Create `out` for a stage; returns True when there is earlier work in it to resume.
+
+    A directory with files in it is refused unless the user asked to overwrite it (its contents are removed) or to
+    resume (its contents are kept and the stage continues where it stopped); see `check_output_dir`. Stages call
+    this only once their inputs, models and options have passed every check, so that --overwrite never deletes the
+    previous output for a run that cannot happen.
+    """
+    out = Path(out)
+    has_content = check_output_dir(out, overwrite=overwrite, resume=resume, resumable=resumable)
+    if has_content and overwrite:
+        shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output directory ({e.strerror})", path=out) from None
     return bool(resume and has_content)
+
+
+def replace_output_dir(built: Path, out: Path) -> None:
+    """Put the directory `built` (a complete output, written beside `out`) in the place of `out`: the previous output
+    is only removed once the new one is there, so a refused or failed run leaves it as it was."""
+    built, out = Path(built), Path(out)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(built, out)
+    _remove(old)
+
+
+def building_dir(out: Path) -> Path:
+    """A fresh temporary sibling of `out` to build a whole output in (for `replace_output_dir`)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory ({e.strerror})", path=out) from None
+    return tmp
 
 
 def input_sha256(paths: Iterable[Path | str]) -> str | None:

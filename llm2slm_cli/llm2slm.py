@@ -629,16 +629,25 @@ class LLMToSLM(nn.Module):
             self.prompt_tokenizer.save_pretrained(str(directory / A.TOKENIZER_DIR))
         if self.target_tokenizer is not self.prompt_tokenizer:
             self.target_tokenizer.save_pretrained(str(directory / A.SLM_TOKENIZER_DIR))
+        # last: the sizes and sha256 of the weights and config files, which from_pretrained checks (train and export
+        # write their own, fuller manifest over this one)
+        A.atomic_write_json(directory / A.MANIFEST, A.make_manifest(
+            A.KIND_CHECKPOINT, {}, model=_jsonable(dataclasses.asdict(self.config)),
+            files=A.checkpoint_records(directory)))
 
     @classmethod
     def from_pretrained(cls, directory: Path, *, llm: FrozenLLM | None = None, llm_spec: str | None = None,
-                        device: str | torch.device = "cpu") -> LLMToSLM:
+                        device: str | torch.device = "cpu", unverified: bool = False) -> LLMToSLM:
         """Load a checkpoint; its LLM is loaded by the name it records (or from `llm_spec`, or the copy `export` put
-        in DIR/llm) and must match its fingerprint."""
+        in DIR/llm) and must match its fingerprint. The weights and config files are checked against the manifest's
+        sha256 first; a checkpoint without a manifest is refused unless `unverified` (or
+        LLM2SLM_UNVERIFIED_CHECKPOINTS=1)."""
         from safetensors.torch import load_model
 
         directory = Path(directory)
         config = read_model_config(directory)
+        slm_config = M.checkpoint_slm_config(directory)
+        A.verify_checkpoint(directory, unverified=unverified)  # the files' shapes first (one line), then their bytes
         if config.llm is not None and llm is None:
             bundled = directory / A.BUNDLED_LLM  # `export` may copy the LLM in beside the weights
             spec = llm_spec or (str(bundled) if (bundled / "config.json").is_file() else config.llm["name"])
@@ -646,12 +655,8 @@ class LLMToSLM(nn.Module):
                             tokenizer=directory / A.TOKENIZER_DIR, device=device)
         if llm is not None:
             check_llm(llm, config.llm, f"checkpoint {directory}")
-        slm_config = M.checkpoint_slm_config(directory)
         slm = M._auto_class(config.slm_kind, with_head=True).from_config(slm_config)
         model = cls(config, slm, llm)
-        if (directory / A.MANIFEST).is_file():  # written by `train`, with the weights' size and sha256
-            record = A.read_manifest(directory, A.KIND_CHECKPOINT).get("files", {}).get(A.MODEL_WEIGHTS)
-            A.verify_file(directory / A.MODEL_WEIGHTS, record, "checkpoint weights file")
         try:
             load_model(model, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(device))
         except (OSError, RuntimeError) as e:

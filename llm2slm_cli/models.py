@@ -433,6 +433,9 @@ def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, rol
     elif src.kind == "checkpoint":
         from safetensors.torch import load_file
 
+        from llm2slm_cli.artifacts import verify_checkpoint
+
+        verify_checkpoint(Path(src.name))  # never a damaged checkpoint's weights, loaded without a word
         model = cls.from_config(config)
         weights = load_file(str(Path(src.name) / "model.safetensors"))
         missing, unexpected = model.load_state_dict({k.removeprefix("slm."): v for k, v in weights.items()},

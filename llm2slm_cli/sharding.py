@@ -16,6 +16,7 @@ from what the command would do now.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +30,62 @@ def shard_seed(seed: int, shard: int) -> int:
     return seed * 1_000_003 + shard
 
 
+KINDS = {"encode": A.KIND_FEATURES, "distill": A.KIND_LABELS, "generate": A.KIND_PREDICTIONS}
+
+
 class ShardedRun:
-    def __init__(self, out: Path, *, stage: str, overwrite: bool, resume: bool, device: str,
+    """One sharded stage's work in --out. `part` is the name of a shard's part file (e.g.
+    "predictions-{:05d}.parquet"): merged at the end, then removed.
+
+    Each shard's files are recorded (size and sha256) in a small `.<stage>-shard-NNNNN.json` beside them once they
+    are written; that record marks the shard complete. --resume redoes a shard whose files differ from their record
+    (with a warning), and the merge refuses one (naming the file), so a part damaged on disk never reaches a
+    manifest."""
+
+    def __init__(self, out: Path, *, stage: str, overwrite: bool, resume: bool, device: str, part: str,
                  quiet: bool = False) -> None:
         self.out = Path(out)
         self.stage = stage
+        self.part = part
         self.quiet = quiet
         self.state, self.device = runtime.processes(device)
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.is_main = self.state.is_main_process
         self.plan_path = self.out / f".{stage}-plan.json"
-        self.resuming = bool(self._on_main(lambda: self._prepare(overwrite, resume)))
+        self._options = (overwrite, resume)
+        self.resuming: bool | None = None  # known once prepare() ran
+        # Refused at once (another process, a non-empty --out, nothing to resume), but nothing is deleted before
+        # prepare(): the stage calls it when its model and inputs have passed their checks.
+        self.finished = bool(self._on_main(lambda: self._check(overwrite, resume)))
         self.stop = runtime.StopOnInterrupt(quiet or not self.is_main)
+
+    def _check(self, overwrite: bool, resume: bool) -> bool:
+        """True when --resume finds a run that had finished (its manifest written) but was stopped before it removed
+        its part files: those are removed now, and there is nothing to do."""
+        if resume and (self.out / A.MANIFEST).is_file() and self.plan_path.is_file():
+            A.lock_output(self.out)
+            manifest = A.read_manifest(self.out, KINDS[self.stage])
+            for name, record in (manifest.get("files") or {}).items():  # the merged output is complete
+                A.verify_file(self.out / name, record, "output file")
+            leftovers = [*self.out.glob(self._pattern(self.part)), *self.out.glob(f".{self.stage}-shard-*.json"),
+                         *self.out.glob(".*.tmp-*"), *A.library_temporaries(self.out), self.plan_path]
+            for p in leftovers:
+                p.unlink(missing_ok=True)
+            runtime.say(f"this run had finished (manifest.json present) but was stopped before it removed its part "
+                        f"files: removed {len(leftovers)} files; nothing to resume -> {self.out}", self.quiet)
+            return True
+        A.check_output_dir(self.out, overwrite=overwrite, resume=resume)
+        return False
+
+    @staticmethod
+    def _pattern(name: str) -> str:
+        return name.replace("{:05d}", "[0-9]" * 5)
+
+    def prepare(self) -> None:
+        """Make --out ready for writing (with --overwrite the previous output is removed only now). Called by
+        `plan`, or by the stage itself before it writes anything."""
+        if self.resuming is None:
+            self.resuming = bool(self._on_main(lambda: self._prepare(*self._options)))
 
     def _prepare(self, overwrite: bool, resume: bool) -> bool:
         resuming = A.prepare_output_dir(self.out, overwrite=overwrite, resume=resume)
@@ -48,6 +93,37 @@ class ShardedRun:
             for tmp in [*self.out.glob(".*.tmp-*"), *A.library_temporaries(self.out)]:
                 tmp.unlink()
         return resuming
+
+    def _record(self, k: int) -> Path:
+        return self.out / f".{self.stage}-shard-{k:05d}.json"
+
+    def mark_done(self, k: int, files: list[Path]) -> None:
+        """After shard k's files are all written: record their sizes and sha256; the record marks the shard done."""
+        A.atomic_write_json(self._record(k), {"shard": k, "files": {Path(f).name: A.file_record(Path(f))
+                                                                    for f in files}})
+
+    def _damage(self, k: int) -> str | None:
+        """What is wrong with shard k's files (missing, or not as recorded when written); None if nothing."""
+        record = self._record(k)
+        try:
+            files = json.loads(record.read_text())["files"]
+            for name, entry in files.items():
+                A.verify_file(self.out / name, entry, "part file")
+        except UserError as e:
+            return e.message
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{record}: unreadable record of shard {k}"
+        return None
+
+    def check_parts(self, n_shards: int) -> None:
+        """Before the merge: every shard's files are as they were written. A damaged one is refused with its name,
+        and its record removed, so that --resume redoes that shard."""
+        for k in range(n_shards):
+            problem = self._damage(k) if self._record(k).is_file() else f"shard {k} has no record of its files"
+            if problem:
+                self._record(k).unlink(missing_ok=True)
+                raise UserError(f"{problem}; nothing was merged: run the command again with --resume to redo "
+                                f"shard {k}")
 
     def _on_main(self, fn) -> Any:
         """Run `fn` on the main process only; every process gets its result, or raises its UserError."""
@@ -66,7 +142,8 @@ class ShardedRun:
         return box[0]
 
     def plan(self, plan: dict[str, Any]) -> None:
-        """Record the plan; on --resume, refuse if it differs from the interrupted run's."""
+        """Prepare --out, record the plan; on --resume, refuse if it differs from the interrupted run's."""
+        self.prepare()
         self._on_main(lambda: A.resume_plan(self.out, self.plan_path.name, plan, self.resuming, self.stage))
 
     def __enter__(self) -> ShardedRun:
@@ -78,9 +155,25 @@ class ShardedRun:
         if self.is_main:  # taken by prepare_output_dir: held while the run writes --out
             A.release_output(self.out)
 
-    def todo(self, n_shards: int, done) -> list[int]:
-        """This process's shards that still need work; `done(k)` says shard k's files exist from an earlier run."""
-        return [k for k in range(self.rank, n_shards, self.world) if not (self.resuming and done(k))]
+    def todo(self, n_shards: int) -> list[int]:
+        """This process's shards that still need work: on --resume, those without a record of complete files, or
+        whose files differ from it (damaged on disk: redone, with a warning)."""
+        mine = list(range(self.rank, n_shards, self.world))
+        if not self.resuming:
+            return mine
+        todo, unrecorded = [], 0
+        for k in mine:
+            if not self._record(k).is_file():
+                unrecorded += (self.out / self.part.format(k)).is_file()
+                todo.append(k)
+            elif (problem := self._damage(k)) is not None:
+                runtime.say(f"warning: {problem}: redoing shard {k}")
+                self._record(k).unlink(missing_ok=True)
+                todo.append(k)
+        if unrecorded:
+            runtime.say(f"warning: {unrecorded} shards of the interrupted run have no record of their files' sha256 "
+                        "(an older version wrote them): redoing them", self.quiet)
+        return todo
 
     def check_stop(self) -> None:
         """Call between batches: stops now if the user asked. The shard in progress is dropped (it is redone by
@@ -95,6 +188,9 @@ class ShardedRun:
 
     def done(self) -> None:
         """After the manifest: the plan is no longer needed; the other processes may exit."""
-        if self.is_main and self.plan_path.is_file():
-            self.plan_path.unlink()
+        if self.is_main:
+            for record in self.out.glob(f".{self.stage}-shard-*.json"):
+                record.unlink()
+            if self.plan_path.is_file():
+                self.plan_path.unlink()
         self.state.wait_for_everyone()

@@ -57,3 +57,277 @@ def test_decoding_and_llm2slm_do_not_import_each_other():
     from llm2slm_cli import llm2slm, padding
 
     assert llm2slm._right_to_left is padding.right_to_left and llm2slm.strip_generated is padding.strip_generated
+
+
+# ------------------------------------------------------------------------------------------- train --resume
+
+
+def test_train_resume_refuses_other_options_and_inputs(cli, toy_files, tmp_path):
+    """A run stopped at step 2 of 6 (a step-000002 checkpoint) is resumed only by the same options and inputs."""
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(toy_files["train"].read_bytes())
+    out = tmp_path / "run"
+    args = ["train", data, "--slm", "tiny-gpt2", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "6",
+            "--out", out]
+    cli(*args, "--save-every", "2", "--stop-after", "2", "--quiet")
+    assert (out / "step-000002").is_dir() and not (out / "final").exists()
+
+    msg = _error(cli, *args, "--resume", "--lr", "0.002")
+    assert "cannot resume step-000002" in msg and "--lr 0.002 (the interrupted run's: 0.001)" in msg, msg
+    msg = _error(cli, *args, "--resume", "--slm", "tiny-llama")
+    assert "--slm tiny-llama (the interrupted run's: tiny-gpt2)" in msg, msg
+    msg = _error(cli, *args, "--resume", "--max-steps", "1")  # below the checkpoint's step
+    assert "--max-steps 1 (the interrupted run's: 6)" in msg, msg
+    assert not (out / "final").exists(), "a refused resume must not leave a final/ that claims a finished run"
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(data.read_text().replace('"tgt": "', '"tgt": "Z', 1))
+    msg = _error(cli, *[changed if a == data else a for a in args], "--resume")
+    assert "the training input's sha256" in msg, msg
+
+    # an older checkpoint (no identity in trainer_state.json): its manifest's options are compared
+    state_path = out / "step-000002" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    old = {k: v for k, v in state.items() if k != "run"}
+    state_path.write_text(json.dumps(old))
+    msg = _error(cli, *args, "--resume", "--lr", "0.002")
+    assert "--lr 0.002 (the interrupted run's: 0.001)" in msg, msg
+    state_path.write_text(json.dumps(state))
+
+    # what does not change the weights may change; the same contents under another path resume
+    moved = tmp_path / "moved.jsonl"
+    moved.write_bytes(data.read_bytes())
+    cli(*[moved if a == data else a for a in args], "--resume", "--quiet", "--save-every", "3")
+    assert (out / "final" / "model.safetensors").is_file()
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 6
+
+
+def test_train_resume_with_fewer_steps_than_done_is_refused(tmp_path):
+    """check_resume's own step check (for a checkpoint whose run recorded the same --max-steps)."""
+    from llm2slm_cli.errors import UserError
+    from llm2slm_cli.stages.train import check_resume
+
+    step = tmp_path / "run" / "step-000004"
+    step.mkdir(parents=True)
+    identity = {"options": {"lr": 0.001}, "inputs": {"inputs": "abc"}}
+    (step / "trainer_state.json").write_text(json.dumps({"step": 4, "run": identity}))
+    check_resume(step, identity, 6)
+    with pytest.raises(UserError, match="it is at step 4, and this run has 3 steps"):
+        check_resume(step, identity, 3)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def slm_run(tmp_path_factory, toy_files) -> Path:
+    """An SLM-alone run stopped at step 2 of 4: step-000002/ (resumable) and, finished in a copy, final/."""
+    from conftest import Cli
+
+    d = tmp_path_factory.mktemp("slm_run")
+    Cli()("train", toy_files["train"], "--slm", "tiny-gpt2", "--batch-size", "4", "--micro-batch-size", "4",
+          "--max-steps", "4", "--stop-after", "2", "--out", d / "run", "--quiet")
+    return d / "run"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_checkpoint_without_a_manifest_is_refused_unless_allowed(cli, toy_files, tmp_path, monkeypatch):
+    from llm2slm_cli.llm2slm import LLMToSLM
+
+    LLMToSLM.build("tiny-gpt2", None).save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "manifest.json").is_file(), "save_pretrained records the files' sha256"
+    LLMToSLM.from_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "manifest.json").unlink()
+    args = ["generate", toy_files["dev"], "--model", tmp_path / "ckpt", "--num-beams", "1", "--max-new-tokens", "2"]
+    msg = _error(cli, *args, "--out", tmp_path / "p")
+    assert "no manifest.json: this checkpoint's files cannot be verified" in msg and \
+        "LLM2SLM_UNVERIFIED_CHECKPOINTS=1" in msg, msg
+    msg = _error(cli, "train", toy_files["train"], "--slm", tmp_path / "ckpt", "--max-steps", "1", "--out",
+                 tmp_path / "t")  # an SLM-alone checkpoint as the SLM of a new run
+    assert "no manifest.json" in msg, msg
+    monkeypatch.setenv("LLM2SLM_UNVERIFIED_CHECKPOINTS", "1")  # the documented escape
+    cli(*args, "--out", tmp_path / "p2", "--quiet")
+    LLMToSLM.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("file,change,what", [
+    ("llm2slm.json", lambda c: {**c, "max_prompt_length": c["max_prompt_length"] - 1}, "checkpoint config"),
+    ("slm_config.json", lambda c: {**c, "layer_norm_epsilon": 0.5}, "checkpoint SLM config"),
+])
+def test_a_checkpoints_config_files_are_covered_by_its_manifest(cli, slm_run, toy_files, tmp_path, file, change,
+                                                                  what):
+    """A config file edited into another valid one (no shape check can see it) is refused by its sha256, in final/,
+    in a step checkpoint resumed, and where an SLM-alone checkpoint is the SLM of a new run."""
+    run = _copy(slm_run, tmp_path / "run")
+    step = run / "step-000002"
+    path = step / file
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    msg = _error(cli, "generate", toy_files["dev"], "--model", step, "--out", tmp_path / "p")
+    assert msg.startswith(f"{path}: {what} is damaged"), msg
+    msg = _error(cli, "train", toy_files["train"], "--slm", step, "--max-steps", "1", "--out", tmp_path / "t")
+    assert msg.startswith(f"{path}: {what} is damaged"), msg
+    # an older manifest (weights only): its config files load unchecked, as before
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["files"] = {"model.safetensors": manifest["files"]["model.safetensors"]}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    cli("generate", toy_files["dev"], "--model", step, "--num-beams", "1", "--max-new-tokens", "2", "--out",
+        tmp_path / "p", "--quiet")
+
+
+def test_a_damaged_step_checkpoint_is_not_resumed(cli, slm_run, toy_files, tmp_path):
+    run = _copy(slm_run, tmp_path / "run")
+    weights = run / "step-000002" / "model.safetensors"
+    _flip(weights)
+    msg = _error(cli, "train", toy_files["train"], "--slm", "tiny-gpt2", "--batch-size", "4", "--micro-batch-size",
+                 "4", "--max-steps", "4", "--out", run, "--resume")
+    assert msg == f"{weights}: checkpoint weights file is damaged: its sha256 differs from the manifest's", msg
+    assert not (run / "final").exists()
+
+
+# ------------------------------------------------------------------------------- sharded stages: parts and ends
+
+CRASH = """
+import os, pathlib, signal, sys
+from llm2slm_cli import artifacts
+{patch}
+from llm2slm_cli.cli import main
+sys.argv = ["llm2slm", *sys.argv[1:]]
+main()
+"""
+# SIGKILL at the start of writing shard 2's part: shards 0 and 1 are complete
+KILL_AT_PART_2 = """
+real_write = artifacts.write_parquet
+def write_parquet(path, table):
+    if pathlib.Path(path).name.endswith("-00002.parquet"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_write(path, table)
+artifacts.write_parquet = write_parquet
+"""
+# SIGKILL when the finished run starts removing its part files (its manifest is written)
+KILL_AT_CLEANUP = """
+real_unlink = pathlib.Path.unlink
+def unlink(self, *a, **k):
+    if self.name.startswith("{prefix}-") and self.name.endswith(".parquet"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_unlink(self, *a, **k)
+pathlib.Path.unlink = unlink
+"""
+
+
+def crash(patch: str, *args: object) -> None:
+    """Run llm2slm in a real subprocess that SIGKILLs itself where `patch` says."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", CRASH.format(patch=patch), *map(str, args), "--device", "cpu",
+                           "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+
+
+def same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir() if p.name != "manifest.json")
+    assert names == sorted(p.name for p in b.iterdir() if p.name != "manifest.json")
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def ten(tmp_path_factory) -> Path:
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    rows = [{"id": f"e{i}", "src": " ".join(words[(i + j) % 5] for j in range(1 + i % 4)), "tgt": "ab"}
+            for i in range(10)]
+    return write_jsonl(tmp_path_factory.mktemp("ten") / "ten.jsonl", rows)
+
+
+GENERATE = ["generate", "--model", "tiny-llama", "--sample", "--seed", "3", "--max-new-tokens", "3", "--shard-size",
+            "2", "--batch-size", "2"]
+DISTILL = ["distill-labels", "--model", "tiny-llama", "--sample", "--seed", "3", "--max-new-tokens", "3",
+           "--shard-size", "2", "--batch-size", "2"]
+ENCODE = ["encode", "--model", "tiny-t5", "--shard-size", "2", "--batch-size", "2"]
+
+
+def test_generate_killed_after_its_manifest_is_finished_by_resume(cli, ten, tmp_path):
+    """The window between writing the manifest and removing the parts: --resume removes what is left (exit 0)
+    and the directory holds exactly what an uninterrupted run writes."""
+    cli(*GENERATE, ten, "--out", tmp_path / "straight", "--quiet")
+    out = tmp_path / "killed"
+    crash(KILL_AT_CLEANUP.replace("{prefix}", "predictions"), *GENERATE, ten, "--out", out)
+    assert (out / "manifest.json").is_file() and list(out.glob("predictions-*.parquet")), "not killed in the window"
+    result = cli(*GENERATE, ten, "--out", out, "--resume")
+    assert "this run had finished" in result.output
+    assert not list(out.glob(".*")) and not list(out.glob("predictions-*"))
+    same_files(tmp_path / "straight", out)
+    cli("eval", out, "--out", tmp_path / "e", "--quiet")
+
+
+def test_distill_killed_after_its_manifest_is_finished_by_resume(cli, ten, tmp_path):
+    cli(*DISTILL, ten, "--out", tmp_path / "straight", "--quiet")
+    out = tmp_path / "killed"
+    crash(KILL_AT_CLEANUP.replace("{prefix}", "examples"), *DISTILL, ten, "--out", out)
+    assert (out / "manifest.json").is_file() and list(out.glob("examples-*.parquet"))
+    cli(*DISTILL, ten, "--out", out, "--resume", "--quiet")
+    assert not list(out.glob(".*")) and not list(out.glob("examples-*"))
+    same_files(tmp_path / "straight", out)
+
+
+def _rewrite_part(path: Path) -> None:
+    """A part that still reads as a valid table, but not the one the run wrote (bits flipped in a value)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    column = "prediction" if "prediction" in table.column_names else "target"
+    values = table[column].to_pylist()
+    values[0] = (values[0] or "") + "~"
+    pq.write_table(table.set_column(table.column_names.index(column), column, pa.array(values, pa.string())), path)
+
+
+@pytest.mark.parametrize("stage,part", [("generate", "predictions-00001.parquet"),
+                                        ("distill", "examples-00000.parquet")])
+def test_a_damaged_part_of_the_interrupted_run_is_redone(cli, ten, tmp_path, stage, part):
+    args = GENERATE if stage == "generate" else DISTILL
+    cli(*args, ten, "--out", tmp_path / "straight", "--quiet")
+    out = tmp_path / "killed"
+    crash(KILL_AT_PART_2, *args, ten, "--out", out)
+    assert (out / part).is_file() and not (out / "manifest.json").exists()
+    _rewrite_part(out / part)
+    result = cli(*args, ten, "--out", out, "--resume")
+    assert f"warning: {out / part}: part file is damaged" in result.output and "redoing shard" in result.output
+    same_files(tmp_path / "straight", out)
+
+
+def test_a_damaged_feature_shard_of_the_interrupted_run_is_redone(cli, ten, tmp_path):
+    cli(*ENCODE, ten, "--out", tmp_path / "straight", "--quiet")
+    out = tmp_path / "killed"
+    crash(KILL_AT_PART_2, *ENCODE, ten, "--out", out)
+    shard = out / "features-00001.safetensors"
+    assert shard.is_file() and (out / "index-00001.parquet").is_file()
+    _flip(shard)
+    result = cli(*ENCODE, ten, "--out", out, "--resume")
+    assert f"warning: {shard}: part file is damaged: its sha256 differs" in result.output
+    same_files(tmp_path / "straight", out)
+    assert not list(out.glob(".*"))
+
+
+def test_a_part_damaged_before_the_merge_is_refused_and_resume_redoes_it(cli, ten, tmp_path, monkeypatch):
+    from llm2slm_cli.sharding import ShardedRun
+
+    cli(*GENERATE, ten, "--out", tmp_path / "straight", "--quiet")
+    out = tmp_path / "g"
+    real = ShardedRun.finish
+
+    def damage_then_finish(self):
+        _rewrite_part(out / "predictions-00003.parquet")
+        return real(self)
+
+    monkeypatch.setattr(ShardedRun, "finish", damage_then_finish)
+    msg = _error(cli, *GENERATE, ten, "--out", out, "--device", "cpu")
+    assert msg.startswith(f"{out / 'predictions-00003.parquet'}: part file is damaged") and \
+        "--resume to redo shard 3" in msg, msg
+    assert not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    cli(*GENERATE, ten, "--out", out, "--resume", "--quiet")
+    same_files(tmp_path / "straight", out)

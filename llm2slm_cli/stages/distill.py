@@ -58,7 +58,9 @@ def run(config: DistillConfig) -> Path:
     top_k = config.top_k_logits
     out = Path(config.out)
     with ShardedRun(out, stage="distill", overwrite=config.overwrite, resume=config.resume, device=config.device,
-                    quiet=config.quiet) as work:
+                    part=PART, quiet=config.quiet) as work:
+        if work.finished:
+            return out
         quiet = config.quiet or not work.is_main
         llm = PlainModel(config.model, dtype=config.dtype, tokenizer=config.tokenizer, device=work.device)
         tok = llm.prompt_tokenizer
@@ -76,8 +78,8 @@ def run(config: DistillConfig) -> Path:
                    "top_k_logits": top_k, "teacher_forced": config.teacher_forced,
                    "max_target_length": config.max_target_length if top_k else None})
 
-        # the examples part is written last: its presence marks a complete shard (logits included)
-        todo = work.todo(len(shards), lambda k: (out / PART.format(k)).is_file())
+        # a shard's record (work.mark_done) is written last: its presence marks a complete shard (logits included)
+        todo = work.todo(len(shards))
         batcher = HalvingBatcher(config.batch_size)
         new_tokens = teacher_tokens = 0
         with runtime.progress(quiet) as bar, runtime.timer() as clock:
@@ -111,9 +113,12 @@ def run(config: DistillConfig) -> Path:
                     if config.teacher_forced:
                         bar.update(task, advance=len(members))
                 A.write_parquet(out / PART.format(k), labels_table(rows, k if top_k is not None else None))
+                work.mark_done(k, [out / PART.format(k)] + ([out / LOGITS_SHARD.format(k)] if top_k is not None
+                                                            else []))
         seconds = clock["seconds"]
 
         if work.finish():
+            work.check_parts(len(shards))
             table = pa.concat_tables([pq.read_table(out / PART.format(k)) for k in range(len(shards))])
             generated = sum(table["n_tokens"].to_pylist())
             A.write_parquet(out / A.LABELS, table.drop_columns(["n_tokens"]))

@@ -49,7 +49,9 @@ def run(config: EncodeConfig) -> Path:
     out = Path(config.out)
 
     with ShardedRun(out, stage="encode", overwrite=config.overwrite, resume=config.resume, device=config.device,
-                    quiet=config.quiet) as work:
+                    part=A.FEATURES_SHARD_INDEX, quiet=config.quiet) as work:
+        if work.finished:
+            return out
         quiet = config.quiet or not work.is_main
         llm = FrozenLLM(config.model, layer=config.layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
                         device=work.device)
@@ -62,6 +64,7 @@ def run(config: EncodeConfig) -> Path:
                         "fingerprint)", quiet)
         cached = Path(config.cache) / key if key else None
         if cached is not None and (cached / A.MANIFEST).is_file():
+            work.prepare()
             if work.finish():
                 _link_from_cache(cached, out, config, key)
                 runtime.say(f"features found in the cache ({cached}): linked into {out}, nothing encoded", quiet)
@@ -78,7 +81,7 @@ def run(config: EncodeConfig) -> Path:
         work.plan(plan)
 
         dtype = getattr(torch, config.feature_dtype)
-        todo = work.todo(len(shards), lambda k: (out / A.FEATURES_SHARD_INDEX.format(k)).is_file())
+        todo = work.todo(len(shards))
         tokens = 0
         with runtime.progress(quiet) as bar, runtime.timer() as clock:
             task = bar.add_task("encode", total=sum(len(shards[k]) for k in todo), rate="")
@@ -105,10 +108,12 @@ def run(config: EncodeConfig) -> Path:
                 info = {"file": shard_path.name, **A.file_record(shard_path), "examples": len(members)}
                 table = index_table(rows).replace_schema_metadata({SHARD_META: json.dumps(info)})
                 A.write_parquet(out / A.FEATURES_SHARD_INDEX.format(k), table)
+                work.mark_done(k, [shard_path, out / A.FEATURES_SHARD_INDEX.format(k)])
         seconds = clock["seconds"]
 
         if work.finish():
             # One index in input order; the per-shard parts only exist so that processes and resumes can merge.
+            work.check_parts(len(shards))
             parts = [pq.read_table(out / A.FEATURES_SHARD_INDEX.format(k)) for k in range(len(shards))]
             shard_info = [json.loads(p.schema.metadata[SHARD_META]) for p in parts]
             table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])

@@ -28,8 +28,7 @@ def run(config: ExportConfig) -> Path:
 
     src, out = Path(config.checkpoint), Path(config.out)
     model_config = read_model_config(src)  # refuses what is not a checkpoint
-    checkpoint = A.read_manifest(src, A.KIND_CHECKPOINT) if (src / A.MANIFEST).is_file() else {}
-    A.verify_file(src / A.MODEL_WEIGHTS, checkpoint.get("files", {}).get(A.MODEL_WEIGHTS), "checkpoint weights file")
+    checkpoint = A.verify_checkpoint(src)  # weights and config files against their sha256
     training = _training_manifest(src)
     metrics = _metrics(config.eval) if config.eval is not None else None
     llm = model_config.llm
@@ -61,7 +60,7 @@ def run(config: ExportConfig) -> Path:
     manifest = {**A.make_manifest(A.KIND_CHECKPOINT, checkpoint.get("config", {}),
                                   model=checkpoint.get("model"), step=checkpoint.get("step"),
                                   counts=checkpoint.get("counts"),
-                                  files={A.MODEL_WEIGHTS: A.file_record(out / A.MODEL_WEIGHTS)}),
+                                  files=A.checkpoint_records(out)),
                 "exported": {"from": str(src), "config": A.config_to_dict(config), "llm_included": include,
                              "training": training and {k: training.get(k) for k in ("result", "timing", "inputs")},
                              "metrics": metrics}}

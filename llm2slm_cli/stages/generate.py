@@ -206,7 +206,9 @@ def run(config: GenerateConfig) -> Path:
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)
     examples = read_examples(config.inputs, fields)  # a bad input is refused before anything is loaded or written
     with ShardedRun(out, stage="generate", overwrite=config.overwrite, resume=config.resume, device=config.device,
-                    quiet=config.quiet) as work:
+                    part=PART, quiet=config.quiet) as work:
+        if work.finished:
+            return out
         quiet = config.quiet or not work.is_main
         model, identity, _, max_prompt_length = load_generator(config, work.device)
         max_length = config.max_length or max_prompt_length
@@ -226,7 +228,7 @@ def run(config: GenerateConfig) -> Path:
                    "batch_size": config.batch_size})
 
         tok = model.target_tokenizer
-        todo = work.todo(len(shards), lambda k: (out / PART.format(k)).is_file())
+        todo = work.todo(len(shards))
         batcher = HalvingBatcher(config.batch_size)
         new_tokens = 0
         with runtime.progress(quiet) as bar, runtime.timer() as clock:
@@ -253,9 +255,11 @@ def run(config: GenerateConfig) -> Path:
                     table = table.replace_schema_metadata({SPECULATIVE_META: json.dumps(model.stats.as_counts())})
                     model.stats.reset()
                 A.write_parquet(out / PART.format(k), table)
+                work.mark_done(k, [out / PART.format(k)])
         seconds = clock["seconds"]
 
         if work.finish():
+            work.check_parts(len(shards))
             parts = [pq.read_table(out / PART.format(k)) for k in range(len(shards))]
             speculative = None
             if isinstance(model, SpeculativeModel):

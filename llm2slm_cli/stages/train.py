@@ -102,6 +102,65 @@ def latest_checkpoint(out: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+# Options a resumed run may change: they change neither the weights nor the loss log. Every other option must be the
+# interrupted run's, --max-steps and --epochs included (the run's length fixes the learning-rate schedule).
+RESUME_FREE = ("resume", "overwrite", "quiet", "stop_after", "device", "log_every", "save_every", "out",
+               "count_parameters", "json")
+# Options naming inputs: compared by their contents' sha256, so a moved file or directory still resumes.
+INPUT_OPTIONS = {"inputs": "training input", "dev": "dev input", "features": "training features (--features)",
+                 "dev_features": "dev features (--dev-features)", "kd_logits": "teacher logits (--kd-logits)"}
+
+
+def run_identity(config: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one, as JSON: its options (less RESUME_FREE) and the
+    sha256 of its inputs (features and teacher logits: of their manifests). Recorded in every step checkpoint's
+    trainer_state.json."""
+    options = {k: v for k, v in A.config_to_dict(config).items() if k not in RESUME_FREE and k not in INPUT_OPTIONS}
+
+    def manifest_sha(path: Path | None) -> str | None:
+        return A.sha256_file(Path(path) / A.MANIFEST) if path is not None and (Path(path) / A.MANIFEST).is_file() \
+            else None
+
+    inputs = {"inputs": A.input_sha256(config.inputs), "dev": A.input_sha256(config.dev) if config.dev else None,
+              "features": manifest_sha(config.features), "dev_features": manifest_sha(config.dev_features),
+              "kd_logits": manifest_sha(config.kd_logits)}
+    return json.loads(json.dumps({"options": options, "inputs": inputs}, default=str))
+
+
+def check_resume(checkpoint: Path, identity: dict[str, Any], total_steps: int | None = None) -> None:
+    """Refuse to resume `checkpoint` with other options or inputs than the run that wrote it (one line naming
+    them), or with fewer steps than it has done. Checkpoints of older versions record no identity in
+    trainer_state.json: their manifest's configuration is compared (options only; inputs by path)."""
+    state = A.read_json_table(checkpoint / A.TRAINER_STATE, "trainer state")
+    recorded = state.get("run")
+    if isinstance(recorded, dict):
+        before, now = recorded.get("options") or {}, identity["options"]
+        changed_inputs = [INPUT_OPTIONS[k] for k, v in identity["inputs"].items()
+                          if (recorded.get("inputs") or {}).get(k) != v]
+    else:
+        manifest = A.read_manifest(checkpoint, A.KIND_CHECKPOINT) if (checkpoint / A.MANIFEST).is_file() else {}
+        before = {k: v for k, v in (manifest.get("config") or {}).items() if k not in RESUME_FREE}
+        now = {**identity["options"], **{k: v for k, v in json.loads(json.dumps(
+            before, default=str)).items() if k in INPUT_OPTIONS}}
+        changed_inputs = []
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if changed or changed_inputs:
+        what = [f"--{k.replace('_', '-')} {_shown(now.get(k))} (the interrupted run's: {_shown(before.get(k))})"
+                for k in changed[:3]] + [f"the {name}'s sha256" for name in changed_inputs]
+        more = f" and {len(changed) - 3} more options" if len(changed) > 3 else ""
+        raise UserError(f"cannot resume {checkpoint.name}: this command differs from the interrupted run in "
+                        f"{', '.join(what)}{more}; give the same options and inputs, or --overwrite to start over",
+                        path=checkpoint.parent)
+    step = state.get("step")
+    if total_steps is not None and isinstance(step, int) and step >= total_steps:
+        raise UserError(f"cannot resume {checkpoint.name}: it is at step {step}, and this run has {total_steps} "
+                        "steps (a smaller --max-steps or --epochs?)", path=checkpoint.parent)
+
+
+def _shown(value: Any) -> str:
+    return "(unset)" if value is None or value == [] else str(value)
+
+
 def run(config: TrainConfig) -> Path:
     import torch
     from accelerate import Accelerator
@@ -130,6 +189,13 @@ def run(config: TrainConfig) -> Path:
         train_examples = _read(config.inputs, config, template)
         dev_examples = _read(config.dev, config, template) if config.dev else None
     teacher = _teacher(config) if config.kd_weight and not config.count_parameters else None
+    identity = None
+    if not config.count_parameters:
+        identity = run_identity(config)
+        earlier = latest_checkpoint(out) if config.resume else None
+        if earlier is not None:  # what --resume would continue must be this very run: checked before any loading
+            check_resume(earlier, identity, config.max_steps or
+                         math.ceil(len(train_examples) / config.batch_size) * config.epochs)
 
     # --- models
     llm = None
@@ -219,7 +285,8 @@ def run(config: TrainConfig) -> Path:
     started = time.perf_counter()
     seen_examples = 0
     last = {"loss": None, "dev_loss": None}
-    state_info = {"total_steps": total_steps, "seed": config.seed, "batch_size": config.batch_size}
+    state_info = {"total_steps": total_steps, "seed": config.seed, "batch_size": config.batch_size,
+                  "run": identity}  # what a --resume of a step checkpoint must share with this run (check_resume)
 
     def checkpoint(name: str, step: int, training_state: bool) -> None:
         _save(out, name, step, core, optimizer, scheduler, accelerator, config, counts, training_state,
@@ -436,7 +503,7 @@ def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerat
                        tmp / A.OPTIMIZER_STATE)
         A.atomic_write_json(tmp / A.MANIFEST, A.make_manifest(
             A.KIND_CHECKPOINT, config, model=_model_identity(core), step=step, counts=counts,
-            files={A.MODEL_WEIGHTS: A.file_record(tmp / A.MODEL_WEIGHTS)}))
+            files=A.checkpoint_records(tmp)))  # the weights, llm2slm.json and slm_config.json
     accelerator.wait_for_everyone()
     if training_state:
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -459,7 +526,15 @@ def _restore(directory: Path, core, optimizer, scheduler, accelerator) -> int:
     from safetensors.torch import load_model
 
     state = json.loads((directory / A.TRAINER_STATE).read_text())
-    load_model(core, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(accelerator.device))
+    A.verify_checkpoint(directory)  # _save writes the manifest before trainer_state.json
+    try:
+        load_model(core, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(accelerator.device))
+    except (OSError, RuntimeError) as e:  # another SLM's weights (shapes, names): not this run's checkpoint
+        from llm2slm_cli.models import _short
+
+        raise UserError(f"cannot resume from this checkpoint: its weights do not fit the model this command "
+                        f"builds ({_short(e)}); give the interrupted run's options, or --overwrite",
+                        path=directory) from None
     opt = torch.load(directory / A.OPTIMIZER_STATE, map_location=accelerator.device, weights_only=False)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
