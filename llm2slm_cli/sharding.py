@@ -125,6 +125,10 @@ class ShardedRun:
                 raise UserError(f"{problem}; nothing was merged: run the command again with --resume to redo "
                                 f"shard {k}")
 
+    def on_main(self, fn) -> Any:
+        """Run `fn` on the main process only; every process gets its result, or raises its UserError."""
+        return self._on_main(fn)
+
     def _on_main(self, fn) -> Any:
         """Run `fn` on the main process only; every process gets its result, or raises its UserError."""
         box: list[Any] = [None, None]

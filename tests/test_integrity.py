@@ -331,3 +331,109 @@ def test_a_part_damaged_before_the_merge_is_refused_and_resume_redoes_it(cli, te
     monkeypatch.undo()
     cli(*GENERATE, ten, "--out", out, "--resume", "--quiet")
     same_files(tmp_path / "straight", out)
+
+
+# ----------------------------------------------------------------------- --overwrite keeps the old output
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _refused_and_kept(cli, out: Path, *args) -> str:
+    before = _snapshot(out)
+    assert (out / "manifest.json").is_file()
+    msg = _error(cli, *args, "--out", out, "--overwrite")
+    assert _snapshot(out) == before, "the previous output was changed by a run that was refused"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")
+                and not p.name.endswith(".lock")], "no temporary left beside --out"
+    return msg
+
+
+def test_overwrite_keeps_the_output_when_the_model_or_options_fail_late(cli, toy_files, tmp_path):
+    """encode (a layer the LLM lacks), distill-labels (--strict and an over-long prompt), generate (a damaged
+    checkpoint): each is refused after --overwrite used to delete the previous output."""
+    data = toy_files["train"]
+    cli("encode", data, "--model", "tiny-llama", "--layer", "1", "--out", tmp_path / "f", "--quiet")
+    msg = _refused_and_kept(cli, tmp_path / "f", "encode", data, "--model", "tiny-llama", "--layer", "99")
+    assert "layer" in msg, msg
+    distill = ["distill-labels", data, "--model", "tiny-llama", "--num-beams", "1", "--max-new-tokens", "2"]
+    cli(*distill, "--out", tmp_path / "l", "--quiet")
+    _refused_and_kept(cli, tmp_path / "l", *distill, "--strict", "--max-length", "2")
+    generate = ["generate", toy_files["dev"], "--num-beams", "1", "--max-new-tokens", "2"]
+    cli(*generate, "--model", "tiny-gpt2", "--out", tmp_path / "p", "--quiet")
+    from llm2slm_cli.llm2slm import LLMToSLM
+
+    LLMToSLM.build("tiny-gpt2", None).save_pretrained(tmp_path / "ckpt")
+    _flip(tmp_path / "ckpt" / "model.safetensors")
+    msg = _refused_and_kept(cli, tmp_path / "p", *generate, "--model", tmp_path / "ckpt")
+    assert "checkpoint weights file is damaged" in msg, msg
+
+
+def test_overwrite_keeps_the_output_when_convert_fails(cli, tmp_path):
+    cli("convert", "tiny-gpt2", "--out", tmp_path / "c", "--quiet")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(range(256)) * 4)
+    msg = _refused_and_kept(cli, tmp_path / "c", "convert", bad)
+    assert "GGUF" in msg, msg
+    cli("convert", "tiny-llama", "--out", tmp_path / "c", "--overwrite", "--quiet")  # a good one replaces it
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["source"]["spec"] == "tiny-llama"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".c.") and not p.name.endswith(".lock")]
+
+
+def test_overwrite_keeps_the_output_when_export_fails(cli, trained_checkpoint, tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    cli("export", trained_checkpoint, "--out", out, "--quiet")
+    from llm2slm_cli import models as M
+
+    monkeypatch.setattr(M, "state_fingerprint", lambda model: "another LLM")  # the LLM changed under its name
+    msg = _refused_and_kept(cli, out, "export", trained_checkpoint, "--include-llm", "yes")
+    assert "is not the one this checkpoint was trained with" in msg, msg
+    monkeypatch.undo()
+    cli("export", trained_checkpoint, "--out", out, "--overwrite", "--name", "again", "--quiet")
+    assert "# again" in (out / "README.md").read_text()
+    from llm2slm_cli.artifacts import verify_checkpoint
+
+    assert set(verify_checkpoint(out)["files"]) == {"model.safetensors", "llm2slm.json", "slm_config.json"}
+
+
+def test_overwrite_keeps_the_output_when_eval_fails(cli, toy_files, tmp_path):
+    """eval already scored before it removed anything (audited; this test passed before the change too)."""
+    cli("generate", toy_files["dev"], "--model", "tiny-gpt2", "--num-beams", "1", "--max-new-tokens", "2", "--out",
+        tmp_path / "p", "--quiet")
+    cli("eval", tmp_path / "p", "--out", tmp_path / "e", "--quiet")
+    predictions = tmp_path / "p" / "predictions.parquet"
+    predictions.write_bytes(predictions.read_bytes()[:-1] + b"X")
+    msg = _refused_and_kept(cli, tmp_path / "e", "eval", tmp_path / "p")
+    assert "predictions file is damaged" in msg, msg
+
+
+# ------------------------------------------------------------------------------------------- the feature cache
+
+
+def test_a_damaged_cache_entry_is_encoded_again_and_replaced(cli, toy_files, tmp_path, monkeypatch):
+    from llm2slm_cli.llm2slm import FrozenLLM
+
+    cache = tmp_path / "cache"
+    args = ["encode", toy_files["train"], "--model", "tiny-llama", "--layer", "1", "--cache", cache]
+    cli(*args, "--out", tmp_path / "ref", "--quiet")  # the features as encoded (its own files: copied below)
+    good = _snapshot(tmp_path / "ref")
+    (entry,) = cache.iterdir()
+    shard = entry / "features-00000.safetensors"
+    damaged = bytearray(shard.read_bytes())
+    damaged[-3] ^= 0x01
+    shard.unlink()  # the entry's own file (ref keeps its link to the good bytes)
+    shard.write_bytes(bytes(damaged))
+
+    result = cli(*args, "--out", tmp_path / "b")
+    assert f"warning: the feature cache entry {entry} is damaged ({shard}: cached feature shard is damaged" in \
+        result.output, result.output
+    assert {k: v for k, v in _snapshot(tmp_path / "b").items() if k != "manifest.json"} == \
+        {k: v for k, v in good.items() if k != "manifest.json"}
+    assert shard.read_bytes() == good["features-00000.safetensors"], "the entry was replaced"
+    assert not json.loads((tmp_path / "b" / "manifest.json").read_text())["cache"]["hit"]
+
+    monkeypatch.setattr(FrozenLLM, "encode", lambda *a, **k: pytest.fail("the LLM ran on a sound cache entry"))
+    cli(*args, "--out", tmp_path / "c", "--quiet")  # the replaced entry is linked again
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["cache"]["hit"]
+    assert (tmp_path / "c" / "features-00000.safetensors").read_bytes() == good["features-00000.safetensors"]

@@ -37,8 +37,11 @@ def run(config: ConvertConfig) -> Path:
     from llm2slm_cli import models as M
 
     out = Path(config.out)
-    A.prepare_output_dir(out, overwrite=config.overwrite, resumable=False)
-    work = Path(tempfile.mkdtemp(prefix=".convert-", dir=out))
+    A.check_output_dir(out, overwrite=config.overwrite, resumable=False)  # refused now; nothing is deleted yet
+    # Built beside --out and put in its place at the end: with --overwrite the previous output stays until the new
+    # model has loaded and been written completely (a damaged source or a full disk leaves it as it was).
+    built = A.building_dir(out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
     try:
         source = config.source
         if source.startswith("package:"):
@@ -47,23 +50,22 @@ def run(config: ConvertConfig) -> Path:
         with runtime.timer() as clock:
             tokenizer = M.load_tokenizer(source, option=None)  # first: it fails fast (a preset offline)
             model = M.load_model(source, dtype=config.dtype, role="model")
-            tmp = work / "model"
-            M.save_plain(model, tmp)
-            tokenizer.save_pretrained(str(tmp))
-        for f in sorted(tmp.iterdir()):
-            f.replace(out / f.name)
+            M.save_plain(model, built)
+            tokenizer.save_pretrained(str(built))
         manifest = A.make_manifest(
             KIND_MODEL, config, source={"spec": config.source, "kind": src.kind,
                                         "sha256": A.sha256_file(Path(source)) if src.kind == "gguf" else None},
             model={"type": model.config.model_type, "fingerprint": M.state_fingerprint(model),
                    "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
                    "layers": M.num_layers(model.config)},
-            files={f.name: A.file_record(f) for f in sorted(out.iterdir()) if f.is_file() and f.suffix in
+            files={f.name: A.file_record(f) for f in sorted(built.iterdir()) if f.is_file() and f.suffix in
                    (".safetensors", ".json") and f.name != A.MANIFEST},
             timing={"seconds": round(clock["seconds"], 1)})
-        A.atomic_write_json(out / A.MANIFEST, manifest)
+        A.atomic_write_json(built / A.MANIFEST, manifest)
+        A.replace_output_dir(built, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(built, ignore_errors=True)  # a failed run's unfinished output (gone after the swap)
     runtime.say(f"converted {config.source} ({manifest['model']['parameters']:,} parameters, "
                 f"{config.dtype}) in {clock['seconds']:.0f}s -> {out}", config.quiet)
     return out

@@ -18,6 +18,7 @@ from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.config import EncodeConfig
 from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
+from llm2slm_cli.errors import UserError
 from llm2slm_cli.features import index_table
 from llm2slm_cli.sharding import ShardedRun
 
@@ -63,7 +64,12 @@ def run(config: EncodeConfig) -> Path:
             runtime.say("warning: --cache is not used for a Hugging Face dataset (its files are not ours to "
                         "fingerprint)", quiet)
         cached = Path(config.cache) / key if key else None
-        if cached is not None and (cached / A.MANIFEST).is_file():
+        damage = work.on_main(lambda: _cache_damage(cached)) if cached is not None and \
+            (cached / A.MANIFEST).is_file() else None
+        if damage is not None:  # never linked on: encoded again, and the entry replaced at the end
+            runtime.say(f"warning: the feature cache entry {cached} is damaged ({damage}): encoding the features "
+                        "again; the entry is replaced", quiet)
+        if damage is None and cached is not None and (cached / A.MANIFEST).is_file():
             work.prepare()
             if work.finish():
                 _link_from_cache(cached, out, config, key)
@@ -162,13 +168,31 @@ def _link(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _cache_damage(entry: Path) -> str | None:
+    """What is wrong with a cache entry's files (missing, or not what its manifest records); None when nothing."""
+    try:
+        manifest = A.read_manifest(entry, A.KIND_FEATURES)
+        A.verify_file(entry / A.FEATURES_INDEX, manifest.get("files", {}).get(A.FEATURES_INDEX),
+                      "cached features index")
+        for info in manifest["shards"]:
+            A.verify_file(entry / Path(info["file"]).name, info, "cached feature shard")
+    except UserError as e:
+        return e.message
+    return None
+
+
 def _publish_to_cache(out: Path, entry: Path) -> None:
-    """Add a finished feature set to the cache, atomically: a cache entry is complete or absent."""
+    """Add a finished feature set to the cache, atomically: a cache entry is complete or absent. An entry already
+    there (a damaged one: a sound one is linked, never encoded again) is replaced."""
     tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         for f in [*_artifact_files(out), out / A.MANIFEST]:
             _link(f, tmp / f.name)
+        if entry.exists():
+            old = entry.with_name(f".{entry.name}.old-{os.getpid()}")
+            os.replace(entry, old)
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, entry)
     except OSError as e:  # a full or read-only cache must not fail a finished encode
         shutil.rmtree(tmp, ignore_errors=True)

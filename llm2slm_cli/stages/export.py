@@ -39,9 +39,10 @@ def run(config: ExportConfig) -> Path:
     if out.resolve() == src.resolve():
         raise UserError("--out is the checkpoint itself", path=out)
 
-    A.prepare_output_dir(out, overwrite=config.overwrite, resumable=False)
-    work = out / ".export-tmp"
-    work.mkdir()
+    A.check_output_dir(out, overwrite=config.overwrite, resumable=False)  # refused now; nothing is deleted yet
+    # Built beside --out and put in its place at the end: with --overwrite the previous export stays until the new
+    # one is complete (an LLM whose fingerprint differs, a full disk leave it as it was).
+    work = A.building_dir(out)
     try:
         for name in COPIED:
             if (src / name).is_dir():
@@ -53,18 +54,18 @@ def run(config: ExportConfig) -> Path:
         name = config.name or out.resolve().name
         (work / A.MODEL_CARD).write_text(model_card(name, out, model_config, checkpoint, training, metrics,
                                                     bundled=include))
-        for f in sorted(work.iterdir()):
-            f.replace(out / f.name)
+        manifest = {**A.make_manifest(A.KIND_CHECKPOINT, checkpoint.get("config", {}),
+                                      model=checkpoint.get("model"), step=checkpoint.get("step"),
+                                      counts=checkpoint.get("counts"),
+                                      files=A.checkpoint_records(work)),
+                    "exported": {"from": str(src), "config": A.config_to_dict(config), "llm_included": include,
+                                 "training": training and {k: training.get(k) for k in ("result", "timing",
+                                                                                          "inputs")},
+                                 "metrics": metrics}}
+        A.atomic_write_json(work / A.MANIFEST, manifest)  # last: its presence means the directory is complete
+        A.replace_output_dir(work, out)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    manifest = {**A.make_manifest(A.KIND_CHECKPOINT, checkpoint.get("config", {}),
-                                  model=checkpoint.get("model"), step=checkpoint.get("step"),
-                                  counts=checkpoint.get("counts"),
-                                  files=A.checkpoint_records(out)),
-                "exported": {"from": str(src), "config": A.config_to_dict(config), "llm_included": include,
-                             "training": training and {k: training.get(k) for k in ("result", "timing", "inputs")},
-                             "metrics": metrics}}
-    A.atomic_write_json(out / A.MANIFEST, manifest)  # last: its presence means the directory is complete
+        shutil.rmtree(work, ignore_errors=True)  # a failed run's unfinished export (gone after the swap)
     runtime.say(f"exported {src} -> {out}" + (" (with its LLM)" if include else ""), config.quiet)
     return out
 
