@@ -130,7 +130,7 @@ def run_identity(config: TrainConfig) -> dict[str, Any]:
 def check_resume(checkpoint: Path, identity: dict[str, Any], total_steps: int | None = None) -> None:
     """Refuse to resume `checkpoint` with other options or inputs than the run that wrote it (one line naming
     them), or with fewer steps than it has done. Checkpoints of older versions record no identity in
-    trainer_state.json: their manifest's configuration is compared (options only; inputs by path)."""
+    trainer_state.json: their manifest's configuration is compared (the options; their inputs cannot be)."""
     state = A.read_json_table(checkpoint / A.TRAINER_STATE, "trainer state")
     recorded = state.get("run")
     if isinstance(recorded, dict):
@@ -139,10 +139,9 @@ def check_resume(checkpoint: Path, identity: dict[str, Any], total_steps: int | 
                           if (recorded.get("inputs") or {}).get(k) != v]
     else:
         manifest = A.read_manifest(checkpoint, A.KIND_CHECKPOINT) if (checkpoint / A.MANIFEST).is_file() else {}
-        before = {k: v for k, v in (manifest.get("config") or {}).items() if k not in RESUME_FREE}
-        now = {**identity["options"], **{k: v for k, v in json.loads(json.dumps(
-            before, default=str)).items() if k in INPUT_OPTIONS}}
-        changed_inputs = []
+        before = {k: v for k, v in (manifest.get("config") or {}).items()
+                  if k not in RESUME_FREE and k not in INPUT_OPTIONS}
+        now, changed_inputs = identity["options"], []
     changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
     if changed or changed_inputs:
         what = [f"--{k.replace('_', '-')} {_shown(now.get(k))} (the interrupted run's: {_shown(before.get(k))})"
@@ -372,8 +371,8 @@ def run(config: TrainConfig) -> Path:
         if main:
             manifest = A.make_manifest(
                 A.KIND_TRAINING, config, model=_model_identity(core), counts=counts,
-                inputs={"train_sha256": A.input_sha256(config.inputs),
-                        "dev_sha256": A.input_sha256(config.dev) if config.dev else None,
+                inputs={"train_sha256": identity["inputs"]["inputs"],  # hashed once, at the start (run_identity)
+                        "dev_sha256": identity["inputs"]["dev"],
                         "kd_logits_manifest_sha256": A.sha256_file(teacher.directory / A.MANIFEST)
                         if teacher is not None else None},
                 result={"train_loss": last["loss"], "dev_loss": last["dev_loss"]},
