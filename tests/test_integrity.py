@@ -295,8 +295,8 @@ def test_a_damaged_part_of_the_interrupted_run_is_redone(cli, ten, tmp_path, sta
     assert (out / part).is_file() and not (out / "manifest.json").exists()
     _rewrite_part(out / part)
     result = cli(*args, ten, "--out", out, "--resume")
+    same_files(tmp_path / "straight", out)  # the damaged part did not reach the merged file
     assert f"warning: {out / part}: part file is damaged" in result.output and "redoing shard" in result.output
-    same_files(tmp_path / "straight", out)
 
 
 def test_a_damaged_feature_shard_of_the_interrupted_run_is_redone(cli, ten, tmp_path):
@@ -307,8 +307,8 @@ def test_a_damaged_feature_shard_of_the_interrupted_run_is_redone(cli, ten, tmp_
     assert shard.is_file() and (out / "index-00001.parquet").is_file()
     _flip(shard)
     result = cli(*ENCODE, ten, "--out", out, "--resume")
-    assert f"warning: {shard}: part file is damaged: its sha256 differs" in result.output
     same_files(tmp_path / "straight", out)
+    assert f"warning: {shard}: part file is damaged: its sha256 differs" in result.output
     assert not list(out.glob(".*"))
 
 
@@ -350,7 +350,7 @@ def _refused_and_kept(cli, out: Path, *args) -> str:
     return msg
 
 
-def test_overwrite_keeps_the_output_when_the_model_or_options_fail_late(cli, toy_files, tmp_path):
+def test_overwrite_keeps_the_output_when_the_model_or_options_fail_late(cli, toy_files, slm_run, tmp_path):
     """encode (a layer the LLM lacks), distill-labels (--strict and an over-long prompt), generate (a damaged
     checkpoint): each is refused after --overwrite used to delete the previous output."""
     data = toy_files["train"]
@@ -362,9 +362,7 @@ def test_overwrite_keeps_the_output_when_the_model_or_options_fail_late(cli, toy
     _refused_and_kept(cli, tmp_path / "l", *distill, "--strict", "--max-length", "2")
     generate = ["generate", toy_files["dev"], "--num-beams", "1", "--max-new-tokens", "2"]
     cli(*generate, "--model", "tiny-gpt2", "--out", tmp_path / "p", "--quiet")
-    from llm2slm_cli.llm2slm import LLMToSLM
-
-    LLMToSLM.build("tiny-gpt2", None).save_pretrained(tmp_path / "ckpt")
+    _copy(slm_run / "step-000002", tmp_path / "ckpt")  # a checkpoint with its manifest, then damaged
     _flip(tmp_path / "ckpt" / "model.safetensors")
     msg = _refused_and_kept(cli, tmp_path / "p", *generate, "--model", tmp_path / "ckpt")
     assert "checkpoint weights file is damaged" in msg, msg
@@ -437,3 +435,12 @@ def test_a_damaged_cache_entry_is_encoded_again_and_replaced(cli, toy_files, tmp
     cli(*args, "--out", tmp_path / "c", "--quiet")  # the replaced entry is linked again
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["cache"]["hit"]
     assert (tmp_path / "c" / "features-00000.safetensors").read_bytes() == good["features-00000.safetensors"]
+
+
+def test_overwrite_keeps_the_output_when_bench_fails(cli, slm_run, tmp_path):
+    quick = ["bench", "--prompt-length", "4", "--new-tokens", "2", "--warmup", "0", "--repeats", "1", "--no-flops"]
+    cli(*quick, "--slm", "tiny-gpt2", "--out", tmp_path / "b", "--quiet")
+    _copy(slm_run / "step-000002", tmp_path / "ckpt")  # a checkpoint with its manifest, then damaged
+    _flip(tmp_path / "ckpt" / "model.safetensors")
+    msg = _refused_and_kept(cli, tmp_path / "b", *quick, "--model", f"c={tmp_path / 'ckpt'}")
+    assert "checkpoint weights file is damaged" in msg, msg

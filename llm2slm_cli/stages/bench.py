@@ -276,7 +276,7 @@ def run(config: BenchConfig) -> Path:
             raise UserError(f"--quality {label}: there is no row labelled {label!r} (rows: {', '.join(labels)})")
         quality[label] = read_quality(label, Path(directory), config.quality_metric)
     device = runtime.device(config.device)
-    A.prepare_output_dir(out, overwrite=config.overwrite, resumable=False)
+    A.check_output_dir(out, overwrite=config.overwrite, resumable=False)  # refused now; removed only when measured
     threads = torch.get_num_threads()
     verbosity = transformers.logging.get_verbosity()
     try:
@@ -291,6 +291,7 @@ def run(config: BenchConfig) -> Path:
             r.update(device=str(device), dtype=config.dtype)
         B.add_ratios(results, lambda r: _same_spec(r["slm"]))
         rows = [{c: r[c] for c in COLUMNS} for r in results]
+        A.prepare_output_dir(out, overwrite=config.overwrite, resumable=False)  # --overwrite: the old results go now
         _write_outputs(out, config, rows, quality, identities, clock["seconds"], skipped, throughput)
     finally:
         transformers.logging.set_verbosity(verbosity)
