@@ -168,6 +168,11 @@ def run(config: TrainConfig) -> Path:
 
     from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, parameter_counts
 
+    from llm2slm_cli import models as M
+
+    if (config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":  # before any state exists
+        M.refuse_float16(M.load_config(config.slm).model_type, "float16", f"SLM {config.slm!r}",
+                         "use --mixed-precision bf16 or no")
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
     main = accelerator.is_main_process
@@ -213,10 +218,6 @@ def run(config: TrainConfig) -> Path:
     model = LLMToSLM.build(config.slm, llm, fusion=config.fusion, tokenizer=config.tokenizer_mode,
                            slm_tokenizer=config.slm_tokenizer, template=template, max_prompt_length=max_length,
                            slm_layers=config.slm_layers, peft=_peft_spec(config))
-    from llm2slm_cli import models as M
-
-    M.refuse_float16(model.slm.config.model_type, "float16" if accelerator.mixed_precision == "fp16" else None,
-                     f"SLM {config.slm!r}", "use --mixed-precision bf16 or no")
     if config.freeze_slm:
         model.slm.requires_grad_(False)
         if model.config.vocab_adapter:  # new layers are trained from scratch even with a frozen SLM
