@@ -241,6 +241,8 @@ def test_eval_counts_loops_and_distinct_outputs_and_pairs_a_bootstrap(tmp_path):
     paired = result["paired"]
     assert paired["chrf"]["score"] == pytest.approx(result["metrics"]["chrf"]["score"])
     assert paired["chrf"]["delta"] > 50 and paired["chrf"]["p_value"] < 0.05 and paired["chrf"]["ci95"] >= 0
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())["paired"]
+    assert all(isinstance(saved[m][k], float) for m in ("bleu", "chrf") for k in ("mean", "ci95", "baseline_mean"))
     worse = evaluate.run(EvalConfig(predictions=base, out=tmp_path / "eval2", metrics="chrf", quiet=True))
     assert worse["outputs"]["repetition_loops"] == 1.0 and worse["outputs"]["distinct"] == 1 / 20
 

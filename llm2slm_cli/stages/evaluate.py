@@ -316,9 +316,11 @@ def paired_bootstrap(config: EvalConfig, rows: list[dict[str, Any]], hypotheses:
     for name in metrics:
         key = next(k for k in scores if k.lower().startswith(name))
         b, s = scores[key]
-        out[name] = {"score": s.score, "mean": s.mean, "ci95": s.ci, "baseline_score": b.score,
-                     "baseline_mean": b.mean, "baseline_ci95": b.ci, "delta": s.score - b.score,
-                     "p_value": s.p_value, "signature": str(signatures[key])}
+        # sacrebleu gives numpy scalars (chrF's as float32): plain floats for JSON
+        out[name] = {"score": float(s.score), "mean": float(s.mean), "ci95": float(s.ci),
+                     "baseline_score": float(b.score), "baseline_mean": float(b.mean), "baseline_ci95": float(b.ci),
+                     "delta": float(s.score - b.score), "p_value": None if s.p_value is None else float(s.p_value),
+                     "signature": str(signatures[key])}
     return out
 
 
