@@ -30,7 +30,8 @@ def main() -> None:
         for name in ("bleu", "chrf"):
             p = paired[name]
             cells.append(f"{p['score']:.2f} [{p['mean'] - p['ci95']:.2f}, {p['mean'] + p['ci95']:.2f}]")
-        p_value = paired["chrf"]["p_value"]
+        baseline = Path(paired["baseline"]).resolve() == (args.root / row / "pred-dev500").resolve()
+        p_value = None if baseline else paired["chrf"]["p_value"]
         out = metrics["outputs"]
         label = "LLM" if row == "llm" else row
         s = speed.get(label, {})
@@ -39,14 +40,15 @@ def main() -> None:
             m = json.loads(train.read_text())
             c = m["counts"]
             params = f"{c['parameters'] / 1e6:.1f}M"
-            budget = (f"{c['steps']} steps of {m['config']['batch_size']} ({c['steps'] * m['config']['batch_size'] / "
-                      f"c['train_examples']:.1f} epochs of {c['train_examples']:,}), {m['timing']['seconds'] / 60:.0f} "
-                      "CPU min")
+            batch = m["config"]["batch_size"]
+            epochs = c["steps"] * batch / c["train_examples"]
+            minutes = m["timing"]["seconds"] / 60
+            budget = f"{c['steps']} steps of {batch} ({epochs:.2f} epochs of {c['train_examples']:,}), {minutes:.0f} min"
         else:
             params, budget = "268.1M", "none (2-shot prompt)"
         ms = f"{s['ms_per_token']:.1f}" if s else "-"
         speedup = f"{s['speedup_vs_llm']:.1f}x" if s and s.get("speedup_vs_llm") else "-"
-        print(f"| {row} | {cells[0]} | {cells[1]} | {'-' if p_value is None else f'{p_value:.4f}'} | "
+        print(f"| {row} | {cells[0]} | {cells[1]} | {'(baseline)' if baseline else f'{p_value:.4f}'} | "
               f"{out['distinct']:.0%} | {out['repetition_loops']:.0%} | {ms} | {speedup} | {params} | {budget} |")
 
 
