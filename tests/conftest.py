@@ -112,3 +112,26 @@ def trained_checkpoint(toy_files, tmp_path_factory) -> Path:
                           out=run, batch_size=8, micro_batch_size=8, max_steps=3, lr=1e-3, device="cpu",
                           quiet=True))
     return run / "final"
+
+
+@pytest.fixture
+def crash_distill_on_shard(monkeypatch):
+    """crash_distill_on_shard(k): distill-labels raises while writing shard k (its k+1-th examples part); call the
+    returned function to let it write again."""
+    from llm2slm_cli.stages import distill
+
+    real = distill.labels_table
+
+    def arm(k: int):
+        calls = {"n": 0}
+
+        def crash(rows, *shard):
+            calls["n"] += 1
+            if calls["n"] == k + 1:
+                raise RuntimeError(f"simulated crash while writing shard {k}")
+            return real(rows, *shard)
+
+        monkeypatch.setattr(distill, "labels_table", crash)
+        return lambda: monkeypatch.setattr(distill, "labels_table", real)
+
+    return arm

@@ -45,21 +45,12 @@ def test_labels_are_the_llms_outputs_and_train_reads_them(cli, toy_files, tmp_pa
     assert "made with template 'upper: {src}'" in result.output
 
 
-def test_resume_after_a_crash_gives_the_same_labels(toy_files, tmp_path, monkeypatch):
+def test_resume_after_a_crash_gives_the_same_labels(toy_files, tmp_path, crash_distill_on_shard):
     distill.run(_settings(toy_files, tmp_path / "straight"))
-    real = distill.labels_table
-    calls = {"n": 0}
-
-    def crash_on_third(rows, *shard):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash while writing shard 2")
-        return real(rows, *shard)
-
-    monkeypatch.setattr(distill, "labels_table", crash_on_third)
+    disarm = crash_distill_on_shard(2)
     with pytest.raises(RuntimeError):
         distill.run(_settings(toy_files, tmp_path / "broken"))
-    monkeypatch.setattr(distill, "labels_table", real)
+    disarm()
     left = {p.name for p in (tmp_path / "broken").iterdir()}
     assert "manifest.json" not in left and {"examples-00000.parquet", "examples-00001.parquet"} <= left
     distill.run(_settings(toy_files, tmp_path / "broken", resume=True))

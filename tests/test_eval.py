@@ -45,7 +45,8 @@ MULTILINE = [
      "The home team won the final.\nThe fans celebrated late into the night."),
 ]
 MODEL = {"name": "runs/t5l-t5s/final", "kind": "llm2slm", "llm": "t5-large", "slm": "t5-small"}
-SCORE_COLUMNS = ["id", "prediction", "reference", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "repetition_loop"]
+SCORE_COLUMNS = ["id", "prediction", "reference", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum",
+                 "repetition_loop"]
 ROUGE = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
 
 
@@ -274,7 +275,8 @@ def test_judge_ratings_are_parsed_strictly(cli, tmp_path, judge_server, monkeypa
         "--judge-model", "judge-m", "--judge-api-key-env", "TEST_JUDGE_KEY")
 
     scores = pq.read_table(out / A.SCORES).to_pylist()
-    assert list(scores[0]) == ["id", "prediction", "reference", "bleu", "judge_rating", "judge_error", "judge_reply", "repetition_loop"]
+    assert list(scores[0]) == ["id", "prediction", "reference", "bleu", "judge_rating", "judge_error", "judge_reply",
+                               "repetition_loop"]
     assert [s["judge_rating"] for s in scores] == [8.0, 3.5, None, None, 10.0]
     assert [s["judge_error"] is None for s in scores] == [True, True, False, False, True]
     assert scores[2]["judge_error"] == "unparsable: " + REPLIES["Markets"][:80]

@@ -256,21 +256,12 @@ def test_kd_into_an_encoder_decoder_slm(cli, toy_files, tmp_path):
     assert log[-1]["kd"] < log[0]["kd"] and all(r["loss"] == pytest.approx(r["kd"], abs=1e-6) for r in log)
 
 
-def test_teacher_logits_resume_after_a_crash_gives_the_same_files(toy_files, tmp_path, monkeypatch):
+def test_teacher_logits_resume_after_a_crash_gives_the_same_files(toy_files, tmp_path, crash_distill_on_shard):
     straight = _teacher_files(tmp_path / "a", toy_files)
-    real = distill.labels_table
-    calls = {"n": 0}
-
-    def crash_on_third(rows, *shard):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash while writing shard 2")
-        return real(rows, *shard)
-
-    monkeypatch.setattr(distill, "labels_table", crash_on_third)
+    disarm = crash_distill_on_shard(2)
     with pytest.raises(RuntimeError):
         _teacher_files(tmp_path / "b", toy_files)
-    monkeypatch.setattr(distill, "labels_table", real)
+    disarm()
     broken = _teacher_files(tmp_path / "b", toy_files, resume=True)
     for name in [f"logits-{k:05d}.safetensors" for k in range(4)] + ["examples.parquet"]:
         assert (straight / name).read_bytes() == (broken / name).read_bytes(), name

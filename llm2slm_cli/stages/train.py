@@ -166,9 +166,8 @@ def run(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, parameter_counts
-
     from llm2slm_cli import models as M
+    from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, parameter_counts
 
     if (config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":  # before any state exists
         M.refuse_float16(M.load_config(config.slm).model_type, "float16", f"SLM {config.slm!r}",

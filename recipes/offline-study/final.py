@@ -43,7 +43,8 @@ def main() -> None:
             batch = m["config"]["batch_size"]
             epochs = c["steps"] * batch / c["train_examples"]
             minutes = m["timing"]["seconds"] / 60
-            budget = f"{c['steps']} steps of {batch} ({epochs:.2f} epochs of {c['train_examples']:,}), {minutes:.0f} min"
+            budget = (f"{c['steps']} steps of {batch} ({epochs:.2f} epochs of {c['train_examples']:,}), "
+                      f"{minutes:.0f} min")
         else:
             params, budget = "268.1M", "none (2-shot prompt)"
         ms = f"{s['ms_per_token']:.1f}" if s else "-"
