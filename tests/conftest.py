@@ -91,6 +91,14 @@ class Cli:
         return result
 
 
+def error_line(cli, *args) -> str:
+    """The one `error:` line of a command that must exit with code 2 (never a traceback)."""
+    result = cli(*args, code=2)
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0].removeprefix("error: ")
+
+
 @pytest.fixture(scope="session")
 def cli() -> Cli:
     return Cli()

@@ -11,19 +11,13 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import error_line as _error
 from conftest import write_jsonl
 
 from llm2slm_cli import artifacts as A
 
 ROWS = [{"id": "a", "src": "hello there", "tgt": "x"}, {"id": "b", "src": "hi", "tgt": "y"}]
 
-
-def _error(cli, *args) -> str:
-    """The one `error:` line of a command that must exit with code 2."""
-    result = cli(*args, code=2)
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0].removeprefix("error: ")
 
 
 def _parquet(table: pa.Table) -> bytes:
