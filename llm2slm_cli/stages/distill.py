@@ -81,7 +81,7 @@ def run(config: DistillConfig) -> Path:
         # a shard's record (work.mark_done) is written last: its presence marks a complete shard (logits included)
         todo = work.todo(len(shards))
         batcher = HalvingBatcher(config.batch_size)
-        new_tokens = teacher_tokens = 0
+        new_tokens = 0
         with runtime.progress(quiet) as bar, runtime.timer() as clock:
             task = bar.add_task("distill", total=sum(len(shards[k]) for k in todo), rate="")
             for k in todo:
@@ -109,7 +109,6 @@ def run(config: DistillConfig) -> Path:
                                         pad_id=tok.pad_token_id, batch_size=config.batch_size,
                                         decoder_start=getattr(llm.model.config, "decoder_start_token_id", None))
                     write_shard(out / LOGITS_SHARD.format(k), topk, targets)
-                    teacher_tokens += sum(len(t) for t in targets)
                     if config.teacher_forced:
                         bar.update(task, advance=len(members))
                 A.write_parquet(out / PART.format(k), labels_table(rows, k if top_k is not None else None))
