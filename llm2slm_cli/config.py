@@ -174,6 +174,12 @@ class TrainConfig(ExampleFields):
     projector_init: str = opt("default", "default: both projector layers as torch initialises them; zero: its last "
                                          "layer starts at zero, so fusion starts as the plain SLM and the features "
                                          "can only add what helps.", choices=["default", "zero"])
+    feature_norm: str = opt("none", "none: the paper's projector sees the LLM's features as they are; standardize: "
+                                    "each feature channel is shifted and scaled by its mean and standard deviation "
+                                    "over the training prompts (fixed, saved with the checkpoint; it folds into the "
+                                    "projector's first Linear, so the model class is the paper's). For decoder-only "
+                                    "LLMs whose hidden states have a few huge channels.",
+                            choices=["none", "standardize"])
     kd_weight: float = opt(0.0, "Logit distillation: the loss is (1 - A) * cross-entropy + A * KL(teacher || SLM) "
                                 "against the LLM's stored top-K distributions (distill-labels --top-k-logits); the "
                                 "mass outside the top K is one more outcome on both sides (see llm2slm.kd_loss).")
@@ -246,6 +252,8 @@ class TrainConfig(ExampleFields):
         _positive(self, "kd_temperature")
         if self.projector_init != "default" and self.llm is None:
             raise UserError("--projector-init applies to LLM-to-SLM (--llm): the SLM alone has no projector")
+        if self.feature_norm != "none" and self.llm is None:
+            raise UserError("--feature-norm applies to LLM-to-SLM (--llm): the SLM alone has no projector")
         if self.kd_logits is not None and not self.kd_weight:
             raise UserError("--kd-logits is read only with --kd-weight A > 0")
         method_of = {"peft_virtual_tokens": ("prompt", "prefix"), "peft_prefix_hidden": ("prefix",),

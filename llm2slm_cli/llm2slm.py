@@ -163,11 +163,38 @@ class FrozenLLM:
 # ------------------------------------------------------------------------------------------ the trainable pieces
 
 
-class Projector(nn.Sequential):
-    """q: Linear(d_l, d_s) -> ReLU -> Linear(d_s, d_s)."""
+FeatureNorm = Literal["none", "standardize"]
 
-    def __init__(self, d_llm: int, d_slm: int) -> None:
+
+class Projector(nn.Sequential):
+    """q: Linear(d_l, d_s) -> ReLU -> Linear(d_s, d_s).
+
+    With `standardize`, each feature channel is first shifted and scaled by fixed statistics of the training
+    features (buffers saved with the checkpoint, set once by `set_feature_statistics`). That per-channel affine map
+    folds into the first Linear, so the function class is the paper's; only the conditioning changes: a decoder-only
+    LLM's hidden states carry a few "massive" channels (Gemma-3-270M layer 6: three channels average |x| ~2,000 while
+    the median channel is ~5), which otherwise dominate the first layer's input."""
+
+    def __init__(self, d_llm: int, d_slm: int, feature_norm: FeatureNorm = "none") -> None:
         super().__init__(nn.Linear(d_llm, d_slm), nn.ReLU(), nn.Linear(d_slm, d_slm))
+        if feature_norm not in ("none", "standardize"):
+            raise UserError(f"--feature-norm must be none or standardize, got {feature_norm!r}")
+        self.feature_norm = feature_norm
+        if feature_norm == "standardize":
+            self.register_buffer("feature_shift", torch.zeros(d_llm))
+            self.register_buffer("feature_scale", torch.ones(d_llm))
+
+    @torch.no_grad()
+    def set_feature_statistics(self, rows: torch.Tensor) -> None:
+        """Per-channel mean and standard deviation of feature rows (tokens x d_l; padding left out)."""
+        rows = rows.double()
+        self.feature_shift.copy_(rows.mean(0))
+        self.feature_scale.copy_(rows.std(0).clamp_min(1e-6))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.feature_norm == "standardize":
+            features = (features - self.feature_shift.to(features.dtype)) / self.feature_scale.to(features.dtype)
+        return super().forward(features)
 
 
 class ProjectedEmbedding(nn.Module):
@@ -212,6 +239,7 @@ class ModelConfig:
     decoder_start_token_id: int | None = None
     template: str | None = None
     max_prompt_length: int = 512
+    feature_norm: FeatureNorm = "none"  # the projector's fixed per-channel standardisation of the features
     peft: dict[str, Any] | None = None  # the peft config of a PEFT baseline (SLM alone), as peft writes it
     # the SLM was cut to its first d layers, or to the blocks listed (slm_config.json has the new shape)
     slm_layers: int | list[int] | None = None
@@ -308,7 +336,7 @@ class LLMToSLM(nn.Module):
         self.slm = slm
         d_slm = M.hidden_size(slm.config)
         if config.llm is not None:
-            self.projector = Projector(config.llm["d_model"], d_slm)
+            self.projector = Projector(config.llm["d_model"], d_slm, config.feature_norm)
         if config.vocab_adapter:
             if llm is None:
                 raise UserError("this model reads the LLM's vocabulary through its embedding rows: load the LLM")
@@ -464,7 +492,7 @@ class LLMToSLM(nn.Module):
     def build(cls, slm_spec: str, llm: FrozenLLM | None, *, fusion: Fusion = "add", tokenizer: TokenizerMode = "llm",
               slm_tokenizer: str | Path | None = None, template: str | None = None,
               max_prompt_length: int = 512, slm_dtype: str = "float32", slm_layers: int | list[int] | None = None,
-              peft: dict[str, Any] | None = None) -> LLMToSLM:
+              peft: dict[str, Any] | None = None, feature_norm: FeatureNorm = "none") -> LLMToSLM:
         """A new model: the SLM's pretrained (or preset) weights, a fresh projector and, if needed, adapter.
 
         `slm_layers` keeps the SLM's first d layers (M.truncate_layers); `peft` (from `peft_spec`) makes it a PEFT
@@ -502,7 +530,8 @@ class LLMToSLM(nn.Module):
             slm=slm_spec, slm_kind=slm_kind, llm=llm.identity() if llm else None, fusion=fusion,
             tokenizer=tokenizer, vocab_adapter=adapter, pad_token_id=pad_id, eos_token_id=eos_id,
             decoder_start_token_id=start if slm_kind == "encoder-decoder" else None,
-            template=template, max_prompt_length=max_prompt_length, peft=peft, slm_layers=slm_layers)
+            template=template, max_prompt_length=max_prompt_length, peft=peft, slm_layers=slm_layers,
+            feature_norm=feature_norm)
         model = cls(config, slm, llm)
         model.prompt_tokenizer = llm.tokenizer if llm else own_tok
         model.target_tokenizer = out_tok
@@ -682,7 +711,7 @@ MODEL_CONFIG_SCHEMA: dict[str, Any] = {
     "slm": str, "slm_kind": str, "llm": (dict, A.NONE), "fusion?": str, "tokenizer?": str, "vocab_adapter?": bool,
     "pad_token_id?": int, "eos_token_id?": int, "decoder_start_token_id?": (int, A.NONE), "template?": (str, A.NONE),
     "max_prompt_length?": int, "peft?": (dict, A.NONE), "slm_layers?": (int, list, A.NONE),
-    "trim_vocab?": (dict, A.NONE), "version": int}
+    "trim_vocab?": (dict, A.NONE), "feature_norm?": str, "version": int}
 TRIM_SCHEMA = {"kept": int, "full": int, "unknown": int}
 
 

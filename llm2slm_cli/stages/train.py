@@ -10,6 +10,7 @@ the data order is a function of (seed, epoch), so --resume continues exactly whe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +61,23 @@ class Split:
                 logprobs[j, : len(values)] = torch.from_numpy(values).float()
             batch["teacher_ids"], batch["teacher_logprobs"] = ids, logprobs
         return batch
+
+
+def _set_feature_statistics(model, train: Split, device, examples: int = 512) -> None:
+    """--feature-norm standardize: the projector's fixed per-channel mean and standard deviation, over every prompt
+    token of the first `examples` training examples (their stored features, or the LLM's own on the fly)."""
+    import torch
+
+    n, rows = min(len(train), examples), []
+    for start in range(0, n, 16):
+        indices = range(start, min(n, start + 16))
+        if train.store is not None:
+            rows += [train.store.features(train.examples[i].id).float() for i in indices]
+        else:
+            ids, mask = pad([train.prompt_ids[i] for i in indices], model.prompt_tokenizer.pad_token_id)
+            feats = model.llm.encode(ids.to(device), mask.to(device)).float().cpu()
+            rows += [f[m.bool()] for f, m in zip(feats, mask)]
+    model.projector.set_feature_statistics(torch.cat(rows))
 
 
 def _read(inputs: list[Path], config: TrainConfig, template: str | None) -> list[Example]:
@@ -142,7 +160,9 @@ def check_resume(checkpoint: Path, identity: dict[str, Any], total_steps: int | 
         before = {k: v for k, v in (manifest.get("config") or {}).items()
                   if k not in RESUME_FREE and k not in INPUT_OPTIONS}
         now, changed_inputs = identity["options"], []
-    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    # an option this tool gained after the interrupted run started reads as its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k, defaults.get(k)) != now.get(k)]
     if changed or changed_inputs:
         what = [f"--{k.replace('_', '-')} {_shown(now.get(k))} (the interrupted run's: {_shown(before.get(k))})"
                 for k in changed[:3]] + [f"the {name}'s sha256" for name in changed_inputs]
@@ -216,7 +236,7 @@ def run(config: TrainConfig) -> Path:
     set_seed(config.seed)
     model = LLMToSLM.build(config.slm, llm, fusion=config.fusion, tokenizer=config.tokenizer_mode,
                            slm_tokenizer=config.slm_tokenizer, template=template, max_prompt_length=max_length,
-                           slm_layers=config.slm_layers, peft=_peft_spec(config))
+                           slm_layers=config.slm_layers, peft=_peft_spec(config), feature_norm=config.feature_norm)
     if config.freeze_slm:
         model.slm.requires_grad_(False)
         if model.config.vocab_adapter:  # new layers are trained from scratch even with a frozen SLM
@@ -231,6 +251,8 @@ def run(config: TrainConfig) -> Path:
     dev = _load_split(dev_examples, config, dev_store, model, max_length, "dev") if config.dev else None
     if config.trim_vocab:
         _trim_vocabulary(model, train, quiet)
+    if config.feature_norm == "standardize":
+        _set_feature_statistics(model, train, accelerator.device)
     if config.projector_init == "zero" and model.has_llm:  # fusion starts as the plain SLM
         torch.nn.init.zeros_(model.projector[-1].weight)
         torch.nn.init.zeros_(model.projector[-1].bias)
