@@ -45,6 +45,8 @@ RNG_STATE = "rng_state-{}.pt"
 TOKENIZER_DIR = "tokenizer"
 SLM_TOKENIZER_DIR = "slm_tokenizer"
 BUNDLED_LLM = "llm"  # an exported checkpoint's own copy of its LLM (export --include-llm)
+BUNDLED_LLM_IDENTITY = "llm2slm-llm.json"  # in that copy: the fingerprint of the LLM it copies, and its files' sha256
+FINGERPRINT_FILES = "files"  # an LLM identity's fingerprint_kind: its weight files' sha256 (weights_fingerprint)
 MODEL_CARD = "README.md"
 
 KIND_FEATURES = "features"
@@ -320,7 +322,7 @@ NONE = type(None)
 FILES = "files"  # a schema entry: file name -> {"bytes", "sha256"} (what file_record writes)
 _FILE_RECORD = {"bytes": int, "sha256": str}
 _LLM_IDENTITY = {"name": str, "kind": str, "layer": (int, str), "d_model": int, "fingerprint": str,
-                 "tokenizer_fingerprint?": (str, NONE)}
+                 "fingerprint_kind?": str, "tokenizer_fingerprint?": (str, NONE)}
 _EVERY_KIND = {"config?": dict, "files?": FILES}
 
 # What the readers of each kind take from its manifest, so that a manifest of another shape (edited by hand, cut,

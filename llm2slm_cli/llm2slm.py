@@ -60,26 +60,41 @@ class _Stop(Exception):
     """Raised from a hook to skip the LLM's layers above the one whose output we need."""
 
 
+LLMWeights = Literal["full", "encoder", "lazy"]
+
+
 class FrozenLLM:
-    """The LLM as a feature extractor: eval mode, no gradients, never a registered submodule of what we train."""
+    """The LLM as a feature extractor: eval mode, no gradients, never a registered submodule of what we train.
+
+    `weights` says what is loaded: "full" the whole model (speculative decoding and distill-labels generate with it),
+    "encoder" what features need (a T5-family LLM's encoder alone; other LLMs whole), "lazy" nothing until the LLM
+    first encodes (then as "encoder"): with stored features its weights are never read. The identity, fingerprint
+    included, comes from the config, the tokenizer and the weight files' sha256 (models.weights_fingerprint), never
+    from loaded tensors; the vocabulary adapter's rows are read alone from the weight file."""
 
     def __init__(self, spec: str, *, layer: str | int = -1, dtype: str = "float32",
                  tokenizer: str | Path | None = None, device: str | torch.device = "cpu",
-                 tokenizer_optional: bool = False, tokenizer_option: str | None = "--tokenizer") -> None:
+                 tokenizer_optional: bool = False, tokenizer_option: str | None = "--tokenizer",
+                 weights: LLMWeights = "full") -> None:
         config = M.load_config(spec)
         self.spec = spec
         self.kind: M.ModelKind = M.model_kind(config)
         if M.DTYPES.get(dtype) == "float16" and config.model_type in M.T5_TYPES:
             raise UserError("float16 is refused for T5-family LLMs (their activations overflow to inf/NaN): "
                             "use bfloat16 or float32")
+        if weights not in ("full", "encoder", "lazy"):
+            raise ValueError(f"weights must be full, encoder or lazy, not {weights!r}")
         self.dtype = M.DTYPES.get(dtype, dtype)
         self.n_layers = M.num_layers(config)
         self.layer = parse_layer(layer, self.n_layers) if self.kind == "decoder-only" else self.n_layers
         if self.kind != "decoder-only" and str(layer) not in ("-1", str(self.n_layers)):
             raise UserError(f"--layer applies to decoder-only LLMs; a {self.kind} LLM gives its last layer")
-        self.model = M.load_model(spec, dtype=self.dtype, role="LLM").to(device)
-        self.model.requires_grad_(False)
         self.config = config
+        # one holder shared by the copies at_layer makes, so a lazy model is loaded once for all of them
+        self._held: dict[str, Any] = {"model": None, "part": "all" if weights == "full" else "encoder",
+                                      "device": torch.device(device)}
+        if weights != "lazy":
+            self._load()
         try:
             self.tokenizer = M.load_tokenizer(spec, tokenizer, local_only=tokenizer_optional, option=tokenizer_option)
         except UserError:
@@ -88,20 +103,50 @@ class FrozenLLM:
             self.tokenizer = None
         self.d_model = M.hidden_size(config)
         self._fingerprint: str | None = None
+        self._state_fingerprint: str | None = None
+
+    def _load(self) -> None:
+        model = M.load_model(self.spec, dtype=self.dtype, role="LLM", part=self._held["part"])
+        model.requires_grad_(False)
+        self._held["model"] = model.to(self._held["device"])
+
+    @property
+    def loaded(self) -> bool:
+        return self._held["model"] is not None
+
+    @property
+    def model(self) -> nn.Module:
+        if self._held["model"] is None:
+            self._load()
+        return self._held["model"]
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        if self._held["model"] is None:
+            return self._held["device"]
+        return next(self._held["model"].parameters()).device
 
     def to(self, device: str | torch.device) -> FrozenLLM:
-        self.model.to(device)
+        self._held["device"] = torch.device(device)
+        if self._held["model"] is not None:
+            self._held["model"].to(device)
         return self
 
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = M.state_fingerprint(self.model)
+            self._fingerprint = M.weights_fingerprint(self.spec, self.dtype)
         return self._fingerprint
+
+    def state_fingerprint(self) -> str:
+        """The hash of every tensor of the whole model, as identities of older artifacts record it (loads the whole
+        model if it is not loaded whole already)."""
+        if self._state_fingerprint is None:
+            if self._held["model"] is not None and self._held["part"] == "all":
+                self._state_fingerprint = M.state_fingerprint(self._held["model"])
+            else:
+                self._state_fingerprint = M.state_fingerprint(M.load_model(self.spec, dtype=self.dtype, role="LLM"))
+        return self._state_fingerprint
 
     def at_layer(self, layer: str | int) -> FrozenLLM:
         """The same loaded model giving the features of another layer (decoder-only; nothing is copied)."""
@@ -113,13 +158,18 @@ class FrozenLLM:
         return other
 
     def input_embedding_weight(self) -> torch.Tensor:
+        """The LLM's input embedding rows; an LLM not loaded reads this one tensor from its weight file."""
+        if self._held["model"] is None:
+            rows = M.input_embedding_rows(self.spec, self.dtype)
+            if rows is not None:
+                return rows
         return self.model.get_input_embeddings().weight
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.spec, "kind": self.kind, "layer": self.layer, "dtype": self.dtype,
                 "d_model": self.d_model, "n_layers": self.n_layers,
                 "vocab_size": len(self.tokenizer) if self.tokenizer else self.config.vocab_size,
-                "fingerprint": self.fingerprint,
+                "fingerprint": self.fingerprint, "fingerprint_kind": A.FINGERPRINT_FILES,
                 "tokenizer_fingerprint": M.tokenizer_fingerprint(self.tokenizer) if self.tokenizer else None}
 
     def _block_list(self) -> nn.ModuleList:
@@ -666,9 +716,11 @@ class LLMToSLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: Path, *, llm: FrozenLLM | None = None, llm_spec: str | None = None,
-                        device: str | torch.device = "cpu", unverified: bool = False) -> LLMToSLM:
-        """Load a checkpoint; its LLM is loaded by the name it records (or from `llm_spec`, or the copy `export` put
-        in DIR/llm) and must match its fingerprint. The weights and config files are checked against the manifest's
+                        device: str | torch.device = "cpu", unverified: bool = False,
+                        llm_weights: LLMWeights = "lazy") -> LLMToSLM:
+        """Load a checkpoint; its LLM is named by the name it records (or by `llm_spec`, or is the copy `export` put
+        in DIR/llm) and must match its fingerprint; its weights are loaded as `llm_weights` says (by default when it
+        first encodes, its encoder only: see FrozenLLM). The weights and config files are checked against the manifest's
         sha256 first; a checkpoint without a manifest is refused unless `unverified` (or
         LLM2SLM_UNVERIFIED_CHECKPOINTS=1)."""
         from safetensors.torch import load_model
@@ -681,7 +733,7 @@ class LLMToSLM(nn.Module):
             bundled = directory / A.BUNDLED_LLM  # `export` may copy the LLM in beside the weights
             spec = llm_spec or (str(bundled) if (bundled / "config.json").is_file() else config.llm["name"])
             llm = FrozenLLM(spec, layer=config.llm["layer"], dtype=config.llm["dtype"],
-                            tokenizer=directory / A.TOKENIZER_DIR, device=device)
+                            tokenizer=directory / A.TOKENIZER_DIR, device=device, weights=llm_weights)
         if llm is not None:
             check_llm(llm, config.llm, f"checkpoint {directory}")
         slm = M._auto_class(config.slm_kind, with_head=True).from_config(slm_config)
@@ -744,6 +796,8 @@ def check_llm(llm: FrozenLLM, expected: dict[str, Any] | None, what: str) -> Non
     if expected is None:
         raise UserError(f"{what} was made without an LLM, but --llm {llm.spec} was given")
     have = llm.identity()
+    if expected.get("fingerprint_kind") != A.FINGERPRINT_FILES:  # made before fingerprints were the files' sha256
+        have["fingerprint"] = llm.state_fingerprint()
     for key in ("fingerprint", "layer", "tokenizer_fingerprint", "d_model"):
         if have[key] != expected[key]:
             raise UserError(f"{what} was made with LLM {expected['name']!r} ({key} {str(expected[key])[:16]}), "

@@ -413,8 +413,13 @@ def _auto_class(kind: ModelKind, *, with_head: bool):
     return tf.AutoModelForCausalLM if with_head else tf.AutoModel
 
 
-def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, role: str = "model"):
-    """Load a model in eval mode. Decoder-only models load with their LM head unless `with_head` is False."""
+def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, role: str = "model",
+               part: Literal["all", "encoder"] = "all"):
+    """Load a model in eval mode. Decoder-only models load with their LM head unless `with_head` is False.
+
+    `part="encoder"`: of a T5-family encoder-decoder model, only the encoder (T5EncoderModel, which reads only the
+    encoder's tensors from the weight files); a preset or checkpoint is built whole (its weights are defined by the
+    whole model) and its decoder dropped. Other models load whole."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -425,6 +430,14 @@ def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, rol
     kind = model_kind(config)
     cls = _auto_class(kind, with_head=with_head)
     dt = torch_dtype(dtype)
+    encoder_cls = _encoder_class(config) if part == "encoder" else None
+    if encoder_cls is not None and src.kind in ("dir", "hub"):
+        try:
+            return encoder_cls.from_pretrained(src.name, dtype=dt).eval()
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load {role} {spec!r} ({_short(e)})") from None
+    if encoder_cls is not None:
+        return _encoder_of(load_model(spec, dtype=dtype, role=role), encoder_cls)
     if src.kind == "preset":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # fresh weights, the same on every machine
@@ -457,6 +470,27 @@ def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, rol
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load {role} {spec!r} ({_short(e)})") from None
     return model.eval()
+
+
+def _encoder_class(config):
+    """The encoder-only class of a T5-family config (None for other models)."""
+    import transformers as tf
+
+    name = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
+            "longt5": "LongT5EncoderModel"}.get(config.model_type)
+    return getattr(tf, name, None) if name and model_kind(config) == "encoder-decoder" else None
+
+
+def _encoder_of(full, encoder_cls):
+    """The encoder of a whole encoder-decoder model as `encoder_cls`, sharing its tensors; the decoder is dropped."""
+    import torch
+
+    with torch.device("meta"):
+        encoder = encoder_cls(full.config)
+    wanted = encoder.state_dict().keys()
+    encoder.load_state_dict({k: v for k, v in full.state_dict().items() if k in wanted}, strict=True, assign=True)
+    encoder.tie_weights()
+    return encoder.eval()
 
 
 def save_plain(model, directory: Path) -> None:
@@ -565,6 +599,123 @@ def state_fingerprint(model) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------------- which weights, from the files alone
+
+
+_WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                 ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def weight_files(spec: str) -> list[Path]:
+    """The files a model's weights are read from, as `load_model` reads them (safetensors first, else PyTorch
+    .bin; one file or the shards an index names); [] for a preset. A hub id's files come from the Hugging Face cache,
+    downloaded if they are not there yet."""
+    import json
+
+    src = resolve(spec)
+    if src.kind == "preset":
+        return []
+    if src.kind == "gguf":
+        return [Path(src.name)]
+    if src.kind == "checkpoint":
+        return [Path(src.name) / "model.safetensors"]
+
+    def find(filename: str) -> Path | None:
+        if src.kind == "dir":
+            return Path(src.name) / filename if (Path(src.name) / filename).is_file() else None
+        from transformers.utils import cached_file
+
+        try:
+            found = cached_file(src.name, filename, _raise_exceptions_for_missing_entries=False)
+        except OSError as e:
+            raise UserError(f"cannot find the weights of {spec!r} ({_short(e)})") from None
+        return Path(found) if found else None
+
+    for single, index in _WEIGHT_FILES:
+        if (path := find(single)) is not None:
+            return [path]
+        if (path := find(index)) is not None:
+            try:
+                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError):
+                raise UserError("unreadable weights index", path=path) from None
+            files = [find(name) for name in shards]
+            missing = [name for name, f in zip(shards, files) if f is None]
+            if missing:
+                raise UserError(f"the weights index names {missing[0]}, which is not there", path=path)
+            return files
+    raise UserError(f"cannot find the weights of {spec!r} (no model.safetensors or pytorch_model.bin)")
+
+
+def _file_sha256(path: Path) -> str:
+    from llm2slm_cli.artifacts import sha256_file
+
+    real = Path(path).resolve()
+    # the hub cache names each large (LFS) file by its sha256: no need to read gigabytes to learn it
+    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+        return real.name
+    return sha256_file(real)
+
+
+def weights_fingerprint(spec: str, dtype: str = "float32") -> str:
+    """Which weights, in which dtype, a model spec names: the sha256 of its weight files (`weight_files`), never of
+    the loaded tensors, so it is known without loading the model. A preset's weights are drawn from a fixed seed: its
+    name, shape and the transformers version that draws them stand for them. A copy of an LLM that `export` bundled
+    (DIR/llm) is the LLM it copied while its files are the ones export wrote (A.BUNDLED_LLM_IDENTITY)."""
+    import json
+
+    from llm2slm_cli import artifacts as A
+
+    src = resolve(spec)
+    dtype = DTYPES.get(dtype, dtype)
+    if src.kind == "preset":
+        import transformers
+
+        p = preset(src.name)
+        return A.sha256_json({"dtype": dtype, "preset": src.name, "model_type": p.model_type, "config": p.config,
+                              "seed": 0, "transformers": transformers.__version__})
+    files = {f.name: _file_sha256(f) for f in weight_files(spec)}
+    marker = Path(src.name) / A.BUNDLED_LLM_IDENTITY if src.kind == "dir" else None
+    if marker is not None and marker.is_file():
+        try:
+            copied = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            copied = None
+        if isinstance(copied, dict) and copied.get("files") == files and copied.get("dtype") == dtype:
+            return str(copied["fingerprint"])
+    return A.sha256_json({"dtype": dtype, "files": files})
+
+
+def input_embedding_rows(spec: str, dtype: str = "float32"):
+    """A model's input embedding matrix alone, read from the safetensors file that holds it (no model is built or
+    loaded), in `dtype`; None where the weights are not safetensors files (presets, GGUF, .bin)."""
+    import torch
+    from safetensors import safe_open
+
+    src = resolve(spec)
+    if src.kind in ("preset", "gguf"):
+        return None
+    files = weight_files(spec)
+    if not all(f.suffix == ".safetensors" for f in files):
+        return None
+    config = load_config(spec)
+    with torch.device("meta"):  # only for the parameter's name: no memory, no initialisation
+        model = _auto_class(model_kind(config), with_head=True).from_config(config)
+    weight = model.get_input_embeddings().weight
+    name = next(n for n, p in model.named_parameters() if p is weight)
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    names = [name, name.removeprefix(prefix), prefix + name]  # files are saved with or without the base's prefix
+    if src.kind == "checkpoint":
+        names = [f"slm.{n}" for n in names]
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            keys = set(st.keys())
+            for n in names:
+                if n in keys:
+                    return st.get_tensor(n).to(torch_dtype(dtype))
+    return None
 
 
 def builtin_tokenizer(name: str):

@@ -383,7 +383,7 @@ def test_overwrite_keeps_the_output_when_export_fails(cli, trained_checkpoint, t
     cli("export", trained_checkpoint, "--out", out, "--quiet")
     from llm2slm_cli import models as M
 
-    monkeypatch.setattr(M, "state_fingerprint", lambda model: "another LLM")  # the LLM changed under its name
+    monkeypatch.setattr(M, "weights_fingerprint", lambda *a, **k: "another LLM")  # the LLM changed under its name
     msg = _refused_and_kept(cli, out, "export", trained_checkpoint, "--include-llm", "yes")
     assert "is not the one this checkpoint was trained with" in msg, msg
     monkeypatch.undo()

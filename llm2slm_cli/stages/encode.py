@@ -55,7 +55,7 @@ def run(config: EncodeConfig) -> Path:
             return out
         quiet = config.quiet or not work.is_main
         llm = FrozenLLM(config.model, layer=config.layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
-                        device=work.device)
+                        device=work.device, weights="encoder")
         ids, truncated = runtime.tokenize_prompts(llm.tokenizer, [e.prompt for e in examples], config.max_length,
                                                   strict=config.strict,
                                                   where=runtime.places(config.inputs, examples))

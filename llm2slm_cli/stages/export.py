@@ -87,15 +87,25 @@ def _metrics(directory: Path) -> dict[str, Any]:
 
 
 def _copy_llm(identity: dict[str, Any], directory: Path) -> None:
-    """The LLM as a plain transformers directory; its fingerprint must still be the one the checkpoint records."""
+    """The LLM as a plain transformers directory; its fingerprint must still be the one the checkpoint records. The
+    copy records that fingerprint and its own files' sha256 (A.BUNDLED_LLM_IDENTITY): a fingerprint made from the
+    weight files names the original's files, not the copy's."""
     from llm2slm_cli import models as M
 
+    by_files = identity.get("fingerprint_kind") == A.FINGERPRINT_FILES
+    if by_files and M.weights_fingerprint(identity["name"], identity["dtype"]) != identity["fingerprint"]:
+        raise UserError(f"the LLM at {identity['name']!r} is not the one this checkpoint was trained with (its "
+                        "fingerprint differs)")
     model = M.load_model(identity["name"], dtype=identity["dtype"], role="LLM")
-    if M.state_fingerprint(model) != identity["fingerprint"]:
+    if not by_files and M.state_fingerprint(model) != identity["fingerprint"]:
         raise UserError(f"the LLM at {identity['name']!r} is not the one this checkpoint was trained with (its "
                         "fingerprint differs)")
     M.save_plain(model, directory)
     M.load_tokenizer(identity["name"]).save_pretrained(str(directory))
+    if by_files:
+        files = {f.name: A.sha256_file(f) for f in M.weight_files(str(directory))}
+        A.atomic_write_json(directory / A.BUNDLED_LLM_IDENTITY, {"fingerprint": identity["fingerprint"],
+                                                                  "dtype": identity["dtype"], "files": files})
 
 
 def _hub_id(spec: str) -> str | None:
