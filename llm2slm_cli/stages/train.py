@@ -6,6 +6,10 @@ unchanged. The global batch is fixed by --batch-size whatever the number of proc
 is scaled by the global batch's target-token count, so the update is the same token-mean gradient for any
 --micro-batch-size or process count. Checkpoints keep the optimizer, scheduler and RNG states beside the weights;
 the data order is a function of (seed, epoch), so --resume continues exactly where an interrupted run stopped.
+
+`run` is the table of contents: check_inputs -> load_llm (where the LLM is loaded) -> build_model -> load_splits ->
+adapt_model -> prepare_output (the first write) -> start_training (optimiser, schedule, resume) -> train_loop, whose
+steps take their examples from step_batches (where batches come from) and run train_step -> finish.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,23 +186,63 @@ def _shown(value: Any) -> str:
 
 
 def run(config: TrainConfig) -> Path:
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
+    """Train, read top to bottom: check every input, load the LLM, build the model, tokenize the splits, only then
+    touch --out, set up the optimiser, run the steps, save `final/` and the manifest."""
+    _refuse_float16(config)  # before accelerate's state exists, so it holds in any process
+    accelerator = _accelerator(config)
+    quiet = config.quiet or not accelerator.is_main_process
+    out = Path(config.out)
+    inputs = check_inputs(config, out)  # inputs and their manifests: checked before anything is written or loaded
+    llm = load_llm(config, inputs, accelerator.device)
+    stores = open_feature_stores(config, llm)
+    model = build_model(config, llm, inputs)
+    if config.count_parameters:
+        if accelerator.is_main_process:
+            _print_counts(config, model, llm)
+        return out
+    train, dev = load_splits(config, inputs, model, stores)
+    adapt_model(config, model, train, accelerator.device, quiet)
+    attach_teacher(inputs.teacher, train, model)
+    resume_from = prepare_output(config, out, accelerator, quiet)  # every input is read and checked: only now
+    state = start_training(config, inputs, model, train, dev, out, accelerator, resume_from, quiet)
+    return train_loop(state)
 
+
+def _refuse_float16(config: TrainConfig) -> None:
+    """float16 overflows T5-family SLMs: refused from the SLM's config, whether asked here or by the launcher."""
     from llm2slm_cli import models as M
-    from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, parameter_counts
 
-    if (config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":  # before any state exists
+    if (config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":
         M.refuse_float16(M.load_config(config.slm).model_type, "float16", f"SLM {config.slm!r}",
                          "use --mixed-precision bf16 or no")
+
+
+def _accelerator(config: TrainConfig):
+    """accelerate's Accelerator on the asked device (one process, or each of `accelerate launch`'s)."""
+    import torch
+    from accelerate import Accelerator
+
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
-    main = accelerator.is_main_process
-    quiet = config.quiet or not main
-    out = Path(config.out)
-    # inputs and the manifests they come with are checked before anything is written or loaded
+    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+
+
+@dataclass
+class Inputs:
+    """What check_inputs read: the features' manifest, the template in force, the examples, the teacher's
+    distributions and the run's identity (None for --count-parameters, which reads no examples)."""
+
+    store_manifest: dict[str, Any] | None
+    template: str | None
+    train_examples: list[Example] | None
+    dev_examples: list[Example] | None
+    teacher: Any | None
+    identity: dict[str, Any] | None
+    max_length: int  # stored features fix the prompt length they were encoded with
+
+
+def check_inputs(config: TrainConfig, out: Path) -> Inputs:
+    """Read and check the features' manifests, the template, the examples and the teacher; with --resume, refuse a
+    checkpoint of another run (check_resume). Nothing is loaded or written yet."""
     store_manifest = A.read_manifest(config.features, A.KIND_FEATURES) if config.features is not None else None
     if config.dev_features is not None:
         A.read_manifest(config.dev_features, A.KIND_FEATURES)
@@ -207,206 +252,343 @@ def run(config: TrainConfig) -> Path:
             raise UserError(f"--template {template!r} differs from the one the features were encoded with "
                             f"({store_manifest['template']!r})")
         template = store_manifest["template"]
-    train_examples = dev_examples = None
-    if not config.count_parameters:
-        train_examples = _read(config.inputs, config, template)
-        dev_examples = _read(config.dev, config, template) if config.dev else None
-    teacher = _teacher(config) if config.kd_weight and not config.count_parameters else None
-    identity = None
-    if not config.count_parameters:
-        identity = run_identity(config)
-        earlier = latest_checkpoint(out) if config.resume else None
-        if earlier is not None:  # what --resume would continue must be this very run: checked before any loading
-            check_resume(earlier, identity, config.max_steps or
-                         math.ceil(len(train_examples) / config.batch_size) * config.epochs)
-
-    # --- models
-    llm = None
-    layer = config.layer
-    if store_manifest is not None and store_manifest["llm"]["kind"] == "decoder-only":
-        layer = str(store_manifest["llm"]["layer"])
-    if config.llm is not None:
-        on_the_fly = config.features is None
-        llm = FrozenLLM(config.llm, layer=layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
-                        device=accelerator.device if on_the_fly else "cpu")
-    train_store = _features(config.features, llm, "training")
-    dev_store = _features(config.dev_features, llm, "dev")
     max_length = store_manifest["max_length"] if store_manifest else config.max_length
+    if config.count_parameters:
+        return Inputs(store_manifest, template, None, None, None, None, max_length)
+    train_examples = _read(config.inputs, config, template)
+    dev_examples = _read(config.dev, config, template) if config.dev else None
+    teacher = _teacher(config) if config.kd_weight else None
+    identity = run_identity(config)
+    earlier = latest_checkpoint(out) if config.resume else None
+    if earlier is not None:  # what --resume would continue must be this very run: checked before any loading
+        check_resume(earlier, identity, config.max_steps or
+                     math.ceil(len(train_examples) / config.batch_size) * config.epochs)
+    return Inputs(store_manifest, template, train_examples, dev_examples, teacher, identity, max_length)
+
+
+def load_llm(config: TrainConfig, inputs: Inputs, device: Any):
+    """The frozen LLM (None without --llm): on the training device when it encodes on the fly, on the CPU when
+    features are stored (it then only checks them). Stored decoder-only features fix the layer."""
+    if config.llm is None:
+        return None
+    from llm2slm_cli.llm2slm import FrozenLLM
+
+    layer = config.layer
+    manifest = inputs.store_manifest
+    if manifest is not None and manifest["llm"]["kind"] == "decoder-only":
+        layer = str(manifest["llm"]["layer"])
+    on_the_fly = config.features is None
+    return FrozenLLM(config.llm, layer=layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
+                     device=device if on_the_fly else "cpu")
+
+
+def open_feature_stores(config: TrainConfig, llm) -> tuple[Any | None, Any | None]:
+    """The training and dev feature stores (--features, --dev-features), each checked against the LLM."""
+    return _features(config.features, llm, "training"), _features(config.dev_features, llm, "dev")
+
+
+def build_model(config: TrainConfig, llm, inputs: Inputs):
+    """The LLM-to-SLM model (or the SLM alone), seeded, with --freeze-slm applied."""
+    from accelerate.utils import set_seed
+
+    from llm2slm_cli.llm2slm import LLMToSLM
 
     set_seed(config.seed)
     model = LLMToSLM.build(config.slm, llm, fusion=config.fusion, tokenizer=config.tokenizer_mode,
-                           slm_tokenizer=config.slm_tokenizer, template=template, max_prompt_length=max_length,
-                           slm_layers=config.slm_layers, peft=_peft_spec(config), feature_norm=config.feature_norm)
+                           slm_tokenizer=config.slm_tokenizer, template=inputs.template,
+                           max_prompt_length=inputs.max_length, slm_layers=config.slm_layers,
+                           peft=_peft_spec(config), feature_norm=config.feature_norm)
     if config.freeze_slm:
         model.slm.requires_grad_(False)
         if model.config.vocab_adapter:  # new layers are trained from scratch even with a frozen SLM
             model.slm.get_input_embeddings().requires_grad_(True)
             model.slm.get_output_embeddings().requires_grad_(True)
-    if config.count_parameters:
-        if main:
-            _print_counts(config, model, llm)
-        return out
+    return model
 
-    train = _load_split(train_examples, config, train_store, model, max_length, "training")
-    dev = _load_split(dev_examples, config, dev_store, model, max_length, "dev") if config.dev else None
+
+def load_splits(config: TrainConfig, inputs: Inputs, model, stores: tuple[Any | None, Any | None]
+                ) -> tuple[Split, Split | None]:
+    """The tokenized training and dev splits (each prompt checked against its stored features)."""
+    train = _load_split(inputs.train_examples, config, stores[0], model, inputs.max_length, "training")
+    dev = _load_split(inputs.dev_examples, config, stores[1], model, inputs.max_length, "dev") if config.dev else None
+    return train, dev
+
+
+def adapt_model(config: TrainConfig, model, train: Split, device: Any, quiet: bool) -> None:
+    """What the model takes from the training data before step 1: --trim-vocab, --feature-norm statistics and
+    --projector-init zero."""
+    import torch
+
     if config.trim_vocab:
         _trim_vocabulary(model, train, quiet)
     if config.feature_norm == "standardize":
-        _set_feature_statistics(model, train, accelerator.device)
+        _set_feature_statistics(model, train, device)
     if config.projector_init == "zero" and model.has_llm:  # fusion starts as the plain SLM
         torch.nn.init.zeros_(model.projector[-1].weight)
         torch.nn.init.zeros_(model.projector[-1].bias)
-    if teacher is not None:
-        from llm2slm_cli.models import tokenizer_fingerprint
 
-        teacher.check(train.examples, train.target_ids, tokenizer_fingerprint(model.target_tokenizer), "training")
-        train.teacher = teacher
 
-    # every input is read and checked: only now is the output directory touched
-    if main:
+def attach_teacher(teacher, train: Split, model) -> None:
+    """--kd-weight: check the teacher's rows against the training targets, then serve them with its batches."""
+    if teacher is None:
+        return
+    from llm2slm_cli.models import tokenizer_fingerprint
+
+    teacher.check(train.examples, train.target_ids, tokenizer_fingerprint(model.target_tokenizer), "training")
+    train.teacher = teacher
+
+
+def prepare_output(config: TrainConfig, out: Path, accelerator, quiet: bool) -> Path | None:
+    """Create (or, with --overwrite, replace) --out; with --resume, the checkpoint to continue from."""
+    if accelerator.is_main_process:
         A.prepare_output_dir(out, overwrite=config.overwrite, resume=config.resume)
     accelerator.wait_for_everyone()
     resume_from = latest_checkpoint(out) if config.resume else None
-    if config.resume and resume_from is None and main:
+    if config.resume and resume_from is None and accelerator.is_main_process:
         runtime.say(f"no checkpoint in {out} yet: starting from the beginning", quiet)
+    return resume_from
 
-    # --- optimisation (paper defaults)
-    n = len(train)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
+
+def make_optimizer(config: TrainConfig, model, total_steps: int):
+    """AdamW (weight decay on matrices only) and linear warm-up then cosine decay to 0 (paper defaults)."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(total_steps * config.warmup_ratio), total_steps)
+    return params, optimizer, scheduler
+
+
+@dataclass
+class Training:
+    """A run in progress: the prepared model and optimiser, the data, where it is, what it has logged."""
+
+    config: TrainConfig
+    accelerator: Any
+    model: Any  # as accelerate prepared it (DDP-wrapped with several processes)
+    core: Any  # the LLMToSLM inside
+    params: list[Any]
+    optimizer: Any
+    scheduler: Any
+    train: Split
+    dev: Split | None
+    out: Path
+    quiet: bool
+    identity: dict[str, Any]
+    teacher: Any | None
+    counts: dict[str, Any]
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int
+    prompt_pad: int
+    target_pad: int
+    feature_dtype: Any
+    last: dict[str, float | None] = field(default_factory=lambda: {"loss": None, "dev_loss": None})
+    seen_examples: int = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / A.TRAIN_LOG
+
+    def batch(self, split: Split, indices: list[int]) -> dict[str, Any]:
+        """Where a micro-batch's tensors come from: the split's rows `indices`, padded, on the training device."""
+        batch = split.batch(indices, self.prompt_pad, self.target_pad, self.feature_dtype)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def checkpoint(self, name: str, step: int, training_state: bool) -> None:
+        state = {"total_steps": self.total_steps, "seed": self.config.seed, "batch_size": self.config.batch_size,
+                 "run": self.identity,  # what a --resume of a step checkpoint must share with this run
+                 "step": step, **self.last}
+        _save(self.out, name, step, self.core, self.optimizer, self.scheduler, self.accelerator, self.config,
+              self.counts, training_state, state)
+
+    def dev_loss(self) -> float:
+        return _dev_loss(self.model, self.dev, self.accelerator, self.config, self.prompt_pad, self.target_pad,
+                         self.feature_dtype)
+
+
+def start_training(config: TrainConfig, inputs: Inputs, model, train: Split, dev: Split | None, out: Path,
+                   accelerator, resume_from: Path | None, quiet: bool) -> Training:
+    """The optimiser and schedule for the run's length, the model and optimiser prepared by accelerate, the state of
+    `resume_from` restored (its log truncated to its step), and the run announced."""
+    import torch
+
+    from llm2slm_cli.llm2slm import parameter_counts
+
+    n = len(train)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    params, optimizer, scheduler = make_optimizer(config, model, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
-    prompt_pad = core.prompt_tokenizer.pad_token_id
-    target_pad = core.config.pad_token_id
-    feature_dtype = next(core.projector.parameters()).dtype if core.has_llm else torch.float32
-
     start_step = 0
     if resume_from is not None:
         start_step = _restore(resume_from, core, optimizer, scheduler, accelerator)
         runtime.say(f"resuming from {resume_from} (step {start_step} of {total_steps})", quiet)
-    log_path = out / A.TRAIN_LOG
-    if main:
-        _truncate_log(log_path, start_step)
-
+    if accelerator.is_main_process:
+        _truncate_log(out / A.TRAIN_LOG, start_step)
     counts = {**parameter_counts(core), "train_examples": n, "dev_examples": len(dev) if dev else 0,
               "steps": total_steps, "steps_per_epoch": steps_per_epoch}
     runtime.say(f"training {config.slm}" + (f" with LLM {config.llm}" if config.llm else " alone") +
                 (f" (--peft {config.peft})" if config.peft else "") +
                 f": {counts['trainable_parameters']:,} trainable parameters, {n} examples, {total_steps} steps "
                 f"of {config.batch_size}", quiet)
+    return Training(config, accelerator, model, core, params, optimizer, scheduler, train, dev, out, quiet,
+                    inputs.identity, inputs.teacher, counts, steps_per_epoch, total_steps, start_step,
+                    prompt_pad=core.prompt_tokenizer.pad_token_id, target_pad=core.config.pad_token_id,
+                    feature_dtype=next(core.projector.parameters()).dtype if core.has_llm else torch.float32)
 
-    stop = runtime.StopOnInterrupt(quiet).__enter__()  # first Ctrl-C: finish the step, checkpoint, stop
-    world, rank = accelerator.num_processes, accelerator.process_index
+
+@dataclass
+class StepBatch:
+    """One optimizer step's examples: the global batch, this process's micro-batches, and the weight of each
+    micro-batch's summed loss (processes / the global batch's target tokens; 0 for a filler batch)."""
+
+    epoch: int
+    examples: list[int]
+    tokens: int
+    micro: list[list[int]]
+    weight: float
+
+
+def step_batches(train: Split, config: TrainConfig, steps_per_epoch: int, start_step: int, total_steps: int,
+                 rank: int, world: int):
+    """Where batches come from: (step, StepBatch) for each step from `start_step`. The order is a permutation drawn
+    from (seed, epoch) alone, so a resumed run sees the same batches; each process takes every world-th example of
+    the global batch, sorted by length into micro-batches."""
+    import torch
+
+    n = len(train)
+    perm, perm_epoch = None, -1
+    for step in range(start_step, total_steps):
+        epoch, s = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:
+            g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+            perm, perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
+        global_batch = perm[s * config.batch_size: (s + 1) * config.batch_size]
+        global_tokens = sum(len(train.target_ids[i]) for i in global_batch)
+        local = sorted(global_batch[rank::world],
+                       key=lambda i: (len(train.prompt_ids[i]) + len(train.target_ids[i]), i))
+        micro = [local[j: j + config.micro_batch_size] for j in range(0, len(local), config.micro_batch_size)]
+        weight = world / global_tokens
+        if not micro:  # a last batch smaller than the process count: join the all-reduce with zero
+            micro, weight = [global_batch[:1]], 0.0
+        yield step, StepBatch(epoch, global_batch, global_tokens, micro, weight)
+
+
+def train_step(t: Training, batch: StepBatch) -> dict[str, float | None]:
+    """One optimizer step over the step's micro-batches (gradients synchronised on the last one): the global
+    batch's token-mean loss (and its cross-entropy and KD parts with --kd-weight) and the gradient norm."""
+    import torch
+
+    accelerator, config, device = t.accelerator, t.config, t.accelerator.device
+    loss_sum = torch.zeros((), device=device)
+    parts_sum = torch.zeros(2, device=device)  # cross-entropy, KD (with --kd-weight)
+    for j, indices in enumerate(batch.micro):
+        tensors = t.batch(t.train, indices)
+        sync = nullcontext() if j == len(batch.micro) - 1 else accelerator.no_sync(t.model)
+        with sync, accelerator.autocast():
+            summed, _, parts = t.model(**tensors, kd_weight=config.kd_weight, kd_temperature=config.kd_temperature,
+                                       return_parts=True)
+            accelerator.backward(summed * batch.weight)
+        loss_sum += summed.detach() * (batch.weight > 0)
+        parts_sum += torch.stack([parts["ce"], parts.get("kd", parts["ce"] * 0)]) * (batch.weight > 0)
+    grad_norm = None
+    if config.max_grad_norm:
+        grad_norm = float(accelerator.clip_grad_norm_(t.params, config.max_grad_norm))
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    result = {"loss": float(accelerator.reduce(loss_sum, "sum")) / batch.tokens, "grad_norm": grad_norm}
+    if config.kd_weight:
+        result["ce"], result["kd"] = (float(x) / batch.tokens for x in accelerator.reduce(parts_sum, "sum"))
+    return result
+
+
+def train_loop(t: Training) -> Path:
+    """Every step from the start (or the resumed) step: train, log, evaluate and checkpoint on schedule; a first
+    Ctrl-C or --stop-after finishes the step and checkpoints it. Then `final/` and the manifest."""
+    config, main = t.config, t.accelerator.is_main_process
+    stop = runtime.StopOnInterrupt(t.quiet).__enter__()  # first Ctrl-C: finish the step, checkpoint, stop
     started = time.perf_counter()
-    seen_examples = 0
-    last = {"loss": None, "dev_loss": None}
-    state_info = {"total_steps": total_steps, "seed": config.seed, "batch_size": config.batch_size,
-                  "run": identity}  # what a --resume of a step checkpoint must share with this run (check_resume)
-
-    def checkpoint(name: str, step: int, training_state: bool) -> None:
-        _save(out, name, step, core, optimizer, scheduler, accelerator, config, counts, training_state,
-              {**state_info, "step": step, **last})
-
     try:
-        model.train()
-        perm, perm_epoch = None, -1
-        with runtime.progress(quiet) as bar:
-            task = bar.add_task("train", total=total_steps, completed=start_step, rate="")
-            for step in range(start_step, total_steps):
-                epoch, s = divmod(step, steps_per_epoch)
-                if epoch != perm_epoch:
-                    g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-                    perm, perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
-                global_batch = perm[s * config.batch_size: (s + 1) * config.batch_size]
-                global_tokens = sum(len(train.target_ids[i]) for i in global_batch)
-                local = sorted(global_batch[rank::world],
-                               key=lambda i: (len(train.prompt_ids[i]) + len(train.target_ids[i]), i))
-                micro = [local[j: j + config.micro_batch_size] for j in range(0, len(local),
-                                                                                config.micro_batch_size)]
-                weight = world / global_tokens
-                if not micro:  # a last batch smaller than the process count: join the all-reduce with zero
-                    micro, weight = [global_batch[:1]], 0.0
-                loss_sum = torch.zeros((), device=accelerator.device)
-                parts_sum = torch.zeros(2, device=accelerator.device)  # cross-entropy, KD (with --kd-weight)
-                for j, indices in enumerate(micro):
-                    batch = train.batch(indices, prompt_pad, target_pad, feature_dtype)
-                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                    sync = nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
-                    with sync, accelerator.autocast():
-                        summed, _, parts = model(**batch, kd_weight=config.kd_weight,
-                                                 kd_temperature=config.kd_temperature, return_parts=True)
-                        accelerator.backward(summed * weight)
-                    loss_sum += summed.detach() * (weight > 0)
-                    parts_sum += torch.stack([parts["ce"], parts.get("kd", parts["ce"] * 0)]) * (weight > 0)
-                grad_norm = None
-                if config.max_grad_norm:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss = float(accelerator.reduce(loss_sum, "sum")) / global_tokens
-                if config.kd_weight:
-                    ce, kd = (float(x) / global_tokens for x in accelerator.reduce(parts_sum, "sum"))
-                seen_examples += len(global_batch)
+        t.model.train()
+        with runtime.progress(t.quiet) as bar:
+            task = bar.add_task("train", total=t.total_steps, completed=t.start_step, rate="")
+            for step, batch in step_batches(t.train, config, t.steps_per_epoch, t.start_step, t.total_steps,
+                                            t.accelerator.process_index, t.accelerator.num_processes):
+                result = train_step(t, batch)
+                loss = result["loss"]
+                t.seen_examples += len(batch.examples)
                 if not math.isfinite(loss):
-                    kept = latest_checkpoint(out)
+                    kept = latest_checkpoint(t.out)
                     raise UserError(f"training loss is {loss} at step {step + 1}: stopped; "
                                     + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was "
                                        "written yet") + " (try a lower --lr or --max-grad-norm)")
-                last["loss"] = loss
-                elapsed = time.perf_counter() - started
-                record = {"step": step + 1, "epoch": epoch, "loss": round(loss, 6),
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": global_tokens,
-                          "examples_per_second": round(seen_examples / elapsed, 2)}
-                if config.kd_weight:
-                    record.update(ce=round(ce, 6), kd=round(kd, 6))
-                if dev is not None and config.eval_every and (step + 1) % config.eval_every == 0:
-                    record["dev_loss"] = last["dev_loss"] = _dev_loss(model, dev, accelerator, config,
-                                                                      prompt_pad, target_pad, feature_dtype)
-                if main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                t.last["loss"] = loss
+                record = _log_step(t, step, batch, result, time.perf_counter() - started)
                 bar.update(task, advance=1, rate=f"loss {loss:.4f}")
-                if main and (step + 1) % config.log_every == 0 and not quiet:
-                    bar.console.print(f"step {step + 1}/{total_steps}  loss {loss:.4f}  lr {record['lr']:.2e}"
+                if main and (step + 1) % config.log_every == 0 and not t.quiet:
+                    bar.console.print(f"step {step + 1}/{t.total_steps}  loss {loss:.4f}  lr {record['lr']:.2e}"
                                       + (f"  dev {record['dev_loss']:.4f}" if "dev_loss" in record else ""))
-                if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-                    checkpoint(A.CHECKPOINT_STEP.format(step + 1), step + 1, True)
-                if (stop.requested or step + 1 == config.stop_after) and step + 1 < total_steps:
-                    checkpoint(A.CHECKPOINT_STEP.format(step + 1), step + 1, True)
-                    saved = out / A.CHECKPOINT_STEP.format(step + 1)
+                if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < t.total_steps:
+                    t.checkpoint(A.CHECKPOINT_STEP.format(step + 1), step + 1, True)
+                if (stop.requested or step + 1 == config.stop_after) and step + 1 < t.total_steps:
+                    t.checkpoint(A.CHECKPOINT_STEP.format(step + 1), step + 1, True)
+                    saved = t.out / A.CHECKPOINT_STEP.format(step + 1)
                     message = f"stopped after step {step + 1}: checkpoint {saved}; continue with --resume"
                     if stop.requested:
                         raise Interrupted(message)
                     runtime.say(message, config.quiet)
-                    return out
-        if dev is not None:
-            last["dev_loss"] = _dev_loss(model, dev, accelerator, config, prompt_pad, target_pad, feature_dtype)
-        seconds = time.perf_counter() - started
-        checkpoint(A.CHECKPOINT_FINAL, total_steps, False)
-        if main:
-            manifest = A.make_manifest(
-                A.KIND_TRAINING, config, model=_model_identity(core), counts=counts,
-                inputs={"train_sha256": identity["inputs"]["inputs"],  # hashed once, at the start (run_identity)
-                        "dev_sha256": identity["inputs"]["dev"],
-                        "kd_logits_manifest_sha256": A.sha256_file(teacher.directory / A.MANIFEST)
-                        if teacher is not None else None},
-                result={"train_loss": last["loss"], "dev_loss": last["dev_loss"]},
-                timing={"seconds": round(seconds, 2), "examples_per_second": round(seen_examples / seconds, 2)},
-                checkpoints=sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")))
-            A.atomic_write_json(out / A.MANIFEST, manifest)
-        runtime.say(f"done: train loss {last['loss']:.4f}" + (f", dev loss {last['dev_loss']:.4f}"
-                                                              if last["dev_loss"] is not None else "")
-                    + f" in {seconds:.1f}s -> {out / A.CHECKPOINT_FINAL}", quiet)
-        return out
+                    return t.out
+        if t.dev is not None:
+            t.last["dev_loss"] = t.dev_loss()
+        finish(t, time.perf_counter() - started)
+        return t.out
     finally:
         stop.__exit__(None, None, None)
+
+
+def _log_step(t: Training, step: int, batch: StepBatch, result: dict[str, float | None],
+              elapsed: float) -> dict[str, Any]:
+    """The step's line of the training log (with the dev loss every --eval-every steps), appended by the main
+    process; returned for the console."""
+    config = t.config
+    record = {"step": step + 1, "epoch": batch.epoch, "loss": round(result["loss"], 6),
+              "lr": t.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"], "tokens": batch.tokens,
+              "examples_per_second": round(t.seen_examples / elapsed, 2)}
+    if config.kd_weight:
+        record.update(ce=round(result["ce"], 6), kd=round(result["kd"], 6))
+    if t.dev is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+        record["dev_loss"] = t.last["dev_loss"] = t.dev_loss()
+    if t.accelerator.is_main_process:
+        with open(t.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
+
+
+def finish(t: Training, seconds: float) -> None:
+    """`final/` (weights only) and the run's manifest: inputs' hashes, last losses, timing, checkpoints."""
+    t.checkpoint(A.CHECKPOINT_FINAL, t.total_steps, False)
+    out, last = t.out, t.last
+    if t.accelerator.is_main_process:
+        manifest = A.make_manifest(
+            A.KIND_TRAINING, t.config, model=_model_identity(t.core), counts=t.counts,
+            inputs={"train_sha256": t.identity["inputs"]["inputs"],  # hashed once, at the start (run_identity)
+                    "dev_sha256": t.identity["inputs"]["dev"],
+                    "kd_logits_manifest_sha256": A.sha256_file(t.teacher.directory / A.MANIFEST)
+                    if t.teacher is not None else None},
+            result={"train_loss": last["loss"], "dev_loss": last["dev_loss"]},
+            timing={"seconds": round(seconds, 2), "examples_per_second": round(t.seen_examples / seconds, 2)},
+            checkpoints=sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")))
+        A.atomic_write_json(out / A.MANIFEST, manifest)
+    runtime.say(f"done: train loss {last['loss']:.4f}" + (f", dev loss {last['dev_loss']:.4f}"
+                                                          if last["dev_loss"] is not None else "")
+                + f" in {seconds:.1f}s -> {out / A.CHECKPOINT_FINAL}", t.quiet)
 
 
 def _teacher(config: TrainConfig):
