@@ -62,6 +62,17 @@ class FeatureStore:
         ids = table.column("input_ids").combine_chunks()
         self._id_values, self._id_offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
         self._files: dict[int, Any] = {}
+        self._verified: set[int] = set()  # shards whose sha256 was checked (a DataLoader worker need not again)
+
+    def __getstate__(self) -> dict[str, Any]:  # for DataLoader workers that are not forked: files reopen there
+        return {**self.__dict__, "_files": {}}
+
+    @property
+    def dtype(self):
+        """The torch dtype the features are stored in."""
+        import torch
+
+        return getattr(torch, self.manifest["feature_dtype"])
 
     @property
     def llm(self) -> dict[str, Any]:
@@ -85,12 +96,19 @@ class FeatureStore:
         if shard not in self._files:
             path = self.directory / A.FEATURES_SHARD.format(shard)
             # checked once, when first read: a damaged shard is named before it can feed training
-            A.verify_file(path, self.manifest["shards"][shard], "feature shard")
+            if shard not in self._verified:
+                A.verify_file(path, self.manifest["shards"][shard], "feature shard")
+                self._verified.add(shard)
             try:
                 self._files[shard] = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types for a bad header
                 raise UserError(f"feature shard is damaged ({e})", path=path) from None
         return self._files[shard]
+
+    def open_all(self) -> None:
+        """Check and open every shard now (before DataLoader workers fork, which then share the open files)."""
+        for shard in range(len(self.manifest["shards"])):
+            self._shard(shard)
 
     def features(self, example_id: str):
         """(length, d_llm) half-precision tensor of one prompt."""

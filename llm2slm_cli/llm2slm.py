@@ -132,6 +132,14 @@ class FrozenLLM:
             self._held["model"].to(device)
         return self
 
+    def whole(self) -> FrozenLLM:
+        """This LLM with its whole model loaded (speculative decoding verifies with its decoder); loaded now if only
+        its encoder was, or nothing."""
+        if self._held["part"] != "all":
+            self._held.update(part="all", model=None)
+            self._load()
+        return self
+
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
