@@ -340,17 +340,23 @@ def _chat_template(value: str | Path | None) -> str | None:
 
 def load(model: str | Path, *, draft: str | Path | None = None, gamma: int = 4, llm: str | None = None,
          tokenizer: str | Path | None = None, dtype: str = "float32", device: str = "auto",
-         template: str | None = None, chat_template: str | Path | None = None) -> Model:
+         template: str | None = None, chat_template: str | Path | None = None, quantize: str = "none",
+         compile: bool = False) -> Model:
     """A model to generate with: a checkpoint directory from `train` or `export` (its LLM is loaded by the name it
     records, or from `llm`), or a plain model (hub id, directory, .gguf, preset:NAME). With `draft` (a
     checkpoint), speculative decoding: `model` is the LLM that verifies and the output is its own.
 
     `template` replaces the checkpoint's training template; `chat_template` (Jinja text or a file) the tokenizer's.
+    `quantize` ("int8", or "int8-body" with a float32 head) decodes on a CPU with int8 weights; `compile` with a
+    static cache and compiled steps (`llm2slm generate --quantize`, `--compile`).
     """
     from llm2slm_cli import runtime
     from llm2slm_cli.llm2slm import read_model_config
+    from llm2slm_cli.quantize import QUANTIZE_CHOICES
     from llm2slm_cli.stages.generate import is_checkpoint, open_model
 
+    if quantize not in QUANTIZE_CHOICES:
+        raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {quantize!r}")
     dev = runtime.device(device)
     spec = str(model)
     if draft is not None:
@@ -359,11 +365,12 @@ def load(model: str | Path, *, draft: str | Path | None = None, gamma: int = 4, 
         recorded = (read_model_config(Path(draft)).llm or {}).get("name")
         verifier = None if recorded is not None and _same_model(recorded, spec) else spec
         impl, identity, own_template, max_length = open_model(
-            str(draft), llm=llm, speculative=True, verifier=verifier, gamma=gamma, dtype=dtype, device=dev)
+            str(draft), llm=llm, speculative=True, verifier=verifier, gamma=gamma, dtype=dtype, device=dev,
+            quantize=quantize, compile=compile)
         kind = "speculative"
     else:
         impl, identity, own_template, max_length = open_model(spec, llm=llm, dtype=dtype, tokenizer=tokenizer,
-                                                              device=dev)
+                                                              device=dev, quantize=quantize, compile=compile)
         kind = "llm2slm" if is_checkpoint(spec) else "plain"
     return Model(impl, name=spec, kind=kind, identity=identity, template=template or own_template,
                  max_prompt_length=max_length, chat_template=_chat_template(chat_template), device=dev)

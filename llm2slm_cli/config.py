@@ -193,6 +193,10 @@ class TrainConfig(ExampleFields):
     warmup_ratio: float = opt(0.1, "Share of steps with linear warm-up; cosine decay to 0 after (paper: 0.1).")
     batch_size: int = opt(128, "Effective batch in examples per optimizer step (paper: 128).")
     micro_batch_size: int = opt(16, "Examples per forward pass; gradients accumulate to --batch-size.")
+    num_workers: int = opt(0, "Background processes that pad micro-batches and read stored features ahead of the "
+                              "step (0: in the training process). The batches, and so the result, are the same.")
+    bucket_by_length: bool = opt(False, "Global batches of examples of similar length (less padding): another, "
+                                        "still seeded, order than the default shuffle.")
     epochs: int = opt(1, "Passes over the training data.")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
     max_grad_norm: float | None = opt(1.0, "Clip gradients to this norm (0: no clipping).")
@@ -236,6 +240,8 @@ class TrainConfig(ExampleFields):
                             f"{self.micro_batch_size}")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError("--warmup-ratio must be in [0, 1)")
+        if self.num_workers < 0:
+            raise UserError(f"--num-workers must be 0 or more, got {self.num_workers}")
         if self.llm is None:
             for name in ("features", "dev_features"):
                 if getattr(self, name) is not None:
@@ -310,6 +316,13 @@ class GenerateConfig(DecodingOptions, ExampleFields):
     dtype: str = opt("float32", "Precision of a plain model, of a checkpoint's SLM and projector (its LLM keeps the "
                                 "precision it was trained with) and of --verifier.",
                      choices=["float32", "bfloat16", "float16"])
+    quantize: str = opt("none", "CPU decoding with int8 weights (torch's dynamic quantization, per output channel): "
+                                "int8: every Linear of the SLM (GPT2's Conv1D too) and of the LLM's encoder, with "
+                                "the output head; int8-body: the head stays float32. Embeddings stay float32.",
+                        choices=["none", "int8", "int8-body"])
+    compile: bool = opt(False, "Decode with a static KV cache (prompt + --max-new-tokens) and the one-token steps "
+                               "compiled by torch.compile (CUDA: CUDA graphs); the same greedy output. Each new "
+                               "batch shape compiles again (tens of seconds on a CPU).")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.")
@@ -343,6 +356,11 @@ class GenerateConfig(DecodingOptions, ExampleFields):
         self._check_decoding(speculative=self.speculative)
         if self.verifier and not self.speculative:
             raise UserError("--verifier is for --speculative decoding")
+        from llm2slm_cli.quantize import check_decode_options
+
+        check_decode_options(quantize=self.quantize, compile=self.compile, speculative=self.speculative)
+        if self.quantize != "none" and self.dtype != "float32":
+            raise UserError(f"--quantize {self.quantize} quantizes float32 weights: leave --dtype {self.dtype} out")
         from llm2slm_cli.models import preset_model_type, refuse_float16
 
         for spec in (self.model, self.verifier):  # presets: known without a file (others: when they load)
@@ -561,6 +579,8 @@ class ServeConfig:
     max_length: int | None = opt(None, "Longest prompt in tokens (default: the checkpoint's, or 512); longer "
                                        "prompts get 400.")
     dtype: str = opt("float32", "Precision of a plain model or verifier.", choices=["float32", "bfloat16", "float16"])
+    quantize: str = opt("none", "CPU decoding with int8 weights, as `generate --quantize` (not with --draft).",
+                        choices=["none", "int8", "int8-body"])
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     quiet: bool = opt(False, "No access log.")
 

@@ -31,15 +31,25 @@ class Stepper:
     Decoder-only: the prompt is left-padded, position ids count real tokens only. Encoder-decoder: the encoder
     output is given once, the decoder starts from nothing and its cache holds the tokens fed so far. The attention
     mask of the tokens to come is allocated once (`reserve`), so a step takes a view instead of a new tensor.
+
+    `static`: transformers' StaticCache, allocated once for the prompt plus `reserve` tokens (encoder-decoder: the
+    encoder's length for cross-attention, `reserve` decoder tokens), so a one-token step has the same shapes every
+    time; `compiled` also runs those steps through torch.compile (CUDA: mode reduce-overhead, i.e. CUDA graphs). The
+    prompt's pass, and an encoder-decoder's first decoder step (which fills the cross-attention cache), stay eager.
+    A static cache cannot be cropped: no `rewind`.
     """
 
-    def __init__(self, model, *, encoder_decoder: bool, reserve: int = 0) -> None:
+    def __init__(self, model, *, encoder_decoder: bool, reserve: int = 0, static: bool = False,
+                 compiled: bool = False) -> None:
         from transformers import DynamicCache, EncoderDecoderCache
 
         self.model = model
         self.encoder_decoder = encoder_decoder
-        self.cache = (EncoderDecoderCache(DynamicCache(), DynamicCache()) if encoder_decoder
-                      else DynamicCache(config=model.config))
+        self.static = static or compiled
+        self._forward = compiled_forward(model) if compiled else model
+        self.cache = None if self.static else (
+            EncoderDecoderCache(DynamicCache(), DynamicCache()) if encoder_decoder
+            else DynamicCache(config=model.config))
         self.reserve = reserve
         self.fed = 0  # tokens fed after the prompt (decoder-only) / in the decoder (encoder-decoder)
         self.mask: torch.Tensor | None = None
@@ -53,6 +63,12 @@ class Stepper:
 
         self.encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden)
         self.encoder_mask = encoder_mask
+        if self.static and self.cache is None:
+            from transformers import EncoderDecoderCache, StaticCache
+
+            self.cache = EncoderDecoderCache(
+                StaticCache(config=self.model.config, max_cache_len=max(self.reserve, 1)),
+                StaticCache(config=self.model.config, max_cache_len=encoder_hidden.shape[1]))
 
     def prefill(self, mask: torch.Tensor, *, input_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False,
@@ -64,6 +80,11 @@ class Stepper:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.next_position = mask.sum(-1)
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        if self.static:
+            from transformers import StaticCache
+
+            self.cache = StaticCache(config=self.model.config, max_cache_len=self._mask_buffer.shape[1])
+            self.mask = self._mask_buffer  # every step reads the whole buffer: the cache's length, fixed
         return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=self.mask,
                           position_ids=positions, past_key_values=self.cache, use_cache=True,
                           output_hidden_states=output_hidden_states, **extra)
@@ -71,6 +92,8 @@ class Stepper:
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed (batch, k) tokens; returns their logits (batch, k, vocab)."""
         k = tokens.shape[1]
+        if self.static:
+            return self._feed_static(tokens)
         if self.encoder_decoder:
             out = self.model(encoder_outputs=self.encoder_outputs, attention_mask=self.encoder_mask,
                              decoder_input_ids=tokens, past_key_values=self.cache, use_cache=True)
@@ -87,8 +110,33 @@ class Stepper:
         self.fed += k
         return out.logits
 
+    def _feed_static(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`feed` with the static cache: the mask is the whole buffer (slots not written yet are causally masked),
+        positions and cache offsets are device tensors, so nothing waits for the device and the shapes never
+        change; the filled cache decides which steps go through the compiled forward."""
+        k = tokens.shape[1]
+        if self.fed + k > self.reserve:
+            raise RuntimeError(f"static cache of {self.reserve} new tokens is full")
+        if self.encoder_decoder:
+            forward = self._forward if self.fed > 0 and k == 1 else self.model  # the first fills cross-attention
+            _cudagraph_step(forward is not self.model)
+            out = forward(encoder_outputs=self.encoder_outputs, attention_mask=self.encoder_mask,
+                          decoder_input_ids=tokens, past_key_values=self.cache, use_cache=True)
+        else:
+            positions = self.next_position.unsqueeze(1) + torch.arange(k, device=tokens.device)
+            forward = self._forward if k == 1 else self.model
+            _cudagraph_step(forward is not self.model)
+            out = forward(input_ids=tokens, attention_mask=self._mask_buffer, position_ids=positions,
+                          past_key_values=self.cache, use_cache=True)
+            self.next_position = self.next_position + k
+        self.fed += k
+        # CUDA graphs write every call's outputs into the same memory: keep this step's apart
+        return out.logits.clone() if forward is not self.model and out.logits.is_cuda else out.logits
+
     def rewind(self, keep: int) -> None:
         """Forget all but the first `keep` tokens fed (drafts that were not accepted)."""
+        if self.static:
+            raise RuntimeError("a static cache cannot be rewound")
         drop = self.fed - keep
         if drop <= 0:
             return
@@ -102,7 +150,10 @@ class Stepper:
         """Every row becomes n consecutive rows (beam search after one prefill of each prompt)."""
         if n == 1:
             return
-        self.cache.batch_repeat_interleave(n)
+        if self.static:
+            _static_layers(self.cache, lambda t: t.repeat_interleave(n, 0))
+        else:
+            self.cache.batch_repeat_interleave(n)
         if self.encoder_decoder:
             hidden = self.encoder_outputs.last_hidden_state.repeat_interleave(n, 0)
             self.start_encoder_decoder(hidden, self.encoder_mask.repeat_interleave(n, 0))
@@ -115,7 +166,45 @@ class Stepper:
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i continues from row rows[i] (beam search). Rows move within their prompt's beams, so the prompt
         masks, positions and encoder output stay as they are."""
-        self.cache.reorder_cache(rows)
+        if self.static:  # in place: the compiled steps read the cache at fixed addresses
+            _static_layers(self.cache, lambda t: t.copy_(t.index_select(0, rows)), self_attention_only=True)
+        else:
+            self.cache.reorder_cache(rows)
+
+
+def _static_layers(cache, fn, *, self_attention_only: bool = False) -> None:
+    """Apply `fn` to the key and value tensors of every layer of a static cache (an EncoderDecoderCache's two)."""
+    caches = [cache]
+    if hasattr(cache, "self_attention_cache"):
+        # rows move within their prompt's beams, so cross-attention (the same for every beam) need not be reordered
+        caches = [cache.self_attention_cache] + ([] if self_attention_only else [cache.cross_attention_cache])
+    for c in caches:
+        for layer in c.layers:
+            if layer.is_initialized:
+                new_keys, new_values = fn(layer.keys), fn(layer.values)
+                if new_keys is not layer.keys:  # a new tensor (repeat): a new static address
+                    layer.keys, layer.values = new_keys, new_values
+                    layer.batch_size = new_keys.shape[0]
+                    torch._dynamo.mark_static_address(layer.keys)
+                    torch._dynamo.mark_static_address(layer.values)
+
+
+def compiled_forward(model):
+    """`model`'s forward through torch.compile, made once per model: mode reduce-overhead (CUDA graphs) on CUDA,
+    inductor's default elsewhere."""
+    compiled = model.__dict__.get("_llm2slm_compiled")
+    if compiled is None:
+        device = next(model.parameters()).device
+        compiled = torch.compile(model.forward, mode="reduce-overhead" if device.type == "cuda" else None,
+                                 fullgraph=False)
+        model.__dict__["_llm2slm_compiled"] = compiled
+    return compiled
+
+
+def _cudagraph_step(compiled: bool) -> None:
+    """Before a compiled call: tell CUDA graphs that the previous step's outputs are no longer needed."""
+    if compiled and torch.cuda.is_available():
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 # A hook that sees the tokens a decoding loop emits, as they are chosen: called with (batch, k >= 1) token ids (the
@@ -193,7 +282,8 @@ class Search:
 
     `min_new_tokens` bans the end token before then; `suppress` ids are never generated; `early_stopping` and
     `length_penalty` are beam search's (transformers' meanings). `check_every` steps between asking whether every
-    row has finished (each ask waits for a GPU; a CPU loses nothing by asking every step)."""
+    row has finished (each ask waits for a GPU; a CPU loses nothing by asking every step). `static_cache` and
+    `compile` choose how the steps run (Stepper), not what they compute: the greedy output is the same."""
 
     max_new_tokens: int
     eos_token_id: int | None
@@ -208,6 +298,8 @@ class Search:
     early_stopping: bool | str = False
     suppress: tuple[int, ...] = ()
     check_every: int = 1
+    static_cache: bool = False
+    compile: bool = False  # static cache + torch.compile of the one-token steps
 
 
 # Options `decode` understands; anything else asked of a generation falls back to transformers' generate.
@@ -264,6 +356,22 @@ def search_from(options: dict[str, Any], generation_config: Any, *, eos: int | N
                   check_every=8 if getattr(device, "type", "cpu") == "cuda" else 1)
 
 
+DECODE_OPTIONS = "_llm2slm_decode_options"
+
+
+def set_decode_options(model, **options: Any) -> None:
+    """How `start` runs `model` from now on: Search fields static_cache and compile (generate --compile)."""
+    model.__dict__[DECODE_OPTIONS] = options
+
+
+def refuse_without_loop(model) -> None:
+    """Called where `model` is about to decode with transformers' generate: refuse if it was set to decode
+    compiled, which only this toolkit's loop does."""
+    if model.__dict__.get(DECODE_OPTIONS):
+        raise UserError("--compile needs this toolkit's decoding loop; these options (stop strings, or generation "
+                        "settings it does not do) need transformers' generate: leave --compile out")
+
+
 def start(model, mask: torch.Tensor, search: Search, *, input_ids: torch.Tensor | None = None,
           inputs_embeds: torch.Tensor | None = None, decoder_start: int | None = None
           ) -> tuple[Stepper, torch.Tensor]:
@@ -272,7 +380,13 @@ def start(model, mask: torch.Tensor, search: Search, *, input_ids: torch.Tensor 
     Decoder-only prompts are left-padded; an encoder-decoder model reads right-padded ones with its encoder and
     its decoder starts from `decoder_start`. Only the last position's logits are computed where the model allows."""
     encoder_decoder = bool(model.config.is_encoder_decoder)
-    step = Stepper(model, encoder_decoder=encoder_decoder, reserve=search.max_new_tokens)
+    options = model.__dict__.get(DECODE_OPTIONS)
+    if options:
+        from dataclasses import replace
+
+        search = replace(search, **options)
+    step = Stepper(model, encoder_decoder=encoder_decoder, reserve=search.max_new_tokens,
+                   static=search.static_cache, compiled=search.compile)
     if encoder_decoder:
         encoder = model.get_encoder()
         hidden = encoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state

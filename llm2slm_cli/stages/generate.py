@@ -57,7 +57,7 @@ class PlainModel:
         `streamer` (decoding.Streamer) sees our loop's tokens step by step."""
         import torch
 
-        from llm2slm_cli.decoding import generate_plain, search_from
+        from llm2slm_cli.decoding import generate_plain, refuse_without_loop, search_from
         from llm2slm_cli.padding import right_to_left, strip_generated
 
         tok = self.prompt_tokenizer
@@ -67,6 +67,8 @@ class PlainModel:
             right_to_left(prompt_ids, prompt_mask)
         search = search_from(generation, self.model.generation_config, eos=tok.eos_token_id, pad=tok.pad_token_id,
                              device=ids.device)
+        if search is None:
+            refuse_without_loop(self.model)
         with torch.inference_mode():
             if search is not None:
                 out = generate_plain(self.model, ids, mask, search, streamer=streamer)
@@ -127,7 +129,7 @@ def load_generator(config: GenerateConfig, device):
     """A checkpoint directory from `train`, or any plain model spec; with --speculative, a draft and its LLM."""
     return open_model(config.model, llm=config.llm, speculative=config.speculative, verifier=config.verifier,
                       gamma=config.gamma, seed=config.seed, dtype=config.dtype, tokenizer=config.tokenizer,
-                      device=device)
+                      device=device, quantize=config.quantize, compile=config.compile)
 
 
 def _cast(model, dtype: str, path: Path):
@@ -147,17 +149,25 @@ def is_checkpoint(spec: str | Path) -> bool:
 
 
 def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, verifier: str | None = None,
-               gamma: int = 4, seed: int = 0, dtype: str = "float32", tokenizer=None, device="cpu"):
+               gamma: int = 4, seed: int = 0, dtype: str = "float32", tokenizer=None, device="cpu",
+               quantize: str = "none", compile: bool = False):
     """(model, identity, template, max prompt length) for a checkpoint or a plain model spec; with `speculative`,
-    the checkpoint `spec` drafts for `verifier` (default: the LLM it was trained with)."""
+    the checkpoint `spec` drafts for `verifier` (default: the LLM it was trained with). `quantize` "int8" or
+    "int8-body" (quantize.py) and `compile` (a static cache and compiled steps in decoding.decode) change how it
+    decodes; the identity records them."""
     from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
+    from llm2slm_cli.quantize import check_decode_options, check_quantize
 
     path = Path(spec)
+    check_decode_options(quantize=quantize, compile=compile, speculative=speculative)
+    check_quantize(quantize, device=device, dtype=dtype)
     if speculative and not is_checkpoint(path):
         raise UserError("--speculative needs a checkpoint from `train` as --model (the draft)", path=spec)
     if is_checkpoint(path):
         model = _cast(LLMToSLM.from_pretrained(path, llm_spec=llm, device=device), dtype, path)
         identity = {"name": str(path), "kind": "llm2slm", **_asdict(model.config)}
+        if quantize != "none" or compile:
+            identity.update(_decode_as(model, quantize, compile))
         if speculative:
             if verifier:
                 checker = FrozenLLM(verifier, dtype=dtype, device=device)
@@ -171,7 +181,30 @@ def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, 
                     model.config.template, model.config.max_prompt_length)
         return model, identity, model.config.template, model.config.max_prompt_length
     plain = PlainModel(spec, dtype=dtype, tokenizer=tokenizer, device=device)
+    if quantize != "none" or compile:
+        plain.identity.update(_decode_as(plain, quantize, compile))
     return plain, plain.identity, None, plain.max_prompt_length
+
+
+def _decode_as(model, quantize: str, compile: bool) -> dict[str, Any]:
+    """Quantize `model` in place and/or set it to decode with a static cache and compiled steps; what to add to its
+    identity."""
+    from llm2slm_cli.decoding import search_from, set_decode_options
+    from llm2slm_cli.quantize import quantize_model
+
+    done = quantize_model(model, quantize)
+    if compile:
+        if getattr(model, "config", None) is not None and (model.config.peft or {}).get("peft_type") in (
+                "PROMPT_TUNING", "PREFIX_TUNING"):
+            raise UserError("--compile does not take a prompt- or prefix-tuned checkpoint (it decodes with "
+                            "transformers' generate)")
+        target = model.model if isinstance(model, PlainModel) else model.slm
+        g = target.generation_config
+        if search_from({"max_new_tokens": 1}, g, eos=g.eos_token_id, pad=g.pad_token_id, device=None) is None:
+            raise UserError("--compile needs this toolkit's decoding loop, and this model's generation config asks "
+                            "for what only transformers' generate does (penalties, forced or banned words)")
+        set_decode_options(target, static_cache=True, compile=True)
+    return {**({"quantization": done} if done else {}), **({"compile": True} if compile else {})}
 
 
 def _checkpoint_template(path: Path) -> str | None:

@@ -18,7 +18,7 @@ def build(config: ServeConfig):
 
     model = load(config.model, draft=config.draft, gamma=config.gamma, llm=config.llm, tokenizer=config.tokenizer,
                  dtype=config.dtype, device=config.device, template=config.template,
-                 chat_template=config.chat_template)
+                 chat_template=config.chat_template, quantize=config.quantize)
     if config.max_length is not None:
         model.max_prompt_length = config.max_length
     engine = Engine(model, max_batch_size=config.max_batch_size, batch_wait_ms=config.batch_wait_ms,
