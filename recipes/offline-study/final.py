@@ -17,8 +17,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
     parser.add_argument("rows", nargs="+")
+    parser.add_argument("--bench", default="bench", help="the speed bench's directory under ROOT")
     args = parser.parse_args()
-    bench = json.loads((args.root / "bench" / "bench.json").read_text())
+    bench = json.loads((args.root / args.bench / "bench.json").read_text())
     speed = {r["label"]: r for r in bench["rows"] if r.get("part", "main") == "main" and r["batch_size"] == 1}
     print("| row | BLEU [95% CI] | chrF [95% CI] | p (chrF vs SLM alone) | distinct | loops | ms/token | "
           "speedup vs Gemma | parameters | training budget |")
