@@ -1,0 +1,240 @@
+"""Measuring every planned row: each model loaded once, only the row's own models resident; and --throughput."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm2slm_cli import artifacts as A
+from llm2slm_cli import runtime
+from llm2slm_cli.bench.plan import Plan, sweep_lengths
+from llm2slm_cli.bench.rows import assisted_row, can_share, llm2slm_row, plain_row, shared_llm, speculative_row
+from llm2slm_cli.config import BenchConfig
+from llm2slm_cli.errors import UserError
+
+
+@dataclass
+class Session:
+    """One run's measuring: its settings, the progress bar, the LLM while it is loaded, and what came out so far
+    (rows' results, their models' identities for the manifest, settings not measured, --throughput rows)."""
+
+    config: BenchConfig
+    device: Any
+    bar: Any
+    task: Any
+    texts: list[str] | None
+    frozen: Any = None  # the FrozenLLM of --llm while rows built on it run; dropped before checkpoints with their own
+    results: list[dict[str, Any]] = field(default_factory=list)
+    identities: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    throughput: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def dtype(self):
+        from llm2slm_cli import models as M
+
+        return M.torch_dtype(self.config.dtype)
+
+    def measure(self, *rows: Any) -> None:
+        """Rows sharing loaded models, timed side by side (B.measure) at every batch size and sweep length;
+        results listed row by row."""
+        from llm2slm_cli import benchmarking as B
+
+        config = self.config
+        common = dict(prompt_length=config.prompt_length, num_beams=config.num_beams, warmup=config.warmup,
+                      repeats=config.repeats, flops=config.flops, seed=config.seed, device=self.device,
+                      texts=self.texts, whole=config.whole_prompts)
+        got: list[list[dict[str, Any]]] = [[] for _ in rows]
+        names = " | ".join(r.label for r in rows)
+        points = [("main", b, config.new_tokens) for b in config.batch_size] + \
+            [("sweep", config.batch_size[0], n) for n in sweep_lengths(config)]
+        for part, batch, n in points:
+            self.bar.update(self.task, description=f"{names}: batch {batch}" if part == "main" else
+                            f"{names}: {n} tokens")
+            measured = B.measure(list(rows), batch=batch, new_tokens=n, warm=part == "sweep", **common)
+            for row, mine, m in zip(rows, got, measured):
+                if isinstance(m, B.Unsupported):
+                    self.skipped.append(f"{row.label}, batch {batch}: {m}" if part == "main" else
+                                        f"{row.label}, {n} tokens: {m}")
+                else:
+                    mine.append({**m, "part": part})
+                    self.bar.update(self.task, rate=f"{m['ms_per_token']:.1f} ms/token")
+            self.bar.update(self.task, advance=len(rows))
+        for mine in got:
+            self.results.extend(mine)
+
+
+def measure_rows(config: BenchConfig, plans: list[Plan], device: Any
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[str], list[dict[str, Any]]]:
+    """Every row at every batch size (and sweep length); each model loaded once, only the row's own resident.
+
+    SLMs alone first, then the LLM and everything built on it, then checkpoints that bring an LLM of their own."""
+    texts = _prompt_texts(config)
+    with runtime.progress(config.quiet) as bar:
+        task = bar.add_task("bench", total=len(plans) * (len(config.batch_size) + len(sweep_lengths(config))),
+                            rate="")
+        s = Session(config, device, bar, task, texts)
+        _slm_rows(s, plans)
+        if config.llm:
+            s.frozen = _load_llm(s)
+            _llm_rows(s, plans)
+        _checkpoint_rows(s, plans)
+    return s.results, s.identities, s.skipped, s.throughput
+
+
+def _slm_rows(s: Session, plans: list[Plan]) -> None:
+    """Each SLM alone, loaded once for its rows (ours and, with --compare, transformers')."""
+    from llm2slm_cli import models as M
+
+    for spec in dict.fromkeys(p.slm for p in plans if p.role == "SLM"):
+        if M.model_kind(M.load_config(spec)) == "encoder-only":
+            raise UserError(f"the SLM {spec!r} is encoder-only and cannot generate")
+        slm = M.load_model(spec, dtype=s.config.dtype, role="SLM").to(s.device)
+        tok = _tokenizer_or_none(spec) if s.texts else None
+        group = [p for p in plans if p.role == "SLM" and p.slm == spec]
+        for plan in group:
+            s.identities[plan.label] = {"slm": plan.slm, "parameters": _count(slm), "engine": plan.engine}
+        s.measure(*(plain_row(plan, slm, tok) for plan in group))
+        del slm
+        free_memory()
+
+
+def _load_llm(s: Session):
+    from llm2slm_cli.llm2slm import FrozenLLM
+
+    return FrozenLLM(s.config.llm, dtype=s.config.dtype, device=s.device, tokenizer_optional=not s.texts,
+                     tokenizer_option=None)
+
+
+def _llm_rows(s: Session, plans: list[Plan]) -> None:
+    """Everything built on the loaded LLM: its own rows, --throughput, LLM-to-SLM with fresh projectors, assisted
+    generation and speculative decoding."""
+    from llm2slm_cli import models as M
+    from llm2slm_cli.llm2slm import LLMToSLM
+
+    config, device, dtype, frozen = s.config, s.device, s.dtype, s.frozen
+    group = [p for p in plans if p.role == "LLM"]
+    for plan in group:
+        s.identities[plan.label] = {"llm": plan.llm, "parameters": _count(frozen.model), "engine": plan.engine}
+    if group:
+        s.measure(*(plain_row(plan, frozen.model, frozen.tokenizer) for plan in group))
+    if config.throughput:
+        s.throughput += _throughput(config, frozen, device, s.bar)
+    for spec in dict.fromkeys(p.slm for p in plans if p.role == "LLM-to-SLM"):
+        model = LLMToSLM.build(spec, frozen, slm_dtype=config.dtype).to(device=device, dtype=dtype).eval()
+        group = [p for p in plans if p.role == "LLM-to-SLM" and p.slm == spec]
+        for plan in group:
+            s.identities[plan.label] = {"llm": plan.llm, "slm": plan.slm, "projector": "fresh",
+                                        "vocab_adapter": model.config.vocab_adapter, "engine": plan.engine,
+                                        "parameters": _count(model), "llm_parameters": _count(frozen.model)}
+        s.measure(*(llm2slm_row(plan, model) for plan in group))
+        del model
+        free_memory()
+    for plan in (p for p in plans if p.role == "assisted"):
+        if plan.checkpoint is not None:
+            assistant = LLMToSLM.from_pretrained(plan.checkpoint, device=device).plain_slm().to(dtype=dtype)
+        else:
+            assistant = M.load_model(plan.slm, dtype=config.dtype, role="SLM").to(device).eval()
+        if assistant.config.vocab_size != frozen.model.config.vocab_size and \
+                frozen.model.config.vocab_size < assistant.config.vocab_size:
+            raise UserError(f"--assistant {plan.label}: its vocabulary ({assistant.config.vocab_size}) is not "
+                            f"the LLM's ({frozen.model.config.vocab_size})")
+        s.identities[plan.label] = {"assistant": str(plan.checkpoint or plan.slm), "verifier": plan.llm,
+                                    "engine": plan.engine, "parameters": _count(assistant)}
+        s.measure(assisted_row(plan, frozen.model, assistant, frozen.tokenizer))
+        del assistant
+        free_memory()
+    for plan in (p for p in plans if p.role == "speculative"):
+        # a draft made with this LLM at another layer shares it too (speculative_generate reads its layer)
+        draft = LLMToSLM.from_pretrained(plan.checkpoint, llm=shared_llm(frozen, plan.checkpoint, any_layer=True),
+                                         device=device).to(dtype=dtype)
+        s.identities[plan.label] = {"draft": str(plan.checkpoint), "verifier": plan.llm, "gamma": config.gamma,
+                                    "weights_sha256": A.sha256_file(plan.checkpoint / A.MODEL_WEIGHTS),
+                                    "parameters": _count(draft), "engine": plan.engine}
+        s.measure(speculative_row(plan, draft.eval(), frozen, config.gamma))
+        del draft
+        free_memory()
+
+
+def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
+    """Trained checkpoints: those made with exactly the loaded LLM reuse it; the others then load their own, one
+    at a time (the shared LLM is dropped first)."""
+    from llm2slm_cli.llm2slm import LLMToSLM
+
+    checkpoints = list(dict.fromkeys(p.checkpoint for p in plans if p.role == "checkpoint"))
+    shared = [c for c in checkpoints if can_share(s.frozen, c)]
+    for directory in shared + [c for c in checkpoints if c not in shared]:
+        if directory not in shared and s.frozen is not None:
+            s.frozen = None
+            free_memory()
+        model = LLMToSLM.from_pretrained(directory, llm=s.frozen, device=s.device).to(dtype=s.dtype).eval()
+        group = [p for p in plans if p.role == "checkpoint" and p.checkpoint == directory]
+        for plan in group:
+            s.identities[plan.label] = {"checkpoint": str(directory), "llm": plan.llm, "slm": plan.slm,
+                                        "weights_sha256": A.sha256_file(directory / A.MODEL_WEIGHTS),
+                                        "parameters": _count(model), "engine": plan.engine}
+        s.measure(*(llm2slm_row(plan, model) for plan in group))
+        del model
+        free_memory()
+
+
+def _throughput(config: BenchConfig, frozen: Any, device: Any, bar: Any) -> list[dict[str, Any]]:
+    """encode's prompt tokens/s and train's examples/s over the batch sizes x prompt lengths of --throughput."""
+    from llm2slm_cli import benchmarking as B
+    from llm2slm_cli.llm2slm import LLMToSLM
+
+    batches = [int(x) for x in config.throughput_batch_sizes.split(",") if x.strip()]
+    lengths = [int(x) for x in config.throughput_lengths.split(",") if x.strip()]
+    common = dict(warmup=config.warmup, repeats=config.repeats, seed=config.seed, device=device)
+    rows = []
+    task = bar.add_task("throughput", total=2 * len(batches) * len(lengths), rate="")
+    for length in lengths:
+        for batch in batches:
+            bar.update(task, description=f"encode {batch}x{length}")
+            rows.append({"llm": config.llm, "slm": None, **B.encode_throughput(frozen, batch=batch, length=length,
+                                                                                 **common)})
+            bar.update(task, advance=1)
+    model = LLMToSLM.build(config.slm[0], frozen, slm_dtype=config.dtype).to(device=device)
+    for length in lengths:
+        for batch in batches:
+            bar.update(task, description=f"train {batch}x{length}")
+            rows.append({"llm": config.llm, "slm": config.slm[0],
+                         **B.train_throughput(model, batch=batch, length=length,
+                                              target_length=config.throughput_target_length, **common)})
+            bar.update(task, advance=1)
+    del model
+    free_memory()
+    return rows
+
+
+def _prompt_texts(config: BenchConfig) -> list[str] | None:
+    """The prompts of --prompts (an examples file, with the template and fields of the other stages)."""
+    if config.prompts is None:
+        return None
+    from llm2slm_cli.data import Fields, read_examples
+
+    examples = read_examples([config.prompts], Fields(prompt=config.prompt_field, target=None, id=None,
+                                                      template=config.template))
+    return [e.prompt for e in examples]
+
+
+def _tokenizer_or_none(spec: str):
+    from llm2slm_cli import models as M
+
+    try:
+        return M.load_tokenizer(spec, local_only=True)
+    except UserError:
+        return None
+
+
+def _count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

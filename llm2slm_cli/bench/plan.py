@@ -1,0 +1,110 @@
+"""Which rows a `bench` run has: the options turned into row plans, checked before anything is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm2slm_cli import artifacts as A
+from llm2slm_cli.config import BenchConfig
+from llm2slm_cli.errors import UserError
+
+
+@dataclass
+class Plan:
+    """A row before anything is loaded: enough to check labels and options up front."""
+
+    label: str
+    role: str  # "LLM", "SLM", "LLM-to-SLM", "checkpoint", "speculative", "assisted"
+    llm: str | None
+    slm: str | None
+    checkpoint: Path | None = None
+    engine: str = "llm2slm"  # "llm2slm" (decoding.decode) or "transformers" (its generate)
+
+    def twin(self) -> Plan:
+        """The same row decoded by transformers' generate (bench --compare)."""
+        return Plan(f"{self.label} [transformers]", self.role, self.llm, self.slm, self.checkpoint, "transformers")
+
+
+def short_name(spec: str) -> str:
+    from llm2slm_cli import models as M
+
+    try:
+        src = M.resolve(spec)
+    except UserError:
+        return spec
+    return src.name if src.kind == "preset" else Path(spec).name if src.kind != "hub" else spec
+
+
+def same_spec(spec: str | None) -> str | None:
+    """A model name as the rows compare it ('tiny-t5' and 'preset:tiny-t5' are the same model)."""
+    from llm2slm_cli import models as M
+
+    if spec is None:
+        return None
+    try:
+        return M.resolve(spec).spec
+    except UserError:
+        return spec
+
+
+def plan_rows(config: BenchConfig) -> list[Plan]:
+    from llm2slm_cli import models as M
+    from llm2slm_cli.llm2slm import read_model_config
+
+    plans: list[Plan] = []
+    one = len(config.slm) == 1
+    if config.llm and M.model_kind(M.load_config(config.llm)) != "encoder-only":  # an encoder cannot generate
+        plans.append(Plan("LLM", "LLM", config.llm, None))
+    plans += [Plan("SLM" if one else f"SLM:{short_name(s)}", "SLM", None, s) for s in config.slm]
+    if config.llm:
+        plans += [Plan("LLM-to-SLM" if one else f"LLM-to-SLM:{short_name(s)}", "LLM-to-SLM", config.llm, s)
+                  for s in config.slm]
+    for item in config.model:
+        label, _, directory = (x.strip() for x in item.partition("="))
+        cfg = read_model_config(Path(directory))
+        plans.append(Plan(label, "checkpoint", cfg.llm["name"] if cfg.llm else None, cfg.slm, Path(directory)))
+    if config.compare:  # every row that decodes with generate, once more with transformers' generate
+        plans = [q for p in plans for q in (p.twin(), p)]
+    for item in config.speculative:
+        label, _, directory = (x.strip() for x in item.partition("="))
+        cfg = read_model_config(Path(directory))
+        if not config.llm:
+            raise UserError(f"--speculative {label}: name the LLM that checks the drafts with --llm")
+        plans.append(Plan(label, "speculative", config.llm, cfg.slm, Path(directory)))
+    for item in config.assistant:
+        label, _, spec = (x.strip() for x in item.partition("="))
+        if not config.llm:
+            raise UserError(f"--assistant {label}: name the LLM it drafts for with --llm")
+        directory = Path(spec)
+        if (directory / "llm2slm.json").is_file():
+            cfg = read_model_config(directory)
+            if cfg.llm is not None:
+                raise UserError(f"--assistant {label}: {spec} reads the LLM's features; transformers' assisted "
+                                "generation needs a plain model (a checkpoint trained without --llm, or a model)")
+            plans.append(Plan(label, "assisted", config.llm, cfg.slm, directory, "transformers"))
+        else:
+            plans.append(Plan(label, "assisted", config.llm, spec, None, "transformers"))
+    labels = [p.label for p in plans]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise UserError(f"two rows are labelled {label!r}: give each --model a label of its own")
+    if M.DTYPES.get(config.dtype) == "float16":  # before any row is measured: every model of every row
+        for p in plans:
+            types = [A.read_json_or_none(p.checkpoint / A.SLM_CONFIG, "model_type") if p.checkpoint is not None
+                     else M.load_config(p.slm).model_type if p.slm is not None else None,
+                     M.load_config(p.llm).model_type if p.llm is not None and p.checkpoint is None else None]
+            for model_type in types:
+                M.refuse_float16(model_type, config.dtype, f"row {p.label!r}")
+    longest = config.prompt_length + max([config.new_tokens, *sweep_lengths(config)])
+    for spec in {p.llm for p in plans if p.role == "LLM"} | set(config.slm):
+        hf = M.load_config(spec)
+        limit = getattr(hf, "n_positions", None) or getattr(hf, "max_position_embeddings", None)
+        if M.model_kind(hf) == "decoder-only" and isinstance(limit, int) and longest > limit:
+            raise UserError(f"{spec!r} reads at most {limit} positions: --prompt-length {config.prompt_length} plus "
+                            f"{longest - config.prompt_length} new tokens is {longest}")
+    return plans
+
+
+def sweep_lengths(config: BenchConfig) -> list[int]:
+    return [int(x) for x in config.lengths.split(",") if x.strip()] if config.lengths else []

@@ -1,0 +1,75 @@
+"""Timed rows (benchmarking.Row) from loaded models: plain models, LLM-to-SLM models, assisted and speculative
+decoding; and whether a checkpoint can share the LLM already loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llm2slm_cli.bench.plan import Plan, same_spec
+from llm2slm_cli.errors import UserError
+
+
+def plain_row(plan: Plan, model: Any, tokenizer: Any = None):
+    from llm2slm_cli import benchmarking as B
+
+    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.plain_generate(model, plan.engine), [model],
+                 B.prompt_vocab(model.config, tokenizer), B.special_ids(model.config, tokenizer), tokenizer=tokenizer,
+                 engine=plan.engine)
+
+
+def assisted_row(plan: Plan, model: Any, assistant: Any, tokenizer: Any = None):
+    from llm2slm_cli import benchmarking as B
+
+    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.assisted_generate(model, assistant), [model, assistant],
+                 B.prompt_vocab(model.config, tokenizer), B.special_ids(model.config, tokenizer), tokenizer=tokenizer,
+                 engine=plan.engine)
+
+
+def speculative_row(plan: Plan, draft: Any, verifier: Any, gamma: int):
+    from llm2slm_cli import benchmarking as B
+    from llm2slm_cli.decoding import SpeculativeStats
+
+    stats = SpeculativeStats()
+    config, tok = verifier.model.config, verifier.tokenizer
+    modules = [draft, verifier.model] + ([draft.llm.model] if draft.llm is not None and
+                                         draft.llm.model is not verifier.model else [])
+    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.speculative_generate_fn(draft, verifier, gamma, stats),
+                 modules, B.prompt_vocab(config, tok), B.special_ids(config, tok), tokenizer=tok, speculative=stats)
+
+
+def llm2slm_row(plan: Plan, model: Any):
+    from llm2slm_cli import benchmarking as B
+
+    llm = model.llm if model.has_llm else None
+    config = llm.config if llm is not None else model.slm.config
+    tok = model.prompt_tokenizer
+    modules = [model] + ([llm.model] if llm is not None else [])
+    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.llm2slm_generate(model, plan.engine), modules,
+                 B.prompt_vocab(config, tok), B.special_ids(config, tok) | {model.config.pad_token_id,
+                                                                             model.config.eos_token_id},
+                 tokenizer=tok, engine=plan.engine)
+
+
+def can_share(llm: Any, checkpoint: Path) -> bool:
+    """Whether a checkpoint was made with exactly this LLM (weights, layer, tokenizer), so it need not load its own."""
+    return shared_llm(llm, checkpoint, any_layer=False) is not None
+
+
+def shared_llm(llm: Any, checkpoint: Path, *, any_layer: bool) -> Any:
+    """The loaded LLM (a view at the checkpoint's layer with `any_layer`) if the checkpoint was made with exactly
+    its weights and tokenizer; else None, and the checkpoint loads its own."""
+    from llm2slm_cli.llm2slm import check_llm, read_model_config
+
+    expected = read_model_config(checkpoint).llm
+    if llm is None or expected is None or same_spec(expected["name"]) != same_spec(llm.spec):
+        return None
+    if expected.get("dtype") != llm.dtype:
+        return None
+    if any_layer and llm.kind == "decoder-only" and expected.get("layer") != llm.layer:
+        llm = llm.at_layer(expected["layer"])
+    try:
+        check_llm(llm, expected, f"checkpoint {checkpoint}")
+    except UserError:
+        return None
+    return llm
