@@ -98,7 +98,7 @@ class TrainPlan:
 class _MicroBatches:
     """Map-style dataset: item k is the k-th micro-batch of steps [start, stop), made by `make(indices)`."""
 
-    def __init__(self, plan: TrainPlan, start: int, stop: int, make: Callable[[list[int]], dict[str, Any]]) -> None:
+    def __init__(self, plan: TrainPlan, start: int, stop: int, make: Callable[[list[int]], Any]) -> None:
         import numpy as np
 
         self.plan, self.start, self.make = plan, start, make
@@ -108,23 +108,23 @@ class _MicroBatches:
     def __len__(self) -> int:
         return self.ends[-1] if self.ends else 0
 
-    def __getitem__(self, k: int) -> dict[str, Any]:
+    def __getitem__(self, k: int) -> Any:
         i = bisect.bisect_right(self.ends, k)
         j = k - (self.ends[i - 1] if i else 0)
         return self.make(self.plan(self.start + i).micro[j])
 
 
-def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+def _identity(batch: Any) -> Any:
     return batch
 
 
 class TrainLoader:
     """The micro-batches of steps [start, stop) in training order, prepared ahead by a torch DataLoader.
 
-    `next_batch()` returns the next one (a dict of CPU tensors, pinned with `pin_memory`) and adds the time it
-    waited for it to `waited` (seconds), the share of the step that data loading costs the training loop."""
+    `next_batch()` returns the next one (what `make(indices)` returns, its tensors pinned with `pin_memory`) and adds
+    the time it waited for it to `waited` (seconds): the share of the step that data loading costs the loop."""
 
-    def __init__(self, plan: TrainPlan, start: int, stop: int, make: Callable[[list[int]], dict[str, Any]], *,
+    def __init__(self, plan: TrainPlan, start: int, stop: int, make: Callable[[list[int]], Any], *,
                  num_workers: int = 0, prefetch: int = 2, pin_memory: bool = False) -> None:
         import torch
         from torch.utils.data import DataLoader
@@ -135,11 +135,12 @@ class TrainLoader:
             pin_memory=pin_memory, prefetch_factor=prefetch if num_workers else None,
             persistent_workers=False, generator=torch.Generator().manual_seed(0),  # never the global generator
             multiprocessing_context="fork" if num_workers and _can_fork() else None)
-        self._it: Iterator[dict[str, Any]] | None = None
+        self._it: Iterator[Any] | None = None
+        self.pinned = pin_memory
         self.waited = 0.0
         self.batches = 0
 
-    def next_batch(self) -> dict[str, Any]:
+    def next_batch(self) -> Any:
         started = time.perf_counter()
         if self._it is None:
             self._it = iter(self.loader)

@@ -128,7 +128,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 # Options a resumed run may change: they change neither the weights nor the loss log. Every other option must be the
 # interrupted run's, --max-steps and --epochs included (the run's length fixes the learning-rate schedule).
 RESUME_FREE = ("resume", "overwrite", "quiet", "stop_after", "device", "log_every", "save_every", "out",
-               "count_parameters", "json")
+               "count_parameters", "json", "num_workers")
 # Options naming inputs: compared by their contents' sha256, so a moved file or directory still resumes.
 INPUT_OPTIONS = {"inputs": "training input", "dev": "dev input", "features": "training features (--features)",
                  "dev_features": "dev features (--dev-features)", "kd_logits": "teacher logits (--kd-logits)"}
@@ -267,8 +267,10 @@ def check_inputs(config: TrainConfig, out: Path) -> Inputs:
 
 
 def load_llm(config: TrainConfig, inputs: Inputs, device: Any):
-    """The frozen LLM (None without --llm): on the training device when it encodes on the fly, on the CPU when
-    features are stored (it then only checks them). Stored decoder-only features fix the layer."""
+    """The frozen LLM (None without --llm): on the training device when it encodes on the fly (a T5 LLM's encoder
+    alone); with stored features nothing is loaded (its identity is checked from the weight files' sha256, and the
+    LLM loads only if it must encode, e.g. dev examples without --dev-features). Stored decoder-only features fix the
+    layer."""
     if config.llm is None:
         return None
     from llm2slm_cli.llm2slm import FrozenLLM
@@ -279,7 +281,7 @@ def load_llm(config: TrainConfig, inputs: Inputs, device: Any):
         layer = str(manifest["llm"]["layer"])
     on_the_fly = config.features is None
     return FrozenLLM(config.llm, layer=layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
-                     device=device if on_the_fly else "cpu")
+                     device=device if on_the_fly else "cpu", weights="encoder" if on_the_fly else "lazy")
 
 
 def open_feature_stores(config: TrainConfig, llm) -> tuple[Any | None, Any | None]:
@@ -389,6 +391,7 @@ class Training:
     feature_dtype: Any
     last: dict[str, float | None] = field(default_factory=lambda: {"loss": None, "dev_loss": None})
     seen_examples: int = 0
+    loader: Any = None  # batching.TrainLoader: the training micro-batches, prepared ahead
 
     @property
     def log_path(self) -> Path:
@@ -398,6 +401,16 @@ class Training:
         """Where a micro-batch's tensors come from: the split's rows `indices`, padded, on the training device."""
         batch = split.batch(indices, self.prompt_pad, self.target_pad, self.feature_dtype)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def train_batch(self, indices: list[int]) -> dict[str, Any]:
+        """The next training micro-batch from the loader (which follows the same plan as `step_batches`), on the
+        training device, features cast there."""
+        from llm2slm_cli.batching import to_device
+
+        got, batch = self.loader.next_batch()
+        if got != indices:
+            raise RuntimeError(f"the data loader is out of step: examples {got[:4]} for {indices[:4]}")
+        return to_device(batch, self.accelerator.device, self.feature_dtype, non_blocking=self.loader.pinned)
 
     def checkpoint(self, name: str, step: int, training_state: bool) -> None:
         state = {"total_steps": self.total_steps, "seed": self.config.seed, "batch_size": self.config.batch_size,
@@ -455,29 +468,45 @@ class StepBatch:
     weight: float
 
 
-def step_batches(train: Split, config: TrainConfig, steps_per_epoch: int, start_step: int, total_steps: int,
-                 rank: int, world: int):
-    """Where batches come from: (step, StepBatch) for each step from `start_step`. The order is a permutation drawn
-    from (seed, epoch) alone, so a resumed run sees the same batches; each process takes every world-th example of
-    the global batch, sorted by length into micro-batches."""
+def train_plan(train: Split, config: TrainConfig, rank: int, world: int):
+    """The run's order (batching.TrainPlan): a permutation drawn from (seed, epoch) alone (regrouped by length with
+    --bucket-by-length), so a resumed run sees the same batches; each process takes every world-th example of the
+    global batch, sorted by length into micro-batches."""
+    from llm2slm_cli.batching import TrainPlan
+
+    return TrainPlan(len(train), seed=config.seed, batch_size=config.batch_size,
+                     micro_batch_size=config.micro_batch_size, prompt_lengths=[len(p) for p in train.prompt_ids],
+                     target_lengths=[len(t) for t in train.target_ids], rank=rank, world=world,
+                     bucket_by_length=config.bucket_by_length)
+
+
+def step_batches(plan, start_step: int, total_steps: int):
+    """Where batches come from: (step, StepBatch) for each step from `start_step`, as `plan` (train_plan) orders
+    them."""
+    for step in range(start_step, total_steps):
+        p = plan(step)
+        yield step, StepBatch(p.epoch, p.global_batch, p.global_tokens, p.micro, p.weight)
+
+
+def open_loader(t: Training, plan):
+    """The DataLoader of the training micro-batches from the start step on (--num-workers background processes;
+    pinned memory on CUDA); stored features stay half precision until the device."""
+    import functools
+
     import torch
 
-    n = len(train)
-    perm, perm_epoch = None, -1
-    for step in range(start_step, total_steps):
-        epoch, s = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            perm, perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
-        global_batch = perm[s * config.batch_size: (s + 1) * config.batch_size]
-        global_tokens = sum(len(train.target_ids[i]) for i in global_batch)
-        local = sorted(global_batch[rank::world],
-                       key=lambda i: (len(train.prompt_ids[i]) + len(train.target_ids[i]), i))
-        micro = [local[j: j + config.micro_batch_size] for j in range(0, len(local), config.micro_batch_size)]
-        weight = world / global_tokens
-        if not micro:  # a last batch smaller than the process count: join the all-reduce with zero
-            micro, weight = [global_batch[:1]], 0.0
-        yield step, StepBatch(epoch, global_batch, global_tokens, micro, weight)
+    from llm2slm_cli.batching import TrainLoader
+
+    dtype = t.train.store.dtype if t.train.store is not None else torch.float32
+    if t.train.store is not None and t.config.num_workers:
+        t.train.store.open_all()  # checked once here; forked workers share the open files
+    make = functools.partial(_indexed_batch, t.train, prompt_pad=t.prompt_pad, target_pad=t.target_pad, dtype=dtype)
+    return TrainLoader(plan, t.start_step, t.total_steps, make, num_workers=t.config.num_workers,
+                       pin_memory=t.accelerator.device.type == "cuda")
+
+
+def _indexed_batch(split: Split, indices: list[int], **kw: Any) -> tuple[list[int], dict[str, Any]]:
+    return list(indices), split.batch(indices, **kw)
 
 
 def train_step(t: Training, batch: StepBatch) -> dict[str, float | None]:
@@ -489,7 +518,7 @@ def train_step(t: Training, batch: StepBatch) -> dict[str, float | None]:
     loss_sum = torch.zeros((), device=device)
     parts_sum = torch.zeros(2, device=device)  # cross-entropy, KD (with --kd-weight)
     for j, indices in enumerate(batch.micro):
-        tensors = t.batch(t.train, indices)
+        tensors = t.train_batch(indices)
         sync = nullcontext() if j == len(batch.micro) - 1 else accelerator.no_sync(t.model)
         with sync, accelerator.autocast():
             summed, _, parts = t.model(**tensors, kd_weight=config.kd_weight, kd_temperature=config.kd_temperature,
@@ -515,12 +544,13 @@ def train_loop(t: Training) -> Path:
     config, main = t.config, t.accelerator.is_main_process
     stop = runtime.StopOnInterrupt(t.quiet).__enter__()  # first Ctrl-C: finish the step, checkpoint, stop
     started = time.perf_counter()
+    plan = train_plan(t.train, config, t.accelerator.process_index, t.accelerator.num_processes)
+    t.loader = open_loader(t, plan)
     try:
         t.model.train()
         with runtime.progress(t.quiet) as bar:
             task = bar.add_task("train", total=t.total_steps, completed=t.start_step, rate="")
-            for step, batch in step_batches(t.train, config, t.steps_per_epoch, t.start_step, t.total_steps,
-                                            t.accelerator.process_index, t.accelerator.num_processes):
+            for step, batch in step_batches(plan, t.start_step, t.total_steps):
                 result = train_step(t, batch)
                 loss = result["loss"]
                 t.seen_examples += len(batch.examples)
@@ -547,9 +577,11 @@ def train_loop(t: Training) -> Path:
                     return t.out
         if t.dev is not None:
             t.last["dev_loss"] = t.dev_loss()
+        t.loader.close()
         finish(t, time.perf_counter() - started)
         return t.out
     finally:
+        t.loader.close()
         stop.__exit__(None, None, None)
 
 
@@ -583,7 +615,11 @@ def finish(t: Training, seconds: float) -> None:
                     "kd_logits_manifest_sha256": A.sha256_file(t.teacher.directory / A.MANIFEST)
                     if t.teacher is not None else None},
             result={"train_loss": last["loss"], "dev_loss": last["dev_loss"]},
-            timing={"seconds": round(seconds, 2), "examples_per_second": round(t.seen_examples / seconds, 2)},
+            timing={"seconds": round(seconds, 2), "examples_per_second": round(t.seen_examples / seconds, 2),
+                    # the training loop's time blocked on the next micro-batch (batching.TrainLoader)
+                    "data_wait_seconds": round(t.loader.waited, 3),
+                    "data_wait_share": round(t.loader.waited / seconds, 4) if seconds else None,
+                    "num_workers": t.config.num_workers},
             checkpoints=sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")))
         A.atomic_write_json(out / A.MANIFEST, manifest)
     runtime.say(f"done: train loss {last['loss']:.4f}" + (f", dev loss {last['dev_loss']:.4f}"
