@@ -410,7 +410,10 @@ class Training:
         got, batch = self.loader.next_batch()
         if got != indices:
             raise RuntimeError(f"the data loader is out of step: examples {got[:4]} for {indices[:4]}")
-        return to_device(batch, self.accelerator.device, self.feature_dtype, non_blocking=self.loader.pinned)
+        started = time.perf_counter()  # the copy and the features' cast count as waiting for data too
+        batch = to_device(batch, self.accelerator.device, self.feature_dtype, non_blocking=self.loader.pinned)
+        self.loader.waited += time.perf_counter() - started
+        return batch
 
     def checkpoint(self, name: str, step: int, training_state: bool) -> None:
         state = {"total_steps": self.total_steps, "seed": self.config.seed, "batch_size": self.config.batch_size,
