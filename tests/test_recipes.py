@@ -28,6 +28,7 @@ DRY_RUNS = {
     "paper-summarization": [((), {"train", "generate", "eval", "bench"})],
     "speculative": [((), {"distill-labels", "train", "bench"})],
     "speed": [((), {"bench"}), (("gemma-sd",), {"bench"})],
+    "gpu": [((), {"bench"}), (("SMOKE=1",), {"bench"})],
     "offline-study": [((), {"convert", "encode", "train", "generate", "eval", "bench"}),
                       (("DS=2", "KS=1 4", "slm-d2", "llm2slm-d2-k4"), {"convert", "encode", "train", "generate",
                                                                         "eval"}),
@@ -164,3 +165,24 @@ def test_offline_study_curves_table_and_plot(tmp_path):
     missing = subprocess.run([sys.executable, str(ROOT / "recipes" / "offline-study" / "curves.py"),
                               str(tmp_path / "none")], capture_output=True, text=True)
     assert missing.returncode == 1 and "no */train/train_log.jsonl" in missing.stderr
+
+
+@pytest.mark.slow
+def test_gpu_device_check_runs_end_to_end_on_tiny_presets(tmp_path):
+    """recipes/gpu's commands as a GPU machine would run them, on tiny presets on this CPU: every part measured
+    (eager, --compile, throughput) and summary.md with every row at both batch sizes."""
+    done = subprocess.run(["make", "-C", str(ROOT / "recipes" / "gpu"), "SMOKE=1", f"OUT={tmp_path}",
+                           f"LLM2SLM={BIN / 'llm2slm'}", f"PYTHON={sys.executable}"], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    logs = "".join(p.read_text()[-2000:] for p in tmp_path.glob("*.log"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + logs
+    summary = (tmp_path / "summary.md").read_text()
+    assert "not measured" not in summary, summary + logs
+    for part in ("eager", "compiled"):
+        rows = json.loads((tmp_path / part / "bench.json").read_text())["rows"]
+        assert sorted((r["label"], r["batch_size"]) for r in rows if r.get("part", "main") == "main") == sorted(
+            (label, b) for label in ("LLM", "SLM:tiny-t5", "SLM:tiny-gpt2", "LLM-to-SLM:tiny-t5",
+                                     "LLM-to-SLM:tiny-gpt2") for b in (1, 2)), rows
+    stages = [r["stage"] for r in json.loads((tmp_path / "throughput" / "bench.json").read_text())["throughput"]]
+    assert stages == ["encode", "train"]
+    assert summary.count("| LLM-to-SLM") == 4
