@@ -31,7 +31,7 @@ class Row:
     """One model to time, with what it is made of (for the table) and the vocabulary its prompts are drawn from."""
 
     label: str
-    role: str  # "LLM", "SLM", "LLM-to-SLM" or "checkpoint"
+    role: str  # "LLM", "SLM", "LLM-to-SLM", "checkpoint", "speculative", "assisted" or "peer"
     llm: str | None
     slm: str | None
     generate: GenerateFn
@@ -40,7 +40,9 @@ class Row:
     special_ids: set[int] = field(default_factory=set)
     tokenizer: Any = None  # for --prompts (real text instead of random ids)
     speculative: Any = None  # SpeculativeStats of the timed runs, for speculative decoding rows
-    engine: str = "llm2slm"  # whose decoding loop: "llm2slm" (decoding.decode) or "transformers" (generate)
+    engine: str = "llm2slm"  # whose decoding loop: "llm2slm" (decoding.decode), "transformers" (generate), or a
+    # peer runtime's ("ctranslate2", "llama.cpp")
+    file_bytes: int | None = None  # a peer runtime's weight files: its weights are not torch modules
 
 
 class Unsupported(Exception):
@@ -335,7 +337,7 @@ def summarize(row: Row, seconds: list[float], *, batch: int, prompt_length: int,
         "tokens_per_s": batch * new_tokens / median,
         "flops_per_token": total_flops / new_tokens if total_flops is not None else None,
         "flops_total": float(total_flops) if total_flops is not None else None,
-        "weights_mb": weight_bytes(row.modules) / mb,
+        "weights_mb": (row.file_bytes if row.file_bytes is not None else weight_bytes(row.modules)) / mb,
         "cuda_peak_mb": cuda_peak / mb if cuda_peak is not None else None,
         "process_peak_rss_mb": rss / mb if rss is not None else None,
         "run_seconds": list(seconds),

@@ -36,14 +36,14 @@ class Session:
 
         return M.torch_dtype(self.config.dtype)
 
-    def measure(self, *rows: Any) -> None:
+    def measure(self, *rows: Any, flops: bool = True) -> None:
         """Rows sharing loaded models, timed side by side (B.measure) at every batch size and sweep length;
-        results listed row by row."""
+        results listed row by row. `flops`: False for rows torch's flop counter cannot see (peer runtimes)."""
         from llm2slm_cli import benchmarking as B
 
         config = self.config
         common = dict(prompt_length=config.prompt_length, num_beams=config.num_beams, warmup=config.warmup,
-                      repeats=config.repeats, flops=config.flops, seed=config.seed, device=self.device,
+                      repeats=config.repeats, flops=config.flops and flops, seed=config.seed, device=self.device,
                       texts=self.texts, whole=config.whole_prompts)
         got: list[list[dict[str, Any]]] = [[] for _ in rows]
         names = " | ".join(r.label for r in rows)
@@ -58,7 +58,7 @@ class Session:
                     self.skipped.append(f"{row.label}, batch {batch}: {m}" if part == "main" else
                                         f"{row.label}, {n} tokens: {m}")
                 else:
-                    mine.append({**m, "part": part})
+                    mine.append({**m, "part": part, "greedy_match": None})
                     self.bar.update(self.task, rate=f"{m['ms_per_token']:.1f} ms/token")
             self.bar.update(self.task, advance=len(rows))
         for mine in got:
@@ -80,6 +80,9 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any
             s.frozen = _load_llm(s)
             _llm_rows(s, plans)
         _checkpoint_rows(s, plans)
+        s.frozen = None  # peer runtimes run with none of our models resident
+        free_memory()
+        _peer_rows(s, plans)
     return s.results, s.identities, s.skipped, s.throughput
 
 
@@ -176,6 +179,39 @@ def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
                                         "parameters": _count(model), "engine": plan.engine}
         s.measure(*(llm2slm_row(plan, model) for plan in group))
         del model
+        free_memory()
+
+
+def _peer_rows(s: Session, plans: list[Plan]) -> None:
+    """CTranslate2 and llama.cpp rows, one model at a time; with --peer-source, their greedy tokens checked against
+    ours on the source model (float32), on the first batch-1 prompt the row was timed on."""
+    import torch
+
+    from llm2slm_cli import benchmarking as B
+    from llm2slm_cli.bench import peers
+
+    config = s.config
+    context = config.prompt_length + max([config.new_tokens, *sweep_lengths(config)]) + 8
+    for plan in (p for p in plans if p.role == "peer"):
+        model = peers.load_peer(plan, s.device, context)
+        tok = _tokenizer_or_none(plan.slm) if s.texts and plan.slm else None
+        row = peers.peer_row(plan, model, tok)
+        s.identities[plan.label] = {"runtime": plan.engine, "version": model.version, "model": str(plan.path),
+                                    "compute_type": plan.compute_type, "threads": torch.get_num_threads(),
+                                    "device": model.device, "source": plan.slm,
+                                    "weights_sha256": A.sha256_file(plan.path / "model.bin"
+                                                                    if plan.engine == "ctranslate2" else plan.path)}
+        first = len(s.results)
+        s.measure(row, flops=False)
+        for r in s.results[first:]:  # the runtime's own device and precision, not --device and --dtype
+            r.update(device=model.device, dtype=plan.compute_type or "gguf")
+        if plan.slm is not None:
+            ids, _ = B.prompts_for(row, 1, config.prompt_length, config.seed, s.device, s.texts, config.whole_prompts)
+            check = peers.greedy_check(model, plan.slm, ids, config.new_tokens)
+            s.identities[plan.label]["greedy_check"] = check
+            for r in (r for r in s.results[first:] if r["part"] == "main"):
+                r["greedy_match"] = check["same_prefix_tokens"] / config.new_tokens
+        del model, row
         free_memory()
 
 

@@ -15,11 +15,13 @@ class Plan:
     """A row before anything is loaded: enough to check labels and options up front."""
 
     label: str
-    role: str  # "LLM", "SLM", "LLM-to-SLM", "checkpoint", "speculative", "assisted"
+    role: str  # "LLM", "SLM", "LLM-to-SLM", "checkpoint", "speculative", "assisted", "peer"
     llm: str | None
-    slm: str | None
+    slm: str | None  # for a peer row: the model it was converted from (--peer-source), if given
     checkpoint: Path | None = None
-    engine: str = "llm2slm"  # "llm2slm" (decoding.decode) or "transformers" (its generate)
+    engine: str = "llm2slm"  # "llm2slm" (decoding.decode), "transformers" (its generate), "ctranslate2", "llama.cpp"
+    path: Path | None = None  # a peer row's model: a CTranslate2 directory or a GGUF file
+    compute_type: str | None = None  # a CTranslate2 row's
 
     def twin(self) -> Plan:
         """The same row decoded by transformers' generate (bench --compare)."""
@@ -85,12 +87,13 @@ def plan_rows(config: BenchConfig) -> list[Plan]:
             plans.append(Plan(label, "assisted", config.llm, cfg.slm, directory, "transformers"))
         else:
             plans.append(Plan(label, "assisted", config.llm, spec, None, "transformers"))
+    plans += _peer_plans(config)
     labels = [p.label for p in plans]
     for label in labels:
         if labels.count(label) > 1:
             raise UserError(f"two rows are labelled {label!r}: give each --model a label of its own")
     if M.DTYPES.get(config.dtype) == "float16":  # before any row is measured: every model of every row
-        for p in plans:
+        for p in (p for p in plans if p.role != "peer"):  # a peer runs its own compute type
             types = [A.read_json_or_none(p.checkpoint / A.SLM_CONFIG, "model_type") if p.checkpoint is not None
                      else M.load_config(p.slm).model_type if p.slm is not None else None,
                      M.load_config(p.llm).model_type if p.llm is not None and p.checkpoint is None else None]
@@ -108,3 +111,36 @@ def plan_rows(config: BenchConfig) -> list[Plan]:
 
 def sweep_lengths(config: BenchConfig) -> list[int]:
     return [int(x) for x in config.lengths.split(",") if x.strip()] if config.lengths else []
+
+
+def _peer_plans(config: BenchConfig) -> list[Plan]:
+    """--ctranslate2 (one row per --ct2-compute-type) and --llama-cpp rows, their runtimes installed and their
+    models present; --peer-source names the model each was converted from."""
+    from llm2slm_cli import models as M
+    from llm2slm_cli.bench import peers
+
+    sources = {}
+    for item in config.peer_source:
+        label, _, spec = (x.strip() for x in item.partition("="))
+        M.load_config(spec)  # a model that is not there is refused before any row runs
+        sources[label] = spec
+    plans: list[Plan] = []
+    types = [t.strip() for t in config.ct2_compute_type.split(",") if t.strip()]
+    if config.ctranslate2:
+        peers.require("ctranslate2", "--ctranslate2")
+    for item in config.ctranslate2:
+        label, _, directory = (x.strip() for x in item.partition("="))
+        peers.check_ct2_directory(label, Path(directory))
+        plans += [Plan(label if len(types) == 1 else f"{label} [{t}]", "peer", None, sources.get(label),
+                       engine="ctranslate2", path=Path(directory), compute_type=t) for t in types]
+    if config.llama_cpp:
+        peers.require("llama_cpp", "--llama-cpp")
+    for item in config.llama_cpp:
+        label, _, path = (x.strip() for x in item.partition("="))
+        peers.check_gguf_file(label, Path(path))
+        plans.append(Plan(label, "peer", None, sources.get(label), engine="llama.cpp", path=Path(path)))
+    named = {x.strip() for item in config.ctranslate2 + config.llama_cpp for x in [item.partition("=")[0]]}
+    for label in sources:
+        if label not in named:
+            raise UserError(f"--peer-source {label}: there is no --ctranslate2 or --llama-cpp row labelled {label!r}")
+    return plans

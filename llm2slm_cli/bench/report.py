@@ -20,7 +20,7 @@ COLUMNS = ["label", "role", "engine", "part", "llm", "slm", "device", "dtype", "
            "new_tokens", "num_beams", "repeats", "seconds_median", "seconds_min", "seconds_max", "ms_per_token",
            "ms_per_token_min", "ms_per_token_max", "tokens_per_s", "speedup_vs_llm", "time_vs_slm", "slm_row",
            "flops_per_token", "flops_total", "weights_mb", "cuda_peak_mb", "process_peak_rss_mb", "acceptance_rate",
-           "tokens_per_llm_call", "run_seconds"]
+           "tokens_per_llm_call", "greedy_match", "run_seconds"]
 
 
 def write_outputs(out: Path, config: BenchConfig, rows: list[dict[str, Any]], quality: dict[str, tuple[str, float]],
@@ -180,6 +180,8 @@ def print_table(rows: list[dict[str, Any]], quality: dict[str, tuple[str, float]
              "weights MB", "CUDA peak MB" if cuda else "process peak RSS MB"] + (["quality"] if quality else [])
     spec = any(r["acceptance_rate"] is not None for r in main)
     names += ["accepted", "tokens/LLM call"] if spec else []
+    checked = any(r["greedy_match"] is not None for r in main)
+    names += ["greedy = ours"] if checked else []
     for name in names:
         table.add_column(name, justify="left" if name == "row" else "right")
     for r in main:
@@ -191,6 +193,7 @@ def print_table(rows: list[dict[str, Any]], quality: dict[str, tuple[str, float]
                  f"{r['weights_mb']:.1f}", num(r["cuda_peak_mb"] if cuda else r["process_peak_rss_mb"], ".0f")]
         cells += [f"{q[1]:.2f} {q[0]}" if q else "-"] if quality else []
         cells += [num(r["acceptance_rate"], ".1%"), num(r["tokens_per_llm_call"], ".2f")] if spec else []
+        cells += [num(r["greedy_match"], ".0%")] if checked else []
         table.add_row(*cells)
     console.print(table)
     sweep = [r for r in rows if r["part"] == "sweep"]

@@ -54,8 +54,9 @@ def run(config: BenchConfig) -> Path:
             results, identities, skipped, throughput = measure_rows(config, plans, device)
         order = {label: i for i, label in enumerate(labels)}
         results.sort(key=lambda r: (r["part"] != "main", order[r["label"]], r["batch_size"], r["new_tokens"]))
-        for r in results:
-            r.update(device=str(device), dtype=config.dtype)
+        for r in results:  # peer runtimes' rows carry their own
+            r.setdefault("device", str(device))
+            r.setdefault("dtype", config.dtype)
         B.add_ratios(results, lambda r: same_spec(r["slm"]))
         rows = [{c: r[c] for c in COLUMNS} for r in results]
         A.prepare_output_dir(out, overwrite=config.overwrite, resumable=False)  # --overwrite: the old results go now

@@ -1,0 +1,155 @@
+"""Peer runtimes as `llm2slm bench` rows: a real CTranslate2 row on a tiny converted preset (same protocol, exact
+lengths, its greedy tokens checked against ours), and one-line errors for a runtime that is not installed or a model
+that is not there. The llama.cpp row runs where llama-cpp-python is installed, on a GGUF file written here."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import error_line
+
+TINY = ["--new-tokens", "6", "--prompt-length", "10", "--repeats", "2", "--warmup", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def ct2_dir(tmp_path_factory):
+    """tiny-t5 with noisy weights saved as a transformers directory (hf/, beside it), then converted by
+    CTranslate2's converter. Fresh weights alone decode one token over and over, which would make the greedy check
+    trivially true; the noise makes the greedy tokens vary."""
+    ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install "
+                                                            "'llm2slm-cli[ctranslate2]')")
+    import torch
+
+    from llm2slm_cli import models as M
+
+    d = tmp_path_factory.mktemp("ct2")
+    model = M.load_model("preset:tiny-t5")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 2.0)
+    M.save_plain(model, d / "hf")
+    M.load_tokenizer("preset:tiny-t5").save_pretrained(str(d / "hf"))
+    ctranslate2.converters.TransformersConverter(str(d / "hf")).convert(str(d / "ct2"))
+    return d / "ct2"
+
+
+def test_ctranslate2_rows_beside_ours(cli, ct2_dir, tmp_path):
+    out = tmp_path / "b"
+    hf = ct2_dir.parent / "hf"
+    cli("bench", "--slm", hf, "--ctranslate2", f"ct2={ct2_dir}", "--ct2-compute-type", "float32,int8",
+        "--peer-source", f"ct2={hf}", *TINY, "--out", out, "--quiet")
+    rows = {r["label"]: r for r in pq.read_table(out / "bench.parquet").to_pylist()}
+    assert set(rows) == {"SLM", "ct2 [float32]", "ct2 [int8]"}
+    for label in ("ct2 [float32]", "ct2 [int8]"):
+        r = rows[label]
+        assert (r["role"], r["engine"], r["device"]) == ("peer", "ctranslate2", "cpu")
+        assert r["new_tokens"] == 6 and r["prompt_length"] == 10 and r["batch_size"] == 1 and r["repeats"] == 2
+        assert 0 < r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"] < 30
+        assert r["ms_per_token"] == pytest.approx(r["seconds_median"] / 6 * 1000)
+        assert r["flops_per_token"] is None and r["weights_mb"] == pytest.approx(
+            (ct2_dir / "model.bin").stat().st_size / 2**20)
+        assert r["time_vs_slm"] == pytest.approx(r["seconds_median"] / rows["SLM"]["seconds_median"])
+    assert rows["ct2 [float32]"]["dtype"] == "float32" and rows["ct2 [int8]"]["dtype"] == "int8"
+    assert rows["SLM"]["greedy_match"] is None
+    models = json.loads((out / "manifest.json").read_text())["models"]
+    check = models["ct2 [float32]"]["greedy_check"]
+    # the same fp32 model decoded greedily by both: the same tokens
+    assert check["equal"] and check["same_prefix_tokens"] == 6 and rows["ct2 [float32]"]["greedy_match"] == 1.0
+    assert models["ct2 [int8]"]["runtime"] == "ctranslate2" and models["ct2 [int8]"]["threads"] == 1
+
+
+def test_the_ctranslate2_row_generates_exactly_n_tokens(ct2_dir):
+    """The length the row reports is the length CTranslate2 produced (end token suppressed until then)."""
+    import torch
+
+    from llm2slm_cli.bench.peers import CT2Model
+
+    model = CT2Model(ct2_dir, "int8", torch.device("cpu"), threads=1)
+    for n in (1, 7):
+        assert [len(t) for t in model.generate_ids([[10, 11, 12], [40, 41, 42]], n, 1)] == [n, n]
+    assert len(set(model.generate_ids([list(range(10, 20))], 6, 1)[0])) > 1  # the greedy check compares something
+
+
+def test_a_missing_runtime_is_one_line_and_exit_2(cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # find_spec: not installed
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    msg = error_line(cli, "bench", "--ctranslate2", f"x={tmp_path}", "--out", tmp_path / "o")
+    assert "pip install 'llm2slm-cli[ctranslate2]'" in msg and "ctranslate2" in msg
+    msg = error_line(cli, "bench", "--llama-cpp", f"x={tmp_path / 'm.gguf'}", "--out", tmp_path / "o")
+    assert "pip install 'llm2slm-cli[llama-cpp]'" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_peer_inputs_are_checked_before_anything_runs(cli, tmp_path):
+    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
+    assert "not a CTranslate2 model directory" in error_line(cli, "bench", "--ctranslate2", f"x={tmp_path}",
+                                                             "--out", tmp_path / "o")
+    assert "--ct2-compute-type" in error_line(cli, "bench", "--ctranslate2", f"x={tmp_path}", "--ct2-compute-type",
+                                              "int4", "--out", tmp_path / "o")
+    assert "no --ctranslate2 or --llama-cpp row labelled 'y'" in error_line(
+        cli, "bench", "--slm", "tiny-t5", "--peer-source", "y=tiny-t5", "--out", tmp_path / "o")
+
+
+def test_llama_cpp_row(cli, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                            "'llm2slm-cli[llama-cpp]')")
+    gguf = tmp_path / "tiny-llama.gguf"
+    _write_tiny_llama_gguf(gguf)
+    out = tmp_path / "b"
+    cli("bench", "--llama-cpp", f"lcpp={gguf}", *TINY, "--batch-size", "1", "--batch-size", "2", "--out", out,
+        "--quiet")
+    rows = pq.read_table(out / "bench.parquet").to_pylist()
+    assert [(r["label"], r["engine"], r["batch_size"], r["new_tokens"]) for r in rows] == [("lcpp", "llama.cpp", 1, 6)]
+    assert 0 < rows[0]["seconds_median"] < 30
+    assert any("llama.cpp rows take batch size 1" in s for s in json.loads((out / "bench.json").read_text())["skipped"])
+
+
+def _write_tiny_llama_gguf(path) -> None:
+    """A tiny Llama in GGUF (fresh weights, a 260-token byte vocabulary), written with the gguf package."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d, ff, layers, heads, kv, vocab = 64, 128, 2, 4, 2, 260
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(d)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(d // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama")
+    tokens = ["<unk>", "<s>", "</s>", "<pad>"] + [f"<0x{i:02X}>" for i in range(256)]
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([2, 3, 3, 3] + [6] * 256)  # unknown, control x3, byte tokens
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def tensor(name, *shape):
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+
+    tensor("token_embd.weight", vocab, d)
+    w.add_tensor("output_norm.weight", np.ones(d, dtype=np.float32))
+    tensor("output.weight", vocab, d)
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, dtype=np.float32))
+        tensor(f"blk.{i}.attn_q.weight", d, d)
+        tensor(f"blk.{i}.attn_k.weight", kv * d // heads, d)
+        tensor(f"blk.{i}.attn_v.weight", kv * d // heads, d)
+        tensor(f"blk.{i}.attn_output.weight", d, d)
+        tensor(f"blk.{i}.ffn_gate.weight", ff, d)
+        tensor(f"blk.{i}.ffn_up.weight", ff, d)
+        tensor(f"blk.{i}.ffn_down.weight", d, ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
