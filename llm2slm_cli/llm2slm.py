@@ -725,12 +725,12 @@ class LLMToSLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: Path, *, llm: FrozenLLM | None = None, llm_spec: str | None = None,
                         device: str | torch.device = "cpu", unverified: bool = False,
-                        llm_weights: LLMWeights = "lazy") -> LLMToSLM:
+                        llm_weights: LLMWeights = "encoder") -> LLMToSLM:
         """Load a checkpoint; its LLM is named by the name it records (or by `llm_spec`, or is the copy `export` put
-        in DIR/llm) and must match its fingerprint; its weights are loaded as `llm_weights` says (by default when it
-        first encodes, its encoder only: see FrozenLLM). The weights and config files are checked against the manifest's
-        sha256 first; a checkpoint without a manifest is refused unless `unverified` (or
-        LLM2SLM_UNVERIFIED_CHECKPOINTS=1)."""
+        in DIR/llm) and must match its fingerprint; its weights are loaded as `llm_weights` says (by default a T5
+        LLM's encoder alone; "lazy": when it first encodes, e.g. never with stored features; see FrozenLLM). The
+        weights and config files are checked against the manifest's sha256 first; a checkpoint without a manifest
+        is refused unless `unverified` (or LLM2SLM_UNVERIFIED_CHECKPOINTS=1)."""
         from safetensors.torch import load_model
 
         directory = Path(directory)
