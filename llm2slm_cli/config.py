@@ -299,6 +299,8 @@ class GenerateConfig(DecodingOptions, ExampleFields):
                             "finish_reason) instead of text lines.")
     llm: str | None = opt(None, "Load the checkpoint's LLM from here instead of the name it records (its "
                                 "fingerprint must match).")
+    features: Path | None = opt(None, "The prompts' features from `encode` with the checkpoint's LLM (the same "
+                                      "examples and template): its weights are then never loaded.")
     max_new_tokens: int = opt(128, "Longest response in tokens.")
     max_length: int | None = opt(None, "Longest prompt in tokens (default: the checkpoint's, or 512).")
     strict: bool = opt(False, "Refuse over-long prompts instead of truncating them.")
@@ -356,6 +358,9 @@ class GenerateConfig(DecodingOptions, ExampleFields):
         self._check_decoding(speculative=self.speculative)
         if self.verifier and not self.speculative:
             raise UserError("--verifier is for --speculative decoding")
+        if self.features is not None and (self.speculative or self.prompt):
+            raise UserError("--features gives stored prompts' features: not with --speculative (the LLM runs "
+                            "there) or --prompt")
         from llm2slm_cli.quantize import check_decode_options
 
         check_decode_options(quantize=self.quantize, compile=self.compile, speculative=self.speculative)
@@ -437,6 +442,9 @@ class EvalConfig(ExampleFields):
         _positive(self, "bootstrap_samples", "judge_timeout")
 
 
+CT2_COMPUTE_TYPES = ("int8", "float32", "int8_float32", "float16", "int8_float16", "bfloat16", "int8_bfloat16")
+
+
 @dataclass(kw_only=True)
 class BenchConfig:
     """Measure decoding speed the paper's way: ms per generated token for --new-tokens tokens after a
@@ -458,6 +466,19 @@ class BenchConfig:
     assistant: list[str] = opt([], "transformers' assisted generation as LABEL=MODEL (repeatable): MODEL (a model "
                                    "with the LLM's vocabulary, or a checkpoint trained without --llm) drafts for "
                                    "--llm; greedy, batch 1 (other settings are listed as not measured).")
+    ctranslate2: list[str] = opt([], "A peer runtime row timed by CTranslate2 as LABEL=DIR (repeatable): DIR is a "
+                                     "model converted by ct2-transformers-converter (T5, GPT2, ...); needs "
+                                     "pip install 'llm2slm-cli[ctranslate2]'. Same protocol, no FLOPs.")
+    ct2_compute_type: str = opt("int8", "Comma-separated CTranslate2 compute types for --ctranslate2 rows (int8, "
+                                        "float32, int8_float32; float16 on a GPU): one row per type, labelled "
+                                        "'LABEL [TYPE]' when there are several.")
+    llama_cpp: list[str] = opt([], "A peer runtime row timed by llama.cpp as LABEL=FILE.gguf (repeatable), with "
+                                   "torch's thread count; batch 1, greedy; needs pip install "
+                                   "'llm2slm-cli[llama-cpp]'.")
+    peer_source: list[str] = opt([], "LABEL=MODEL (repeatable): the model a --ctranslate2 or --llama-cpp row was "
+                                     "converted from (directory, hub id or preset:NAME). Its greedy tokens are "
+                                     "compared with this toolkit's greedy decoding of MODEL in float32 on the same "
+                                     "prompt (column greedy_match), and its time with MODEL's --slm row.")
     throughput: bool = opt(False, "Also measure encode (LLM prompt tokens/s, --llm) and train (examples/s of the "
                                   "LLM-to-SLM step with stored features, --llm and the first --slm) over "
                                   "--throughput-batch-sizes x --throughput-lengths.")
@@ -498,7 +519,7 @@ class BenchConfig:
         if self.slm is None or isinstance(self.slm, str):  # BenchConfig(slm="t5-small") from Python: one SLM
             self.slm = [self.slm] if self.slm else []
         check_numbers(self)
-        if not (self.llm or self.slm or self.model):
+        if not (self.llm or self.slm or self.model or self.ctranslate2 or self.llama_cpp):
             raise UserError("nothing to measure: give --llm, --slm and/or --model LABEL=DIR")
         _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads", "gamma",
                   "throughput_target_length")
@@ -527,11 +548,15 @@ class BenchConfig:
                 raise UserError(f"--lengths must be comma-separated integers, got {self.lengths!r}") from None
             if not sweep or any(n <= 0 for n in sweep):
                 raise UserError(f"--lengths must be positive integers, got {self.lengths!r}")
-        for name in ("model", "quality", "assistant", "speculative"):
+        types = [t.strip() for t in self.ct2_compute_type.split(",") if t.strip()]
+        if not types or any(t not in CT2_COMPUTE_TYPES for t in types) or len(set(types)) != len(types):
+            raise UserError(f"--ct2-compute-type takes distinct comma-separated types among "
+                            f"{', '.join(CT2_COMPUTE_TYPES)}, got {self.ct2_compute_type!r}")
+        for name in ("model", "quality", "assistant", "speculative", "ctranslate2", "llama_cpp", "peer_source"):
             for item in getattr(self, name):
                 label, sep, path = item.partition("=")
                 if not (sep and label.strip() and path.strip()):
-                    raise UserError(f"--{name} takes LABEL=DIR, got {item!r}")
+                    raise UserError(f"--{name.replace('_', '-')} takes LABEL=DIR, got {item!r}")
 
 
 @dataclass(kw_only=True)
