@@ -120,16 +120,21 @@ def test_train_with_stored_features_loads_no_llm_weights(cli, toy_files, llm_dir
 
 
 def test_generate_from_stored_features_of_a_checkpoint_loads_no_llm_weights(cli, toy_files, llm_dirs, tmp_path,
-                                                                             llm_loads):
+                                                                             llm_loads, monkeypatch):
     spec = llm_dirs["tiny-t5-large"]
     cli("encode", toy_files["dev"], "--model", spec, "--out", tmp_path / "dev-feats", "--quiet")
     cli("encode", toy_files["train"], "--model", spec, "--out", tmp_path / "feats", "--quiet")
     final = _train(cli, toy_files, spec, tmp_path / "feats", tmp_path / "run")
-    args = ["generate", toy_files["dev"], "--model", final, "--num-beams", "1", "--max-new-tokens", "4", "--quiet"]
-    cli(*args, "--out", tmp_path / "on-the-fly")
+    args = ["generate", toy_files["dev"], "--model", final, "--num-beams", "2", "--max-new-tokens", "6", "--quiet"]
     llm_loads.clear()
     cli(*args, "--features", tmp_path / "dev-feats", "--out", tmp_path / "stored")
     assert llm_loads == []
+    real = FrozenLLM.encode  # the features as stored: float16
+    monkeypatch.setattr(FrozenLLM, "encode", lambda self, *a: real(self, *a).half().float())
+    cli(*args, "--out", tmp_path / "on-the-fly")
+    assert llm_loads == [str(spec)]  # on the fly: the LLM is loaded (its encoder alone)
+    msg = error_line(cli, *args, "--features", tmp_path / "feats", "--out", tmp_path / "other")
+    assert "has no features in" in msg, msg
     import pyarrow.parquet as pq
 
     a = pq.read_table(tmp_path / "on-the-fly" / "predictions.parquet").column("prediction").to_pylist()

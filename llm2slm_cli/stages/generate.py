@@ -129,7 +129,8 @@ def load_generator(config: GenerateConfig, device):
     """A checkpoint directory from `train`, or any plain model spec; with --speculative, a draft and its LLM."""
     return open_model(config.model, llm=config.llm, speculative=config.speculative, verifier=config.verifier,
                       gamma=config.gamma, seed=config.seed, dtype=config.dtype, tokenizer=config.tokenizer,
-                      device=device, quantize=config.quantize, compile=config.compile)
+                      device=device, quantize=config.quantize, compile=config.compile,
+                      llm_weights="lazy" if config.features else "encoder")  # stored features: no LLM weights
 
 
 def _cast(model, dtype: str, path: Path):
@@ -150,7 +151,7 @@ def is_checkpoint(spec: str | Path) -> bool:
 
 def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, verifier: str | None = None,
                gamma: int = 4, seed: int = 0, dtype: str = "float32", tokenizer=None, device="cpu",
-               quantize: str = "none", compile: bool = False):
+               quantize: str = "none", compile: bool = False, llm_weights: str = "encoder"):
     """(model, identity, template, max prompt length) for a checkpoint or a plain model spec; with `speculative`,
     the checkpoint `spec` drafts for `verifier` (default: the LLM it was trained with). `quantize` "int8" or
     "int8-body" (quantize.py) and `compile` (a static cache and compiled steps in decoding.decode) change how it
@@ -164,7 +165,8 @@ def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, 
     if speculative and not is_checkpoint(path):
         raise UserError("--speculative needs a checkpoint from `train` as --model (the draft)", path=spec)
     if is_checkpoint(path):
-        model = _cast(LLMToSLM.from_pretrained(path, llm_spec=llm, device=device), dtype, path)
+        model = _cast(LLMToSLM.from_pretrained(path, llm_spec=llm, device=device, llm_weights=llm_weights), dtype,
+                      path)
         identity = {"name": str(path), "kind": "llm2slm", **_asdict(model.config)}
         if quantize != "none" or compile:
             identity.update(_decode_as(model, quantize, compile))
@@ -172,7 +174,7 @@ def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, 
             if verifier:
                 checker = FrozenLLM(verifier, dtype=dtype, device=device)
             elif model.llm is not None:
-                checker = model.llm
+                checker = model.llm.whole()  # it verifies with its decoder: loaded whole
             else:
                 raise UserError("this draft was trained without an LLM: name the LLM that checks it with --verifier",
                                 path=path)
@@ -248,6 +250,7 @@ def run(config: GenerateConfig) -> Path:
         ids, truncated = runtime.tokenize_prompts(model.prompt_tokenizer, [e.prompt for e in examples], max_length,
                                                   strict=config.strict,
                                                   where=runtime.places(config.inputs, examples))
+        features = _stored_features(config.features, model, examples, ids) if config.features else None
         generation = generation_kwargs(config)
         if config.first_line and isinstance(model, PlainModel):
             generation["stop_strings"] = ["\n"]
@@ -271,7 +274,8 @@ def run(config: GenerateConfig) -> Path:
                 torch.manual_seed(shard_seed(config.seed, k))
                 if isinstance(model, SpeculativeModel):
                     model.reseed(shard_seed(config.seed, k))
-                outputs = generate_shard(model, ids, members, config.batch_size, generation, work, batcher, bar, task)
+                outputs = generate_shard(model, ids, members, config.batch_size, generation, work, batcher, bar, task,
+                                         features=features)
                 new_tokens += sum(len(t) for t in outputs.values())
                 texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
                 columns: dict[str, Any] = {
@@ -400,15 +404,18 @@ def _stdin_prompts(text: str, config: GenerateConfig, template: str | None) -> l
 
 
 def generate_shard(model, ids, members: list[int], batch_size: int, generation: dict[str, Any], work,
-                   batcher: HalvingBatcher, bar, task) -> dict[int, list[int]]:
+                   batcher: HalvingBatcher, bar, task, features=None) -> dict[int, list[int]]:
     """The outputs of one shard's prompts (`members`), in length-sorted batches; the progress bar advances and a
-    Ctrl-C is honoured after each batch. `generate` and `distill-labels` both decode through here."""
+    Ctrl-C is honoured after each batch. `generate` and `distill-labels` both decode through here. `features(b)`:
+    the stored LLM features of prompts `b`, padded (else the checkpoint's LLM encodes them)."""
     outputs: dict[int, list[int]] = {}
     pad_id = model.prompt_tokenizer.pad_token_id
+    stored = {} if features is None else None
     for batch in length_sorted_batches([len(ids[i]) for i in members], batch_size):
         batch = [members[j] for j in batch]
         for part, result in batcher(batch, lambda b: model.generate(
-                *(t.to(work.device) for t in pad([ids[i] for i in b], pad_id)), **generation)):
+                *(t.to(work.device) for t in pad([ids[i] for i in b], pad_id)), **generation,
+                **(stored if stored is not None else {"features": features(b).to(work.device)}))):
             outputs.update(zip(part, result))
         progress = bar.tasks[task]
         tokens = progress.fields.get("tokens", 0) + sum(len(outputs[i]) for i in batch)
@@ -416,6 +423,36 @@ def generate_shard(model, ids, members: list[int], batch_size: int, generation: 
                    rate=f"{tokens / max(progress.elapsed or 1e-9, 1e-9):,.1f} tok/s")
         work.check_stop()
     return outputs
+
+
+def _stored_features(path: Path, model, examples, ids):
+    """--features: the store checked against the checkpoint's LLM (its identity, without loading it) and against
+    each prompt (the token ids it was encoded from); returns features(batch) -> (batch, longest, d_llm)."""
+    import numpy as np
+    import torch
+
+    from llm2slm_cli.features import FeatureStore
+    from llm2slm_cli.llm2slm import LLMToSLM, check_llm
+
+    if not isinstance(model, LLMToSLM) or not model.has_llm:
+        raise UserError("--features needs an LLM-to-SLM checkpoint (trained with --llm) as --model")
+    store = FeatureStore(path)
+    check_llm(model.llm, store.llm, f"features {path}")
+    for e, prompt in zip(examples, ids):
+        if e.id not in store:
+            raise UserError(f"example {e.id!r} has no features in {path}: encode this file with the same options")
+        if not np.array_equal(store.input_ids(e.id), prompt):
+            raise UserError(f"example {e.id!r}: its prompt differs from the one encoded in {path} (another file, "
+                            "template or --max-length?)")
+
+    def features(batch: list[int]):
+        rows = [store.features(examples[i].id) for i in batch]
+        out = torch.zeros(len(rows), max(len(ids[i]) for i in batch), rows[0].shape[1], dtype=rows[0].dtype)
+        for j, r in enumerate(rows):
+            out[j, : r.shape[0]] = r
+        return out
+
+    return features
 
 
 def _first_line(text: str) -> str:
