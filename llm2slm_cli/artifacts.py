@@ -252,10 +252,18 @@ CHECKPOINT_FILES = {MODEL_WEIGHTS: "checkpoint weights file", MODEL_CONFIG: "che
 UNVERIFIED_CHECKPOINTS = "LLM2SLM_UNVERIFIED_CHECKPOINTS"  # =1: load checkpoints that have no manifest
 
 
+CHECKPOINT_DIRS = (TOKENIZER_DIR, SLM_TOKENIZER_DIR)  # every file in them is hashed too ("tokenizer/vocab.json")
+
+
 def checkpoint_records(directory: Path) -> dict[str, Any]:
-    """Size and sha256 of a checkpoint's weights, llm2slm.json and slm_config.json, for its manifest."""
-    return {name: file_record(Path(directory) / name) for name in CHECKPOINT_FILES
-            if (Path(directory) / name).is_file()}
+    """Size and sha256 of a checkpoint's weights, llm2slm.json, slm_config.json and every file of its tokenizer
+    directories, for its manifest."""
+    directory = Path(directory)
+    records = {name: file_record(directory / name) for name in CHECKPOINT_FILES if (directory / name).is_file()}
+    for sub in CHECKPOINT_DIRS:
+        for path in sorted(p for p in (directory / sub).rglob("*") if p.is_file()):
+            records[path.relative_to(directory).as_posix()] = file_record(path)
+    return records
 
 
 def verify_checkpoint(directory: Path, *, unverified: bool = False) -> dict[str, Any]:
@@ -278,6 +286,16 @@ def verify_checkpoint(directory: Path, *, unverified: bool = False) -> dict[str,
     for name, what in CHECKPOINT_FILES.items():
         if name in files:
             verify_file(directory / name, files[name], what)
+    recorded = {name for name in files if name.partition("/")[0] in CHECKPOINT_DIRS}
+    for name in sorted(recorded):  # manifests of older versions record no tokenizer files: nothing to check there
+        verify_file(directory / name, files[name], "checkpoint tokenizer file")
+    if recorded:
+        for sub in CHECKPOINT_DIRS:
+            extra = sorted(p.relative_to(directory).as_posix() for p in (directory / sub).rglob("*")
+                           if p.is_file() and p.relative_to(directory).as_posix() not in recorded)
+            if extra:
+                raise UserError(f"{extra[0]} is not in the checkpoint's manifest (a file added after training "
+                                "would change the tokenizer unchecked)", path=directory)
     return manifest
 
 

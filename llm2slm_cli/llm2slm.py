@@ -763,7 +763,11 @@ class LLMToSLM(nn.Module):
 def _load_tok(path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # a damaged or hand-edited tokenizer
+        raise UserError(f"the checkpoint's tokenizer cannot be loaded ({type(e).__name__}: {e})"[:300],
+                        path=path) from None
 
 
 # The shape of llm2slm.json (see ModelConfig): a damaged or foreign one is one line naming the key.

@@ -178,6 +178,31 @@ def test_a_checkpoints_config_files_are_covered_by_its_manifest(cli, slm_run, to
         tmp_path / "p", "--quiet")
 
 
+@pytest.mark.parametrize("damage", ["edit", "delete", "add"])
+def test_a_checkpoints_tokenizer_files_are_covered_by_its_manifest(cli, slm_run, toy_files, tmp_path, damage):
+    """The probe's finding (benchmarks/probe.py): a tokenizer file edited into valid JSON of another shape made
+    generate raise, and export copied a damaged tokenizer on unchecked. Every tokenizer file is hashed now."""
+    run = _copy(slm_run, tmp_path / "run")
+    final = run / "step-000002"
+    recorded = json.loads((final / "manifest.json").read_text())["files"]
+    tok_files = sorted(n for n in recorded if n.startswith("tokenizer/"))
+    assert "tokenizer/tokenizer_config.json" in tok_files, recorded
+    path = final / "tokenizer" / "tokenizer_config.json"
+    if damage == "edit":
+        path.write_text('["not", "a", "table"]')
+        want = f"{path}: checkpoint tokenizer file is damaged"
+    elif damage == "delete":
+        path.unlink()
+        want = f"{path}: checkpoint tokenizer file is missing"
+    else:
+        (final / "tokenizer" / "added_tokens.json").write_text('{"<x>": 5}')
+        want = f"{final}: tokenizer/added_tokens.json is not in the checkpoint's manifest"
+    for stage in (["generate", toy_files["dev"], "--model", final], ["export", final]):
+        msg = _error(cli, *stage, "--out", tmp_path / "o")
+        assert msg.startswith(want), msg
+        assert not (tmp_path / "o").exists()
+
+
 def test_a_damaged_step_checkpoint_is_not_resumed(cli, slm_run, toy_files, tmp_path):
     run = _copy(slm_run, tmp_path / "run")
     weights = run / "step-000002" / "model.safetensors"
@@ -391,7 +416,8 @@ def test_overwrite_keeps_the_output_when_export_fails(cli, trained_checkpoint, t
     assert "# again" in (out / "README.md").read_text()
     from llm2slm_cli.artifacts import verify_checkpoint
 
-    assert set(verify_checkpoint(out)["files"]) == {"model.safetensors", "llm2slm.json", "slm_config.json"}
+    assert {"model.safetensors", "llm2slm.json", "slm_config.json", "tokenizer/tokenizer_config.json"} <= set(
+        verify_checkpoint(out)["files"])
 
 
 def test_overwrite_keeps_the_output_when_eval_fails(cli, toy_files, tmp_path):
@@ -443,3 +469,22 @@ def test_overwrite_keeps_the_output_when_bench_fails(cli, slm_run, tmp_path):
     _flip(tmp_path / "ckpt" / "model.safetensors")
     msg = _refused_and_kept(cli, tmp_path / "b", *quick, "--model", f"c={tmp_path / 'ckpt'}")
     assert "checkpoint weights file is damaged" in msg, msg
+
+
+def test_bench_quality_verifies_an_eval_outputs_metrics(cli, toy_files, tmp_path):
+    """The probe's finding: bench --quality read metrics.json of an `eval` output unchecked, so a score edited by
+    hand (still valid JSON) went into the plot. eval's manifest hashes its files now; a hand-written score file
+    without a manifest is still read (documented)."""
+    cli("generate", toy_files["dev"], "--model", "tiny-gpt2", "--num-beams", "1", "--max-new-tokens", "2",
+        "--out", tmp_path / "pred", "--quiet")
+    cli("eval", tmp_path / "pred", "--out", tmp_path / "ev", "--quiet")
+    manifest = json.loads((tmp_path / "ev" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"metrics.json", "scores.parquet"}
+    bench = ["bench", "--slm", "tiny-gpt2", "--new-tokens", "2", "--prompt-length", "2", "--repeats", "1",
+             "--warmup", "0", "--no-flops", "--quiet"]
+    cli(*bench, "--quality", f"SLM={tmp_path / 'ev'}", "--out", tmp_path / "b1")
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    metrics["metrics"]["bleu"]["score"] = 99.0
+    (tmp_path / "ev" / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    msg = _error(cli, *bench, "--quality", f"SLM={tmp_path / 'ev'}", "--out", tmp_path / "b2")
+    assert msg.startswith(f"{tmp_path / 'ev' / 'metrics.json'}: evaluation metrics is damaged"), msg

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from llm2slm_cli import artifacts as A
 from llm2slm_cli.errors import UserError
 
 METRICS_FILE = "metrics.json"  # what `eval` writes
@@ -21,6 +22,10 @@ def read_quality(label: str, directory: Path, metric: str = "auto") -> tuple[str
     path = directory / METRICS_FILE
     if not path.is_file():
         raise UserError(f"--quality {label}: no {METRICS_FILE}: not an `eval` output directory", path=directory)
+    if (directory / A.MANIFEST).is_file():  # an `eval` output: its kind, and its metrics' sha256 where recorded
+        manifest = A.read_manifest(directory, A.KIND_EVALUATION)
+        A.verify_file(path, (manifest.get("files") or {}).get(METRICS_FILE), "evaluation metrics")
+    # without a manifest: a score file written by hand ({"bleu": {"score": x}} and the shapes _metric reads)
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

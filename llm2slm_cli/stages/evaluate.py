@@ -270,7 +270,8 @@ def run(config: EvalConfig) -> dict[str, Any]:
     A.atomic_write_json(out / A.METRICS, result)
     A.atomic_write_json(out / A.MANIFEST, A.make_manifest(
         A.KIND_EVALUATION, config, predictions=result["predictions"], references=result["references"],
-        counts=result["counts"], scores=_headline(metrics), timing={"seconds": round(seconds, 3)}))
+        counts=result["counts"], scores=_headline(metrics), timing={"seconds": round(seconds, 3)},
+        files={name: A.file_record(out / name) for name in (A.METRICS, A.SCORES)}))
 
     if config.json:
         print(json.dumps(result, indent=2))
