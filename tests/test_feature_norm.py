@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import error_line
 from safetensors.torch import load_file
 
-from conftest import error_line
 from llm2slm_cli.llm2slm import LLMToSLM, Projector
 
 
