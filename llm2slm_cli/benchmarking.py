@@ -88,6 +88,21 @@ def random_prompts(vocab_size: int, avoid: set[int], batch: int, length: int, se
     return ids.to(device), torch.ones_like(ids, device=device)
 
 
+def compiled(target: Any, run: GenerateFn) -> GenerateFn:
+    """`run` with `target` (the module our loop decodes) set to a static KV cache and compiled one-token steps
+    (bench --compile) for the call only, so transformers' rows on the same module stay as they are."""
+    from llm2slm_cli.decoding import set_decode_options
+
+    def compiled_run(ids, mask, **generation: Any) -> int:
+        set_decode_options(target, static_cache=True, compile=True)
+        try:
+            return run(ids, mask, **generation)
+        finally:
+            set_decode_options(target)
+
+    return compiled_run
+
+
 def plain_generate(model: Any, engine: str = "transformers") -> GenerateFn:
     """The model alone on input ids (encoder-decoder or decoder-only), decoded by `engine`."""
     import torch

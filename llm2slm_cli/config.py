@@ -507,6 +507,10 @@ class BenchConfig:
                               choices=["auto", "bleu", "rougeL", "chrf"])
     flops: bool = opt(True, "Count FLOPs per token (torch's flop counter, one extra run per measurement).")
     dtype: str = opt("float32", "Precision of all models.", choices=["float32", "bfloat16", "float16"])
+    compile: bool = opt(False, "Our decoding rows (LLM, SLM, LLM-to-SLM, --model) decode with a static KV cache and "
+                               "one-token steps compiled by torch.compile (CUDA: CUDA graphs), as generate "
+                               "--compile; the --warmup runs pay the compiling. transformers', speculative, "
+                               "assisted and peer rows are unchanged.")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice; on a busy machine fewer threads "
                                     "than cores avoids threads spinning against other processes).")
     seed: int = opt(0, "Seed for the random prompt token ids.")

@@ -69,9 +69,25 @@ def llm2slm_commands(make_output: str) -> list[list[str]]:
                 continue
             starts = [i for i, t in enumerate(segment) if os.path.basename(t) == "llm2slm"]
             if starts:
-                commands.append(segment[starts[0] + 1:])
+                commands.append(_without_redirections(segment[starts[0] + 1:]))
             segment = []
     return commands
+
+
+def _without_redirections(args: list[str]) -> list[str]:
+    """A command's arguments less its shell redirections (`> log`, `2>&1`: shlex gives "2", ">&", "1")."""
+    out: list[str] = []
+    skip = False
+    for token in args:
+        if skip:
+            skip = False
+        elif token in (">", ">>", "<", ">&", "&>"):
+            skip = True
+            if token == ">&" and out and out[-1].isdigit():
+                out.pop()
+        else:
+            out.append(token)
+    return out
 
 
 def dry_run(recipe: str, runs: Path, *args: str) -> str:

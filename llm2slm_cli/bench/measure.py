@@ -98,7 +98,7 @@ def _slm_rows(s: Session, plans: list[Plan]) -> None:
         group = [p for p in plans if p.role == "SLM" and p.slm == spec]
         for plan in group:
             s.identities[plan.label] = {"slm": plan.slm, "parameters": _count(slm), "engine": plan.engine}
-        s.measure(*(plain_row(plan, slm, tok) for plan in group))
+        s.measure(*(plain_row(plan, slm, tok, s.config.compile) for plan in group))
         del slm
         free_memory()
 
@@ -121,7 +121,7 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
     for plan in group:
         s.identities[plan.label] = {"llm": plan.llm, "parameters": _count(frozen.model), "engine": plan.engine}
     if group:
-        s.measure(*(plain_row(plan, frozen.model, frozen.tokenizer) for plan in group))
+        s.measure(*(plain_row(plan, frozen.model, frozen.tokenizer, s.config.compile) for plan in group))
     if config.throughput:
         s.throughput += _throughput(config, frozen, device, s.bar)
     for spec in dict.fromkeys(p.slm for p in plans if p.role == "LLM-to-SLM"):
@@ -131,7 +131,7 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
             s.identities[plan.label] = {"llm": plan.llm, "slm": plan.slm, "projector": "fresh",
                                         "vocab_adapter": model.config.vocab_adapter, "engine": plan.engine,
                                         "parameters": _count(model), "llm_parameters": _count(frozen.model)}
-        s.measure(*(llm2slm_row(plan, model) for plan in group))
+        s.measure(*(llm2slm_row(plan, model, s.config.compile) for plan in group))
         del model
         free_memory()
     for plan in (p for p in plans if p.role == "assisted"):
@@ -177,7 +177,7 @@ def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
             s.identities[plan.label] = {"checkpoint": str(directory), "llm": plan.llm, "slm": plan.slm,
                                         "weights_sha256": A.sha256_file(directory / A.MODEL_WEIGHTS),
                                         "parameters": _count(model), "engine": plan.engine}
-        s.measure(*(llm2slm_row(plan, model) for plan in group))
+        s.measure(*(llm2slm_row(plan, model, s.config.compile) for plan in group))
         del model
         free_memory()
 

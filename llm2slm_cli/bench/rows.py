@@ -10,10 +10,13 @@ from llm2slm_cli.bench.plan import Plan, same_spec
 from llm2slm_cli.errors import UserError
 
 
-def plain_row(plan: Plan, model: Any, tokenizer: Any = None):
+def plain_row(plan: Plan, model: Any, tokenizer: Any = None, compile: bool = False):
     from llm2slm_cli import benchmarking as B
 
-    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.plain_generate(model, plan.engine), [model],
+    run = B.plain_generate(model, plan.engine)
+    if compile and plan.engine == "llm2slm":
+        run = B.compiled(model, run)
+    return B.Row(plan.label, plan.role, plan.llm, plan.slm, run, [model],
                  B.prompt_vocab(model.config, tokenizer), B.special_ids(model.config, tokenizer), tokenizer=tokenizer,
                  engine=plan.engine)
 
@@ -38,14 +41,17 @@ def speculative_row(plan: Plan, draft: Any, verifier: Any, gamma: int):
                  modules, B.prompt_vocab(config, tok), B.special_ids(config, tok), tokenizer=tok, speculative=stats)
 
 
-def llm2slm_row(plan: Plan, model: Any):
+def llm2slm_row(plan: Plan, model: Any, compile: bool = False):
     from llm2slm_cli import benchmarking as B
 
     llm = model.llm if model.has_llm else None
     config = llm.config if llm is not None else model.slm.config
     tok = model.prompt_tokenizer
     modules = [model] + ([llm.model] if llm is not None else [])
-    return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.llm2slm_generate(model, plan.engine), modules,
+    run = B.llm2slm_generate(model, plan.engine)
+    if compile and plan.engine == "llm2slm":
+        run = B.compiled(model.slm, run)
+    return B.Row(plan.label, plan.role, plan.llm, plan.slm, run, modules,
                  B.prompt_vocab(config, tok), B.special_ids(config, tok) | {model.config.pad_token_id,
                                                                              model.config.eos_token_id},
                  tokenizer=tok, engine=plan.engine)
