@@ -106,6 +106,18 @@ def test_llama_cpp_row(cli, tmp_path):
     assert [(r["label"], r["engine"], r["batch_size"], r["new_tokens"]) for r in rows] == [("lcpp", "llama.cpp", 1, 6)]
     assert 0 < rows[0]["seconds_median"] < 30
     assert any("llama.cpp rows take batch size 1" in s for s in json.loads((out / "bench.json").read_text())["skipped"])
+    # the greedy tokens come from the logits of the context (llama-cpp-python 0.3.36 leaves `scores` at zero
+    # without logits_all, which made every token 0): they are llama.cpp's own argmax
+    import llama_cpp
+    import numpy as np
+
+    from llm2slm_cli.bench.peers import LlamaCppModel
+
+    prompt = list(range(10, 20))
+    tokens = LlamaCppModel(gguf, 1, 64).generate_ids([prompt], 3, 1)[0]
+    ref = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, logits_all=True, verbose=False)
+    ref.eval(prompt)
+    assert tokens[0] == int(np.argmax(ref.scores[len(prompt) - 1])) and tokens != [0, 0, 0], tokens
 
 
 def _write_tiny_llama_gguf(path) -> None:

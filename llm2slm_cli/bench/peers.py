@@ -127,7 +127,9 @@ class LlamaCppModel:
         llm.reset()
         llm.eval(list(prompts[0]))
         for step in range(n):
-            logits = np.array(llm.scores[llm.n_tokens - 1], copy=True)  # the last position's logits
+            # the last position's logits, from the context itself: with logits_all off (its default, and what a
+            # user runs) llama-cpp-python 0.3.36 leaves `scores` at zero, so argmax would read token 0 every step
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(self.vocab_size,)).copy()
             logits[self.banned] = -np.inf
             token = int(np.argmax(logits))
             out.append(token)
