@@ -3,8 +3,9 @@
     python final_curves.py RUNS --plot FILE.png
 
 Left: dev cross-entropy against training pairs seen (final rows and the KD pilots, log scale); right: training
-cross-entropy per step of the final rows. Rows: final/slm-d2-kd, final/llm2slm-d2-kd-k6, pilots/slm-d2-kd,
-pilots/llm2slm-d2-k6-kd-zero (the defaults of the recipe's final and pilot targets).
+cross-entropy per step of the final rows. Rows (those that exist): the first final pair (final/slm-d2-kd,
+final/llm2slm-d2-kd-k6, 400 steps), the second (final/slm-d2-kd-1000, final/llm2slm-d2-kd-std-1000-k6: 1,000 steps,
+standardised features), and the KD pilots they came from.
 """
 
 import argparse
@@ -28,8 +29,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    rows = [("final/slm-d2-kd", "--", "o"), ("final/llm2slm-d2-kd-k6", "-", "o"), ("pilots/slm-d2-kd", ":", "x"),
-            ("pilots/llm2slm-d2-k6-kd-zero", "-.", "x")]
+    rows = [("final/slm-d2-kd", "--", "o"), ("final/llm2slm-d2-kd-k6", "-", "o"),
+            ("final/slm-d2-kd-1000", "--", "s"), ("final/llm2slm-d2-kd-std-1000-k6", "-", "s"),
+            ("pilots/slm-d2-kd", ":", "x"), ("pilots/llm2slm-d2-k6-kd-zero", "-.", "x"),
+            ("pilots/llm2slm-d2-k6-kd-zero-std", "-.", "+")]
     for name, style, marker in rows:
         path = args.runs / name / "train" / "train_log.jsonl"
         if not path.is_file():
