@@ -507,6 +507,10 @@ class BenchConfig:
                               choices=["auto", "bleu", "rougeL", "chrf"])
     flops: bool = opt(True, "Count FLOPs per token (torch's flop counter, one extra run per measurement).")
     dtype: str = opt("float32", "Precision of all models.", choices=["float32", "bfloat16", "float16"])
+    quantize: str = opt("none", "CPU: int8 weights for every model our rows decode with, as generate --quantize "
+                                "(the LLM, each SLM, LLM-to-SLM's SLM and LLM, --model checkpoints; int8-body keeps "
+                                "the heads float32). --compare rows decode the same quantized modules.",
+                        choices=["none", "int8", "int8-body"])
     compile: bool = opt(False, "Our decoding rows (LLM, SLM, LLM-to-SLM, --model) decode with a static KV cache and "
                                "one-token steps compiled by torch.compile (CUDA: CUDA graphs), as generate "
                                "--compile; the --warmup runs pay the compiling. transformers', speculative, "
@@ -523,6 +527,17 @@ class BenchConfig:
         if self.slm is None or isinstance(self.slm, str):  # BenchConfig(slm="t5-small") from Python: one SLM
             self.slm = [self.slm] if self.slm else []
         check_numbers(self)
+        if self.quantize != "none":
+            from llm2slm_cli.quantize import check_decode_options, check_quantize
+
+            check_decode_options(quantize=self.quantize, compile=self.compile,
+                                 speculative=bool(self.speculative or self.assistant))
+            device = self.device
+            if device == "auto":
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            check_quantize(self.quantize, device=device, dtype=self.dtype)
         if not (self.llm or self.slm or self.model or self.ctranslate2 or self.llama_cpp):
             raise UserError("nothing to measure: give --llm, --slm and/or --model LABEL=DIR")
         _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads", "gamma",

@@ -96,16 +96,16 @@ def quantize_model(model, quantize: str) -> dict[str, Any]:
 
     if isinstance(model, LLMToSLM):
         slm = _merged_slm(model)
-        layers = len(quantize_linears(slm, skip=_kept_float(slm, head)))
+        layers = len(quantize_linears(slm, skip=kept_float(slm, head)))
         if model.llm is not None:
             layers += quantize_llm(model.llm)
     else:  # a plain transformers model: encoder and decoder (or the decoder-only stack) and the head
         inner = model.model
-        layers = len(quantize_linears(inner, skip=_kept_float(inner, head)))
+        layers = len(quantize_linears(inner, skip=kept_float(inner, head)))
     return {"quantize": quantize, "head": "int8" if head else "float32", "layers": layers}
 
 
-def _kept_float(model, head: bool) -> tuple[Any, ...]:
+def kept_float(model, head: bool) -> tuple[Any, ...]:
     """The modules of `model` that stay float: its input embedding (the vocabulary adapter's is a Linear over the
     LLM's rows, read as .weight by transformers), and the output head unless `head`."""
     keep = list(model.get_input_embeddings().modules())

@@ -166,3 +166,34 @@ def test_int8_is_refused_off_the_cpu(cli, tmp_path, toy_files):
     check_quantize("int8", device=torch.device("cpu"))
     with pytest.raises(UserError, match="quantize must be one of"):
         load("tiny-gpt2", quantize="int4")
+
+
+def test_bench_quantize_times_int8_models_and_refuses_half_precision(cli, tmp_path, monkeypatch):
+    """bench --quantize int8: the SLM row, the LLM row and LLM-to-SLM (its SLM; the shared LLM once) decode with
+    int8 Linear layers -- every Linear but the input embeddings is a dynamically quantized one when timed."""
+    import torch
+
+    from llm2slm_cli import benchmarking as B
+
+    seen = []
+    real = B.measure
+
+    def spy(rows, **kw):
+        for row in rows:
+            linears = [m for mod in row.modules for m in mod.modules() if type(m) is torch.nn.Linear]
+            quantized = [m for mod in row.modules for m in mod.modules() if "DynamicQuantizedLinear" in type(m).__name__
+                         or type(m).__name__ == "Linear" and type(m).__module__.startswith("torch.ao")]
+            seen.append((row.label, len(quantized) > 0, linears))
+        return real(rows, **kw)
+
+    monkeypatch.setattr(B, "measure", spy)
+    cli("bench", "--llm", "tiny-t5-large", "--slm", "tiny-gpt2", "--quantize", "int8", "--new-tokens", "3",
+        "--prompt-length", "4", "--repeats", "1", "--warmup", "0", "--no-flops", "--out", tmp_path / "b", "--quiet")
+    labels = {label for label, _, _ in seen}
+    assert labels == {"LLM", "SLM", "LLM-to-SLM"}, seen
+    assert all(q for _, q, _ in seen), seen
+    # what stays float (as in generate --quantize): the projector's two layers and the vocabulary adapter's
+    # projection of the LLM's embedding rows (the SLM's input embedding)
+    assert {label: len(lin) for label, _, lin in seen} == {"SLM": 0, "LLM": 0, "LLM-to-SLM": 3}, seen
+    assert "--quantize int8 quantizes float32 weights" in error_line(
+        cli, "bench", "--slm", "tiny-gpt2", "--quantize", "int8", "--dtype", "bfloat16", "--out", tmp_path / "x")

@@ -94,6 +94,7 @@ def _slm_rows(s: Session, plans: list[Plan]) -> None:
         if M.model_kind(M.load_config(spec)) == "encoder-only":
             raise UserError(f"the SLM {spec!r} is encoder-only and cannot generate")
         slm = M.load_model(spec, dtype=s.config.dtype, role="SLM").to(s.device)
+        _quantize(s, slm)
         tok = _tokenizer_or_none(spec) if s.texts else None
         group = [p for p in plans if p.role == "SLM" and p.slm == spec]
         for plan in group:
@@ -103,11 +104,29 @@ def _slm_rows(s: Session, plans: list[Plan]) -> None:
         free_memory()
 
 
+def _quantize(s: Session, model: Any) -> None:
+    """bench --quantize: `model` (a transformers model, or an LLMToSLM with its SLM and LLM) with int8 weights, in
+    place, as generate --quantize does (quantize.py); its input embedding, and with int8-body its head, stay float."""
+    if s.config.quantize == "none":
+        return
+    from llm2slm_cli.llm2slm import LLMToSLM
+    from llm2slm_cli.quantize import kept_float, quantize_linears, quantize_model
+
+    if isinstance(model, LLMToSLM):
+        quantize_model(model, s.config.quantize)
+    else:
+        quantize_linears(model, skip=kept_float(model, s.config.quantize == "int8"))
+
+
 def _load_llm(s: Session):
     from llm2slm_cli.llm2slm import FrozenLLM
 
-    return FrozenLLM(s.config.llm, dtype=s.config.dtype, device=s.device, tokenizer_optional=not s.texts,
-                     tokenizer_option=None)
+    frozen = FrozenLLM(s.config.llm, dtype=s.config.dtype, device=s.device, tokenizer_optional=not s.texts,
+                       tokenizer_option=None)
+    if s.config.quantize != "none":
+        _ = frozen.fingerprint  # the identity is of the float weights
+        _quantize(s, frozen.model)
+    return frozen
 
 
 def _llm_rows(s: Session, plans: list[Plan]) -> None:
@@ -126,6 +145,7 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
         s.throughput += _throughput(config, frozen, device, s.bar)
     for spec in dict.fromkeys(p.slm for p in plans if p.role == "LLM-to-SLM"):
         model = LLMToSLM.build(spec, frozen, slm_dtype=config.dtype).to(device=device, dtype=dtype).eval()
+        _quantize(s, model)  # its SLM (the shared LLM already is)
         group = [p for p in plans if p.role == "LLM-to-SLM" and p.slm == spec]
         for plan in group:
             s.identities[plan.label] = {"llm": plan.llm, "slm": plan.slm, "projector": "fresh",
@@ -172,6 +192,7 @@ def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
             s.frozen = None
             free_memory()
         model = LLMToSLM.from_pretrained(directory, llm=s.frozen, device=s.device).to(dtype=s.dtype).eval()
+        _quantize(s, model)
         group = [p for p in plans if p.role == "checkpoint" and p.checkpoint == directory]
         for plan in group:
             s.identities[plan.label] = {"checkpoint": str(directory), "llm": plan.llm, "slm": plan.slm,
