@@ -54,7 +54,7 @@ def _runner():
 
     def invoke(args: list[str]):
         r = runner.invoke(app, [str(a) for a in args])
-        text = r.output + (getattr(r, "stderr", "") if r.stderr_bytes is not None else "")
+        text = r.output  # click >= 8.2: stdout and stderr together
         tb = "Traceback" in text or (r.exception is not None and not isinstance(r.exception, SystemExit))
         return r.exit_code, text, tb
 
