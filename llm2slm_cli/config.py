@@ -184,6 +184,12 @@ class TrainConfig(ExampleFields):
                                 "against the LLM's stored top-K distributions (distill-labels --top-k-logits); the "
                                 "mass outside the top K is one more outcome on both sides (see llm2slm.kd_loss).")
     kd_temperature: float = opt(1.0, "Softmax temperature of the distillation term (its KL is scaled by T^2).")
+    init_from: Path | None = opt(None, "Start from a trained checkpoint (train's final/ or step-N/, or export's "
+                                       "directory) instead of the SLM's pretrained weights, and fine-tune it on these "
+                                       "inputs (e.g. a draft on the LLM's own outputs). The checkpoint fixes the "
+                                       "model: its SLM (--slm must name it), layers, LLM and layer, fusion, "
+                                       "vocabulary, feature statistics and template; its optimiser state is not "
+                                       "taken (a new schedule starts).")
     kd_logits: Path | None = opt(None, "Output directory of distill-labels --top-k-logits (default: the training "
                                        "input, when it is one).")
     max_length: int = opt(512, "Longest prompt in tokens (prompts are truncated).")
@@ -260,6 +266,14 @@ class TrainConfig(ExampleFields):
             raise UserError("--projector-init applies to LLM-to-SLM (--llm): the SLM alone has no projector")
         if self.feature_norm != "none" and self.llm is None:
             raise UserError("--feature-norm applies to LLM-to-SLM (--llm): the SLM alone has no projector")
+        if self.init_from is not None:
+            shaping = {"slm_layers": self.slm_layers is not None, "trim_vocab": self.trim_vocab,
+                       "feature_norm": self.feature_norm != "none", "projector_init": self.projector_init != "default",
+                       "peft": self.peft is not None, "slm_tokenizer": self.slm_tokenizer is not None}
+            given = [name for name, on in shaping.items() if on]
+            if given:
+                raise UserError(f"--{given[0].replace('_', '-')} builds a new model: with --init-from the checkpoint "
+                                "already fixes it (leave the option out)")
         if self.kd_logits is not None and not self.kd_weight:
             raise UserError("--kd-logits is read only with --kd-weight A > 0")
         method_of = {"peft_virtual_tokens": ("prompt", "prefix"), "peft_prefix_hidden": ("prefix",),

@@ -131,7 +131,8 @@ RESUME_FREE = ("resume", "overwrite", "quiet", "stop_after", "device", "log_ever
                "count_parameters", "json", "num_workers")
 # Options naming inputs: compared by their contents' sha256, so a moved file or directory still resumes.
 INPUT_OPTIONS = {"inputs": "training input", "dev": "dev input", "features": "training features (--features)",
-                 "dev_features": "dev features (--dev-features)", "kd_logits": "teacher logits (--kd-logits)"}
+                 "dev_features": "dev features (--dev-features)", "kd_logits": "teacher logits (--kd-logits)",
+                 "init_from": "starting checkpoint (--init-from)"}
 
 
 def run_identity(config: TrainConfig) -> dict[str, Any]:
@@ -146,7 +147,7 @@ def run_identity(config: TrainConfig) -> dict[str, Any]:
 
     inputs = {"inputs": A.input_sha256(config.inputs), "dev": A.input_sha256(config.dev) if config.dev else None,
               "features": manifest_sha(config.features), "dev_features": manifest_sha(config.dev_features),
-              "kd_logits": manifest_sha(config.kd_logits)}
+              "kd_logits": manifest_sha(config.kd_logits), "init_from": manifest_sha(config.init_from)}
     return json.loads(json.dumps({"options": options, "inputs": inputs}, default=str))
 
 
@@ -290,22 +291,53 @@ def open_feature_stores(config: TrainConfig, llm) -> tuple[Any | None, Any | Non
 
 
 def build_model(config: TrainConfig, llm, inputs: Inputs):
-    """The LLM-to-SLM model (or the SLM alone), seeded, with --freeze-slm applied."""
+    """The LLM-to-SLM model (or the SLM alone; or --init-from's checkpoint), seeded, with --freeze-slm applied."""
     from accelerate.utils import set_seed
 
     from llm2slm_cli.llm2slm import LLMToSLM
 
     set_seed(config.seed)
-    model = LLMToSLM.build(config.slm, llm, fusion=config.fusion, tokenizer=config.tokenizer_mode,
-                           slm_tokenizer=config.slm_tokenizer, template=inputs.template,
-                           max_prompt_length=inputs.max_length, slm_layers=config.slm_layers,
-                           peft=_peft_spec(config), feature_norm=config.feature_norm)
+    if config.init_from is not None:
+        model = _init_from(config, llm, inputs)
+    else:
+        model = LLMToSLM.build(config.slm, llm, fusion=config.fusion, tokenizer=config.tokenizer_mode,
+                               slm_tokenizer=config.slm_tokenizer, template=inputs.template,
+                               max_prompt_length=inputs.max_length, slm_layers=config.slm_layers,
+                               peft=_peft_spec(config), feature_norm=config.feature_norm)
     if config.freeze_slm:
         model.slm.requires_grad_(False)
         if model.config.vocab_adapter:  # new layers are trained from scratch even with a frozen SLM
             model.slm.get_input_embeddings().requires_grad_(True)
             model.slm.get_output_embeddings().requires_grad_(True)
     return model
+
+
+def _init_from(config: TrainConfig, llm, inputs: Inputs):
+    """--init-from: the checkpoint's model (verified, its LLM checked against this run's), in training mode; every
+    option this command gives that the checkpoint fixes must agree with it."""
+    from llm2slm_cli.llm2slm import LLMToSLM, read_model_config
+
+    path = Path(config.init_from)
+    if not (path / A.MODEL_CONFIG).is_file():
+        raise UserError("--init-from must be a checkpoint directory of `train` (final/ or step-N/) or `export`",
+                        path=path)
+    ck = read_model_config(path)
+    if ck.peft is not None:
+        raise UserError("--init-from cannot continue a PEFT baseline (its adapters are peft's): train it anew",
+                        path=path)
+    if (ck.llm is None) != (config.llm is None):
+        raise UserError("the checkpoint was trained " + ("without an LLM: leave out --llm" if ck.llm is None else
+                        f"with the LLM {ck.llm['name']!r}: give --llm"), path=path)
+    differ = [(what, mine, theirs) for what, mine, theirs in (
+        ("--slm", config.slm, ck.slm), ("--fusion", config.fusion, ck.fusion),
+        ("--tokenizer-mode", config.tokenizer_mode, ck.tokenizer), ("the template", inputs.template, ck.template),
+        ("--max-length", inputs.max_length, ck.max_prompt_length)) if mine != theirs]
+    if differ:
+        what, mine, theirs = differ[0]
+        raise UserError(f"{what} {mine!r} differs from the checkpoint's {theirs!r} (--init-from fixes the model)",
+                        path=path)
+    model = LLMToSLM.from_pretrained(path, llm=llm)  # verified against its manifest; the LLM's fingerprint checked
+    return model.train()
 
 
 def load_splits(config: TrainConfig, inputs: Inputs, model, stores: tuple[Any | None, Any | None]
