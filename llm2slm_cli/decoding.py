@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from llm2slm_cli import cpu_head
 from llm2slm_cli.errors import UserError
 
 
@@ -43,6 +44,7 @@ class Stepper:
                  compiled: bool = False) -> None:
         from transformers import DynamicCache, EncoderDecoderCache
 
+        cpu_head.prepare(model)  # a wide vocabulary head takes the fast few-row product in our steps (cpu_head)
         self.model = model
         self.encoder_decoder = encoder_decoder
         self.static = static or compiled
@@ -85,9 +87,10 @@ class Stepper:
 
             self.cache = StaticCache(config=self.model.config, max_cache_len=self._mask_buffer.shape[1])
             self.mask = self._mask_buffer  # every step reads the whole buffer: the cache's length, fixed
-        return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=self.mask,
-                          position_ids=positions, past_key_values=self.cache, use_cache=True,
-                          output_hidden_states=output_hidden_states, **extra)
+        with cpu_head.fast_heads():
+            return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=self.mask,
+                              position_ids=positions, past_key_values=self.cache, use_cache=True,
+                              output_hidden_states=output_hidden_states, **extra)
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed (batch, k) tokens; returns their logits (batch, k, vocab)."""
@@ -95,8 +98,9 @@ class Stepper:
         if self.static:
             return self._feed_static(tokens)
         if self.encoder_decoder:
-            out = self.model(encoder_outputs=self.encoder_outputs, attention_mask=self.encoder_mask,
-                             decoder_input_ids=tokens, past_key_values=self.cache, use_cache=True)
+            with cpu_head.fast_heads():
+                out = self.model(encoder_outputs=self.encoder_outputs, attention_mask=self.encoder_mask,
+                                 decoder_input_ids=tokens, past_key_values=self.cache, use_cache=True)
         else:
             width = self.mask.shape[1] + k
             if width > self._mask_buffer.shape[1]:  # past the reserve: grow it
@@ -104,8 +108,9 @@ class Stepper:
                 self._mask_buffer = torch.cat([self._mask_buffer, self.mask.new_ones(tokens.shape[0], grow)], 1)
             self.mask = self._mask_buffer[:, :width]
             positions = self.next_position.unsqueeze(1) + torch.arange(k, device=tokens.device)
-            out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
-                             past_key_values=self.cache, use_cache=True)
+            with cpu_head.fast_heads():
+                out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+                                 past_key_values=self.cache, use_cache=True)
             self.next_position = self.next_position + k
         self.fed += k
         return out.logits
@@ -120,14 +125,16 @@ class Stepper:
         if self.encoder_decoder:
             forward = self._forward if self.fed > 0 and k == 1 else self.model  # the first fills cross-attention
             _cudagraph_step(forward is not self.model)
-            out = forward(encoder_outputs=self.encoder_outputs, attention_mask=self.encoder_mask,
-                          decoder_input_ids=tokens, past_key_values=self.cache, use_cache=True)
+            with cpu_head.fast_heads():
+                out = forward(encoder_outputs=self.encoder_outputs, attention_mask=self.encoder_mask,
+                              decoder_input_ids=tokens, past_key_values=self.cache, use_cache=True)
         else:
             positions = self.next_position.unsqueeze(1) + torch.arange(k, device=tokens.device)
             forward = self._forward if k == 1 else self.model
             _cudagraph_step(forward is not self.model)
-            out = forward(input_ids=tokens, attention_mask=self._mask_buffer, position_ids=positions,
-                          past_key_values=self.cache, use_cache=True)
+            with cpu_head.fast_heads():
+                out = forward(input_ids=tokens, attention_mask=self._mask_buffer, position_ids=positions,
+                              past_key_values=self.cache, use_cache=True)
             self.next_position = self.next_position + k
         self.fed += k
         # CUDA graphs write every call's outputs into the same memory: keep this step's apart
