@@ -187,7 +187,8 @@ class TrainConfig(ExampleFields):
     init_from: Path | None = opt(None, "Start from a trained checkpoint (train's final/ or step-N/, or export's "
                                        "directory) instead of the SLM's pretrained weights, and fine-tune it on these "
                                        "inputs (e.g. a draft on the LLM's own outputs). The checkpoint fixes the "
-                                       "model: its SLM (--slm must name it), layers, LLM and layer, fusion, "
+                                       "model: its SLM (--slm must name it), layers, LLM and layer (--layer "
+                                       "defaults to its), fusion, "
                                        "vocabulary, feature statistics and template; its optimiser state is not "
                                        "taken (a new schedule starts).")
     kd_logits: Path | None = opt(None, "Output directory of distill-labels --top-k-logits (default: the training "

@@ -84,6 +84,11 @@ def test_init_from_refuses_what_the_checkpoint_does_not_fit(cli, toy_files, tmp_
         f"{alone}: the checkpoint was trained without an LLM: leave out --llm"
     assert refused("--slm", "tiny-gpt2", *T, "--init-from", fused) == \
         f"{fused}: the checkpoint was trained with the LLM 'tiny-llama': give --llm"
+    layer1 = _train(cli, toy_files["train"], tmp_path / "layer1", "--llm", "tiny-llama", "--layer", "1", "--lr", "1e-3")
+    _train(cli, data, tmp_path / "again", "--llm", "tiny-llama", "--init-from", layer1)  # --layer: the checkpoint's
+    assert json.loads((tmp_path / "again" / "final" / "llm2slm.json").read_text())["llm"]["layer"] == 1
+    assert refused("--slm", "tiny-gpt2", *T, "--init-from", layer1, "--llm", "tiny-llama", "--layer", "2") == \
+        f"checkpoint {layer1} was made with LLM 'tiny-llama' (layer 1), but the LLM given is 'tiny-llama' (layer 2)"
     assert refused("--slm", "tiny-gpt2", "--template", "lower: {src}", "--init-from", alone) == \
         f"{alone}: the template 'lower: {{src}}' differs from the checkpoint's 'upper: {{src}}' (--init-from fixes " \
         "the model)"

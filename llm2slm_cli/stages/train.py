@@ -277,6 +277,11 @@ def load_llm(config: TrainConfig, inputs: Inputs, device: Any):
     from llm2slm_cli.llm2slm import FrozenLLM
 
     layer = config.layer
+    if config.init_from is not None and str(layer) == "-1":  # the default: the starting checkpoint's layer
+        from llm2slm_cli.llm2slm import read_model_config
+
+        if (Path(config.init_from) / A.MODEL_CONFIG).is_file():
+            layer = str((read_model_config(Path(config.init_from)).llm or {}).get("layer", layer))
     manifest = inputs.store_manifest
     if manifest is not None and manifest["llm"]["kind"] == "decoder-only":
         layer = str(manifest["llm"]["layer"])
