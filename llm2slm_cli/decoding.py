@@ -537,12 +537,15 @@ def _beam_search(step: Stepper, logits: torch.Tensor, search: Search) -> torch.T
         best_running = running_scores[:, :1] / (length ** lp)
         worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, -1.0e9)
         improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
-        go_on = bool(improvable.any()) and not (bool(is_finished.all()) and early is True) and not bool(hits.all())
-        if not go_on:
+        # One question to the device every `check_every` steps: steps past the stopping point change nothing (a
+        # prompt that cannot improve, or is finished under early stopping, admits no new hypothesis; every
+        # candidate ending finishes its prompt the same step), so the answer is the same, only padded longer.
+        if (t + 1) % search.check_every == 0 and bool(
+                ~improvable.any() | (is_finished.all() & (early is True)) | hits.all()):
             break
         step.reorder(rows)
         logits = step.feed(running[:, :, t].reshape(-1, 1))[:, -1]
-    return finished[:, 0, : t + 1]
+    return finished[:, 0, : t + 1]  # with check_every > 1, maybe padding columns after every row's end
 
 
 @torch.inference_mode()

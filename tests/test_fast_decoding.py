@@ -15,6 +15,7 @@ from llm2slm_cli import load
 from llm2slm_cli import models as M
 from llm2slm_cli.decoding import DECODE_OPTIONS, Search, generate_plain, set_decode_options
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.padding import strip_generated
 from llm2slm_cli.quantize import check_quantize, quantize_linears
 
 PAIRS = [("tiny-gpt2", None), ("tiny-t5", "tiny-t5-large"), ("tiny-llama", "tiny-llama")]
@@ -197,3 +198,44 @@ def test_bench_quantize_times_int8_models_and_refuses_half_precision(cli, tmp_pa
     assert {label: len(lin) for label, _, lin in seen} == {"SLM": 0, "LLM": 0, "LLM-to-SLM": 3}, seen
     assert "--quantize int8 quantizes float32 weights" in error_line(
         cli, "bench", "--slm", "tiny-gpt2", "--quantize", "int8", "--dtype", "bfloat16", "--out", tmp_path / "x")
+
+
+@pytest.mark.parametrize("beams", [dict(num_beams=4, length_penalty=1.0, early_stopping=False),
+                                   dict(num_beams=4, length_penalty=0.6, early_stopping=True),
+                                   dict(num_beams=2, length_penalty=2.0, early_stopping="never")],
+                         ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("spec", ["tiny-gpt2", "tiny-t5", "tiny-llama"])
+def test_beam_search_asking_every_8_steps_gives_the_same_beams_and_waits_only_then(spec, beams, monkeypatch):
+    """Beam search's stopping question goes to the device every `check_every` steps (a GPU's 8): the beams are those
+    of asking every step (only padded longer), and on the static path nothing else in a step waits."""
+    from test_decoding import _ends_sometimes
+
+    from llm2slm_cli.data import pad
+    from llm2slm_cli.llm2slm import _right_to_left
+
+    torch.manual_seed(1)
+    model = M.load_model(spec, role="model").eval()
+    tok = M.load_tokenizer(spec)
+    _ends_sometimes(model, tok.eos_token_id)
+    ids, mask = pad([tok(p).input_ids for p in PROMPTS], tok.pad_token_id)
+    if not model.config.is_encoder_decoder:
+        ids, mask = _right_to_left(ids, mask)
+    search = Search(max_new_tokens=16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **beams)
+    every = generate_plain(model, ids, mask, search)
+    ours = []  # conversions to Python made by our loop (transformers' T5 checks its encoder mask every step)
+    for name in ("__bool__", "item", "__int__", "__float__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            import sys
+
+            if sys._getframe(1).f_code.co_filename.endswith("decoding.py"):
+                ours.append(1)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    sparse = generate_plain(model, ids, mask, dataclasses.replace(search, check_every=8, static_cache=True))
+    monkeypatch.undo()
+    eos, padding = tok.eos_token_id, tok.pad_token_id
+    assert strip_generated(sparse, eos, padding) == strip_generated(every, eos, padding)
+    assert 1 <= len(ours) <= 16 // 8, ours  # the checks alone
