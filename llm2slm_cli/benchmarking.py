@@ -243,12 +243,30 @@ def count_flops(row: Row, ids: Any, mask: Any, n: int, *, num_beams: int) -> int
 
 
 def weight_bytes(modules: list[Any]) -> int:
-    """Bytes of every parameter and buffer of the row's models (tied or shared tensors counted once)."""
-    seen: dict[tuple[int, int], int] = {}
+    """Bytes of every parameter and buffer of the row's models (tied or shared tensors counted once), and of the
+    packed weights of int8 (dynamically quantized) Linears, which are neither: their int8 weight, per-channel scales
+    and zero points, and bias."""
+    seen: dict[tuple[Any, ...], int] = {}
     for module in modules:
         for t in [*module.parameters(), *module.buffers()]:
             seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        for m in module.modules():
+            if getattr(m, "_packed_params", None) is not None and callable(getattr(m, "weight", None)):
+                seen[("packed", id(m))] = _packed_bytes(m)
     return sum(seen.values())
+
+
+def _packed_bytes(m: Any) -> int:
+    import torch
+
+    w, b = m.weight(), m.bias()
+    n = w.numel() * w.element_size()
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
+                       torch.per_channel_affine_float_qparams):
+        n += sum(t.numel() * t.element_size() for t in (w.q_per_channel_scales(), w.q_per_channel_zero_points()))
+    else:
+        n += 16  # one float64 scale, one int64 zero point
+    return n + (b.numel() * b.element_size() if b is not None else 0)
 
 
 def peak_rss_bytes() -> int | None:

@@ -239,3 +239,15 @@ def test_beam_search_asking_every_8_steps_gives_the_same_beams_and_waits_only_th
     eos, padding = tok.eos_token_id, tok.pad_token_id
     assert strip_generated(sparse, eos, padding) == strip_generated(every, eos, padding)
     assert 1 <= len(ours) <= 16 // 8, ours  # the checks alone
+
+
+def test_bench_weight_bytes_count_the_packed_weights_of_int8_linears():
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from llm2slm_cli.benchmarking import weight_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32))
+    assert weight_bytes([model]) == (64 * 32 + 32 + 32 + 32) * 4
+    q = quantize_dynamic(model, {"0": per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    # int8 weight + a float64 scale and an int64 zero point per output channel + float32 bias; the norm as before
+    assert weight_bytes([q]) == 64 * 32 + 32 * (8 + 8) + 32 * 4 + (32 + 32) * 4
