@@ -212,7 +212,8 @@ class TrainConfig(ExampleFields):
     log_every: int = opt(10, "Print the training loss every N steps (every step goes to train_log.jsonl).")
     seed: int = opt(0, "Seed for data order, initialisation and dropout.")
     mixed_precision: str | None = opt(None, "Mixed precision on GPUs (default: accelerate's, i.e. what `accelerate "
-                                            "launch --mixed_precision` or `accelerate config` set, else no).",
+                                            "launch --mixed_precision` or `accelerate config` set, else bf16 on a "
+                                            "CUDA GPU that supports it, else no; float32 master weights).",
                                       choices=["no", "bf16", "fp16"])
     device: str = opt("auto", "auto, cpu, cuda. Several GPUs: accelerate launch -m llm2slm_cli train ...")
     overwrite: bool = opt(False, "Replace an existing output directory.")

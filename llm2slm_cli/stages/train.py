@@ -218,12 +218,27 @@ def _refuse_float16(config: TrainConfig) -> None:
                          "use --mixed-precision bf16 or no")
 
 
+def default_mixed_precision(config: TrainConfig) -> str | None:
+    """--mixed-precision as given; else accelerate's (what `accelerate launch` or its config set: left to it); else
+    bf16 on a CUDA GPU that supports it (float32 master weights, as accelerate's autocast keeps them); else none."""
+    import torch
+
+    if config.mixed_precision is not None or os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return config.mixed_precision
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    return "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+
+
 def _accelerator(config: TrainConfig):
-    """accelerate's Accelerator on the asked device (one process, or each of `accelerate launch`'s)."""
+    """accelerate's Accelerator on the asked device (one process, or each of `accelerate launch`'s); on a GPU,
+    TF32 matmuls and bf16 autocast by default (default_mixed_precision)."""
     import torch
     from accelerate import Accelerator
 
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if not cpu:
+        runtime.fast_cuda_math()
+    config.mixed_precision = default_mixed_precision(config)  # recorded as run: the manifest names the precision
     return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
 
 
