@@ -42,7 +42,8 @@ class WideHead(nn.Linear):
         n = rows.shape[0]
         if n > ROWS:
             return F.linear(x, w, self.bias)
-        both = rows if n > 1 else rows.expand(2, -1)  # a matrix-vector product takes MKL's slow path: give two
+        # a matrix-vector product takes MKL's slow path: give it two rows (copies: a stride-0 expand is slower still)
+        both = rows if n > 1 else rows.repeat(2, 1)
         out = (w @ both.T).T[:n]
         if self.bias is not None:
             out = out + self.bias
