@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "tokenizer as its own (what --trim-vocab needs)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    if args.fusion == "add" and args.trim_vocab:  # add reads MiniLM's vocabulary through its untrimmable rows
+        parser.error("--fusion add cannot train with a trimmed vocabulary: add --no-trim-vocab")
 
     from rich.markup import escape
 

@@ -143,3 +143,14 @@ def crash_distill_on_shard(monkeypatch):
         return lambda: monkeypatch.setattr(distill, "labels_table", real)
 
     return arm
+
+
+def send_chat_completion(handler, model: str, content: str) -> None:
+    """Answer an OpenAI-style chat request on a BaseHTTPRequestHandler (the fake judge endpoints of the tests)."""
+    data = json.dumps({"id": "c1", "object": "chat.completion", "model": model, "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

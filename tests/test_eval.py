@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sacrebleu
-from conftest import write_jsonl
+from conftest import send_chat_completion, write_jsonl
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF
 
@@ -239,13 +239,7 @@ class _FakeJudge(BaseHTTPRequestHandler):
         if reply == 500:
             self.send_error(500, "overloaded")
             return
-        data = json.dumps({"id": "c1", "object": "chat.completion", "model": body["model"], "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_chat_completion(self, body["model"], reply)
 
     def log_message(self, *args) -> None:
         pass
