@@ -180,6 +180,9 @@ class TrainConfig(ExampleFields):
                                     "projector's first Linear, so the model class is the paper's). For decoder-only "
                                     "LLMs whose hidden states have a few huge channels.",
                             choices=["none", "standardize"])
+    dropout: float | None = opt(None, "Dropout rate of the SLM while training: every dropout layer of its own "
+                                      "(residual, embedding, attention) set to P; unset keeps the SLM's config "
+                                      "(0 for the mini presets and Gemma). Generation never drops.")
     kd_weight: float = opt(0.0, "Logit distillation: the loss is (1 - A) * cross-entropy + A * KL(teacher || SLM) "
                                 "against the LLM's stored top-K distributions (distill-labels --top-k-logits); the "
                                 "mass outside the top K is one more outcome on both sides (see llm2slm.kd_loss).")
@@ -264,6 +267,8 @@ class TrainConfig(ExampleFields):
         if not 0 <= self.kd_weight <= 1:
             raise UserError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
         _positive(self, "kd_temperature")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.projector_init != "default" and self.llm is None:
             raise UserError("--projector-init applies to LLM-to-SLM (--llm): the SLM alone has no projector")
         if self.feature_norm != "none" and self.llm is None:

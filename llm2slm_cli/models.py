@@ -261,6 +261,26 @@ def num_layers(config) -> int:
     raise UserError(f"cannot tell the number of layers of a {config.model_type} model")
 
 
+def set_dropout(model, p: float) -> int:
+    """Every dropout of a transformers model set to `p`: its nn.Dropout layers, and the rate its attention layers keep
+    as a float (`dropout` in T5, `attention_dropout` in Llama/Gemma/Qwen; GPT2 reads its attn_dropout layer's p).
+    PEFT's own dropouts (lora_dropout: --peft-lora-dropout) are left alone. Returns how many were set."""
+    import torch.nn as nn
+
+    n = 0
+    for name, module in model.named_modules():
+        if "lora_" in name:
+            continue
+        if isinstance(module, nn.Dropout):
+            module.p = p
+            n += 1
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, attr, None), float) and not isinstance(module, nn.Dropout):
+                setattr(module, attr, p)
+                n += 1
+    return n
+
+
 def truncate_layers(model, layers: int | list[int], spec: str) -> None:
     """Keep some layers of `model` with their weights, in place: the first d (an int; paper Figure 4: GPT2 cut to 1,
     2, 4 layers) or the blocks at the given indices, in order (a list; negative counts from the end, e.g. [0, 1, -1]:

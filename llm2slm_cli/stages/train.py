@@ -324,6 +324,10 @@ def build_model(config: TrainConfig, llm, inputs: Inputs):
                                slm_tokenizer=config.slm_tokenizer, template=inputs.template,
                                max_prompt_length=inputs.max_length, slm_layers=config.slm_layers,
                                peft=_peft_spec(config), feature_norm=config.feature_norm)
+    if config.dropout is not None:
+        from llm2slm_cli.models import set_dropout
+
+        set_dropout(model.slm, config.dropout)
     if config.freeze_slm:
         model.slm.requires_grad_(False)
         if model.config.vocab_adapter:  # new layers are trained from scratch even with a frozen SLM
