@@ -33,7 +33,9 @@ DRY_RUNS = {
                       (("DS=2", "KS=1 4", "slm-d2", "llm2slm-d2-k4"), {"convert", "encode", "train", "generate",
                                                                         "eval"}),
                       (("pilots",), {"convert", "distill-labels", "encode", "train", "generate", "eval"}),
-                      (("final",), {"convert", "distill-labels", "encode", "train", "generate", "eval", "bench"})],
+                      (("final",), {"convert", "distill-labels", "encode", "train", "generate", "eval", "bench"}),
+                      (("sd", "sd-gammas"), {"convert", "distill-labels", "encode", "train",
+                                                          "generate", "bench"})],
     "paper-ablations": [((), {"distill-labels", "train", "generate", "eval", "bench"}),
                         (("counts",), {"train"})],
     "paper-instructions": [
