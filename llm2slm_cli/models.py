@@ -275,7 +275,7 @@ def set_dropout(model, p: float) -> int:
             module.p = p
             n += 1
         for attr in ("attention_dropout", "dropout"):
-            if isinstance(getattr(module, attr, None), float) and not isinstance(module, nn.Dropout):
+            if isinstance(getattr(module, attr, None), float):
                 setattr(module, attr, p)
                 n += 1
     return n
