@@ -7,9 +7,11 @@ one place; the stage itself is `llm2slm_cli.stages.<name>.run(config)`, a plain 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import importlib
 import inspect
+import json
 import sys
 import typing
 from pathlib import Path
@@ -75,7 +77,7 @@ def command(name: str, config_cls: type, stage: str) -> None:
     params += [
         inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
             Path | None, typer.Option("--config", metavar="FILE", is_eager=True, show_default=False,
-                                      callback=lambda ctx, value: _read_config_file(ctx, value, names),
+                                      callback=lambda ctx, value: _read_config_file(ctx, value, hints, names),
                                       help="Options from a YAML or JSON file (keys: option names, as "
                                            "--print-config writes them); options on the command line win.")]),
         inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
@@ -94,7 +96,9 @@ def command(name: str, config_cls: type, stage: str) -> None:
 
                 from llm2slm_cli.artifacts import config_to_dict
 
-                print(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), end="")
+                hidden = {f.name for f in fields if f.metadata.get("hidden")}  # testing aids are not configuration
+                shown = {k: v for k, v in config_to_dict(config).items() if k not in hidden}
+                print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True), end="")
                 return
             importlib.import_module(f"llm2slm_cli.stages.{stage}").run(config)
         except UserError as e:
@@ -123,13 +127,11 @@ def command(name: str, config_cls: type, stage: str) -> None:
     app.command(name, help=config_cls.__doc__, no_args_is_help=True)(run_stage)
 
 
-def _read_config_file(ctx: typer.Context, path: Path | None, names: set[str]) -> Path | None:
+def _read_config_file(ctx: typer.Context, path: Path | None, hints: dict[str, Any], names: set[str]) -> Path | None:
     """--config FILE: its values become the defaults of this command's options (click's default map), so options
     given on the command line (or by environment variable) still win."""
     if path is None:
         return None
-    import json
-
     import yaml
 
     try:
@@ -138,6 +140,8 @@ def _read_config_file(ctx: typer.Context, path: Path | None, names: set[str]) ->
         raise _fail(f"{path}: cannot read the config file ({getattr(e, 'strerror', None) or e})") from None
     try:
         values = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except RecursionError:
+        raise _fail(f"{path}: nested too deeply to be a config file (options take a value or a list)") from None
     except (ValueError, yaml.YAMLError) as e:
         raise _fail(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
                     f"({' '.join(str(e).split())})") from None
@@ -148,13 +152,48 @@ def _read_config_file(ctx: typer.Context, path: Path | None, names: set[str]) ->
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - names)
     if unknown:
+        matches = [difflib.get_close_matches(k, sorted(names), n=1) for k in unknown]
+        close = [m[0].replace("_", "-") for m in matches if m]
+        maybe = f"; did you mean {', '.join(close)}?" if close else ""
         raise _fail(f"{path}: unknown option{'s' if len(unknown) > 1 else ''} "
-                    f"{', '.join(k.replace('_', '-') for k in unknown)} for `llm2slm {ctx.info_name}`")
+                    f"{', '.join(k.replace('_', '-') for k in unknown)} for `llm2slm {ctx.info_name}`{maybe}")
     for k, v in values.items():
         if isinstance(v, (dict, set)) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)):
             raise _fail(f"{path}: option {k.replace('_', '-')} takes a value or a list of values, not a mapping")
+        problem = _type_problem(v, hints[k])
+        if problem:
+            raise _fail(f"{path}: option {k.replace('_', '-')} {problem}")
     ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in values.items() if v is not None}}
     return path
+
+
+def _type_problem(value: Any, annotation: Any) -> str | None:
+    """Why a config file's value cannot be this option's, or None. Strict where click would coerce quietly: YAML's
+    `true` is not the number 1, 2.5 is not an int, "4" is not a number (a config file has types; use them)."""
+    if value is None:
+        return None
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        for v in value if isinstance(value, list) else [value]:
+            problem = _type_problem(v, item)
+            if problem:
+                return problem
+        return None
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    base = kinds[0]
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:  # str and Path: a YAML scalar that reads as text (6 for --layer is the text "6"), never a bool
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if ok:
+        return None
+    want = {bool: "true or false", int: "a whole number", float: "a number"}.get(base, "a text value")
+    shown = json.dumps(value) if isinstance(value, (bool, str)) else repr(value)
+    return f"takes {want}, got {shown}"
 
 
 RESUMABLE = {"encode", "distill", "generate", "train"}  # stages whose --resume continues after the last complete part
