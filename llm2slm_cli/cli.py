@@ -117,7 +117,9 @@ def command(name: str, config_cls: type, stage: str) -> None:
             # a full disk wherever it happened (torch.save, safetensors, a tokenizer's files): one line, and no
             # temporary left behind (what a stage renamed into place is complete; --resume trusts nothing else)
             A.remove_temporaries(out)
-            message = A.disk_full_error(e, getattr(e, "filename", None) or out or ".").message
+            # a copy or rename names its source first and its destination second: the destination is what filled
+            where = getattr(e, "filename2", None) or getattr(e, "filename", None) or out or "."
+            message = A.disk_full_error(e, where).message
             raise _fail(message + (" with --resume" if stage in RESUMABLE else "")) from None
         finally:
             A.release_output()  # the stage's lock on its --out

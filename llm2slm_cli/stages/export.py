@@ -64,6 +64,10 @@ def run(config: ExportConfig) -> Path:
                                  "metrics": metrics}}
         A.atomic_write_json(work / A.MANIFEST, manifest)  # last: its presence means the directory is complete
         A.replace_output_dir(work, out)
+    except OSError as e:  # a copy's error names its source file; the disk that is full is the destination's
+        if A.is_disk_full(e, work):
+            raise A.disk_full_error(e, out) from None
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)  # a failed run's unfinished export (gone after the swap)
     runtime.say(f"exported {src} -> {out}" + (" (with its LLM)" if include else ""), config.quiet)
@@ -79,7 +83,9 @@ def _training_manifest(checkpoint: Path) -> dict[str, Any] | None:
 
 
 def _metrics(directory: Path) -> dict[str, Any]:
-    A.read_manifest(directory, A.KIND_EVALUATION)
+    """eval's metrics.json, checked against the sha256 eval recorded for it: the model card quotes these numbers."""
+    manifest = A.read_manifest(directory, A.KIND_EVALUATION)
+    A.verify_file(Path(directory) / A.METRICS, (manifest.get("files") or {}).get(A.METRICS), "metrics file")
     try:
         return json.loads((Path(directory) / A.METRICS).read_text())
     except (OSError, ValueError) as e:
