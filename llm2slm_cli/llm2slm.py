@@ -731,6 +731,7 @@ class LLMToSLM(nn.Module):
         LLM's encoder alone; "lazy": when it first encodes, e.g. never with stored features; see FrozenLLM). The
         weights and config files are checked against the manifest's sha256 first; a checkpoint without a manifest
         is refused unless `unverified` (or LLM2SLM_UNVERIFIED_CHECKPOINTS=1)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
         directory = Path(directory)
@@ -748,7 +749,7 @@ class LLMToSLM(nn.Module):
         model = cls(config, slm, llm)
         try:
             load_model(model, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(device))
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, SafetensorError) as e:  # truncated or foreign (an unverified checkpoint)
             raise UserError(f"cannot load weights ({M._short(e)})", path=directory / A.MODEL_WEIGHTS) from None
         if config.trim_vocab is not None:  # the kept ids came with the weights
             model._refresh_lookup()
@@ -797,6 +798,11 @@ def read_model_config(directory: Path) -> ModelConfig:
     for key, schema in (("llm", A.MANIFEST_SCHEMA[A.KIND_FEATURES]["llm"]), ("trim_vocab", TRIM_SCHEMA)):
         if raw.get(key) is not None:
             A.check_schema(raw[key], schema, path, key)
+    # the shape is right; the numbers must be too (a hand-edited or unverified checkpoint reaches this)
+    for key, least in (("max_prompt_length", 1), ("pad_token_id", 0), ("eos_token_id", 0),
+                       ("decoder_start_token_id", 0)):
+        if isinstance(raw.get(key), int) and raw[key] < least:
+            raise UserError(f"'{key}' is {raw[key]}, expected {least} or more (a damaged file)", path=path)
     try:
         return ModelConfig(**raw)
     except TypeError as e:

@@ -488,3 +488,26 @@ def test_bench_quality_verifies_an_eval_outputs_metrics(cli, toy_files, tmp_path
     (tmp_path / "ev" / "metrics.json").write_text(json.dumps(metrics, indent=2))
     msg = _error(cli, *bench, "--quality", f"SLM={tmp_path / 'ev'}", "--out", tmp_path / "b2")
     assert msg.startswith(f"{tmp_path / 'ev' / 'metrics.json'}: evaluation metrics is damaged"), msg
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("negative_prompt_length", "'max_prompt_length' is -5, expected 1 or more"),
+    ("truncated_weights", "cannot load weights"),
+])
+def test_an_unverified_checkpoint_that_is_damaged_is_one_line(cli, toy_files, tmp_path, monkeypatch, damage,
+                                                              message):
+    """With LLM2SLM_UNVERIFIED_CHECKPOINTS=1 nothing is hashed, so what is loaded is checked as it is read."""
+    from llm2slm_cli.llm2slm import LLMToSLM
+
+    LLMToSLM.build("tiny-gpt2", None).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "manifest.json").unlink()
+    if damage == "negative_prompt_length":
+        path = tmp_path / "ckpt" / "llm2slm.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "max_prompt_length": -5}))
+    else:
+        path = tmp_path / "ckpt" / "model.safetensors"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    monkeypatch.setenv("LLM2SLM_UNVERIFIED_CHECKPOINTS", "1")
+    msg = _error(cli, "generate", toy_files["dev"], "--model", tmp_path / "ckpt", "--num-beams", "1",
+                 "--max-new-tokens", "2", "--out", tmp_path / "p")
+    assert msg.startswith(f"{path}: ") and message in msg, msg
