@@ -341,7 +341,10 @@ class GenerateConfig(DecodingOptions, ExampleFields):
                      choices=["float32", "bfloat16", "float16"])
     quantize: str = opt("none", "CPU decoding with int8 weights (torch's dynamic quantization, per output channel): "
                                 "int8: every Linear of the SLM (GPT2's Conv1D too) and of the LLM's encoder, with "
-                                "the output head; int8-body: the head stays float32. Embeddings stay float32.",
+                                "the output head; int8-body: the head stays float32. Embeddings stay float32. "
+                                "Activations are scaled per batch, so outputs can depend on the batch: greedy and "
+                                "beam outputs differed for 4 of 24 test inputs between --batch-size 1 and 8 "
+                                "(float32: none); use --batch-size 1 where that matters.",
                         choices=["none", "int8", "int8-body"])
     compile: bool = opt(False, "Decode with a static KV cache (prompt + --max-new-tokens) and the one-token steps "
                                "compiled by torch.compile (CUDA: CUDA graphs); the same greedy output. Each new "
@@ -644,7 +647,8 @@ class ServeConfig:
     max_length: int | None = opt(None, "Longest prompt in tokens (default: the checkpoint's, or 512); longer "
                                        "prompts get 400.")
     dtype: str = opt("float32", "Precision of a plain model or verifier.", choices=["float32", "bfloat16", "float16"])
-    quantize: str = opt("none", "CPU decoding with int8 weights, as `generate --quantize` (not with --draft).",
+    quantize: str = opt("none", "CPU decoding with int8 weights, as `generate --quantize` (not with --draft); a "
+                                "request's output can then depend on the requests batched with it.",
                         choices=["none", "int8", "int8-body"])
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     quiet: bool = opt(False, "No access log.")

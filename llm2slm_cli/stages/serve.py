@@ -32,6 +32,9 @@ def run(config: ServeConfig) -> None:
     import uvicorn
 
     app, serving = build(config)
+    if config.quantize != "none":
+        print(f"warning: --quantize {config.quantize} scales activations per batch, so a request's output can depend "
+              "on the requests batched with it (float32 does not)", file=sys.stderr)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
