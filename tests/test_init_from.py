@@ -89,6 +89,9 @@ def test_init_from_refuses_what_the_checkpoint_does_not_fit(cli, toy_files, tmp_
     assert json.loads((tmp_path / "again" / "final" / "llm2slm.json").read_text())["llm"]["layer"] == 1
     assert refused("--slm", "tiny-gpt2", *T, "--init-from", layer1, "--llm", "tiny-llama", "--layer", "2") == \
         f"checkpoint {layer1} was made with LLM 'tiny-llama' (layer 1), but the LLM given is 'tiny-llama' (layer 2)"
+    layer3 = _train(cli, toy_files["train"], tmp_path / "layer3", "--llm", "tiny-llama", "--layer", "3", "--lr", "1e-3")
+    line = refused("--slm", "tiny-gpt2", *T, "--init-from", layer3, "--llm", "tiny-gpt2")  # --layer not given
+    assert line.startswith(f"{layer3}: --llm tiny-gpt2: the --init-from checkpoint reads its LLM at layer 3"), line
     assert refused("--slm", "tiny-gpt2", "--template", "lower: {src}", "--init-from", alone) == \
         f"{alone}: the template 'lower: {{src}}' differs from the checkpoint's 'upper: {{src}}' (--init-from fixes " \
         "the model)"

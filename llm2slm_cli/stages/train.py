@@ -301,8 +301,15 @@ def load_llm(config: TrainConfig, inputs: Inputs, device: Any):
     if manifest is not None and manifest["llm"]["kind"] == "decoder-only":
         layer = str(manifest["llm"]["layer"])
     on_the_fly = config.features is None
-    return FrozenLLM(config.llm, layer=layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
-                     device=device if on_the_fly else "cpu", weights="encoder" if on_the_fly else "lazy")
+    try:
+        return FrozenLLM(config.llm, layer=layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
+                         device=device if on_the_fly else "cpu", weights="encoder" if on_the_fly else "lazy")
+    except UserError as e:
+        if layer == config.layer or "layer" not in e.message:
+            raise
+        # the layer was not given: it is --init-from's; the LLM given is not the one that checkpoint was trained with
+        raise UserError(f"--llm {config.llm}: the --init-from checkpoint reads its LLM at layer {layer}, which this "
+                        f"LLM cannot give ({e.message}); give the checkpoint's LLM", path=config.init_from) from None
 
 
 def open_feature_stores(config: TrainConfig, llm) -> tuple[Any | None, Any | None]:
