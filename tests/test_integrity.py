@@ -448,7 +448,7 @@ def test_a_damaged_cache_entry_is_encoded_again_and_replaced(cli, toy_files, tmp
     shard.unlink()  # the entry's own file (ref keeps its link to the good bytes)
     shard.write_bytes(bytes(damaged))
 
-    result = cli(*args, "--out", tmp_path / "b")
+    result = cli(*args, "--out", tmp_path / "b", "--quiet")  # --quiet hides the progress, not this warning
     assert f"warning: the feature cache entry {entry} is damaged ({shard}: cached feature shard is damaged" in \
         result.output, result.output
     assert {k: v for k, v in _snapshot(tmp_path / "b").items() if k != "manifest.json"} == \

@@ -68,7 +68,7 @@ def run(config: EncodeConfig) -> Path:
             (cached / A.MANIFEST).is_file() else None
         if damage is not None:  # never linked on: encoded again, and the entry replaced at the end
             runtime.say(f"warning: the feature cache entry {cached} is damaged ({damage}): encoding the features "
-                        "again; the entry is replaced", quiet)
+                        "again; the entry is replaced")  # a warning: --quiet hides only the progress
         if damage is None and cached is not None and (cached / A.MANIFEST).is_file():
             work.prepare()
             if work.finish():
