@@ -299,6 +299,84 @@ def verify_checkpoint(directory: Path, *, unverified: bool = False) -> dict[str,
     return manifest
 
 
+def directory_records(directory: Path) -> dict[str, Any]:
+    """Size and sha256 of every file under `directory` (by its path inside it, "tokenizer/vocab.json"), its
+    manifest excepted: what a step checkpoint's manifest records, so that everything --resume loads is checked."""
+    directory = Path(directory)
+    return {name: file_record(directory / name) for name in sorted(_file_names(directory))}
+
+
+# trainer_state.json of a step checkpoint, as `train` writes it and --resume reads it
+TRAINER_STATE_SCHEMA = {"step": int, "total_steps?": int, "seed?": int, "batch_size?": int,
+                        "run?": {"options": dict, "inputs": dict}, "loss?": (float, int, type(None)),
+                        "dev_loss?": (float, int, type(None))}
+
+
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    """A step checkpoint's trainer_state.json, refused (one line naming it) unless it has the shape `train` writes
+    and its step is the one in the directory's name."""
+    path = Path(directory) / TRAINER_STATE
+    state = read_json_table(path, "trainer state")
+    check_schema(state, TRAINER_STATE_SCHEMA, path)
+    named = Path(directory).name.removeprefix("step-")
+    if state["step"] < 1 or not named.isdigit() or int(named) != state["step"]:
+        raise UserError(f"'step' is {state['step']}, but the checkpoint is {Path(directory).name} (a damaged or "
+                        "edited file)", path=path)
+    return state
+
+
+def verify_step_checkpoint(directory: Path) -> dict[str, Any]:
+    """Before --resume loads anything from a step checkpoint: every file in it (weights, configs, tokenizer,
+    optimizer and scheduler state, RNG states, trainer state) against the size and sha256 its manifest recorded, no
+    file that it does not record, and trainer_state.json's shape. Returns the trainer state. A checkpoint of an
+    older version, whose manifest records no training state, is refused unless LLM2SLM_UNVERIFIED_CHECKPOINTS=1
+    (then only what it records is checked)."""
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        verify_checkpoint(directory)  # refused, unless allowed
+        return read_trainer_state(directory)
+    manifest = read_manifest(directory, KIND_CHECKPOINT)
+    files = manifest.get("files") or {}
+    if TRAINER_STATE not in files:
+        if os.environ.get(UNVERIFIED_CHECKPOINTS) != "1":
+            raise UserError(f"the manifest records no sha256 of the training state ({TRAINER_STATE}, "
+                            f"{OPTIMIZER_STATE}): a checkpoint of an older version, which cannot be verified; to "
+                            f"resume it anyway, set {UNVERIFIED_CHECKPOINTS}=1", path=directory / MANIFEST)
+        verify_checkpoint(directory)
+        return read_trainer_state(directory)
+    for name in sorted(files):
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise UserError(f"the manifest names a file outside the checkpoint: {name!r}", path=directory / MANIFEST)
+        verify_file(directory / name, files[name], _step_file_kind(name))
+    extra = sorted(_file_names(directory) - set(files))
+    if extra:
+        raise UserError("is not in the checkpoint's manifest (a file added after it was written would be loaded "
+                        "unchecked)", path=directory / extra[0])
+    return read_trainer_state(directory)
+
+
+def _step_file_kind(name: str) -> str:
+    """What a file of a step checkpoint is, for messages ("checkpoint optimizer state is damaged")."""
+    if name in CHECKPOINT_FILES:
+        return CHECKPOINT_FILES[name]
+    if name.partition("/")[0] in CHECKPOINT_DIRS:
+        return "checkpoint tokenizer file"
+    if name == OPTIMIZER_STATE:
+        return "checkpoint optimizer and scheduler state"
+    if name == TRAINER_STATE:
+        return "checkpoint trainer state"
+    if name.startswith("rng_state-"):
+        return "checkpoint RNG state"
+    return "checkpoint file"
+
+
+def _file_names(directory: Path) -> set[str]:
+    """The files under `directory` by their path inside it, its manifest excepted."""
+    directory = Path(directory)
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*")
+            if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST}
+
+
 def make_manifest(kind: str, config: Any, **fields: Any) -> dict[str, Any]:
     return {
         "kind": kind,
@@ -484,6 +562,90 @@ def release_output(out: Path | None = None) -> None:
 
 
 atexit.register(release_output)
+
+
+# Options of a stage config that may name a local file or directory the stage reads, besides those typed Path: models
+# (a hub id or preset is not a path; a directory or .gguf file is), and bench's LABEL=PATH lists.
+MODEL_OPTIONS = ("model", "llm", "slm", "verifier", "draft", "source")
+LABELLED_OPTIONS = ("model", "speculative", "assistant", "ctranslate2", "llama_cpp", "peer_source", "quality")
+ARGUMENT_NAMES = {"inputs": "the input", "predictions": "the predictions", "checkpoint": "the checkpoint",
+                  "source": "the source"}
+
+
+def local_input(spec: Any) -> Path | None:
+    """The local file or directory an input `spec` names, or None for what is not on this disk (a hub id, preset:,
+    package:, hf: dataset, - for stdin). DIR:SPLIT of a datasets DatasetDict names DIR."""
+    text = str(spec).strip() if spec is not None else ""
+    if not text or text == "-" or text.startswith(("hf:", "preset:", "package:")):
+        return None
+    path = Path(text).expanduser()
+    if path.exists() or path.is_symlink():
+        return path
+    base, sep, _ = text.rpartition(":")
+    if sep and base and Path(base).expanduser().is_dir():
+        return Path(base).expanduser()
+    return None
+
+
+def stage_inputs(config: Any) -> list[tuple[str, str]]:
+    """(what, spec) for every option of a stage config that names something it reads: each field typed Path (or a
+    list of them), the model options, bench's LABEL=PATH items; never --out. For a checkpoint among them, the LLM it
+    records as well (loaded from that path when it is a local one)."""
+    found: list[tuple[str, str]] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "out" or value is None or not ("Path" in str(f.type) or f.name in MODEL_OPTIONS
+                                                    or f.name in LABELLED_OPTIONS):
+            continue
+        what = ARGUMENT_NAMES.get(f.name, f"the {f.name}") if f.metadata.get("argument") else \
+            f"the {f.metadata.get('name') or '--' + f.name.replace('_', '-')} input"
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            item = str(item)
+            if isinstance(value, list) and f.name in LABELLED_OPTIONS and "=" in item:
+                item = item.partition("=")[2].strip()  # LABEL=PATH
+            found.append((what, item))
+    for what, spec in list(found):
+        path = local_input(spec)
+        if path is not None and (path / MODEL_CONFIG).is_file():
+            llm = read_json_or_none(path / MODEL_CONFIG, "llm")
+            if isinstance(llm, dict) and isinstance(llm.get("name"), str):
+                found.append((f"the LLM of {what.removeprefix('the ')} {spec}", llm["name"]))
+    return found
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return Path(os.path.abspath(path.expanduser())).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compared as written
+        return Path(os.path.abspath(path.expanduser()))
+
+
+def check_out_not_input(out: Path | str | None, config: Any = None,
+                        extra: Iterable[tuple[str, Path | str | None]] = ()) -> None:
+    """Refuse an --out that is, contains or is inside anything the stage reads (`stage_inputs(config)` and `extra`):
+    a stage deletes (--overwrite), replaces or writes into --out, and must never touch what it did not write. Paths
+    are compared resolved, symlinks followed; inputs that are not on this disk (hub ids, presets) are not paths.
+    Called first, before anything is read, locked or written."""
+    if out is None or str(out) == os.devnull:
+        return
+    target = _resolved(Path(out))
+    inputs = [*(stage_inputs(config) if config is not None else []), *extra]
+    for what, spec in inputs:
+        path = local_input(spec)
+        if path is None:
+            continue
+        source = _resolved(path)
+        if source == target:
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "is inside"
+        else:
+            continue
+        both = f" ({target} and {source})" if (str(target), str(source)) != (str(out), str(spec)) else ""
+        raise UserError(f"--out {out} {relation} {what} {spec}{both}: a stage never writes where it reads (it "
+                        "would replace or delete it): give another --out")
 
 
 def check_output_dir(out: Path, *, overwrite: bool = False, resume: bool = False, resumable: bool = True) -> bool:

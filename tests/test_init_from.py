@@ -95,7 +95,8 @@ def test_init_from_refuses_what_the_checkpoint_does_not_fit(cli, toy_files, tmp_
     assert refused("--slm", "tiny-gpt2", "--template", "lower: {src}", "--init-from", alone) == \
         f"{alone}: the template 'lower: {{src}}' differs from the checkpoint's 'upper: {{src}}' (--init-from fixes " \
         "the model)"
-    assert "must be a checkpoint directory" in refused("--slm", "tiny-gpt2", *T, "--init-from", tmp_path)
+    (tmp_path / "plain").mkdir()  # (not tmp_path itself: --out x inside an input is refused first)
+    assert "must be a checkpoint directory" in refused("--slm", "tiny-gpt2", *T, "--init-from", tmp_path / "plain")
     # a checkpoint whose weights were edited is refused before anything is written
     weights = alone / "model.safetensors"
     blob = bytearray(weights.read_bytes())

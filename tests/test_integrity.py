@@ -61,7 +61,7 @@ def test_decoding_and_llm2slm_do_not_import_each_other():
 # ------------------------------------------------------------------------------------------- train --resume
 
 
-def test_train_resume_refuses_other_options_and_inputs(cli, toy_files, tmp_path):
+def test_train_resume_refuses_other_options_and_inputs(cli, toy_files, tmp_path, monkeypatch):
     """A run stopped at step 2 of 6 (a step-000002 checkpoint) is resumed only by the same options and inputs."""
     data = tmp_path / "train.jsonl"
     data.write_bytes(toy_files["train"].read_bytes())
@@ -83,14 +83,22 @@ def test_train_resume_refuses_other_options_and_inputs(cli, toy_files, tmp_path)
     msg = _error(cli, *[changed if a == data else a for a in args], "--resume")
     assert "the training input's sha256" in msg, msg
 
-    # an older checkpoint (no identity in trainer_state.json): its manifest's options are compared
+    # an older checkpoint (no identity in trainer_state.json, a manifest that records no training state: resumed
+    # only with LLM2SLM_UNVERIFIED_CHECKPOINTS=1): its manifest's options are compared
     state_path = out / "step-000002" / "trainer_state.json"
-    state = json.loads(state_path.read_text())
-    old = {k: v for k, v in state.items() if k != "run"}
-    state_path.write_text(json.dumps(old))
+    manifest_path = out / "step-000002" / "manifest.json"
+    state, manifest = state_path.read_text(), manifest_path.read_text()
+    older = json.loads(manifest)
+    older["files"] = {k: v for k, v in older["files"].items() if k not in ("trainer_state.json", "optimizer.pt")
+                      and not k.startswith("rng_state-")}
+    manifest_path.write_text(json.dumps(older))
+    state_path.write_text(json.dumps({k: v for k, v in json.loads(state).items() if k != "run"}))
+    monkeypatch.setenv("LLM2SLM_UNVERIFIED_CHECKPOINTS", "1")
     msg = _error(cli, *args, "--resume", "--lr", "0.002")
     assert "--lr 0.002 (the interrupted run's: 0.001)" in msg, msg
-    state_path.write_text(json.dumps(state))
+    monkeypatch.delenv("LLM2SLM_UNVERIFIED_CHECKPOINTS")
+    state_path.write_text(state)
+    manifest_path.write_text(manifest)
 
     # what does not change the weights may change; the same contents under another path resume
     moved = tmp_path / "moved.jsonl"

@@ -31,6 +31,7 @@ def run(config: BenchConfig) -> Path:
 
     from llm2slm_cli import benchmarking as B
 
+    A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     out = Path(config.out)
     plans = plan_rows(config)
     if not plans:

@@ -36,6 +36,7 @@ def gguf_from_package(name: str, directory: Path) -> Path:
 def run(config: ConvertConfig) -> Path:
     from llm2slm_cli import models as M
 
+    A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     out = Path(config.out)
     A.check_output_dir(out, overwrite=config.overwrite, resumable=False)  # refused now; nothing is deleted yet
     # Built beside --out and put in its place at the end: with --overwrite the previous output stays until the new

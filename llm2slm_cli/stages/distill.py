@@ -52,6 +52,7 @@ def run(config: DistillConfig) -> Path:
 
     from llm2slm_cli.stages.generate import HalvingBatcher, PlainModel, generate_shard, generation_kwargs
 
+    A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field,
                     template=config.template)
     examples = read_examples(config.inputs, fields, require_target=config.teacher_forced)

@@ -44,6 +44,7 @@ def run(config: EncodeConfig) -> Path:
 
     from llm2slm_cli.llm2slm import FrozenLLM
 
+    A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     fields = Fields(prompt=config.prompt_field, target=None, id=config.id_field, template=config.template)
     examples = read_examples(config.inputs, fields)
     input_sha = A.input_sha256(config.inputs)

@@ -213,6 +213,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
     if _same_or_inside(pred_dir, out):
         raise UserError("--out would hold or replace the predictions being scored: choose another directory",
                         path=out)
+    A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     if not config.overwrite and out.exists():
         A.prepare_output_dir(out, resumable=False)  # refuse a non-empty --out before any long work
     start = time.perf_counter()

@@ -27,6 +27,9 @@ def run(config: ExportConfig) -> Path:
     from llm2slm_cli.llm2slm import read_model_config
 
     src, out = Path(config.checkpoint), Path(config.out)
+    # first: --out is none of the inputs (the checkpoint, its LLM, --eval, the run's manifest beside the checkpoint),
+    # nor holds or lies inside one: `export run/final --out run --overwrite` would delete the run
+    A.check_out_not_input(out, config, [("the training manifest", src.parent / A.MANIFEST)])
     model_config = read_model_config(src)  # refuses what is not a checkpoint
     checkpoint = A.verify_checkpoint(src)  # weights and config files against their sha256
     training = _training_manifest(src)
@@ -36,8 +39,6 @@ def run(config: ExportConfig) -> Path:
                                                M.resolve(llm["name"]).kind in ("dir", "gguf", "checkpoint"))
     if include and llm is None:
         raise UserError("--include-llm yes: this checkpoint was trained without an LLM", path=src)
-    if out.resolve() == src.resolve():
-        raise UserError("--out is the checkpoint itself", path=out)
 
     A.check_output_dir(out, overwrite=config.overwrite, resumable=False)  # refused now; nothing is deleted yet
     # Built beside --out and put in its place at the end: with --overwrite the previous export stays until the new

@@ -236,6 +236,7 @@ def run(config: GenerateConfig) -> Path:
 
     if config.to_stdout:
         return print_responses(config)
+    A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     out = Path(config.out)
     template = config.template or _checkpoint_template(Path(config.model))
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)

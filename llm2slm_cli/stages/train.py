@@ -121,8 +121,11 @@ def _features(path: Path | None, llm, what: str):
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    steps = sorted(p for p in out.glob("step-*") if p.is_dir() and (p / A.TRAINER_STATE).is_file())
-    return steps[-1] if steps else None
+    """The step checkpoint with the highest step (a directory step-NNNNNN/ only appears complete: it is written
+    under a temporary name and renamed). One with a file missing is still the latest: --resume refuses it (naming
+    the file) rather than going back to an earlier one unasked."""
+    steps = [p for p in out.glob("step-*") if p.is_dir() and p.name.removeprefix("step-").isdigit()]
+    return max(steps, key=lambda p: int(p.name.removeprefix("step-"))) if steps else None
 
 
 # Options a resumed run may change: they change neither the weights nor the loss log. Every other option must be the
@@ -193,6 +196,8 @@ def run(config: TrainConfig) -> Path:
     accelerator = _accelerator(config)
     quiet = config.quiet or not accelerator.is_main_process
     out = Path(config.out)
+    if not config.count_parameters:
+        A.check_out_not_input(out, config)  # --out is none of the inputs, nor holds or lies inside one
     inputs = check_inputs(config, out)  # inputs and their manifests: checked before anything is written or loaded
     llm = load_llm(config, inputs, accelerator.device)
     stores = open_feature_stores(config, llm)
@@ -277,6 +282,7 @@ def check_inputs(config: TrainConfig, out: Path) -> Inputs:
     identity = run_identity(config)
     earlier = latest_checkpoint(out) if config.resume else None
     if earlier is not None:  # what --resume would continue must be this very run: checked before any loading
+        A.verify_step_checkpoint(earlier)  # every file of it against its sha256, trainer_state.json's shape
         check_resume(earlier, identity, config.max_steps or
                      math.ceil(len(train_examples) / config.batch_size) * config.epochs)
     return Inputs(store_manifest, template, train_examples, dev_examples, teacher, identity, max_length)
@@ -791,7 +797,8 @@ def _model_identity(core) -> dict[str, Any]:
 
 def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerator, config: TrainConfig,
           counts: dict[str, Any], training_state: bool, state: dict[str, Any]) -> None:
-    """Write a checkpoint under a temporary name, then rename it: a crash never leaves half a checkpoint."""
+    """Write a checkpoint under a temporary name, its manifest (every file's sha256) last, then rename it: a crash
+    never leaves half a checkpoint, and --resume verifies every file of a step checkpoint before it loads one."""
     import random
 
     import numpy as np
@@ -806,9 +813,6 @@ def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerat
         if training_state:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                        tmp / A.OPTIMIZER_STATE)
-        A.atomic_write_json(tmp / A.MANIFEST, A.make_manifest(
-            A.KIND_CHECKPOINT, config, model=_model_identity(core), step=step, counts=counts,
-            files=A.checkpoint_records(tmp)))  # the weights, llm2slm.json and slm_config.json
     accelerator.wait_for_everyone()
     if training_state:
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -816,8 +820,13 @@ def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerat
         torch.save(rng, tmp / A.RNG_STATE.format(accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if training_state:  # written last: its presence marks a complete, resumable checkpoint
+        if training_state:
             A.atomic_write_json(tmp / A.TRAINER_STATE, state)
+        # last: the size and sha256 of its files -- a step checkpoint's every file (optimizer, RNG and trainer
+        # state too, verified before --resume loads any), final/'s weights, configs and tokenizer
+        A.atomic_write_json(tmp / A.MANIFEST, A.make_manifest(
+            A.KIND_CHECKPOINT, config, model=_model_identity(core), step=step, counts=counts,
+            files=A.directory_records(tmp) if training_state else A.checkpoint_records(tmp)))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -825,13 +834,13 @@ def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerat
 
 
 def _restore(directory: Path, core, optimizer, scheduler, accelerator) -> int:
+    import pickle
     import random
 
     import torch
     from safetensors.torch import load_model
 
-    state = json.loads((directory / A.TRAINER_STATE).read_text())
-    A.verify_checkpoint(directory)  # _save writes the manifest before trainer_state.json
+    state = A.read_trainer_state(directory)  # every file was verified against the manifest by check_inputs
     try:
         load_model(core, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(accelerator.device))
     except (OSError, RuntimeError) as e:  # another SLM's weights (shapes, names): not this run's checkpoint
@@ -840,20 +849,28 @@ def _restore(directory: Path, core, optimizer, scheduler, accelerator) -> int:
         raise UserError(f"cannot resume from this checkpoint: its weights do not fit the model this command "
                         f"builds ({_short(e)}); give the interrupted run's options, or --overwrite",
                         path=directory) from None
-    opt = torch.load(directory / A.OPTIMIZER_STATE, map_location=accelerator.device, weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rng_path = directory / A.RNG_STATE.format(accelerator.process_index)
-    if rng_path.is_file():
-        import numpy as np
+    path = directory / A.OPTIMIZER_STATE
+    try:  # verified; this catches what an unverified checkpoint (LLM2SLM_UNVERIFIED_CHECKPOINTS=1) may hold
+        opt = torch.load(path, map_location=accelerator.device, weights_only=False)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        path = directory / A.RNG_STATE.format(accelerator.process_index)
+        if path.is_file():
+            import numpy as np
 
-        rng = torch.load(rng_path, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(state["step"])
+            rng = torch.load(path, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            pickle.UnpicklingError) as e:  # what unpickling damaged bytes raises
+        from llm2slm_cli.models import _short
+
+        raise UserError(f"cannot resume from this checkpoint: unreadable training state ({_short(e)})",
+                        path=path) from None
+    return state["step"]
 
 
 def _truncate_log(path: Path, step: int) -> None:
