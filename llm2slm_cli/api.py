@@ -42,13 +42,10 @@ class Decoding(DecodingOptions):
     gamma: int | None = None  # speculative decoding: draft tokens per LLM pass (None: the model's, load(gamma=))
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if any(not s for s in self.stop):
-            raise UserError("a stop string must not be empty")
-        if self.gamma is not None and self.gamma <= 0:
-            raise UserError(f"gamma must be positive, got {self.gamma}")
-        self._check_decoding()
+        # the one validation layer (validation.py): strict types, ranges, errors naming the argument
+        from llm2slm_cli.validation import DecodingArgs, check
+
+        check(DecodingArgs, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
 @dataclass
@@ -135,10 +132,13 @@ class Model:
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse a prompt and response longer than the model's positions reach (a decoder-only model would fail
         or degrade past them)."""
+        from llm2slm_cli.validation import InvalidArgument
+
         if self.context_length is not None and prompt_tokens + max_new_tokens > self.context_length:
-            raise UserError(f"this model reads at most {self.context_length} tokens, prompt and response together: "
-                            f"the prompt has {prompt_tokens}, so max_new_tokens can be at most "
-                            f"{max(self.context_length - prompt_tokens, 0)}, not {max_new_tokens}")
+            raise InvalidArgument("max_new_tokens", f"this model reads at most {self.context_length} tokens, prompt "
+                                  f"and response together: the prompt has {prompt_tokens}, so at most "
+                                  f"{max(self.context_length - prompt_tokens, 0)} can be generated, not "
+                                  f"{max_new_tokens}")
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, kind={self.kind!r})"
@@ -198,7 +198,9 @@ class Model:
     # ------------------------------------------------------------------------------------------------ decoding
 
     def decoding(self, **options: Any) -> Decoding:
-        """Checked options (Decoding's fields; unknown names are refused)."""
+        """Checked options (Decoding's fields; unknown names are refused): InvalidArgument names the one at fault."""
+        from llm2slm_cli.validation import InvalidArgument
+
         known = {f.name for f in dataclasses.fields(Decoding)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -206,10 +208,16 @@ class Model:
         options = {k: v for k, v in options.items()}
         if isinstance(options.get("stop"), str):
             options["stop"] = [options["stop"]]
+        elif isinstance(options.get("stop"), tuple):
+            options["stop"] = list(options["stop"])
+        elif "stop" in options and not isinstance(options["stop"], list):
+            raise InvalidArgument("stop", "expected a string or a list of strings, got "
+                                          f"{type(options['stop']).__name__}")
         d = Decoding(**options)
         if self.kind == "speculative":
             if d.num_beams not in (None, 1):
-                raise UserError("speculative decoding draws one sequence per prompt: leave num_beams out")
+                raise InvalidArgument("num_beams", "speculative decoding draws one sequence per prompt: leave "
+                                                   "num_beams out")
             d.num_beams = 1
         return d
 
@@ -243,13 +251,16 @@ class Model:
         """The raw responses with their tokens and finish reasons, in length-sorted batches of `batch_size` (as
         `generate` makes them); `on_text(i, text)` receives each response's new text as it is decoded."""
         from llm2slm_cli.data import length_sorted_batches
+        from llm2slm_cli.validation import CallArgs, InvalidArgument, check, check_prompts
 
-        one = isinstance(prompts, (str, dict))
-        prompts = [prompts] if one else list(prompts)
+        prompts, _ = check_prompts(prompts)
+        check(CallArgs, {"template": template, "strict": strict, "batch_size": batch_size})
+        if on_text is not None and not callable(on_text):
+            raise InvalidArgument("on_text", f"expected a function (index, text), got {type(on_text).__name__}")
+        decoding = self.decoding(**options)
         if not prompts:
             return []
-        decoding = self.decoding(**options)
-        texts = [self.prompt_text(p, template=template, where=f"prompt {i}") for i, p in enumerate(prompts)]
+        texts = [self.prompt_text(p, template=template, where=f"prompts[{i}]") for i, p in enumerate(prompts)]
         ids = self.prompt_ids(texts, strict=strict)
         results: dict[int, Completion] = {}
         for batch in length_sorted_batches([len(t) for t in ids], batch_size):
@@ -268,9 +279,12 @@ class Model:
         tokens for the same options, stripped. Options: those of `complete` and Decoding (num_beams,
         length_penalty, sample, top_p, temperature, seed, max_new_tokens, stop); `first_line` as in the CLI."""
         from llm2slm_cli.stages.generate import PlainModel, _first_line
+        from llm2slm_cli.validation import CallArgs, check
 
-        if first_line and isinstance(self.impl, PlainModel):  # the CLI stops a plain model at the line break
-            stop = options.get("stop") or []
+        check(CallArgs, {"first_line": first_line})
+        stop = options.get("stop") or []
+        if first_line and isinstance(self.impl, PlainModel) and isinstance(stop, (str, list, tuple)):
+            # the CLI stops a plain model at the line break (another type of `stop` is refused by `complete`)
             options["stop"] = [*([stop] if isinstance(stop, str) else stop), "\n"]
         out = [c.text for c in self.complete(prompts, **options)]
         return [_first_line(t) if first_line else t.strip() for t in out]
@@ -278,14 +292,17 @@ class Model:
     def stream(self, prompt: str | dict, **options: Any) -> Iterator[str]:
         """The response to one prompt, piece by piece as it is decoded (greedy, sampling and speculative decoding;
         beam search gives it whole at the end). Stopping the iteration stops the decoding."""
+        from llm2slm_cli.validation import check_prompt
+
+        prompt = check_prompt(prompt)
+        decoding = self.decoding(**options)
+        ids = self.prompt_ids([self.prompt_text(prompt)])
         pieces: queue.Queue = queue.Queue()
         cancelled = threading.Event()
         done = object()
 
         def work() -> None:
             try:
-                decoding = self.decoding(**options)
-                ids = self.prompt_ids([self.prompt_text(prompt)])
                 row = self.row(len(ids[0]), decoding, pieces.put, cancelled)
                 self.run(ids, decoding, [row])
                 pieces.put(done)
@@ -303,10 +320,19 @@ class Model:
             cancelled.set()
             thread.join()
 
+    def chat_ids(self, messages: list[dict[str, Any]], *, strict: bool = False) -> list[int]:
+        """The prompt's token ids for chat `messages`; a prompt the template renders empty is refused."""
+        from llm2slm_cli.validation import InvalidArgument, check_messages
+
+        ids = self.prompt_ids([self.chat_text(check_messages(messages))], strict=strict, special_tokens=False)[0]
+        if not ids:
+            raise InvalidArgument("messages", "the chat template renders these messages as an empty prompt")
+        return ids
+
     def chat(self, messages: list[dict[str, Any]], **options: Any) -> str:
         """The assistant's reply to chat `messages`, through the model's chat template."""
         decoding = self.decoding(**options)
-        ids = self.prompt_ids([self.chat_text(messages)], special_tokens=False)
+        ids = [self.chat_ids(messages)]
         return self.run(ids, decoding, [self.row(len(ids[0]), decoding)])[0].text.strip()
 
 
@@ -326,15 +352,21 @@ def _context_length(impl: Any) -> int | None:
 
 
 def _chat_template(value: str | Path | None) -> str | None:
+    """The template's text, compiled once to refuse a broken one here rather than at every chat."""
+    from llm2slm_cli.validation import compile_chat_template
+
     if value is None:
         return None
     text = str(value)
     if "{" not in text:  # a file
         path = Path(text)
         try:
-            return path.read_text()
+            text = path.read_text()
         except OSError as e:
             raise UserError(f"cannot read the chat template ({e.strerror})", path=path) from None
+        compile_chat_template(text, f"chat_template {path}")
+        return text
+    compile_chat_template(text)
     return text
 
 

@@ -144,7 +144,7 @@ def test_api_mistakes_are_user_errors(model):
         model.generate("  ")
     with pytest.raises(UserError, match="max_new_tokens"):
         model.generate("a", max_new_tokens=0)
-    with pytest.raises(UserError, match="top-p"):
+    with pytest.raises(UserError, match="top_p"):
         model.generate("a", sample=True, top_p=0)
     with pytest.raises(UserError, match="chat template"):
         model.chat([{"role": "user", "content": "hi"}])
@@ -152,6 +152,76 @@ def test_api_mistakes_are_user_errors(model):
         load("tiny-gpt2", template="{a} and {b}", device="cpu").generate("x")
     with pytest.raises(UserError, match="over this model's limit"):
         model.complete("alpha " * 600, strict=True)
+
+
+EMPTY_CHAT = "{% for m in messages %}{% endfor %}"  # renders every conversation as an empty prompt
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return load("tiny-gpt2", device="cpu", chat_template=EMPTY_CHAT)
+
+
+@pytest.mark.parametrize("call, args, options, name", [
+    ("generate", (None,), {}, "prompts"),
+    ("generate", (123,), {}, "prompts"),
+    ("generate", (["a", 3],), {}, "prompts[1]"),
+    ("generate", ("a",), {"max_new_tokens": "5"}, "max_new_tokens"),
+    ("generate", ("a",), {"max_new_tokens": 2.5}, "max_new_tokens"),
+    ("generate", ("a",), {"max_new_tokens": True}, "max_new_tokens"),
+    ("generate", ("a",), {"max_new_tokens": 0}, "max_new_tokens"),
+    ("generate", ("a",), {"num_beams": 1.5}, "num_beams"),
+    ("generate", ("a",), {"num_beams": 0}, "num_beams"),
+    ("generate", ("a",), {"seed": 2**70}, "seed"),
+    ("generate", ("a",), {"seed": 2**63}, "seed"),
+    ("generate", ("a",), {"seed": -1}, "seed"),
+    ("generate", ("a",), {"seed": "7"}, "seed"),
+    ("generate", ("a",), {"stop": 5}, "stop"),
+    ("generate", ("a",), {"stop": [""]}, "stop[0]"),
+    ("generate", ("a",), {"stop": ["x", 5]}, "stop[1]"),
+    ("generate", ("a",), {"batch_size": 0}, "batch_size"),
+    ("generate", ("a",), {"batch_size": -1}, "batch_size"),
+    ("generate", ("a",), {"batch_size": 2.0}, "batch_size"),
+    ("generate", ("a",), {"sample": True, "temperature": "hot"}, "temperature"),
+    ("generate", ("a",), {"sample": True, "temperature": True}, "temperature"),
+    ("generate", ("a",), {"sample": True, "top_p": float("nan")}, "top_p"),
+    ("generate", ("a",), {"sample": True, "top_p": 0}, "top_p"),
+    ("generate", ("a",), {"sample": "yes"}, "sample"),
+    ("generate", ("a",), {"sample": True, "num_beams": 3}, "num_beams"),
+    ("generate", ("a",), {"length_penalty": float("inf")}, "length_penalty"),
+    ("generate", ("a",), {"first_line": 1}, "first_line"),
+    ("generate", ("a",), {"template": "no"}, "template"),
+    ("complete", ("a",), {"on_text": 5}, "on_text"),
+    ("complete", ([],), {"max_new_tokens": 2.5}, "max_new_tokens"),  # checked even with nothing to decode
+    ("stream", (None,), {}, "prompt"),
+    ("stream", ("a",), {"seed": 2**64}, "seed"),
+    ("chat", ([{"role": "user", "content": "hi"}],), {}, "messages"),  # the template renders an empty prompt
+    ("chat", ("hi",), {}, "messages"),
+    ("chat", ([],), {}, "messages"),
+    ("chat", ([{"content": "hi"}],), {}, "messages[0]"),
+    ("chat", ([{"role": "user", "content": "hi"}],), {"max_new_tokens": 1.5}, "max_new_tokens"),
+])
+def test_bad_arguments_are_one_error_naming_the_argument(plain, call, args, options, name):
+    """Strict types (a bool is not an int, 2.5 is not an int, a string is not a number), ranges, and one
+    UserError whose one-line message starts with the argument's name: never a raw TypeError or a silent cast."""
+    from llm2slm_cli.validation import InvalidArgument
+
+    with pytest.raises(UserError) as caught:
+        result = getattr(plain, call)(*args, **options)
+        if call == "stream":
+            list(result)
+    e = caught.value
+    assert isinstance(e, InvalidArgument) and e.param == name, repr(e)
+    assert e.message.startswith(f"{name}: ") and "\n" not in e.message and "--" not in e.message, e.message
+
+
+def test_a_broken_chat_template_is_refused_at_load(tmp_path):
+    with pytest.raises(UserError, match=r"^chat_template: not a valid Jinja template \(line 1: "):
+        load("tiny-gpt2", device="cpu", chat_template="{% for m in messages %}{{ m.content }")
+    path = tmp_path / "chat.jinja"
+    path.write_text("{{ messages | no_such_filter }}")
+    with pytest.raises(UserError, match=f"^chat_template {path}: not a valid Jinja template .*no_such_filter"):
+        load("tiny-gpt2", device="cpu", chat_template=path)
 
 
 def test_generate_prompt_and_stdin_print_responses(cli, model, toy_files):

@@ -253,6 +253,176 @@ def test_bad_requests_get_openai_errors(server, plain_server):
     assert server.engine.active == 0
 
 
+EMPTY_CHAT = "{% for m in messages %}{% endfor %}"  # renders every conversation as an empty prompt
+CHAT_PATH = "/v1/chat/completions"
+OK = {"model": NAME, "prompt": "alpha", "max_tokens": 4}
+CHAT_OK = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+ODD_CHAT = {**CHAT_OK, "model": "odd"}
+
+
+@pytest.fixture(scope="module")
+def odd_server():
+    """A plain model whose chat template renders every conversation empty, and a queue of 2."""
+    running = Running(load("tiny-gpt2", device="cpu", chat_template=EMPTY_CHAT), name="odd", max_batch_size=4,
+                      batch_wait_ms=1, max_queue=2)
+    yield running
+    running.close()
+
+
+@pytest.mark.parametrize("on, path, body, field", [
+    ("server", "", {**OK, "seed": 2**64}, "seed"),
+    ("server", "", {**OK, "seed": 10**400}, "seed"),
+    ("server", "", {**OK, "seed": -1}, "seed"),
+    ("server", "", {**OK, "seed": True}, "seed"),
+    ("server", "", {**OK, "seed": 1.5}, "seed"),
+    ("server", "", {**OK, "seed": "7"}, "seed"),
+    ("server", "", {**OK, "temperature": 0.5, "seed": 2**63}, "seed"),
+    ("server", "", {**OK, "max_tokens": True}, "max_tokens"),
+    ("server", "", {**OK, "max_tokens": 2.5}, "max_tokens"),
+    ("server", "", {**OK, "max_tokens": "5"}, "max_tokens"),
+    ("server", "", {**OK, "max_tokens": 10**400}, "max_tokens"),
+    ("server", "", {**OK, "temperature": True}, "temperature"),
+    ("server", "", {**OK, "temperature": "0.5"}, "temperature"),
+    ("server", "", '{"model": "kv-model", "prompt": "alpha", "temperature": NaN}', "temperature"),
+    ("server", "", '{"model": "kv-model", "prompt": "alpha", "top_p": 1e400}', "top_p"),
+    ("server", "", '{"model": "kv-model", "prompt": "alpha", "length_penalty": Infinity}', "length_penalty"),
+    ("server", "", {**OK, "num_beams": 1.5}, "num_beams"),
+    ("server", "", {**OK, "num_beams": True}, "num_beams"),
+    ("server", "", {**OK, "n": True}, "n"),
+    ("server", "", {**OK, "stream": "yes"}, "stream"),
+    ("server", "", {**OK, "stop": [5]}, "stop"),
+    ("server", "", {**OK, "stop": 5}, "stop"),
+    ("server", "", {**OK, "prompt": [True, 3]}, "prompt"),
+    ("server", "", {**OK, "prompt": [["a"]]}, "prompt"),
+    ("server", "", {**OK, "model": 5}, "model"),
+    ("server", CHAT_PATH, {**CHAT_OK, "seed": 2**64}, "seed"),
+    ("server", CHAT_PATH, {**CHAT_OK, "max_tokens": True}, "max_tokens"),
+    ("server", CHAT_PATH, {**CHAT_OK, "max_completion_tokens": True}, "max_completion_tokens"),
+    ("server", CHAT_PATH, {**CHAT_OK, "max_completion_tokens": 10**6}, "max_completion_tokens"),
+    ("server", CHAT_PATH, {**CHAT_OK, "messages": [{"role": "user", "content": 5}]}, "messages"),
+    ("odd_server", CHAT_PATH, ODD_CHAT, "messages"),  # the template renders an empty prompt
+    ("odd_server", CHAT_PATH, {**ODD_CHAT, "stream": True}, "messages"),  # the same, before the stream starts
+])
+def test_no_client_input_is_a_500(request, on, path, body, field):
+    """Every value a client can send that cannot be served is a 400 with an OpenAI error body naming the JSON field
+    (never a CLI flag, never a traceback): strict types, seeds in 0..2**63-1, finite numbers, no empty prompt."""
+    running = request.getfixturevalue(on)
+    r = _post(running.url, body, path or "/v1/completions")
+    assert r.status_code == 400, (body, r.text)
+    assert r.headers["content-type"].startswith("application/json"), r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == field and error["message"].startswith(field), (body, error)
+    assert "--" not in error["message"] and "Traceback" not in r.text and "\n" not in error["message"]
+    assert running.engine.active == 0
+
+
+def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(odd_server):
+    """A request the queue could never hold is a client error that says why, not a "retry later"."""
+    r = _post(odd_server.url, {"model": "odd", "prompt": ["a", "b", "c"], "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and error["code"] == "too_many_prompts" and "at most 2" in error["message"]
+    assert len(_post(odd_server.url, {"model": "odd", "prompt": ["a", "b"], "max_tokens": 2}).json()["choices"]) == 2
+
+
+def _serve(*args: str, script: str | None = None) -> subprocess.Popen:
+    """`llm2slm serve` in a subprocess (`script`: Python run before the CLI, in the same process)."""
+    code = f"{script or ''}\nfrom llm2slm_cli.cli import app\napp()"
+    return subprocess.Popen([sys.executable, "-c", code, "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            cwd=Path(__file__).parent)
+
+
+def test_a_broken_chat_template_stops_serve_before_it_starts(tmp_path):
+    broken = tmp_path / "chat.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }\n")
+    proc = _serve("--model", "tiny-gpt2", "--device", "cpu", "--port", str(free_port()), "--chat-template",
+                  str(broken))
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: --chat-template {broken}: not a valid Jinja template (line 1"), err
+
+
+SLOW_DECODING = """
+import time
+from llm2slm_cli import api
+row = api.Model.row
+def slow_row(self, *args, **kwargs):  # 20 ms a token: a 1000-token response is still decoding when signalled
+    r = row(self, *args, **kwargs)
+    push = r.push
+    r.push = lambda tokens: time.sleep(0.02) or push(tokens)
+    return r
+api.Model.row = slow_row
+"""
+
+
+def test_a_second_sigint_answers_the_requests_in_flight_then_exits_non_zero():
+    """Ctrl-C twice while a request and a stream are decoding: both clients get an OpenAI error (a 503 body; the
+    stream's last event), and `serve` exits 130 with one line, no traceback."""
+    port = free_port()
+    proc = _serve("--model", "tiny-gpt2", "--device", "cpu", "--port", str(port), "--served-model-name", "slow",
+                  "--max-tokens-limit", "1000", "--batch-wait-ms", "2000", "--quiet", script=SLOW_DECODING)
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "slow", "prompt": "alpha", "max_tokens": 1000, "temperature": 0}
+    got: dict = {"events": []}
+    first_text = threading.Event()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.2)
+
+        def whole() -> None:
+            got["whole"] = _post(url, body)
+
+        def streamed() -> None:
+            with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions",
+                                                              json={**body, "stream": True}) as r:
+                got["status"] = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        got["events"].append(line.removeprefix("data: "))
+                        first_text.set()
+
+        clients = [threading.Thread(target=whole), threading.Thread(target=streamed)]
+        for t in clients:
+            t.start()
+        # both requests decode in one batch (it waits up to 2 s for the second): the stream's text is arriving
+        assert first_text.wait(timeout=60)
+        assert httpx.get(url + "/health", timeout=5).json()["active"] == 2
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert all(t.is_alive() for t in clients)  # the first Ctrl-C waits for them
+        proc.send_signal(signal.SIGINT)
+        for t in clients:
+            t.join(timeout=60)
+        code = proc.wait(timeout=60)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 130 and "Traceback" not in err and "CancelledError" not in err, err
+    assert err.strip().splitlines()[-1] == "error: stopped by a second Ctrl-C: 2 requests in flight got a 503 error"
+    whole = got["whole"]
+    assert whole.status_code == 503 and whole.json()["error"]["code"] == "shutting_down", whole.text
+    assert got["status"] == 200 and got["events"][-1] == "[DONE]", got
+    assert json.loads(got["events"][-2])["error"]["code"] == "shutting_down"
+    assert len(got["events"]) > 2  # text had arrived before the error
+
+
 def test_a_client_dropping_mid_stream_frees_its_slot(plain_server, monkeypatch):
     """The queue holds 2: a long stream and a request waiting behind it fill it, a third gets 429. Dropping the
     stream frees its slot and stops its decoding long before its 1000 tokens, so the waiting request is answered
@@ -292,6 +462,7 @@ def test_a_client_dropping_mid_stream_frees_its_slot(plain_server, monkeypatch):
     assert engine.active == 0 and engine.generated - before < 500
     too_long = _post(url, {**body, "stream": False, "max_tokens": 1024})  # past tiny-gpt2's 1024 positions
     assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    assert too_long.json()["error"]["message"].startswith("max_tokens: this model reads at most 1024 tokens")
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits(trained_checkpoint, model, toy_files):

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from llm2slm_cli.server import protocol as P
 from llm2slm_cli.server.serving import OpenAIServing, ServingError, chat_completion, completion
+from llm2slm_cli.validation import field_name
 
 
 def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -25,17 +26,24 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
     return JSONResponse(ServingError(status, message, type=type, param=param, code=code).body(), status_code=status)
 
 
+# fields that take one of several types: pydantic reports one error per type, which reads worse than this
+UNION_FIELDS = {"prompt": "expected text, a list of texts, or token ids (a list of ints, or a list of such lists)",
+                "stop": "expected a string or a list of strings"}
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [p for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))})", None
-    where = ".".join(loc) or "body"
+    if len(loc) > 1 and loc[0] in UNION_FIELDS:
+        return f"{loc[0]}: {UNION_FIELDS[loc[0]]}", str(loc[0])
+    where = field_name(loc) or "body"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {first.get('msg', 'invalid')}{more}", loc[0] if loc else None
+    return f"{where}: {first.get('msg', 'invalid')}{more}", str(loc[0]) if loc else None
 
 
 def build_app(serving: OpenAIServing) -> FastAPI:

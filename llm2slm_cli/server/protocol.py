@@ -4,6 +4,9 @@ Field names, types and bounds follow the OpenAI API reference (completions, chat
 Fields of the spec the server does not implement are accepted at their neutral values and refused otherwise (by the
 serving layer, with a message naming them); unknown fields are ignored, as newer clients send them. `num_beams` and
 `length_penalty` are this server's own (beam search, the paper's decoding for translation and summarization).
+
+Request fields use the Python API's types (llm2slm_cli.validation): strict (`true` is not a max_tokens, 2.5 not an
+int, "5" not a number), floats finite, seeds in 0..2**63-1, so every request the server takes is one decoding can run.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from llm2slm_cli.validation import Count, Number, Seed
 
 
 class _Body(BaseModel):
@@ -20,58 +25,58 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(_Body):
     """What completion and chat requests share."""
 
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    model: StrictStr
+    max_tokens: Count | None = None
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: Seed | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    n: Count = 1
+    presence_penalty: Number = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Number] | None = None
+    user: StrictStr | None = None
     # this server's own: beam search (give temperature 0 or leave it out)
-    num_beams: int | None = Field(None, ge=1)
-    length_penalty: float | None = None
+    num_beams: Count | None = None
+    length_penalty: Number | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+    logprobs: StrictInt | None = None
 
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: StrictStr
 
 
 class OtherPart(_Body):
-    type: str
+    type: StrictStr
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart | OtherPart] | None = None
-    name: str | None = None
+    content: StrictStr | list[TextPart | OtherPart] | None = None
+    name: StrictStr | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    max_completion_tokens: Count | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 

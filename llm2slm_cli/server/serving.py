@@ -7,7 +7,9 @@ settings wait for a later batch. New text goes back to each request's event loop
 client has gone is cancelled: its row stops (a batch of only cancelled rows ends at once) and its slot is free.
 
 `OpenAIServing` turns completion and chat requests into jobs and their results into OpenAI response bodies or
-server-sent-event chunks.
+server-sent-event chunks. Every client input it cannot serve is a 400 naming the JSON field (never a 500): the request
+is checked by protocol.py's types, then by the Python API's own validation (llm2slm_cli.validation), whose errors
+are renamed to the request's fields.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 from llm2slm_cli.api import Completion, Decoding, Model
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.server import protocol as P
+from llm2slm_cli.validation import InvalidArgument
 
 MAX_STOP = 4  # as OpenAI's API
 
@@ -72,6 +75,7 @@ class Engine:
         self.active = 0  # jobs waiting or decoding
         self.closing = False
         self.batches: collections.deque[int] = collections.deque(maxlen=10_000)  # sizes of recent batches
+        self.live: set[Job] = set()  # submitted, not yet released
         self.generated = 0  # tokens generated, all jobs (cancelled ones too)
         self.lock = threading.Condition()
         self.thread = threading.Thread(target=self._work, name="llm2slm-engine", daemon=True)
@@ -91,16 +95,37 @@ class Engine:
         if self.thread.is_alive():
             self.thread.join()
 
+    def abort(self, error: ServingError) -> int:
+        """Stop now: every job submitted and not finished gets `error` (its client an OpenAI error body, or the
+        last event of its stream) and its row stops; new jobs are refused. Returns how many requests were stopped."""
+        with self.lock:
+            self.closing = True
+            jobs = list(self.live)
+            for job in jobs:
+                job.loop.call_soon_threadsafe(job.events.put_nowait, (job.index, "error", error))
+                job.cancelled.set()  # after the error went out: a cancelled job sends nothing more
+                if job in self.pending:
+                    self.pending.remove(job)
+                self._release(job)
+            self.lock.notify_all()
+        return len({id(job.events) for job in jobs})  # a request's jobs share their queue
+
     def submit(self, jobs: list[Job]) -> None:
-        """Queue a request's jobs, all or none: 429 when the queue is full, 503 while shutting down."""
+        """Queue a request's jobs, all or none: 400 when they could never fit the queue, 429 when it is full now,
+        503 while shutting down."""
         with self.lock:
             if self.closing:
                 raise ServingError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if len(jobs) > self.max_queue:
+                raise ServingError(400, f"the request has {len(jobs)} prompts and this server takes at most "
+                                        f"{self.max_queue} at once: send them in several requests",
+                                   param="prompt", code="too_many_prompts")
             if self.active + len(jobs) > self.max_queue:
                 raise ServingError(429, f"the server is busy ({self.active} requests waiting or decoding, at most "
                                         f"{self.max_queue}): retry later", type="rate_limit_error",
                                    code="queue_full")
             self.active += len(jobs)
+            self.live.update(jobs)
             self.pending.extend(jobs)
             self.lock.notify_all()
 
@@ -116,6 +141,7 @@ class Engine:
         if not job.released:
             job.released = True
             self.active -= 1
+            self.live.discard(job)
             self.lock.notify_all()
 
     def _next_batch(self) -> list[Job] | None:
@@ -182,7 +208,7 @@ class OpenAIServing:
 
     # ---------------------------------------------------------------------------------------- request -> jobs
 
-    def _check(self, request: P._Sampling, max_tokens: int | None) -> Decoding:
+    def _check(self, request: P._Sampling, max_tokens: int | None, max_tokens_field: str) -> Decoding:
         if request.model != self.name:
             raise ServingError(404, f"the model {request.model!r} does not exist: this server serves {self.name!r}",
                                param="model", code="model_not_found")
@@ -199,8 +225,8 @@ class OpenAIServing:
             if used:
                 raise ServingError(400, f"{name} is not supported by this server", param=name)
         if max_tokens is not None and max_tokens > self.max_tokens_limit:
-            raise ServingError(400, f"max_tokens {max_tokens} is over this server's limit of "
-                                    f"{self.max_tokens_limit}", param="max_tokens")
+            raise ServingError(400, f"{max_tokens_field} {max_tokens} is over this server's limit of "
+                                    f"{self.max_tokens_limit}", param=max_tokens_field)
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise ServingError(400, f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
@@ -218,6 +244,9 @@ class OpenAIServing:
             options["length_penalty"] = request.length_penalty
         try:
             return self.model.decoding(**options)
+        except InvalidArgument as e:  # the API's argument names, as the request's fields
+            field = {"max_new_tokens": max_tokens_field}.get(e.param, e.param)
+            raise ServingError(400, f"{field}: {e.reason}", param=field) from None
         except UserError as e:
             raise ServingError(400, e.message) from None
 
@@ -245,7 +274,8 @@ class OpenAIServing:
                                             f"{self.model.max_prompt_length}", param="prompt")
             return [list(ids) for ids in prompt]
         try:
-            texts = [self.model.prompt_text(p, where=f"prompt {i}") for i, p in enumerate(prompt)]
+            texts = [self.model.prompt_text(p, where=f"prompt[{i}]" if len(prompt) > 1 else "prompt")
+                     for i, p in enumerate(prompt)]
             return self.model.prompt_ids(texts, strict=True)
         except UserError as e:
             raise ServingError(400, e.message, param="prompt") from None
@@ -265,19 +295,21 @@ class OpenAIServing:
                 content = "".join(part.text for part in content)
             messages.append({"role": m.role, "content": content or ""})
         try:
-            return self.model.prompt_ids([self.model.chat_text(messages)], strict=True, special_tokens=False)
+            return [self.model.chat_ids(messages, strict=True)]
         except UserError as e:
             raise ServingError(400, e.message, param="messages") from None
 
     # ---------------------------------------------------------------------------------------- jobs -> responses
 
-    def start(self, request: P._Sampling, prompts: list[list[int]], max_tokens: int | None) -> list[Job]:
-        decoding = self._check(request, max_tokens)
+    def start(self, request: P._Sampling, prompts: list[list[int]], max_tokens: int | None,
+              max_tokens_field: str = "max_tokens") -> list[Job]:
+        decoding = self._check(request, max_tokens, max_tokens_field)
         for ids in prompts:
             try:
                 self.model.check_length(len(ids), decoding.max_new_tokens)
-            except UserError as e:
-                raise ServingError(400, e.message, param="max_tokens", code="context_length_exceeded") from None
+            except InvalidArgument as e:
+                raise ServingError(400, f"{max_tokens_field}: {e.reason}", param=max_tokens_field,
+                                   code="context_length_exceeded") from None
         jobs = self._jobs(decoding, prompts)
         self.engine.submit(jobs)
         return jobs
@@ -368,7 +400,8 @@ async def completion(serving: OpenAIServing, request: P.CompletionRequest):
 async def chat_completion(serving: OpenAIServing, request: P.ChatCompletionRequest):
     """A ChatCompletionResponse, or (stream) an async iterator of SSE lines."""
     prompts = serving.chat_prompt(request)
-    jobs = serving.start(request, prompts, request.max_completion_tokens or request.max_tokens)
+    field = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
+    jobs = serving.start(request, prompts, request.max_completion_tokens or request.max_tokens, field)
     rid, created = P.new_id("chatcmpl"), P.now()
 
     if request.stream:
