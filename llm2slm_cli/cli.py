@@ -12,6 +12,7 @@ import enum
 import importlib
 import inspect
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -187,8 +188,9 @@ def _type_problem(value: Any, annotation: Any) -> str | None:
         ok = isinstance(value, bool)
     elif base is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif base is float:  # PyYAML reads 1e-3 (no dot) as text: a float literal written so is still a number
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()) is not None)
     else:  # str and Path: a YAML scalar that reads as text (6 for --layer is the text "6"), never a bool
         ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
     if ok:

@@ -25,9 +25,9 @@ def test_a_config_value_of_the_wrong_type_is_refused(cli, toy_files, tmp_path, t
 def test_a_config_value_of_the_right_type_is_taken(cli, toy_files, tmp_path):
     cfg = tmp_path / "gen.yaml"  # a float option given a whole number, a text option given a number
     cfg.write_text(f"model: tiny-gpt2\ninputs: [{toy_files['dev']}]\nout: {tmp_path / 'o'}\nlength_penalty: 1\n"
-                   "num_beams: 2\n")
+                   "num_beams: 2\ntop_p: 9e-1\n")  # PyYAML reads 9e-1 as text: still a float literal
     effective = yaml.safe_load(cli("generate", "--config", cfg, "--print-config").stdout)
-    assert effective["length_penalty"] == 1 and effective["num_beams"] == 2
+    assert effective["length_penalty"] == 1 and effective["num_beams"] == 2 and effective["top_p"] == 0.9
 
 
 @pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, "a:\n" + "".join(" " * i + "b:\n" for i in range(1, 3000))])
