@@ -172,7 +172,8 @@ def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, checkpoint, eval_dir):
     assert "no BLEU, ROUGE-L or chrF" in _error(cli, "bench", "--slm", "tiny-t5", "--quality",
                                                 f"SLM={tmp_path / 'odd'}", "--out", out)
     assert "takes LABEL=DIR" in _error(cli, "bench", "--model", str(checkpoint), "--out", out)
-    assert "not an llm2slm checkpoint" in _error(cli, "bench", "--model", f"x={tmp_path}", "--out", out)
+    (tmp_path / "plain").mkdir()  # beside --out: a folder holding --out is refused as an input before it is read
+    assert "not an llm2slm checkpoint" in _error(cli, "bench", "--model", f"x={tmp_path / 'plain'}", "--out", out)
     assert "two rows are labelled 'SLM'" in _error(cli, "bench", "--slm", "tiny-t5", "--model",
                                                    f"SLM={checkpoint}", "--out", out)
     assert "--lengths must be" in _error(cli, "bench", "--slm", "tiny-t5", "--lengths", "4,x", "--out", out)
