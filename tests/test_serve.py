@@ -96,6 +96,19 @@ def greedy(cli, trained_checkpoint, toy_files, tmp_path_factory) -> list[dict]:
     return pq.read_table(out / "predictions.parquet").to_pylist()
 
 
+
+def _wait_healthy(proc, url: str, timeout: float = 120) -> None:
+    """Until the server at `url` answers /health (its process must stay alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.2)
+
 def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == [NAME]
     health = httpx.get(server.url + "/health").json()
@@ -374,15 +387,7 @@ def test_a_second_sigint_answers_the_requests_in_flight_then_exits_non_zero():
     got: dict = {"events": []}
     first_text = threading.Event()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
-            time.sleep(0.2)
+        _wait_healthy(proc, url)
 
         def whole() -> None:
             got["whole"] = _post(url, body)
@@ -478,15 +483,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(trained_checkpoint, m
                             cwd=Path(__file__).parent)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
-            time.sleep(0.2)
+        _wait_healthy(proc, url)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=300, temperature=0, stream=True)
         first = next(iter(stream))
