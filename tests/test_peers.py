@@ -77,7 +77,8 @@ def test_the_ctranslate2_row_generates_exactly_n_tokens(ct2_dir):
 def test_a_missing_runtime_is_one_line_and_exit_2(cli, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # find_spec: not installed
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    msg = error_line(cli, "bench", "--ctranslate2", f"x={tmp_path}", "--out", tmp_path / "o")
+    (tmp_path / "ct2").mkdir()
+    msg = error_line(cli, "bench", "--ctranslate2", f"x={tmp_path / 'ct2'}", "--out", tmp_path / "o")
     assert "pip install 'llm2slm-cli[ctranslate2]'" in msg and "ctranslate2" in msg
     msg = error_line(cli, "bench", "--llama-cpp", f"x={tmp_path / 'm.gguf'}", "--out", tmp_path / "o")
     assert "pip install 'llm2slm-cli[llama-cpp]'" in msg
@@ -86,9 +87,11 @@ def test_a_missing_runtime_is_one_line_and_exit_2(cli, tmp_path, monkeypatch):
 
 def test_peer_inputs_are_checked_before_anything_runs(cli, tmp_path):
     pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
-    assert "not a CTranslate2 model directory" in error_line(cli, "bench", "--ctranslate2", f"x={tmp_path}",
+    (tmp_path / "ct2").mkdir()
+    assert "not a CTranslate2 model directory" in error_line(cli, "bench", "--ctranslate2", f"x={tmp_path / 'ct2'}",
                                                              "--out", tmp_path / "o")
-    assert "--ct2-compute-type" in error_line(cli, "bench", "--ctranslate2", f"x={tmp_path}", "--ct2-compute-type",
+    assert "--ct2-compute-type" in error_line(cli, "bench", "--ctranslate2", f"x={tmp_path / 'ct2'}",
+                                              "--ct2-compute-type",
                                               "int4", "--out", tmp_path / "o")
     assert "no --ctranslate2 or --llama-cpp row labelled 'y'" in error_line(
         cli, "bench", "--slm", "tiny-t5", "--peer-source", "y=tiny-t5", "--out", tmp_path / "o")
