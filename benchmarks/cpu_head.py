@@ -1,6 +1,8 @@
 """The vocabulary head on a CPU: F.linear against cpu_head's W @ h.T, as products and inside our decoding loop.
 
-    python benchmarks/cpu_head.py --model /work/study/gemma --model CHECKPOINT ... [--threads 2] [--repeats 5]
+    python benchmarks/cpu_head.py --model $RUNS/gemma --model CHECKPOINT ... [--threads 2] [--repeats 5]
+
+($RUNS: the offline study recipe's RUNS folder, e.g. runs/study; see recipes/offline-study/Makefile.)
 
 Part 1 times the head product alone for the heads of the models given (and T5's and GPT2's shapes), for 1, 3 and 5
 rows (a decoding step; a speculative pass verifying 2 and 4 drafts). Part 2 decodes greedily with each model through

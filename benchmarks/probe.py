@@ -1,4 +1,4 @@
-"""The outside probe as a harness (issue 15): hundreds of careless-user and damaged-file cases through the real CLI.
+"""The outside probe as a harness: hundreds of careless-user and damaged-file cases through the real CLI.
 
     python benchmarks/probe.py [--out probe.json] [--families options,damage] [--limit N]
 
