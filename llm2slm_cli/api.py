@@ -218,6 +218,9 @@ class Model:
             if d.num_beams not in (None, 1):
                 raise InvalidArgument("num_beams", "speculative decoding draws one sequence per prompt: leave "
                                                    "num_beams out")
+            for name, off in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0)):
+                if getattr(d, name) != off:
+                    raise InvalidArgument(name, "speculative decoding does not do it: leave it out")
             d.num_beams = 1
         return d
 
@@ -277,7 +280,8 @@ class Model:
                  **options: Any) -> list[str]:
         """Responses to `prompts` (one string gives a list of one), as `llm2slm generate` writes them: the same
         tokens for the same options, stripped. Options: those of `complete` and Decoding (num_beams,
-        length_penalty, sample, top_p, temperature, seed, max_new_tokens, stop); `first_line` as in the CLI."""
+        length_penalty, sample, top_p, temperature, repetition_penalty, no_repeat_ngram_size, seed, max_new_tokens,
+        stop); `first_line` as in the CLI."""
         from llm2slm_cli.stages.generate import PlainModel, _first_line
         from llm2slm_cli.validation import CallArgs, check
 

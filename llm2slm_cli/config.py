@@ -75,16 +75,28 @@ class DecodingOptions:
     sample: bool = opt(False, "Nucleus sampling instead of beam search (paper, for instructions).")
     top_p: float = opt(0.9, "Nucleus mass when sampling.")
     temperature: float = opt(1.0, "Softmax temperature when sampling.")
+    repetition_penalty: float = opt(1.0, "Repetition penalty as transformers' generate applies it: the scores of "
+                                         "tokens already in the response (and, for a decoder-only model, in the "
+                                         "prompt) are divided by it, negative ones multiplied. 1.0 is off; above 1 "
+                                         "discourages repetition.")
+    no_repeat_ngram_size: int = opt(0, "Never repeat an n-gram of this many tokens of the response (and, for a "
+                                       "decoder-only model, of the prompt), as transformers' generate does with "
+                                       "no_repeat_ngram_size. 0 is off.")
     seed: int = opt(0, "Seed for sampling.")
 
     def _check_decoding(self, *, speculative: bool = False) -> None:
         check_numbers(self)
-        _positive(self, "num_beams", "temperature")
+        _positive(self, "num_beams", "temperature", "repetition_penalty")
+        if self.no_repeat_ngram_size < 0:
+            raise UserError(f"--no-repeat-ngram-size must be 0 or more, got {self.no_repeat_ngram_size}")
         one = "--sample" if self.sample else "--speculative" if speculative else None
         if one and self.num_beams not in (None, 1):
             raise UserError(f"{one} draws one sequence per prompt: leave --num-beams out")
         if not 0 < self.top_p <= 1:
             raise UserError("--top-p must be in (0, 1]")
+        if speculative and (self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0):
+            raise UserError("--speculative does not do --repetition-penalty or --no-repeat-ngram-size: leave them "
+                            "out, or decode without --speculative")
 
     @property
     def beams(self) -> int:

@@ -288,9 +288,11 @@ class Search:
     """What `decode` does after the prompt: greedy, nucleus sampling or beam search, as transformers defines them.
 
     `min_new_tokens` bans the end token before then; `suppress` ids are never generated; `early_stopping` and
-    `length_penalty` are beam search's (transformers' meanings). `check_every` steps between asking whether every
-    row has finished (each ask waits for a GPU; a CPU loses nothing by asking every step). `static_cache` and
-    `compile` choose how the steps run (Stepper), not what they compute: the greedy output is the same."""
+    `length_penalty` are beam search's (transformers' meanings); `repetition_penalty` and `no_repeat_ngram_size` are
+    transformers' too, applied by its own processors (RepetitionControls). `check_every` steps between asking
+    whether every row has finished (each ask waits for a GPU; a CPU loses nothing by asking every step).
+    `static_cache` and `compile` choose how the steps run (Stepper), not what they compute: the greedy output is the
+    same."""
 
     max_new_tokens: int
     eos_token_id: int | None
@@ -304,6 +306,8 @@ class Search:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     suppress: tuple[int, ...] = ()
+    repetition_penalty: float = 1.0  # 1.0: off
+    no_repeat_ngram_size: int = 0  # 0: off
     check_every: int = 1
     static_cache: bool = False
     compile: bool = False  # static cache + torch.compile of the one-token steps
@@ -311,7 +315,7 @@ class Search:
 
 # Options `decode` understands; anything else asked of a generation falls back to transformers' generate.
 SEARCH_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams",
-                  "length_penalty", "early_stopping", "suppress_tokens"}
+                  "length_penalty", "early_stopping", "suppress_tokens", "repetition_penalty", "no_repeat_ngram_size"}
 
 
 def generation_value(generation_config: Any, name: str, fallback: Any = None) -> Any:
@@ -330,11 +334,12 @@ def generation_value(generation_config: Any, name: str, fallback: Any = None) ->
 def search_from(options: dict[str, Any], generation_config: Any, *, eos: int | None, pad: int | None,
                 device: Any) -> Search | None:
     """A Search for transformers-style generation options, or None where `decode` does not do what they ask
-    (unknown options, or a model generation config that sets penalties, forced or banned words and the like)."""
+    (unknown options, or a model generation config that sets forced or banned words and the like). The repetition
+    penalty and n-gram size come from `options`, else from the model's generation config, as generate takes them."""
     if set(options) - SEARCH_OPTIONS or options.get("max_new_tokens") is None:
         return None
     g = generation_config
-    untouched = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+    untouched = dict(encoder_repetition_penalty=1.0, encoder_no_repeat_ngram_size=0,
                      bad_words_ids=None, force_words_ids=None, forced_bos_token_id=None, forced_eos_token_id=None,
                      suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None, num_return_sequences=1,
                      diversity_penalty=0.0, renormalize_logits=False, min_length=0,
@@ -360,6 +365,8 @@ def search_from(options: dict[str, Any], generation_config: Any, *, eos: int | N
                   top_k=int(pick("top_k", 0) or 0) if do_sample else 0, num_beams=int(pick("num_beams", 1)),
                   length_penalty=float(pick("length_penalty", 1.0)), early_stopping=pick("early_stopping", False),
                   suppress=tuple(int(i) for i in options.get("suppress_tokens") or ()),
+                  repetition_penalty=float(pick("repetition_penalty", 1.0)),
+                  no_repeat_ngram_size=int(pick("no_repeat_ngram_size", 0) or 0),
                   check_every=8 if getattr(device, "type", "cpu") == "cuda" else 1)
 
 
@@ -414,27 +421,81 @@ def _keeps_logits(model) -> bool:
 def generate_plain(model, input_ids: torch.Tensor, mask: torch.Tensor, search: Search, *,
                    generator: torch.Generator | None = None, streamer: Streamer | None = None) -> torch.Tensor:
     """A transformers model alone through `decode`: (batch, n) new token ids (left-padded decoder-only prompts)."""
-    step, logits = start(model, mask, search, input_ids=input_ids,
-                         decoder_start=getattr(model.generation_config, "decoder_start_token_id", None)
-                         if model.config.is_encoder_decoder else None)
-    return decode(step, logits, search, generator=generator, streamer=streamer)
+    encoder_decoder = bool(model.config.is_encoder_decoder)
+    first = getattr(model.generation_config, "decoder_start_token_id", None) if encoder_decoder else None
+    step, logits = start(model, mask, search, input_ids=input_ids, decoder_start=first)
+    # the repetition controls see what generate's processors see: the whole prompt, or the decoder's ids
+    prompt_ids, prompt_mask = (input_ids, mask) if not encoder_decoder else \
+        (torch.full((mask.shape[0], 1), first, dtype=torch.long, device=mask.device), None)
+    return decode(step, logits, search, generator=generator, streamer=streamer, prompt_ids=prompt_ids,
+                  prompt_mask=prompt_mask)
+
+
+class RepetitionControls:
+    """Search's repetition_penalty and no_repeat_ngram_size, by transformers' own processors (penalty, then n-gram
+    ban: generate's order), over the sequence generate shows them: the prompt's ids, then the new tokens.
+
+    `prompt_ids` (batch, m) are what generate holds as input_ids before the first new token: a decoder-only model's
+    left-padded prompt, an encoder-decoder's decoder start token (None: nothing before the new tokens). The penalty
+    skips each row's leading padding (the leading zeros of `prompt_mask`), as generate reads it off the attention
+    mask; the n-gram ban counts padding tokens like any other token, as generate does. Ids the scores have no column
+    for (prompt tokens a trimmed vocabulary lacks) get -inf columns while the processors run: they count in n-grams
+    and are never penalised or banned, whatever transformers' processors do with ids past the vocabulary."""
+
+    def __init__(self, search: Search, prompt_ids: torch.Tensor | None, prompt_mask: torch.Tensor | None, *,
+                 batch: int, vocab: int, device: Any) -> None:
+        from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+        rows = max(search.num_beams, 1)
+        if prompt_ids is None:
+            prompt_ids = torch.zeros((batch, 0), dtype=torch.long, device=device)
+        self.prompt = prompt_ids.long().repeat_interleave(rows, 0)  # beam search: each prompt's beams, in a row
+        self.processors = LogitsProcessorList()
+        if search.repetition_penalty != 1.0:
+            skip = None if prompt_mask is None else (prompt_mask != 0).int().argmax(dim=1).repeat_interleave(rows)
+            self.processors.append(RepetitionPenaltyLogitsProcessor(float(search.repetition_penalty),
+                                                                    prompt_ignore_length=skip))
+        if search.no_repeat_ngram_size > 0:
+            self.processors.append(NoRepeatNGramLogitsProcessor(int(search.no_repeat_ngram_size)))
+        self.vocab = vocab
+        self.extra = max(int(self.prompt.max()) + 1 - vocab, 0) if self.prompt.numel() else 0
+
+    @classmethod
+    def of(cls, search: Search, prompt_ids: torch.Tensor | None, prompt_mask: torch.Tensor | None,
+           logits: torch.Tensor) -> RepetitionControls | None:
+        """The controls `search` asks for, or None (then the loops do exactly what they do without them)."""
+        if search.repetition_penalty == 1.0 and search.no_repeat_ngram_size <= 0:
+            return None
+        return cls(search, prompt_ids, prompt_mask, batch=logits.shape[0], vocab=logits.shape[-1],
+                   device=logits.device)
+
+    def __call__(self, sequence: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` (rows, vocab) of the token after `sequence` (rows, length: the prompt then the new tokens)."""
+        if self.extra:
+            scores = torch.nn.functional.pad(scores, (0, self.extra), value=float("-inf"))
+        scores = self.processors(sequence, scores)
+        return scores[:, : self.vocab] if self.extra else scores
 
 
 @torch.inference_mode()
 def decode(step: Stepper, logits: torch.Tensor, search: Search, *, generator: torch.Generator | None = None,
-           streamer: Streamer | None = None) -> torch.Tensor:
+           streamer: Streamer | None = None, prompt_ids: torch.Tensor | None = None,
+           prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Decode with `step`'s model from `logits` (batch, vocab), the scores of each prompt's first new token; returns
     (batch, n <= max_new_tokens) token ids, padding after a row's end token. For beam search, `step` holds each
     prompt once: its cache is repeated to num_beams rows here (one prefill per prompt, not per beam).
 
     `streamer` (greedy and sampling; beam search only knows its tokens at the end and never calls it) sees every
     step's tokens as they are chosen; the rows it asks to stop finish there, as if they had emitted the end token.
-    Without one, or when it never asks, the output is the same token for token."""
+    Without one, or when it never asks, the output is the same token for token. `prompt_ids` and `prompt_mask`: what
+    the repetition penalty and the n-gram ban count before the new tokens (RepetitionControls), in the ids of the
+    model's scores."""
     if search.do_sample and search.num_beams > 1:
         raise UserError("beam sampling is not supported: use --num-beams 1 with sampling")
+    controls = RepetitionControls.of(search, prompt_ids, prompt_mask, logits)
     if search.num_beams > 1:
-        return _beam_search(step, logits, search)
-    return _sample_or_greedy(step, logits, search, generator, streamer)
+        return _beam_search(step, logits, search, controls)
+    return _sample_or_greedy(step, logits, search, generator, streamer, controls)
 
 
 def _ban(scores: torch.Tensor, search: Search, t: int) -> None:
@@ -446,14 +507,19 @@ def _ban(scores: torch.Tensor, search: Search, t: int) -> None:
 
 
 def _sample_or_greedy(step: Stepper, logits: torch.Tensor, search: Search, generator,
-                      streamer: Streamer | None = None) -> torch.Tensor:
+                      streamer: Streamer | None = None, controls: RepetitionControls | None = None) -> torch.Tensor:
     batch, n = logits.shape[0], search.max_new_tokens
     out = torch.full((batch, n), search.pad_token_id, dtype=torch.long, device=logits.device)
+    if controls is not None:  # the sequence the processors read: the prompt, then `out` (a view of its tail)
+        sequence = torch.cat([controls.prompt, out], 1)
+        out = sequence[:, controls.prompt.shape[1]:]
     done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
     eos = search.eos_token_id
     t = 0
     for t in range(n):
         scores = logits.to(dtype=torch.float32, copy=True)
+        if controls is not None:  # on the raw scores, before the bans and the sampling warpers (as generate)
+            scores = controls(sequence[:, : controls.prompt.shape[1] + t], scores)
         _ban(scores, search, t)
         if search.do_sample:
             token = torch.multinomial(_process(scores, search.temperature, search.top_p, [], top_k=search.top_k), 1,
@@ -484,7 +550,8 @@ def _stream(streamer: Streamer | None, tokens: torch.Tensor) -> torch.Tensor | N
     return torch.as_tensor(stop, dtype=torch.bool, device=tokens.device)
 
 
-def _beam_search(step: Stepper, logits: torch.Tensor, search: Search) -> torch.Tensor:
+def _beam_search(step: Stepper, logits: torch.Tensor, search: Search,
+                 controls: RepetitionControls | None = None) -> torch.Tensor:
     """transformers' beam search (its vectorised form, same candidates, scores, length penalty and stopping rules),
     without its per-step bookkeeping: 2 x num_beams candidates per prompt, finished hypotheses kept apart."""
     batch, k, n = logits.shape[0], search.num_beams, search.max_new_tokens
@@ -505,6 +572,9 @@ def _beam_search(step: Stepper, logits: torch.Tensor, search: Search) -> torch.T
     t = 0
     for t in range(n):
         log_probs = torch.log_softmax(logits.float(), -1)
+        if controls is not None:  # each beam's sequence: its prompt, then its tokens so far
+            log_probs = controls(torch.cat([controls.prompt, running[:, :, :t].reshape(batch * k, t)], 1),
+                                 log_probs)
         _ban(log_probs, search, t)  # after the softmax, as transformers' processors run on log-probabilities
         log_probs = (log_probs.view(batch, k, vocab) + running_scores.unsqueeze(-1)).view(batch, k * vocab)
         top_scores, top_index = torch.topk(log_probs, keep)

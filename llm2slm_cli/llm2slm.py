@@ -676,7 +676,8 @@ class LLMToSLM(nn.Module):
         The LLM runs once over the prompts; the SLM's KV cache is filled by one pass over the fused prompt; every
         step after that feeds plain token embeddings. Decoding is decoding.decode (greedy, sampling, beam search
         with transformers' semantics and less per-step work); engine="transformers", or options decode does not
-        know (stop strings, prefix tuning's cache), use transformers' generate with `inputs_embeds` instead.
+        know (stop strings, prefix tuning's cache), use transformers' generate with `inputs_embeds` instead, which
+        cannot count the prompt in a repetition penalty or n-gram ban: those options are refused there.
         `streamer` (decoding.Streamer) sees the tokenizer ids of each step in our loop; transformers' never calls it.
         """
         from llm2slm_cli.decoding import decode, search_from, start
@@ -693,13 +694,47 @@ class LLMToSLM(nn.Module):
         if search is not None:
             step, logits = start(self.slm, mask, search, inputs_embeds=p, decoder_start=g.decoder_start_token_id
                                  if encoder_decoder else None)
-            out = decode(step, logits, search,
+            history = self.repetition_prompt(prompt_ids, prompt_mask, pad=search.pad_token_id) \
+                if search.repetition_penalty != 1.0 or search.no_repeat_ngram_size > 0 else (None, None)
+            out = decode(step, logits, search, prompt_ids=history[0], prompt_mask=history[1],
                          streamer=None if streamer is None else lambda t: streamer(self.tokenizer_ids(t)))
         else:
+            asked = [k for k in ("repetition_penalty", "no_repeat_ngram_size")
+                     if generation.get(k) not in (None, 1.0 if k == "repetition_penalty" else 0)]
+            if asked:
+                raise UserError(f"{' and '.join(asked)} need this toolkit's decoding loop for an LLM-to-SLM model "
+                                "(transformers' generate reads its prompt as embeddings and cannot count the "
+                                "prompt's tokens); not with stop strings, prefix tuning or engine='transformers'")
             out = self.slm.generate(inputs_embeds=p, attention_mask=mask, **extra, **generation)
             if encoder_decoder:
                 out = out[:, 1:]
         return self.tokenizer_ids(out)
+
+    def repetition_prompt(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, pad: int
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the repetition penalty and the n-gram ban count before the new tokens (decoding.RepetitionControls),
+        in the SLM's output ids, with its mask: what transformers' generate would show its processors for an SLM
+        given the prompt as token ids.
+
+        A decoder-only SLM: the prompt's tokens, left-padded as the SLM reads them (padding: `pad`). Prompt tokens a
+        trimmed vocabulary lacks become ids past the SLM's head, one per distinct token: never generated, so never
+        penalised, but still in the n-grams (dropping them would join their neighbours into n-grams the prompt does
+        not have). An encoder-decoder SLM: its decoder start token, as generate counts only the decoder's ids. With
+        tokenizer "slm" and an LLM, the prompt is in the LLM's vocabulary, which the SLM never reads as tokens: only
+        the new tokens count."""
+        batch, device = prompt_ids.shape[0], prompt_ids.device
+        if self.config.slm_kind == "encoder-decoder":
+            start = self.slm.generation_config.decoder_start_token_id
+            return torch.full((batch, 1), start, dtype=torch.long, device=device), None
+        if self.has_llm and self.config.tokenizer == "slm":
+            return None, None
+        ids = self.slm_ids(prompt_ids)
+        if self.config.trim_vocab is not None:
+            lacking = (self.slm_vocab[ids] != prompt_ids) & prompt_mask.bool()
+            if bool(lacking.any()):
+                _, rank = torch.unique(prompt_ids[lacking], return_inverse=True)
+                ids = ids.masked_scatter(lacking, len(self.slm_vocab) + rank)
+        return _right_to_left(ids.masked_fill(prompt_mask == 0, pad), prompt_mask)
 
     # ------------------------------------------------------------------------------------------------ save/load
 

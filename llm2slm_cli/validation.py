@@ -52,6 +52,8 @@ class DecodingArgs(BaseModel):
     sample: StrictBool
     top_p: Annotated[Number, Field(gt=0, le=1)]
     temperature: Annotated[Number, Field(gt=0)]
+    repetition_penalty: Annotated[Number, Field(gt=0)]
+    no_repeat_ngram_size: Annotated[int, Strict(), Field(ge=0)]
     seed: Seed | None
     max_new_tokens: Count
     stop: list[StopString]

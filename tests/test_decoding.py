@@ -149,7 +149,7 @@ def test_options_decode_does_not_know_fall_back_to_transformers():
     g = model.slm.generation_config
     assert search_from({"max_new_tokens": 5, "stop_strings": ["\n"]}, g, eos=1, pad=0, device=None) is None
     assert search_from({"max_new_tokens": 5}, g, eos=1, pad=0, device=None) is not None
-    g.repetition_penalty = 1.3
+    g.bad_words_ids = [[5]]  # a generation config asking for what decode does not do
     assert search_from({"max_new_tokens": 5}, g, eos=1, pad=0, device=None) is None
     # and the model still generates, through transformers
     ids, mask = _batch(model)

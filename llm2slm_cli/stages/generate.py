@@ -22,13 +22,19 @@ SPECULATIVE_META = b"llm2slm_speculative"
 
 
 def generation_kwargs(config: Any) -> dict[str, Any]:
-    """Options for transformers' generate: beam search (paper: 4, length penalty 0.6), greedy, or nucleus."""
+    """Options for transformers' generate: beam search (paper: 4, length penalty 0.6), greedy, or nucleus; the
+    repetition penalty and n-gram ban where they are on (so a run without them records what it did before)."""
     if config.sample:
-        return {"do_sample": True, "top_p": config.top_p, "temperature": config.temperature, "num_beams": 1,
-                "max_new_tokens": config.max_new_tokens}
-    kwargs: dict[str, Any] = {"do_sample": False, "num_beams": config.beams, "max_new_tokens": config.max_new_tokens}
-    if config.beams > 1:
-        kwargs.update(length_penalty=config.length_penalty, early_stopping=True)
+        kwargs = {"do_sample": True, "top_p": config.top_p, "temperature": config.temperature, "num_beams": 1,
+                  "max_new_tokens": config.max_new_tokens}
+    else:
+        kwargs = {"do_sample": False, "num_beams": config.beams, "max_new_tokens": config.max_new_tokens}
+        if config.beams > 1:
+            kwargs.update(length_penalty=config.length_penalty, early_stopping=True)
+    if config.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = config.repetition_penalty
+    if config.no_repeat_ngram_size > 0:
+        kwargs["no_repeat_ngram_size"] = config.no_repeat_ngram_size
     return kwargs
 
 
@@ -106,9 +112,11 @@ class SpeculativeModel:
 
     def generate(self, prompt_ids, prompt_mask, *, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, gamma: int | None = None, streamer=None,
-                 **_ignored) -> list[list[int]]:
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, **_ignored) -> list[list[int]]:
         """Options as `speculative_kwargs` writes them."""
         from llm2slm_cli.decoding import speculative_generate
+
+        refuse_repetition_controls(repetition_penalty, no_repeat_ngram_size)
 
         tokens, stats = speculative_generate(
             self.draft, self.verifier, prompt_ids, prompt_mask, gamma=gamma or self.gamma,
@@ -116,6 +124,13 @@ class SpeculativeModel:
             generator=self.generator, streamer=streamer)
         self.stats.add(stats)
         return tokens
+
+
+def refuse_repetition_controls(repetition_penalty: float, no_repeat_ngram_size: int) -> None:
+    """Speculative decoding has no repetition penalty or n-gram ban (drafts and checks would both need them)."""
+    if repetition_penalty != 1.0 or no_repeat_ngram_size > 0:
+        raise UserError("speculative decoding does not do --repetition-penalty or --no-repeat-ngram-size: leave "
+                        "them out, or decode without --speculative")
 
 
 def speculative_kwargs(config: Any) -> dict[str, Any]:
@@ -204,7 +219,7 @@ def _decode_as(model, quantize: str, compile: bool) -> dict[str, Any]:
         g = target.generation_config
         if search_from({"max_new_tokens": 1}, g, eos=g.eos_token_id, pad=g.pad_token_id, device=None) is None:
             raise UserError("--compile needs this toolkit's decoding loop, and this model's generation config asks "
-                            "for what only transformers' generate does (penalties, forced or banned words)")
+                            "for what only transformers' generate does (forced or banned words and the like)")
         set_decode_options(target, static_cache=True, compile=True)
     return {**({"quantization": done} if done else {}), **({"compile": True} if compile else {})}
 
@@ -351,7 +366,8 @@ def print_responses(config: GenerateConfig) -> None:
                   max_prompt_length=config.max_length or max_length, chat_template=None, device=device)
     texts = [model.prompt_text(p, where=where) if fill else p for _, where, p, fill in records]
     options = {f: getattr(config, f) for f in ("num_beams", "length_penalty", "sample", "top_p", "temperature",
-                                               "seed", "max_new_tokens")}
+                                               "seed", "max_new_tokens", "repetition_penalty",
+                                               "no_repeat_ngram_size")}
     if config.first_line and isinstance(impl, PlainModel):
         options["stop"] = ["\n"]
     streaming = len(texts) == 1 and not config.json and not config.first_line
