@@ -5,13 +5,15 @@
 ROW is a final row (RUNS/final/ROW/pred-dev500 and eval-dev500) or ROW--SETTING, the same checkpoint under a
 decoding setting (RUNS/decode/SETTING/ROW/pred and eval). Writes RESULTS/ROW/newstest2013-dev500.de (the
 predictions, one line per sentence, whitespace runs joined as eval reads them) and RESULTS/ROW/eval.json (eval's
-metrics.json with the run folders replaced by row names and RUNS, sacrebleu signatures kept).
+metrics.json with the run folders replaced by row names and RUNS, sacrebleu signatures kept); a trained row also gets
+its train_log.jsonl, a row with blind predictions (pred-blind beside pred) its flores200-devtest-500.de.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -47,6 +49,14 @@ def main() -> None:
         for prefix in {str(args.runs.resolve()), str(args.runs)}:  # no machine's folders in a committed file
             text = text.replace(prefix, "RUNS")
         (out / "eval.json").write_text(text + "\n")
+        blind = pred.parent / "pred-blind" / "predictions.parquet"
+        if blind.is_file():  # the blind sentences under the same decoding, one line per source line
+            lines = pq.read_table(blind).to_pylist()
+            (out / "flores200-devtest-500.de").write_text("".join(" ".join(r["prediction"].split()) + "\n"
+                                                                   for r in lines))
+        log = args.runs / "final" / row / "train" / "train_log.jsonl"
+        if not setting and log.is_file():  # a trained row: its loss at every step, dev loss at every evaluation
+            shutil.copyfile(log, out / "train_log.jsonl")
         print(f"{out}: {len(rows)} predictions, chrF {metrics['metrics']['chrf']['score']:.2f}")
 
 

@@ -16,7 +16,8 @@ difference against the SLM alone (sacrebleu's paired bootstrap, 1,000 resamples,
   is in neither the source nor the reference. Rows that never saw an example give the rule's base rate.
 
 Where RESULTS/<row>/eval.json (the eval stage's metrics.json) exists, its BLEU, chrF, intervals and p-value must
-equal the recomputed ones; a difference is printed and the exit code is 1.
+equal the recomputed ones; a difference is printed and the exit code is 1. Rows with a committed train_log.jsonl get
+their dev cross-entropy at every evaluation in a second table.
 """
 
 from __future__ import annotations
@@ -145,6 +146,15 @@ def main() -> None:
                     if abs(ev[name][key] - result[name][key]) > 1e-6:
                         mismatches.append(f"{row}: {name} {key} {result[name][key]} recomputed, {ev[name][key]} "
                                           "in eval.json")
+    curves = {row: [json.loads(line) for line in (args.results / row / "train_log.jsonl").read_text().splitlines()]
+              for row in args.rows if (args.results / row / "train_log.jsonl").is_file()}
+    if curves:  # dev cross-entropy at every evaluation, from the committed training logs
+        steps = sorted({e["step"] for log in curves.values() for e in log if "dev_loss" in e})
+        print("\n| dev cross-entropy at step | " + " | ".join(map(str, steps)) + " |")
+        print("|---|" + "---|" * len(steps))
+        for row, log in curves.items():
+            dev = {e["step"]: e["dev_loss"] for e in log if "dev_loss" in e}
+            print(f"| {row} | " + " | ".join(f"{dev[t]:.3f}" if t in dev else "-" for t in steps) + " |")
     for m in mismatches:
         print(f"MISMATCH {m}", file=sys.stderr)
     sys.exit(1 if mismatches else 0)
