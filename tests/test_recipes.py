@@ -35,7 +35,9 @@ DRY_RUNS = {
                       (("pilots",), {"convert", "distill-labels", "encode", "train", "generate", "eval"}),
                       (("final",), {"convert", "distill-labels", "encode", "train", "generate", "eval", "bench"}),
                       (("sd", "sd-gammas"), {"convert", "distill-labels", "encode", "train",
-                                                          "generate", "bench"})],
+                                                          "generate", "bench"}),
+                      (("MAX_TRAIN=0", "F_OPTS=--slm-layers 2", "publish"), {"convert", "encode", "train",
+                                                                               "generate", "eval"})],
     "paper-ablations": [((), {"distill-labels", "train", "generate", "eval", "bench"}),
                         (("counts",), {"train"})],
     "paper-instructions": [
@@ -204,3 +206,65 @@ def test_gpu_device_check_runs_end_to_end_on_tiny_presets(tmp_path):
     stages = [r["stage"] for r in json.loads((tmp_path / "throughput" / "bench.json").read_text())["throughput"]]
     assert stages == ["encode", "train"]
     assert summary.count("| LLM-to-SLM") == 4
+
+
+def _study_script(name: str):
+    import importlib.util
+
+    folder = ROOT / "recipes" / "offline-study"
+    sys.path.insert(0, str(folder))  # rescore.py imports fewshot.py
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_fewshot_examples_are_aligned_pairs_fixed_per_sentence(tmp_path):
+    """fewshot.py: each sentence's examples are real pairs of the pool (a U+2028 inside a line splits nothing), the
+    same for the same (seed, sentence) whatever the other sentences, and never outside the length limits."""
+    fewshot = _study_script("fewshot")
+    words = " ".join(f"w{i}" for i in range(20))
+    en = [f"{i} {words}" for i in range(50)] + ["short"]
+    de = [f"{i} {words}\u2028mit Trenner" for i in range(50)] + ["kurz"]
+    (tmp_path / "pool.en").write_text("\n".join(en) + "\n")
+    (tmp_path / "pool.de").write_text("\n".join(de) + "\n")
+    pool_en, pool_de = fewshot.read_lines(tmp_path / "pool.en"), fewshot.read_lines(tmp_path / "pool.de")
+    assert len(pool_de) == 51  # str.splitlines would give 101
+    rows = fewshot.records(pool_en, pool_de, ["a", "b", "c"], ["A", "B", "C"], seed=3)
+    again = fewshot.records(pool_en, pool_de, ["a", "b"], ["A", "B"], seed=3)
+    assert rows[:2] == again and [r["id"] for r in rows] == ["0", "1", "2"]
+    for r in rows:
+        for j in (1, 2):
+            assert r[f"ex{j}_de"].split()[0] == r[f"ex{j}_en"].split()[0]  # the same pair
+            assert "short" not in r[f"ex{j}_en"]
+        assert r["ex1_en"] != r["ex2_en"]
+    assert fewshot.records(pool_en, pool_de, ["a"], ["A"], seed=4)[0] != rows[0]
+
+
+def test_rescore_flags_a_committed_number_that_does_not_match(tmp_path):
+    """rescore.py recomputes chrF from the committed predictions and refuses an eval.json that says otherwise."""
+    rescore = _study_script("rescore")
+    refs = ["Das ist ein kleiner Test .", "Ein zweiter Satz hier .", "Und noch einer ."]
+    hyp = ["Das ist ein Test .", "Ein Satz hier .", "Und noch einer ."]
+    got = rescore.paired(hyp, hyp, refs)
+    from sacrebleu.metrics import CHRF
+
+    assert abs(got["chrf"]["score"] - CHRF().corpus_score(hyp, [refs]).score) < 1e-9
+    assert rescore.p_text(0.000999000999000999) == "<= 0.001" and rescore.p_text(0.0123) == "0.012"
+    r = rescore.rates(["die die die die", "Hello world again", "Timoshenko kam"], ["x", "Hello world again", "y"],
+                      ["a", "Hallo Welt", "b"], [set(), set(), {"timoshenko"}])
+    assert r == {"distinct": 1.0, "loops": 1 / 3, "copies": 1 / 3, "leaks": 1 / 3}
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "translation").is_dir(),
+                    reason="../shared/data (the study's references) is only on development machines")
+def test_the_committed_study_results_rescore_to_their_eval_metrics():
+    """make rescore: every committed row's BLEU, chrF, intervals and p-value equal what eval wrote (exit 0)."""
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT / "recipes" / "offline-study"),
+                             f"PYTHON={sys.executable}", f"SHARED={ROOT.parent / 'shared' / 'data'}", "rescore"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "| llm2slm-d2-ce-std-26k-k6 |" in result.stdout and "MISMATCH" not in result.stderr
