@@ -243,6 +243,11 @@ def test_generate_prompt_and_stdin_print_responses(cli, model, toy_files):
     assert result.exit_code == 0, result.output
     assert [(json.loads(x)["id"], json.loads(x)["prediction"]) for x in result.stdout.splitlines()] == \
         [(f"k{i}", e) for i, e in enumerate(expected)]
+    # a line separator inside a prompt (U+2028, as some news sentences hold) is part of the prompt, as in a file
+    joined = texts[0] + "\u2028" + texts[1]
+    one = cli.runner.invoke(_app(), ["generate", "-", *map(str, common), "--json"], input=joined + "\r\n")
+    shown = [json.loads(x)["prompt"] for x in one.stdout.split("\n") if x]  # (the checkpoint's template around it)
+    assert len(shown) == 1 and shown[0].endswith(joined)
     bad = cli.runner.invoke(_app(), ["generate", "-", "--model", model.name], input='{"src": "a"}\n{"src": \n')
     assert bad.exit_code == 2 and "<stdin>, line 2: malformed JSON" in bad.output
     for wrong in (["--prompt", "a", "--out", "o"], ["--prompt", "a", toy_files["dev"]], []):

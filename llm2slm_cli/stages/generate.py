@@ -406,9 +406,9 @@ class _Printer:
 def _stdin_prompts(text: str, config: GenerateConfig, template: str | None) -> list[tuple[str, str, str, bool]]:
     """(id, where, prompt, needs the template) for each prompt on stdin: JSONL records (the field options and template
     apply as to a file), or plain lines (blank ones skipped), each filled into the template."""
-    from llm2slm_cli.data import Fields, _records_jsonl, _to_examples
+    from llm2slm_cli.data import Fields, _records_jsonl, _split_lines, _to_examples
 
-    lines = text.splitlines()
+    lines = _split_lines(text)  # line feeds only, as files are read: a U+2028 inside a prompt splits nothing
     first = next((line.strip() for line in lines if line.strip()), None)
     if first is None:
         raise UserError("no prompts on stdin")
