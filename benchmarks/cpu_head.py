@@ -64,7 +64,7 @@ def _decoder(spec: str, new: int):
     """(name, head shape, generate() -> token ids) for a plain model or an LLM-to-SLM checkpoint."""
     from llm2slm_cli import models as M
     from llm2slm_cli.decoding import Search, generate_plain
-    from llm2slm_cli.stages.generate import is_checkpoint
+    from llm2slm_cli.generation import is_checkpoint
 
     if is_checkpoint(spec):
         from llm2slm_cli.llm2slm import LLMToSLM

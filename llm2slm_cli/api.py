@@ -26,6 +26,16 @@ from typing import Any, Literal
 
 from llm2slm_cli.config import DecodingOptions, GenerateConfig
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.generation import (
+    PlainModel,
+    SpeculativeModel,
+    generation_kwargs,
+    is_checkpoint,
+    kind_of,
+    open_model,
+    speculative_kwargs,
+)
+from llm2slm_cli.generation import first_line as _first_line  # `generate` has an argument of that name
 
 MAX_NEW_TOKENS = next(f.default for f in dataclasses.fields(GenerateConfig) if f.name == "max_new_tokens")
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -117,9 +127,9 @@ class Model:
     """A trained checkpoint, a plain model, or a draft with the LLM that verifies it: `generate` takes text and
     gives text. Made by `load`."""
 
-    def __init__(self, impl: Any, *, name: str, kind: str, identity: dict[str, Any], template: str | None,
+    def __init__(self, impl: Any, *, name: str, identity: dict[str, Any], template: str | None,
                  max_prompt_length: int, chat_template: str | None, device: Any) -> None:
-        self.impl, self.name, self.kind, self.identity = impl, name, kind, identity
+        self.impl, self.name, self.kind, self.identity = impl, name, kind_of(impl), identity
         self.template, self.max_prompt_length, self.device = template, max_prompt_length, device
         self.tokenizer = impl.prompt_tokenizer
         self.output_tokenizer = impl.target_tokenizer
@@ -229,7 +239,6 @@ class Model:
         import torch
 
         from llm2slm_cli.data import pad
-        from llm2slm_cli.stages.generate import SpeculativeModel, generation_kwargs, speculative_kwargs
 
         speculative = isinstance(self.impl, SpeculativeModel)
         for ids, row in zip(prompt_ids, rows):
@@ -282,7 +291,6 @@ class Model:
         tokens for the same options, stripped. Options: those of `complete` and Decoding (num_beams,
         length_penalty, sample, top_p, temperature, repetition_penalty, no_repeat_ngram_size, seed, max_new_tokens,
         stop); `first_line` as in the CLI."""
-        from llm2slm_cli.stages.generate import PlainModel, _first_line
         from llm2slm_cli.validation import CallArgs, check
 
         check(CallArgs, {"first_line": first_line})
@@ -341,8 +349,6 @@ class Model:
 
 
 def _context_length(impl: Any) -> int | None:
-    from llm2slm_cli.stages.generate import PlainModel, SpeculativeModel
-
     if isinstance(impl, SpeculativeModel):
         models = [impl.draft.slm, impl.verifier.model]
     elif isinstance(impl, PlainModel):
@@ -389,7 +395,6 @@ def load(model: str | Path, *, draft: str | Path | None = None, gamma: int = 4, 
     from llm2slm_cli import runtime
     from llm2slm_cli.llm2slm import read_model_config
     from llm2slm_cli.quantize import QUANTIZE_CHOICES
-    from llm2slm_cli.stages.generate import is_checkpoint, open_model
 
     if quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {quantize!r}")
@@ -403,12 +408,10 @@ def load(model: str | Path, *, draft: str | Path | None = None, gamma: int = 4, 
         impl, identity, own_template, max_length = open_model(
             str(draft), llm=llm, speculative=True, verifier=verifier, gamma=gamma, dtype=dtype, device=dev,
             quantize=quantize, compile=compile)
-        kind = "speculative"
     else:
         impl, identity, own_template, max_length = open_model(spec, llm=llm, dtype=dtype, tokenizer=tokenizer,
                                                               device=dev, quantize=quantize, compile=compile)
-        kind = "llm2slm" if is_checkpoint(spec) else "plain"
-    return Model(impl, name=spec, kind=kind, identity=identity, template=template or own_template,
+    return Model(impl, name=spec, identity=identity, template=template or own_template,
                  max_prompt_length=max_length, chat_template=_chat_template(chat_template), device=dev)
 
 

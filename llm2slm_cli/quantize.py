@@ -87,7 +87,7 @@ def quantize_linears(root, *, skip: tuple[Any, ...] = ()) -> list[str]:
 
 
 def quantize_model(model, quantize: str) -> dict[str, Any]:
-    """Quantize what decodes in `model` (stages.generate's PlainModel, or an LLMToSLM with its LLM), in place;
+    """Quantize what decodes in `model` (generation.PlainModel, or an LLMToSLM with its LLM), in place;
     returns what was done, for the manifest: {"quantize", "head", "layers"}."""
     if quantize == "none":
         return {}

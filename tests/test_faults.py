@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from llm2slm_cli.stages import generate
+from llm2slm_cli import generation
 
 LLM2SLM = [sys.executable, "-m", "llm2slm_cli"]
 
@@ -173,14 +173,14 @@ def test_out_of_memory_halves_the_batch(cli, toy_files, tmp_path, monkeypatch):
     --batch-size 2 gives."""
     args = ["generate", toy_files["train"], "--model", "tiny-llama", "--max-new-tokens", "3", "--quiet"]
     cli(*args, "--batch-size", "2", "--out", tmp_path / "two")
-    real = generate.PlainModel.generate
+    real = generation.PlainModel.generate
 
     def small_device(self, prompt_ids, prompt_mask, **kw):
         if prompt_ids.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, prompt_ids, prompt_mask, **kw)
 
-    monkeypatch.setattr(generate.PlainModel, "generate", small_device)
+    monkeypatch.setattr(generation.PlainModel, "generate", small_device)
     result = cli(*args, "--batch-size", "8", "--out", tmp_path / "eight")
     assert "out of memory with a batch of 8: continuing with batches of 4" in result.output
     assert "out of memory with a batch of 4: continuing with batches of 2" in result.output

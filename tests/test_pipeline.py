@@ -155,14 +155,14 @@ def test_generate_first_line(cli, toy_files, tmp_path):
     at the line break, and greedy decoding makes that the first line of the full response."""
     import pyarrow.parquet as pq
 
-    from llm2slm_cli.stages.generate import _first_line
+    from llm2slm_cli.generation import first_line
 
-    assert _first_line(" Hallo Welt\n\nEnglish: next one\nGerman:") == "Hallo Welt"
-    assert _first_line("\n\n") == ""
+    assert first_line(" Hallo Welt\n\nEnglish: next one\nGerman:") == "Hallo Welt"
+    assert first_line("\n\n") == ""
     args = ["generate", toy_files["dev"], "--model", "tiny-llama", "--max-new-tokens", "40", "--num-beams", "1",
             "--quiet"]
     cli(*args, "--out", tmp_path / "all")
     cli(*args, "--first-line", "--out", tmp_path / "first")
     full = pq.read_table(tmp_path / "all" / "predictions.parquet")["prediction"].to_pylist()
     first = pq.read_table(tmp_path / "first" / "predictions.parquet")["prediction"].to_pylist()
-    assert first == [_first_line(p) for p in full]
+    assert first == [first_line(p) for p in full]

@@ -117,7 +117,7 @@ def test_the_repetition_penalty_counts_the_prompt():
 
 def test_our_loop_runs_not_transformers_generate(monkeypatch):
     """The plain model of `generate` and an LLM-to-SLM model decode with the controls in our loop."""
-    from llm2slm_cli.stages.generate import PlainModel
+    from llm2slm_cli.generation import PlainModel
 
     def refuse(*args, **kwargs):
         raise AssertionError("transformers' generate was called")
@@ -384,7 +384,7 @@ def test_speculative_decoding_refuses_them(cli):
     msg = error_line(cli, "generate", "d.jsonl", "--model", "tiny-gpt2", "--out", "o", "--speculative",
                      "--no-repeat-ngram-size", "3")
     assert "--speculative does not do --repetition-penalty or --no-repeat-ngram-size" in msg
-    from llm2slm_cli.stages.generate import refuse_repetition_controls
+    from llm2slm_cli.generation import refuse_repetition_controls
 
     with pytest.raises(UserError, match="speculative decoding does not do"):
         refuse_repetition_controls(1.1, 0)

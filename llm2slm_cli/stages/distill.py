@@ -23,6 +23,7 @@ from llm2slm_cli import runtime
 from llm2slm_cli.config import DistillConfig
 from llm2slm_cli.data import Fields, read_examples
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.generation import HalvingBatcher, PlainModel, generate_shard, generation_kwargs
 from llm2slm_cli.sharding import ShardedRun, shard_seed
 from llm2slm_cli.teacher import LOGITS_SHARD, teacher_topk, write_shard
 
@@ -49,8 +50,6 @@ def run(config: DistillConfig) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-
-    from llm2slm_cli.stages.generate import HalvingBatcher, PlainModel, generate_shard, generation_kwargs
 
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field,

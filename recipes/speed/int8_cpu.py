@@ -24,7 +24,7 @@ import torch
 
 from llm2slm_cli import benchmarking as B
 from llm2slm_cli import models as M
-from llm2slm_cli.stages.generate import is_checkpoint, open_model
+from llm2slm_cli.generation import is_checkpoint, open_model
 
 MODES = ["none", "int8", "int8-body"]
 
