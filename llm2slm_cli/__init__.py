@@ -1,4 +1,7 @@
-__version__ = "0.1.0"
+"""llm2slm: LLM-to-SLM decoding. `from llm2slm_cli import load` is the Python API (api.py); the `llm2slm` command
+is cli.py; docs/ARCHITECTURE.md shows how the modules fit."""
+
+from llm2slm_cli.version import __version__
 
 __all__ = ["__version__", "load"]
 

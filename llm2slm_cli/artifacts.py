@@ -22,8 +22,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from llm2slm_cli import __version__
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.version import __version__
 
 SCHEMA_VERSION = 1
 
