@@ -24,6 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from llm2slm_cli import cpu_head
+from llm2slm_cli import loading as M
 
 PROMPT = ("Translate English to German.\nEnglish: The European Central Bank kept its interest rates unchanged on "
           "Thursday, as expected.\nGerman:")
@@ -62,7 +63,6 @@ def products(shapes: dict[str, tuple[int, int]], repeats: int) -> list[dict]:
 
 def _decoder(spec: str, new: int):
     """(name, head shape, generate() -> token ids) for a plain model or an LLM-to-SLM checkpoint."""
-    from llm2slm_cli import models as M
     from llm2slm_cli.decoding import Search, generate_plain
     from llm2slm_cli.generation import is_checkpoint
 
@@ -92,7 +92,6 @@ def _decoder(spec: str, new: int):
 def passes(spec: str, repeats: int) -> list[dict]:
     """A decoder-only model's pass over k new tokens after the prompt (k = 1: a step; k = g + 1: a speculative
     verification of g drafts), with each head: what chooses gamma."""
-    from llm2slm_cli import models as M
     from llm2slm_cli.decoding import Stepper
 
     model = M.load_model(spec, role="model")

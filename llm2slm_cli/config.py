@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.loading import refuse_float16
+from llm2slm_cli.presets import preset_model_type
+from llm2slm_cli.surgery import parse_slm_layers
 
 
 def opt(default: Any = None, help: str = "", *, argument: bool = False, choices: list[str] | None = None,
@@ -251,8 +254,6 @@ class TrainConfig(ExampleFields):
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
         if (self.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":
-            from llm2slm_cli.models import preset_model_type, refuse_float16
-
             for role, spec in (("SLM", self.slm), ("LLM", self.llm)):  # presets: known without a file
                 refuse_float16(preset_model_type(spec) if spec else None, "float16", f"{role} {spec!r}",
                                "use --mixed-precision bf16 or no")
@@ -272,8 +273,6 @@ class TrainConfig(ExampleFields):
             if self.freeze_slm:
                 raise UserError("--peft already freezes the SLM (--freeze-slm is for --llm: projector only)"
                                 if self.peft else "--freeze-slm without --llm would train nothing")
-        from llm2slm_cli.models import parse_slm_layers
-
         self.slm_layers = parse_slm_layers(self.slm_layers)
         _positive(self, "peft_virtual_tokens", "peft_lora_rank", "peft_lora_alpha")
         if not 0 <= self.kd_weight <= 1:
@@ -402,8 +401,6 @@ class GenerateConfig(DecodingOptions, ExampleFields):
         check_decode_options(quantize=self.quantize, compile=self.compile, speculative=self.speculative)
         if self.quantize != "none" and self.dtype != "float32":
             raise UserError(f"--quantize {self.quantize} quantizes float32 weights: leave --dtype {self.dtype} out")
-        from llm2slm_cli.models import preset_model_type, refuse_float16
-
         for spec in (self.model, self.verifier):  # presets: known without a file (others: when they load)
             refuse_float16(preset_model_type(spec) if spec else None, self.dtype, repr(spec))
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from llm2slm_cli import artifacts as A
-from llm2slm_cli import models as M
-from llm2slm_cli import runtime
+from llm2slm_cli import fingerprints, runtime
+from llm2slm_cli import loading as M
 from llm2slm_cli.data import length_sorted_batches, pad
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.padding import right_to_left, strip_generated
@@ -82,7 +82,7 @@ class PlainModel:
         for cfg in (self.model.generation_config,):
             cfg.pad_token_id = tok.pad_token_id
             cfg.eos_token_id = tok.eos_token_id
-        self.identity = {"name": spec, "kind": self.kind, "fingerprint": M.state_fingerprint(self.model)}
+        self.identity = {"name": spec, "kind": self.kind, "fingerprint": fingerprints.state_fingerprint(self.model)}
 
     def generate(self, prompt_ids, prompt_mask, *, streamer=None, **generation) -> list[list[int]]:
         """Our decoding loop (decoding.decode), or transformers' generate for what it does not do (stop strings);
@@ -122,9 +122,10 @@ class SpeculativeModel:
         if verifier.kind == "encoder-only":
             raise UserError(f"the LLM {verifier.spec!r} is encoder-only and cannot check drafts: give a generative "
                             "LLM that reads the same vocabulary with --verifier")
+        vocab = fingerprints.tokenizer_fingerprint
         if verifier.tokenizer is None or draft.target_tokenizer is None or \
-                M.tokenizer_fingerprint(verifier.tokenizer) != M.tokenizer_fingerprint(draft.target_tokenizer) or \
-                M.tokenizer_fingerprint(verifier.tokenizer) != M.tokenizer_fingerprint(draft.prompt_tokenizer):
+                vocab(verifier.tokenizer) != vocab(draft.target_tokenizer) or \
+                vocab(verifier.tokenizer) != vocab(draft.prompt_tokenizer):
             raise UserError(f"speculative decoding needs a draft that reads and writes the LLM's tokens: the draft "
                             f"{name} and the LLM {verifier.spec!r} have different vocabularies")
         self.draft, self.verifier, self.gamma = draft, verifier, gamma

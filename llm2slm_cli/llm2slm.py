@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from llm2slm_cli import artifacts as A
-from llm2slm_cli import models as M
+from llm2slm_cli import fingerprints, presets, surgery
+from llm2slm_cli import loading as M
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.padding import right_to_left, strip_generated  # noqa: F401 (strip_generated: re-exported)
 
@@ -69,8 +70,8 @@ class FrozenLLM:
     `weights` says what is loaded: "full" the whole model (speculative decoding and distill-labels generate with it),
     "encoder" what features need (a T5-family LLM's encoder alone; other LLMs whole), "lazy" nothing until the LLM
     first encodes (then as "encoder"): with stored features its weights are never read. The identity, fingerprint
-    included, comes from the config, the tokenizer and the weight files' sha256 (models.weights_fingerprint), never
-    from loaded tensors; the vocabulary adapter's rows are read alone from the weight file."""
+    included, comes from the config, the tokenizer and the weight files' sha256 (fingerprints.weights_fingerprint),
+    never from loaded tensors; the vocabulary adapter's rows are read alone from the weight file."""
 
     def __init__(self, spec: str, *, layer: str | int = -1, dtype: str = "float32",
                  tokenizer: str | Path | None = None, device: str | torch.device = "cpu",
@@ -143,7 +144,7 @@ class FrozenLLM:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = M.weights_fingerprint(self.spec, self.dtype)
+            self._fingerprint = fingerprints.weights_fingerprint(self.spec, self.dtype)
         return self._fingerprint
 
     def state_fingerprint(self) -> str:
@@ -151,9 +152,10 @@ class FrozenLLM:
         model if it is not loaded whole already)."""
         if self._state_fingerprint is None:
             if self._held["model"] is not None and self._held["part"] == "all":
-                self._state_fingerprint = M.state_fingerprint(self._held["model"])
+                self._state_fingerprint = fingerprints.state_fingerprint(self._held["model"])
             else:
-                self._state_fingerprint = M.state_fingerprint(M.load_model(self.spec, dtype=self.dtype, role="LLM"))
+                model = M.load_model(self.spec, dtype=self.dtype, role="LLM")
+                self._state_fingerprint = fingerprints.state_fingerprint(model)
         return self._state_fingerprint
 
     def at_layer(self, layer: str | int) -> FrozenLLM:
@@ -178,7 +180,7 @@ class FrozenLLM:
                 "d_model": self.d_model, "n_layers": self.n_layers,
                 "vocab_size": len(self.tokenizer) if self.tokenizer else self.config.vocab_size,
                 "fingerprint": self.fingerprint, "fingerprint_kind": A.FINGERPRINT_FILES,
-                "tokenizer_fingerprint": M.tokenizer_fingerprint(self.tokenizer) if self.tokenizer else None}
+                "tokenizer_fingerprint": fingerprints.tokenizer_fingerprint(self.tokenizer) if self.tokenizer else None}
 
     def _block_list(self) -> nn.ModuleList:
         for module in self.model.base_model.modules():
@@ -433,7 +435,7 @@ class LLMToSLM(nn.Module):
         self._set_special_ids()
 
     def _trim(self, ids: torch.Tensor) -> None:
-        M.keep_vocabulary(self.slm, ids)
+        surgery.keep_vocabulary(self.slm, ids)
         self.register_buffer("slm_vocab", ids.clone())  # new id -> tokenizer id; saved with the weights
         self.register_buffer("slm_lookup", torch.empty(0, dtype=torch.long), persistent=False)
         self._refresh_lookup()
@@ -466,7 +468,7 @@ class LLMToSLM(nn.Module):
         slm = copy.deepcopy(self.slm)
         trim = self.config.trim_vocab
         if trim is not None:
-            M.widen_vocabulary(slm, self.slm_vocab, trim["full"], fill=int(self.slm_lookup[trim["unknown"]]))
+            surgery.widen_vocabulary(slm, self.slm_vocab, trim["full"], fill=int(self.slm_lookup[trim["unknown"]]))
         c = self.config
         for cfg in (slm.config, slm.generation_config):
             cfg.pad_token_id, cfg.eos_token_id = c.pad_token_id, c.eos_token_id
@@ -553,7 +555,7 @@ class LLMToSLM(nn.Module):
               peft: dict[str, Any] | None = None, feature_norm: FeatureNorm = "none") -> LLMToSLM:
         """A new model: the SLM's pretrained (or preset) weights, a fresh projector and, if needed, adapter.
 
-        `slm_layers` keeps the SLM's first d layers (M.truncate_layers); `peft` (from `peft_spec`) makes it a PEFT
+        `slm_layers` keeps the SLM's first d layers (surgery.truncate_layers); `peft` (from `peft_spec`) makes it a PEFT
         baseline: the SLM alone, frozen, with a fresh adapter."""
         slm_config = M.load_config(slm_spec)
         slm_kind = M.model_kind(slm_config)
@@ -563,7 +565,7 @@ class LLMToSLM(nn.Module):
             ModelConfig(slm_spec, slm_kind, llm.identity(), peft=peft)  # raises the explanation
         slm = M.load_model(slm_spec, dtype=slm_dtype, role="SLM")
         if slm_layers is not None:
-            M.truncate_layers(slm, slm_layers, slm_spec)
+            surgery.truncate_layers(slm, slm_layers, slm_spec)
         own_tok = None
         if llm is None or tokenizer == "slm":
             own_tok = M.load_tokenizer(slm_spec, slm_tokenizer, option="--slm-tokenizer")
@@ -860,7 +862,7 @@ def check_llm(llm: FrozenLLM, expected: dict[str, Any] | None, what: str) -> Non
 def _same_vocabulary(llm: FrozenLLM, slm_spec: str, slm_tokenizer: str | Path | None, slm_config) -> bool:
     a, b = M.resolve(llm.spec), M.resolve(slm_spec)
     if a.kind == b.kind == "preset" and slm_tokenizer is None:  # presets know their vocabulary family
-        return M.preset(a.name).vocab == M.preset(b.name).vocab
+        return presets.preset(a.name).vocab == presets.preset(b.name).vocab
     if llm.tokenizer is None:
         raise UserError(f"cannot compare vocabularies: the tokenizer of {llm.spec!r} is not available")
     if slm_config.vocab_size < len(llm.tokenizer):
@@ -873,7 +875,7 @@ def _same_vocabulary(llm: FrozenLLM, slm_spec: str, slm_tokenizer: str | Path | 
         # A fresh preset whose tokenizer is not here: its vocabulary is a known family, and no family of ours is
         # the LLM's unless the LLM is that preset's model itself, which resolve() would have called a preset.
         return False
-    same = M.tokenizer_fingerprint(slm_tok) == M.tokenizer_fingerprint(llm.tokenizer)
+    same = fingerprints.tokenizer_fingerprint(slm_tok) == fingerprints.tokenizer_fingerprint(llm.tokenizer)
     return same and slm_config.vocab_size >= len(llm.tokenizer)
 
 

@@ -11,7 +11,8 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from llm2slm_cli import models as M
+from llm2slm_cli import fingerprints
+from llm2slm_cli import loading as M
 from llm2slm_cli.data import pad
 from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, parameter_counts
 from llm2slm_cli.runtime import tokenize_targets
@@ -144,8 +145,8 @@ def test_tokenizer_mode_slm_keeps_the_slm_vocabulary():
     assert isinstance(own.slm.get_input_embeddings(), torch.nn.Embedding)
     assert own.slm.get_input_embeddings().num_embeddings == slm_vocab
     slm_tok = M.load_tokenizer("tiny-gpt2")
-    assert M.tokenizer_fingerprint(own.target_tokenizer) == M.tokenizer_fingerprint(slm_tok)
-    assert M.tokenizer_fingerprint(own.prompt_tokenizer) == M.tokenizer_fingerprint(llm.tokenizer)
+    assert fingerprints.tokenizer_fingerprint(own.target_tokenizer) == fingerprints.tokenizer_fingerprint(slm_tok)
+    assert fingerprints.tokenizer_fingerprint(own.prompt_tokenizer) == fingerprints.tokenizer_fingerprint(llm.tokenizer)
     assert tokenize_targets(own.target_tokenizer, TARGETS, 64) == tokenize_targets(slm_tok, TARGETS, 64)
     assert (own.config.eos_token_id, own.config.pad_token_id) == (slm_tok.eos_token_id, slm_tok.pad_token_id)
     # the LLM's vocabulary (default) instead: adapter in, head over the LLM's 193 ids

@@ -21,7 +21,8 @@ LAYERS = {
     "library": ["generation", "sharding", "features", "teacher", "batching", "benchmarking", "quantize", "judge",
                 "pydoc_task"],
     "model": ["llm2slm", "decoding", "padding", "cpu_head"],
-    "foundations": ["models", "data", "runtime", "validation", "artifacts", "errors", "version"],
+    "foundations": ["surgery", "fingerprints", "loading", "presets", "data", "runtime", "validation", "artifacts",
+                    "errors", "version"],
 }
 # what may import a stage: the CLI, which wires one command to each, and the demo, which runs them in one process
 RUNS_STAGES = {"llm2slm_cli.cli", "llm2slm_cli.demo"}

@@ -11,6 +11,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from llm2slm_cli import loading as M
 from llm2slm_cli.stages.bench import COLUMNS
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -112,7 +113,6 @@ def test_files_plots_and_manifest(bench):
 
 def test_generation_length_is_exact_and_checked():
     from llm2slm_cli import benchmarking as B
-    from llm2slm_cli import models as M
     from llm2slm_cli.errors import UserError
     from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
 
@@ -260,7 +260,6 @@ def test_rows_of_one_model_are_timed_interleaved():
 
 def test_text_prompts_cut_or_whole():
     from llm2slm_cli import benchmarking as B
-    from llm2slm_cli import models as M
     from llm2slm_cli.errors import UserError
 
     tok = M.builtin_tokenizer("bytes")

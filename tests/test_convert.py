@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from llm2slm_cli import models as M
+from llm2slm_cli import fingerprints
+from llm2slm_cli import loading as M
 
 
 def test_convert_a_preset_to_a_directory(cli, tmp_path):
@@ -20,7 +21,8 @@ def test_convert_a_preset_to_a_directory(cli, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "model" and manifest["source"]["kind"] == "preset"
     original, again = M.load_model("tiny-llama"), M.load_model(str(out))
-    assert M.state_fingerprint(again) == M.state_fingerprint(original) == manifest["model"]["fingerprint"]
+    assert fingerprints.state_fingerprint(again) == fingerprints.state_fingerprint(original) == \
+        manifest["model"]["fingerprint"]
     tok = M.load_tokenizer(str(out))
     ids = torch.tensor([tok("hello world").input_ids])
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)

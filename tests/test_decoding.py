@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm2slm_cli import models as M
+from llm2slm_cli import loading as M
 from llm2slm_cli.data import pad
 from llm2slm_cli.decoding import Search, decode, generate_plain, search_from, start
 from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, _right_to_left, strip_generated

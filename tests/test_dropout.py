@@ -8,7 +8,8 @@ import torch
 from conftest import error_line
 from safetensors.torch import load_file
 
-from llm2slm_cli import models as M
+from llm2slm_cli import loading as M
+from llm2slm_cli import surgery
 
 T = ("--template", "upper: {src}")
 
@@ -31,7 +32,7 @@ def test_set_dropout_reaches_every_dropout_of_each_slm_family():
     for preset, at_least in (("tiny-gpt2", 1 + 2 * 3), ("tiny-t5", 2 * (2 + 2 * 3) + 2), ("tiny-llama", 3)):
         model = M.load_model(f"preset:{preset}", role="SLM")
         assert set(_rates(model)) <= {0.0}
-        n = M.set_dropout(model, 0.25)
+        n = surgery.set_dropout(model, 0.25)
         assert n >= at_least and n == len(_rates(model)), preset
         assert set(_rates(model)) == {0.25}, preset
 

@@ -12,7 +12,7 @@ from conftest import error_line
 from test_decoding import PROMPTS, SETTINGS, _batch, _model
 
 from llm2slm_cli import load
-from llm2slm_cli import models as M
+from llm2slm_cli import loading as M
 from llm2slm_cli.decoding import DECODE_OPTIONS, Search, generate_plain, set_decode_options
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.padding import strip_generated

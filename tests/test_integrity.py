@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import write_jsonl
 
+from llm2slm_cli import fingerprints
+
 PACKAGE = Path(__file__).resolve().parents[1] / "llm2slm_cli"
 LLM2SLM = [sys.executable, "-m", "llm2slm_cli"]
 
@@ -414,9 +416,8 @@ def test_overwrite_keeps_the_output_when_convert_fails(cli, tmp_path):
 def test_overwrite_keeps_the_output_when_export_fails(cli, trained_checkpoint, tmp_path, monkeypatch):
     out = tmp_path / "export"
     cli("export", trained_checkpoint, "--out", out, "--quiet")
-    from llm2slm_cli import models as M
-
-    monkeypatch.setattr(M, "weights_fingerprint", lambda *a, **k: "another LLM")  # the LLM changed under its name
+    # the LLM changed under its name
+    monkeypatch.setattr(fingerprints, "weights_fingerprint", lambda *a, **k: "another LLM")
     msg = _refused_and_kept(cli, out, "export", trained_checkpoint, "--include-llm", "yes")
     assert "is not the one this checkpoint was trained with" in msg, msg
     monkeypatch.undo()

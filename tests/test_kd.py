@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm2slm_cli import models as M
+from llm2slm_cli import loading as M
 from llm2slm_cli.config import DistillConfig
 from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, kd_loss
 from llm2slm_cli.stages import distill
@@ -268,8 +268,6 @@ def test_teacher_logits_resume_after_a_crash_gives_the_same_files(toy_files, tmp
 
 
 def test_fp16_training_of_a_t5_slm_from_a_directory_is_refused(cli, toy_files, tmp_path):
-    from llm2slm_cli import models as M
-
     M.load_model("tiny-t5", role="SLM").save_pretrained(tmp_path / "t5dir")
     M.load_tokenizer("tiny-t5").save_pretrained(tmp_path / "t5dir")
     r = cli("train", toy_files["train"], "--slm", tmp_path / "t5dir", "--mixed-precision", "fp16", "--max-steps", "1",

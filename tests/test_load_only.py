@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import error_line
 
-from llm2slm_cli import models as M
+from llm2slm_cli import fingerprints
+from llm2slm_cli import loading as M
 from llm2slm_cli.llm2slm import FrozenLLM
 
 
@@ -169,7 +170,7 @@ def test_features_of_older_versions_are_checked_by_their_tensor_fingerprint(cli,
     cli("encode", toy_files["train"], "--model", "tiny-t5-large", "--out", feats, "--quiet")
     manifest = json.loads((feats / "manifest.json").read_text())
     manifest["llm"].pop("fingerprint_kind")
-    manifest["llm"]["fingerprint"] = M.state_fingerprint(M.load_model("tiny-t5-large"))
+    manifest["llm"]["fingerprint"] = fingerprints.state_fingerprint(M.load_model("tiny-t5-large"))
     (feats / "manifest.json").write_text(json.dumps(manifest))
     cli("train", toy_files["train"], "--llm", "tiny-t5-large", "--slm", "tiny-t5", "--features", feats, "--out",
         tmp_path / "ok", "--max-steps", "1", "--device", "cpu", "--quiet")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm2slm_cli import models as M
+from llm2slm_cli import fingerprints
+from llm2slm_cli import loading as M
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.llm2slm import FrozenLLM
 
@@ -43,8 +44,8 @@ def test_resolve():
 
 def test_presets_are_the_same_everywhere():
     a, b = M.load_model("tiny-llama"), M.load_model("tiny-llama")
-    assert M.state_fingerprint(a) == M.state_fingerprint(b)
-    assert M.state_fingerprint(a) != M.state_fingerprint(M.load_model("tiny-gpt2"))
+    assert fingerprints.state_fingerprint(a) == fingerprints.state_fingerprint(b)
+    assert fingerprints.state_fingerprint(a) != fingerprints.state_fingerprint(M.load_model("tiny-gpt2"))
 
 
 def test_model_kinds():

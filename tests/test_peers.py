@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import error_line
 
+from llm2slm_cli import loading as M
+
 TINY = ["--new-tokens", "6", "--prompt-length", "10", "--repeats", "2", "--warmup", "1", "--threads", "1"]
 
 
@@ -22,8 +24,6 @@ def ct2_dir(tmp_path_factory):
     ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install "
                                                             "'llm2slm-cli[ctranslate2]')")
     import torch
-
-    from llm2slm_cli import models as M
 
     d = tmp_path_factory.mktemp("ct2")
     model = M.load_model("preset:tiny-t5")

@@ -11,7 +11,7 @@ import torch
 from accelerate.utils import set_seed
 from conftest import write_jsonl
 
-from llm2slm_cli import models as M
+from llm2slm_cli import loading as M
 from llm2slm_cli.data import pad
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.llm2slm import LLMToSLM, parameter_counts, peft_spec

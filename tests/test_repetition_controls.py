@@ -16,7 +16,7 @@ import torch
 from conftest import error_line, write_jsonl
 
 from llm2slm_cli import load
-from llm2slm_cli import models as M
+from llm2slm_cli import loading as M
 from llm2slm_cli.data import pad
 from llm2slm_cli.decoding import RepetitionControls, Search, generate_plain, search_from
 from llm2slm_cli.errors import UserError

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm2slm_cli import artifacts as A
+from llm2slm_cli import loading as M
 from llm2slm_cli import runtime
 from llm2slm_cli.bench.plan import Plan, sweep_lengths
 from llm2slm_cli.bench.rows import assisted_row, can_share, llm2slm_row, plain_row, shared_llm, speculative_row
@@ -32,8 +33,6 @@ class Session:
 
     @property
     def dtype(self):
-        from llm2slm_cli import models as M
-
         return M.torch_dtype(self.config.dtype)
 
     def measure(self, *rows: Any, flops: bool = True) -> None:
@@ -88,8 +87,6 @@ def measure_rows(config: BenchConfig, plans: list[Plan], device: Any
 
 def _slm_rows(s: Session, plans: list[Plan]) -> None:
     """Each SLM alone, loaded once for its rows (ours and, with --compare, transformers')."""
-    from llm2slm_cli import models as M
-
     for spec in dict.fromkeys(p.slm for p in plans if p.role == "SLM"):
         if M.model_kind(M.load_config(spec)) == "encoder-only":
             raise UserError(f"the SLM {spec!r} is encoder-only and cannot generate")
@@ -132,7 +129,6 @@ def _load_llm(s: Session):
 def _llm_rows(s: Session, plans: list[Plan]) -> None:
     """Everything built on the loaded LLM: its own rows, --throughput, LLM-to-SLM with fresh projectors, assisted
     generation and speculative decoding."""
-    from llm2slm_cli import models as M
     from llm2slm_cli.llm2slm import LLMToSLM
 
     config, device, dtype, frozen = s.config, s.device, s.dtype, s.frozen
@@ -277,8 +273,6 @@ def _prompt_texts(config: BenchConfig) -> list[str] | None:
 
 
 def _tokenizer_or_none(spec: str):
-    from llm2slm_cli import models as M
-
     try:
         return M.load_tokenizer(spec, local_only=True)
     except UserError:

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llm2slm_cli import loading as M
 from llm2slm_cli.errors import UserError
 
 INSTALL = {"ctranslate2": "pip install 'llm2slm-cli[ctranslate2]' (ctranslate2==4.8.5)",
@@ -169,7 +170,6 @@ def greedy_check(model: CT2Model | LlamaCppModel, reference: str, ids: Any, new_
     """The peer's greedy tokens against this toolkit's greedy decoding (decoding.decode) of `reference` in float32,
     on one prompt: equal, and how many leading tokens agree."""
     from llm2slm_cli import benchmarking as B
-    from llm2slm_cli import models as M
     from llm2slm_cli.decoding import generate_plain, search_from
 
     theirs = model.generate_ids(ids.tolist(), new_tokens, 1)[0]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm2slm_cli import artifacts as A
+from llm2slm_cli import loading as M
 from llm2slm_cli.config import BenchConfig
 from llm2slm_cli.errors import UserError
 
@@ -29,8 +30,6 @@ class Plan:
 
 
 def short_name(spec: str) -> str:
-    from llm2slm_cli import models as M
-
     try:
         src = M.resolve(spec)
     except UserError:
@@ -40,8 +39,6 @@ def short_name(spec: str) -> str:
 
 def same_spec(spec: str | None) -> str | None:
     """A model name as the rows compare it ('tiny-t5' and 'preset:tiny-t5' are the same model)."""
-    from llm2slm_cli import models as M
-
     if spec is None:
         return None
     try:
@@ -51,7 +48,6 @@ def same_spec(spec: str | None) -> str | None:
 
 
 def plan_rows(config: BenchConfig) -> list[Plan]:
-    from llm2slm_cli import models as M
     from llm2slm_cli.llm2slm import read_model_config
 
     plans: list[Plan] = []
@@ -116,7 +112,6 @@ def sweep_lengths(config: BenchConfig) -> list[int]:
 def _peer_plans(config: BenchConfig) -> list[Plan]:
     """--ctranslate2 (one row per --ct2-compute-type) and --llama-cpp rows, their runtimes installed and their
     models present; --peer-source names the model each was converted from."""
-    from llm2slm_cli import models as M
     from llm2slm_cli.bench import peers
 
     sources = {}

@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 from llm2slm_cli import artifacts as A
-from llm2slm_cli import runtime
+from llm2slm_cli import fingerprints, runtime
+from llm2slm_cli import loading as M
 from llm2slm_cli.config import ConvertConfig
 from llm2slm_cli.errors import UserError
 
@@ -34,8 +35,6 @@ def gguf_from_package(name: str, directory: Path) -> Path:
 
 
 def run(config: ConvertConfig) -> Path:
-    from llm2slm_cli import models as M
-
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     out = Path(config.out)
     A.check_output_dir(out, overwrite=config.overwrite, resumable=False)  # refused now; nothing is deleted yet
@@ -56,7 +55,7 @@ def run(config: ConvertConfig) -> Path:
         manifest = A.make_manifest(
             KIND_MODEL, config, source={"spec": config.source, "kind": src.kind,
                                         "sha256": A.sha256_file(Path(source)) if src.kind == "gguf" else None},
-            model={"type": model.config.model_type, "fingerprint": M.state_fingerprint(model),
+            model={"type": model.config.model_type, "fingerprint": fingerprints.state_fingerprint(model),
                    "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
                    "layers": M.num_layers(model.config)},
             files={f.name: A.file_record(f) for f in sorted(built.iterdir()) if f.is_file() and f.suffix in

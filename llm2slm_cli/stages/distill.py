@@ -23,6 +23,7 @@ from llm2slm_cli import runtime
 from llm2slm_cli.config import DistillConfig
 from llm2slm_cli.data import Fields, read_examples
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.fingerprints import tokenizer_fingerprint
 from llm2slm_cli.generation import HalvingBatcher, PlainModel, generate_shard, generation_kwargs
 from llm2slm_cli.sharding import ShardedRun, shard_seed
 from llm2slm_cli.teacher import LOGITS_SHARD, teacher_topk, write_shard
@@ -123,8 +124,6 @@ def run(config: DistillConfig) -> Path:
             A.write_parquet(out / A.LABELS, table.drop_columns(["n_tokens"]))
             logits = None
             if top_k is not None:
-                from llm2slm_cli.models import tokenizer_fingerprint
-
                 logits = {"top_k": top_k, "max_target_length": config.max_target_length,
                           "tokenizer_fingerprint": tokenizer_fingerprint(tok),
                           "teacher_forced": config.teacher_forced, "temperature": 1.0,

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from llm2slm_cli import artifacts as A
-from llm2slm_cli import runtime
+from llm2slm_cli import fingerprints, runtime
+from llm2slm_cli import loading as M
 from llm2slm_cli.config import ExportConfig
 from llm2slm_cli.errors import UserError
 
@@ -23,7 +24,6 @@ COPIED = (A.MODEL_CONFIG, A.SLM_CONFIG, A.MODEL_WEIGHTS, A.TOKENIZER_DIR, A.SLM_
 
 
 def run(config: ExportConfig) -> Path:
-    from llm2slm_cli import models as M
     from llm2slm_cli.llm2slm import read_model_config
 
     src, out = Path(config.checkpoint), Path(config.out)
@@ -97,14 +97,12 @@ def _copy_llm(identity: dict[str, Any], directory: Path) -> None:
     """The LLM as a plain transformers directory; its fingerprint must still be the one the checkpoint records. The
     copy records that fingerprint and its own files' sha256 (A.BUNDLED_LLM_IDENTITY): a fingerprint made from the
     weight files names the original's files, not the copy's."""
-    from llm2slm_cli import models as M
-
     by_files = identity.get("fingerprint_kind") == A.FINGERPRINT_FILES
-    if by_files and M.weights_fingerprint(identity["name"], identity["dtype"]) != identity["fingerprint"]:
+    if by_files and fingerprints.weights_fingerprint(identity["name"], identity["dtype"]) != identity["fingerprint"]:
         raise UserError(f"the LLM at {identity['name']!r} is not the one this checkpoint was trained with (its "
                         "fingerprint differs)")
     model = M.load_model(identity["name"], dtype=identity["dtype"], role="LLM")
-    if not by_files and M.state_fingerprint(model) != identity["fingerprint"]:
+    if not by_files and fingerprints.state_fingerprint(model) != identity["fingerprint"]:
         raise UserError(f"the LLM at {identity['name']!r} is not the one this checkpoint was trained with (its "
                         "fingerprint differs)")
     M.save_plain(model, directory)
@@ -116,8 +114,6 @@ def _copy_llm(identity: dict[str, Any], directory: Path) -> None:
 
 
 def _hub_id(spec: str) -> str | None:
-    from llm2slm_cli import models as M
-
     try:
         return spec if M.resolve(spec).kind == "hub" else None
     except UserError:

@@ -26,10 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from llm2slm_cli import artifacts as A
+from llm2slm_cli import loading as M
 from llm2slm_cli import runtime
 from llm2slm_cli.config import TrainConfig
 from llm2slm_cli.data import Example, Fields, length_sorted_batches, pad, read_examples
 from llm2slm_cli.errors import Interrupted, UserError
+from llm2slm_cli.fingerprints import tokenizer_fingerprint
+from llm2slm_cli.loading import _short
+from llm2slm_cli.surgery import set_dropout
 
 
 class Split:
@@ -216,8 +220,6 @@ def run(config: TrainConfig) -> Path:
 
 def _refuse_float16(config: TrainConfig) -> None:
     """float16 overflows T5-family SLMs: refused from the SLM's config, whether asked here or by the launcher."""
-    from llm2slm_cli import models as M
-
     if (config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":
         M.refuse_float16(M.load_config(config.slm).model_type, "float16", f"SLM {config.slm!r}",
                          "use --mixed-precision bf16 or no")
@@ -338,8 +340,6 @@ def build_model(config: TrainConfig, llm, inputs: Inputs):
                                max_prompt_length=inputs.max_length, slm_layers=config.slm_layers,
                                peft=_peft_spec(config), feature_norm=config.feature_norm)
     if config.dropout is not None:
-        from llm2slm_cli.models import set_dropout
-
         set_dropout(model.slm, config.dropout)
     if config.freeze_slm:
         model.slm.requires_grad_(False)
@@ -403,8 +403,6 @@ def attach_teacher(teacher, train: Split, model) -> None:
     """--kd-weight: check the teacher's rows against the training targets, then serve them with its batches."""
     if teacher is None:
         return
-    from llm2slm_cli.models import tokenizer_fingerprint
-
     teacher.check(train.examples, train.target_ids, tokenizer_fingerprint(model.target_tokenizer), "training")
     train.teacher = teacher
 
@@ -737,7 +735,6 @@ def _trim_vocabulary(model, train: Split, quiet: bool) -> None:
 def _peft_spec(config: TrainConfig) -> dict[str, Any] | None:
     if config.peft is None:
         return None
-    from llm2slm_cli import models as M
     from llm2slm_cli.llm2slm import peft_spec
 
     targets = [t.strip() for t in config.peft_lora_targets.split(",") if t.strip()] if config.peft_lora_targets \
@@ -844,8 +841,6 @@ def _restore(directory: Path, core, optimizer, scheduler, accelerator) -> int:
     try:
         load_model(core, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(accelerator.device))
     except (OSError, RuntimeError) as e:  # another SLM's weights (shapes, names): not this run's checkpoint
-        from llm2slm_cli.models import _short
-
         raise UserError(f"cannot resume from this checkpoint: its weights do not fit the model this command "
                         f"builds ({_short(e)}); give the interrupted run's options, or --overwrite",
                         path=directory) from None
@@ -866,8 +861,6 @@ def _restore(directory: Path, core, optimizer, scheduler, accelerator) -> int:
                 torch.cuda.set_rng_state_all(rng["cuda"])
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
             pickle.UnpicklingError) as e:  # what unpickling damaged bytes raises
-        from llm2slm_cli.models import _short
-
         raise UserError(f"cannot resume from this checkpoint: unreadable training state ({_short(e)})",
                         path=path) from None
     return state["step"]

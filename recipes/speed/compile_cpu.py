@@ -7,7 +7,7 @@ import time
 import torch
 from transformers import CompileConfig
 
-from llm2slm_cli import models as M
+from llm2slm_cli import loading as M
 
 torch.set_num_threads(2)
 spec = sys.argv[1]

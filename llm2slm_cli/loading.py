@@ -1,20 +1,17 @@
-"""Loading LLMs and SLMs as a user names them: a hub id, a local directory, a GGUF file, or an architecture preset.
-
-Presets (`preset:t5-large`, `tiny-t5`, ...) build a model from its published shape with fresh weights drawn from a
-fixed seed, so the same preset gives the same weights (and fingerprint) on every machine: exact for speed and
-memory measurements, and the way the tests get models without a download. Tiny presets carry built-in tokenizers;
-paper-shape presets take the tokenizer of the model they copy (hub access or `--tokenizer DIR`).
+"""Loading LLMs and SLMs as a user names them: a hub id, a local directory, a GGUF file, or an architecture preset
+(presets.py); their configs and tokenizers, the built-in tokenizers of the tiny presets, and which files hold their
+weights.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from llm2slm_cli.artifacts import read_json_table, verify_checkpoint
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.presets import preset
 
 ModelKind = Literal["encoder-decoder", "encoder-only", "decoder-only"]
 
@@ -24,81 +21,6 @@ ENCODER_ONLY_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra",
 T5_TYPES = {"t5", "mt5", "umt5", "longt5"}
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
-
-
-@dataclass(frozen=True)
-class Preset:
-    model_type: str
-    config: dict[str, Any]
-    tokenizer: str  # "builtin:<name>" or a hub id whose tokenizer the preset shares
-    description: str
-    vocab: str = ""  # presets with the same vocab family share token ids (T5, T5 v1.1 and Flan-T5 share one)
-
-    def __post_init__(self) -> None:
-        if not self.vocab:
-            family = self.tokenizer.removeprefix("builtin:").split("-")[0]
-            object.__setattr__(self, "vocab", "t5" if "t5" in self.tokenizer else family)
-
-
-def _t5(d_model: int, d_ff: int, layers: int, heads: int, gated: bool, **kw: Any) -> dict[str, Any]:
-    return dict(vocab_size=32128, d_model=d_model, d_ff=d_ff, d_kv=64, num_layers=layers, num_decoder_layers=layers,
-                num_heads=heads, feed_forward_proj="gated-gelu" if gated else "relu",
-                tie_word_embeddings=not gated, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **kw)
-
-
-def _gpt2(layers: int, d: int = 768, heads: int = 12) -> dict[str, Any]:
-    return dict(vocab_size=50257, n_positions=1024, n_embd=d, n_layer=layers, n_head=heads,
-                bos_token_id=50256, eos_token_id=50256)
-
-
-_TINY_T5 = dict(vocab_size=260, d_kv=16, feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=0,
-                eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0)
-
-PRESETS: dict[str, Preset] = {
-    "t5-small": Preset("t5", _t5(512, 2048, 6, 8, False), "t5-small", "T5-Small, 60M"),
-    "t5-base": Preset("t5", _t5(768, 3072, 12, 12, False), "t5-base", "T5-Base, 220M"),
-    "t5-large": Preset("t5", _t5(1024, 4096, 24, 16, False), "t5-large", "T5-Large, 738M"),
-    "t5-v1_1-small": Preset("t5", _t5(512, 1024, 8, 6, True), "google/t5-v1_1-small", "T5 v1.1 Small, 77M"),
-    "flan-t5-base": Preset("t5", _t5(768, 2048, 12, 12, True), "google/flan-t5-base", "Flan-T5-Base, 248M"),
-    "gpt2": Preset("gpt2", _gpt2(12), "gpt2", "GPT2, 124M"),
-    "gpt2-medium": Preset("gpt2", _gpt2(24, 1024, 16), "gpt2", "GPT2-Medium, 355M"),
-    # small fresh models that train in minutes on a CPU (the offline demo)
-    "mini-gpt2": Preset("gpt2", dict(_gpt2(2, 128, 4), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "gpt2",
-                        "GPT2 shape, d=128, 2 layers"),
-    "small-llama": Preset("llama", dict(vocab_size=260, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                                        bos_token_id=3, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False),
-                          "builtin:bytes-llama", "Llama shape, d=256, 4 layers, byte vocabulary"),
-    # tiny models for tests and smoke runs; the byte tokenizer makes them usable on any text
-    "tiny-t5": Preset("t5", dict(_TINY_T5, d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
-                      "builtin:bytes-t5", "T5 shape, d=64, 2+2 layers"),
-    "tiny-t5-large": Preset("t5", dict(_TINY_T5, d_model=96, d_ff=192, num_layers=3, num_decoder_layers=3,
-                                       num_heads=4), "builtin:bytes-t5", "T5 shape, d=96, 3+3 layers"),
-    "tiny-gpt2": Preset("gpt2", dict(vocab_size=260, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
-                                     bos_token_id=3, eos_token_id=1, pad_token_id=0, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0),
-                        "builtin:bytes-gpt2", "GPT2 shape, d=64, 2 layers"),
-    "tiny-llama": Preset("llama", dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                       bos_token_id=3, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False),
-                         "builtin:bytes-llama", "Llama shape, d=64, 3 layers"),
-    "tiny-bert": Preset("bert", dict(vocab_size=193, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=96, max_position_embeddings=1024, pad_token_id=0,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-                        "builtin:wordpiece", "BERT shape, d=48, 2 layers, character WordPiece vocabulary"),
-}
-_GPT2_LAYERS = re.compile(r"^gpt2-l(\d+)$")
-
-
-def preset(name: str) -> Preset:
-    if name in PRESETS:
-        return PRESETS[name]
-    if m := _GPT2_LAYERS.match(name):  # GPT2 truncated to its first d layers (paper Figure 4)
-        d = int(m.group(1))
-        if not 1 <= d <= 12:
-            raise UserError(f"preset {name!r}: GPT2 has 12 layers, ask for 1 to 12")
-        return Preset("gpt2", _gpt2(d), "gpt2", f"GPT2 with {d} layers")
-    raise UserError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}, gpt2-l<d>")
 
 
 @dataclass(frozen=True)
@@ -126,8 +48,6 @@ def resolve(spec: str) -> Source:
         return Source(spec, "gguf", str(path.resolve()))
     if path.is_dir() and (path / "llm2slm.json").is_file():
         # A model trained alone by `train` (no --llm) serves as a plain model, e.g. a fine-tuned LLM.
-        from llm2slm_cli.artifacts import read_json_table
-
         recorded = read_json_table(path / "llm2slm.json", "checkpoint config")
         if recorded.get("llm") is not None:
             raise UserError("is an LLM-to-SLM checkpoint; only a model trained without --llm can be used as a "
@@ -153,17 +73,6 @@ def refuse_float16(model_type: str | None, dtype: str | None, what: str,
     if DTYPES.get(str(dtype), dtype) == "float16" and model_type in T5_TYPES:
         raise UserError(f"float16 is refused for T5-family models ({what}: their activations overflow to inf/NaN): "
                         f"{fix}")
-
-
-def preset_model_type(spec: str) -> str | None:
-    """The model type of a preset spec, without reading any file (None for other specs)."""
-    name = spec.removeprefix("preset:")
-    if not (spec.startswith("preset:") or (spec.startswith("tiny-") and not Path(spec).exists())):
-        return None
-    try:
-        return preset(name).model_type
-    except UserError:
-        return None
 
 
 def _check_gguf_header(path: Path) -> None:
@@ -225,8 +134,6 @@ def checkpoint_slm_config(directory: Path):
     transformers knows."""
     from transformers import AutoConfig
 
-    from llm2slm_cli.artifacts import read_json_table
-
     path = Path(directory) / "slm_config.json"
     base = read_json_table(path, "SLM config")
     model_type = base.pop("model_type", None)
@@ -259,168 +166,6 @@ def num_layers(config) -> int:
         if isinstance(getattr(config, name, None), int):
             return getattr(config, name)
     raise UserError(f"cannot tell the number of layers of a {config.model_type} model")
-
-
-def set_dropout(model, p: float) -> int:
-    """Every dropout of a transformers model set to `p`: its nn.Dropout layers, and the rate its attention layers keep
-    as a float (`dropout` in T5, `attention_dropout` in Llama/Gemma/Qwen; GPT2 reads its attn_dropout layer's p).
-    PEFT's own dropouts (lora_dropout: --peft-lora-dropout) are left alone. Returns how many were set."""
-    import torch.nn as nn
-
-    n = 0
-    for name, module in model.named_modules():
-        if "lora_" in name:
-            continue
-        if isinstance(module, nn.Dropout):
-            module.p = p
-            n += 1
-        for attr in ("attention_dropout", "dropout"):
-            if isinstance(getattr(module, attr, None), float):
-                setattr(module, attr, p)
-                n += 1
-    return n
-
-
-def truncate_layers(model, layers: int | list[int], spec: str) -> None:
-    """Keep some layers of `model` with their weights, in place: the first d (an int; paper Figure 4: GPT2 cut to 1,
-    2, 4 layers) or the blocks at the given indices, in order (a list; negative counts from the end, e.g. [0, 1, -1]:
-    the first two and the last, so the kept last block still writes into the space the head reads).
-
-    Decoder-only: those blocks. Encoder-decoder: those blocks of the encoder and of the decoder (T5: block 0, which
-    holds the relative position bias, must be kept). Embeddings, final norms and the head stay. The config's layer
-    counts (and per-layer attention kinds) follow and each kept block is renumbered, so a checkpoint rebuilds the
-    same shape and the KV cache sees consecutive layers."""
-    from torch import nn
-
-    config = model.config
-    if model_kind(config) == "encoder-decoder":
-        if config.model_type not in T5_TYPES:
-            raise UserError(f"--slm-layers supports T5-family encoder-decoder SLMs, not {config.model_type!r}")
-        stacks = [(model.get_encoder().block, "num_layers"), (model.get_decoder().block, "num_decoder_layers")]
-    else:
-        n = num_layers(config)
-        lists = [m for m in model.base_model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-        if not lists:
-            raise UserError(f"cannot find the layer list of {spec!r} to keep {layers} of its layers")
-        stacks = [(lists[0], "num_hidden_layers")]  # GPT2 maps num_hidden_layers to n_layer
-    depth = min(len(blocks) for blocks, _ in stacks)
-    if isinstance(layers, int):
-        if not 1 <= layers <= depth:
-            raise UserError(f"--slm-layers {layers}: the SLM {spec!r} has {depth} layers")
-        keep = list(range(layers))
-    else:
-        keep = [i + depth if i < 0 else i for i in layers]
-        if not keep or any(not 0 <= i < depth for i in keep) or keep != sorted(set(keep)):
-            raise UserError(f"--slm-layers {','.join(map(str, layers))}: give distinct block indices in increasing "
-                            f"order, each in [-{depth}, {depth - 1}] (the SLM {spec!r} has {depth} layers)")
-        if model_kind(config) == "encoder-decoder" and keep[0] != 0:
-            raise UserError("--slm-layers: a T5 SLM must keep block 0 (it holds the relative position bias)")
-    for blocks, key in stacks:
-        kept = [blocks[i] for i in keep]
-        del blocks[:]
-        for new, block in enumerate(kept):
-            for m in block.modules():
-                if hasattr(m, "layer_idx"):
-                    m.layer_idx = new
-            blocks.append(block)
-        setattr(config, key, len(keep))
-    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Gemma, Qwen, ...)
-        config.layer_types = [config.layer_types[i] for i in keep]
-
-
-def parse_slm_layers(text: str | int | list[int] | None) -> int | list[int] | None:
-    """--slm-layers: "d" (the first d) or "i,j,k" (those blocks; negative counts from the end)."""
-    if text is None or isinstance(text, (int, list)):
-        return text
-    try:
-        values = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise UserError(f"--slm-layers takes a number of layers or comma-separated block indices, got {text!r}")
-    if "," not in str(text):
-        if values[0] <= 0:
-            raise UserError(f"--slm-layers must be positive, got {values[0]}")
-        return values[0]
-    return values
-
-
-def keep_vocabulary(model, kept) -> None:
-    """Keep only the embedding and output-head rows of the token ids in `kept` (a sorted LongTensor), in place, in
-    that order: new id i is old id kept[i]. Tied heads stay tied; the embedding module (e.g. Gemma's scaled one)
-    stays the same class."""
-    from torch import nn
-
-    emb = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is emb.weight
-    sharing = _sharing(model, emb)
-    old_pad = emb.padding_idx
-    emb.weight = nn.Parameter(emb.weight.data[kept].clone(), requires_grad=emb.weight.requires_grad)
-    emb.num_embeddings = len(kept)
-    if old_pad is not None:
-        where = (kept == old_pad).nonzero()
-        emb.padding_idx = int(where[0, 0]) if len(where) else None
-    _share(sharing, emb)
-    if head is not None:
-        if tied:
-            head.weight = emb.weight
-        else:
-            head.weight = nn.Parameter(head.weight.data[kept].clone(), requires_grad=head.weight.requires_grad)
-        if getattr(head, "bias", None) is not None:
-            head.bias = nn.Parameter(head.bias.data[kept].clone(), requires_grad=head.bias.requires_grad)
-        head.out_features = len(kept)
-    model.config.vocab_size = len(kept)
-    text = getattr(model.config, "text_config", None)
-    if text is not None and hasattr(text, "vocab_size"):
-        text.vocab_size = len(kept)
-
-
-def _sharing(model, emb) -> list:
-    """The other embedding modules that read `emb`'s table: T5's encoder and decoder `embed_tokens` share the
-    weight of `shared` (tied, not the same module), so replacing only `shared.weight` would leave them the old
-    table, indexed by new ids."""
-    from torch import nn
-
-    return [m for m in model.modules() if isinstance(m, nn.Embedding) and m is not emb and
-            getattr(m, "weight", None) is emb.weight]
-
-
-def _share(modules: list, emb) -> None:
-    for m in modules:
-        m.weight = emb.weight
-        m.num_embeddings = emb.num_embeddings
-        m.padding_idx = emb.padding_idx
-
-
-def widen_vocabulary(model, kept, full: int, *, fill: int) -> None:
-    """Undo keep_vocabulary for a model that must read and score the full vocabulary (a draft for transformers'
-    assisted generation), in place: row kept[i] gets new row i; other input rows copy row `fill` (the unknown
-    token, as trimmed models read them); the head scores other tokens -1e4 through a bias, so they are never picked.
-    The head is untied from the input embedding."""
-    import torch
-    from torch import nn
-
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    weight = emb.weight.data
-    rows = weight[fill].expand(full, -1).clone()
-    rows[kept] = weight
-    out = nn.Linear(weight.shape[1], full, bias=True, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        out.weight.zero_()
-        out.weight[kept] = head.weight.data
-        out.bias.fill_(-1e4)
-        out.bias[kept] = head.bias.data if getattr(head, "bias", None) is not None else 0.0
-    sharing = _sharing(model, emb)
-    emb.weight = nn.Parameter(rows, requires_grad=False)
-    emb.num_embeddings = full
-    _share(sharing, emb)
-    model.set_output_embeddings(out)
-    model.config.tie_word_embeddings = False
-    model.config.vocab_size = full
-    text = getattr(model.config, "text_config", None)
-    if text is not None and hasattr(text, "vocab_size"):
-        text.vocab_size = full
 
 
 def _auto_class(kind: ModelKind, *, with_head: bool):
@@ -465,8 +210,6 @@ def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, rol
         model = model.to(dt)
     elif src.kind == "checkpoint":
         from safetensors.torch import load_file
-
-        from llm2slm_cli.artifacts import verify_checkpoint
 
         verify_checkpoint(Path(src.name))  # never a damaged checkpoint's weights, loaded without a word
         model = cls.from_config(config)
@@ -603,24 +346,6 @@ def ensure_special_tokens(tok):
     return tok
 
 
-def tokenizer_fingerprint(tok) -> str:
-    """Identity of a vocabulary: equal fingerprints mean token ids mean the same strings."""
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(repr(vocab).encode()).hexdigest()
-
-
-def state_fingerprint(model) -> str:
-    """sha256 over every parameter and buffer (names, shapes, dtypes and bytes): which weights these are."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------- which weights, from the files alone
 
 
@@ -667,45 +392,6 @@ def weight_files(spec: str) -> list[Path]:
                 raise UserError(f"the weights index names {missing[0]}, which is not there", path=path)
             return files
     raise UserError(f"cannot find the weights of {spec!r} (no model.safetensors or pytorch_model.bin)")
-
-
-def _file_sha256(path: Path) -> str:
-    from llm2slm_cli.artifacts import sha256_file
-
-    real = Path(path).resolve()
-    # the hub cache names each large (LFS) file by its sha256: no need to read gigabytes to learn it
-    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
-        return real.name
-    return sha256_file(real)
-
-
-def weights_fingerprint(spec: str, dtype: str = "float32") -> str:
-    """Which weights, in which dtype, a model spec names: the sha256 of its weight files (`weight_files`), never of
-    the loaded tensors, so it is known without loading the model. A preset's weights are drawn from a fixed seed: its
-    name, shape and the transformers version that draws them stand for them. A copy of an LLM that `export` bundled
-    (DIR/llm) is the LLM it copied while its files are the ones export wrote (A.BUNDLED_LLM_IDENTITY)."""
-    import json
-
-    from llm2slm_cli import artifacts as A
-
-    src = resolve(spec)
-    dtype = DTYPES.get(dtype, dtype)
-    if src.kind == "preset":
-        import transformers
-
-        p = preset(src.name)
-        return A.sha256_json({"dtype": dtype, "preset": src.name, "model_type": p.model_type, "config": p.config,
-                              "seed": 0, "transformers": transformers.__version__})
-    files = {f.name: _file_sha256(f) for f in weight_files(spec)}
-    marker = Path(src.name) / A.BUNDLED_LLM_IDENTITY if src.kind == "dir" else None
-    if marker is not None and marker.is_file():
-        try:
-            copied = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            copied = None
-        if isinstance(copied, dict) and copied.get("files") == files and copied.get("dtype") == dtype:
-            return str(copied["fingerprint"])
-    return A.sha256_json({"dtype": dtype, "files": files})
 
 
 def input_embedding_rows(spec: str, dtype: str = "float32"):
