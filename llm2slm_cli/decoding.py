@@ -24,6 +24,7 @@ import torch
 
 from llm2slm_cli import cpu_head
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.padding import right_to_left, strip_generated
 
 
 class Stepper:
@@ -231,6 +232,16 @@ class SpeculativeStats:
         """Count `other`'s calls in with these (a stage sums the statistics of its batches)."""
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def count_round(self, g: int, m: int, accepted: torch.Tensor, live: torch.Tensor) -> None:
+        """One round of g drafts, m + 1 tokens emitted to each live row; `accepted`: each row's leading accepted
+        drafts."""
+        n_live = int(live.sum())
+        self.rounds += 1
+        self.row_rounds += n_live
+        self.drafted += g * n_live
+        self.accepted += int(accepted[live].clamp(max=g).sum())
+        self.emitted += (m + 1) * n_live
 
     def reset(self) -> None:
         for f in fields(self):
@@ -629,122 +640,43 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
     `suppress_tokens` are never generated (benchmarks suppress the end token to time an exact length). Sampling
     draws from the LLM's distribution as its own sampling would: `top_k` None is what transformers' generate uses
     for the LLM (its generation config's, else 50); 0 turns top-k off. `streamer`
-    (see `decode`) sees each round's m + 1 tokens; the rows it stops finish there."""
-    from llm2slm_cli.padding import right_to_left, strip_generated
+    (see `decode`) sees each round's m + 1 tokens; the rows it stops finish there.
 
-    if gamma < 1:
-        raise UserError("--gamma must be at least 1")
+    The round loop below is one algorithm (draft g, verify in one LLM pass, accept, emit, roll both caches back)
+    and reads best whole; its parts that stand alone are `_verifier_prefill`, `_draft_prefill`, `_draft_tokens`
+    and `_verify`."""
+    shared_layer = _check_pair(draft, verifier, gamma)
     cfg = draft.config
-    if (cfg.peft or {}).get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        raise UserError("a prompt- or prefix-tuned draft cannot draft here (its virtual tokens are not part of the "
-                        "incremental decoding): use a LoRA, fully fine-tuned or LLM-to-SLM draft")
     eos, pad = cfg.eos_token_id, cfg.pad_token_id
     banned = list(suppress_tokens or [])
-    device = prompt_ids.device
-    batch = prompt_ids.shape[0]
-    llm_model = verifier.model
-    llm_kind = verifier.kind
+    device, batch = prompt_ids.device, prompt_ids.shape[0]
     if top_k is None:
-        top_k = int(generation_value(llm_model.generation_config, "top_k", 0) or 0) if do_sample else 0
-    if llm_kind == "encoder-only":
-        raise UserError(f"the LLM {verifier.spec!r} is encoder-only: it cannot verify drafts")
-    # The verifier's pass over the prompt gives the draft its features when both are the same LLM: a decoder-only
-    # LLM's pass returns every layer's hidden state, so the draft's layer need not be the verifier's.
-    shares_llm = draft.has_llm and cfg.llm["fingerprint"] == verifier.fingerprint and \
-        (cfg.llm["layer"] == verifier.layer or llm_kind == "decoder-only")
-
-    # --- the LLM's one pass over the prompt
-    llm_step = Stepper(llm_model, encoder_decoder=llm_kind == "encoder-decoder")
-    features = None
-    if llm_kind == "encoder-decoder":
-        hidden = llm_model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
-        llm_step.start_encoder_decoder(hidden, prompt_mask)
-        llm_pending = torch.full((batch, 1), llm_model.config.decoder_start_token_id, device=device)
-        features = hidden if shares_llm else None
-    else:
-        ids_left, mask_left = right_to_left(prompt_ids, prompt_mask)
-        out = llm_step.prefill(mask_left, input_ids=ids_left, output_hidden_states=shares_llm,
-                               logits_to_keep=1 if _keeps_logits(llm_model) else 0)
-        llm_pending = prompt_ids[:, :0]  # nothing pending: the prompt's last logits score the first draft
-        llm_first = out.logits[:, -1:]
-        if shares_llm:  # the same pass gives the draft its features: the hidden state of the draft's layer
-            features, _ = _left_to_right(_layer(cfg.llm["layer"], out.hidden_states), mask_left)
-        del out
-
-    # --- the draft's prompt: the fused embeddings, once
-    p = draft.prompt_embeddings(prompt_ids, prompt_mask, features)
-    draft_step = Stepper(draft.slm, encoder_decoder=cfg.slm_kind == "encoder-decoder")
+        top_k = int(generation_value(verifier.model.generation_config, "top_k", 0) or 0) if do_sample else 0
+    sampling = (temperature, top_p, banned, top_k, generator) if do_sample else None
+    llm_step, llm_pending, llm_first, features = _verifier_prefill(verifier, prompt_ids, prompt_mask, shared_layer)
+    draft_step, draft_logits = _draft_prefill(draft, prompt_ids, prompt_mask, features)
     feed_draft, widen = draft.slm_ids, _widen(draft, verifier)  # a trimmed draft: its own ids, the LLM's scores
-    if cfg.slm_kind == "encoder-decoder":
-        enc = draft.slm.get_encoder()(inputs_embeds=p, attention_mask=prompt_mask).last_hidden_state
-        draft_step.start_encoder_decoder(enc, prompt_mask)
-        start = torch.full((batch, 1), cfg.decoder_start_token_id, device=device)
-        draft_logits = widen(draft_step.feed(feed_draft(start))[:, -1])
-    else:
-        p_left, m_left = right_to_left(p, prompt_mask)
-        draft_logits = widen(draft_step.prefill(m_left, inputs_embeds=p_left,
-                                                  logits_to_keep=1 if _keeps_logits(draft.slm) else 0).logits[:, -1])
-
+    draft_logits = widen(draft_logits)
     stats = SpeculativeStats()
     out_tokens = torch.full((batch, 0), pad, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     while out_tokens.shape[1] < max_new_tokens and not bool(done.all()):
         g = min(gamma, max_new_tokens - out_tokens.shape[1])
         # 1. draft g tokens
-        drafts, q = [], []
         base = draft_step.fed
-        for j in range(g):
-            if do_sample:
-                qj = _process(draft_logits, temperature, top_p, banned, top_k=top_k)
-                dj = torch.multinomial(qj, 1, generator=generator).squeeze(1)
-                q.append(qj)
-            else:
-                dj = _greedy(draft_logits, banned)
-            drafts.append(dj)
-            if j < g - 1:
-                draft_logits = widen(draft_step.feed(feed_draft(dj.unsqueeze(1)))[:, -1])
-        d = torch.stack(drafts, 1)  # (batch, g)
+        d, q = _draft_tokens(draft_step, draft_logits, g, lambda ids: widen(draft_step.feed(feed_draft(ids))[:, -1]),
+                             banned, sampling)
         # 2. the LLM scores the pending token and all drafts in one pass: p_1 .. p_{g+1}
         llm_base, pending = llm_step.fed, llm_pending.shape[1]
         logits = llm_step.feed(torch.cat([llm_pending, d], 1))[:, -(g + 1):]
         if not pending:  # first round of a decoder-only LLM
             logits = torch.cat([llm_first, logits[:, :g]], 1)
-        # 3. how many drafts each row accepts
-        if do_sample:
-            p_all = _process(logits, temperature, top_p, banned, top_k=top_k)
-            q_all = torch.stack(q, 1)
-            p_d = p_all[:, :g].gather(-1, d.unsqueeze(-1)).squeeze(-1)
-            q_d = q_all.gather(-1, d.unsqueeze(-1)).squeeze(-1)
-            u = torch.rand(p_d.shape, generator=generator, device=device)
-            ok = u < (p_d / q_d.clamp_min(1e-20)).clamp(max=1.0)
-        else:
-            target = _greedy(logits, banned)
-            ok = d == target[:, :g]
-        accepted = torch.cumprod(ok.long(), 1).sum(1)  # leading accepted drafts per row
-        live = ~done
-        m = int(accepted[live].min()) if bool(live.any()) else g
-        # 4. the (m+1)-th token of every row
-        if do_sample:
-            if m < g:
-                residual = (p_all[:, m] - q_all[:, m]).clamp_min(0)
-                fallback = residual.sum(-1, keepdim=True) <= 0  # p == q: any sample of p is right
-                residual = torch.where(fallback, p_all[:, m], residual)
-                corrected = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1,
-                                              generator=generator).squeeze(1)
-                nxt = torch.where(accepted > m, d[:, m], corrected)
-            else:
-                nxt = torch.multinomial(p_all[:, g], 1, generator=generator).squeeze(1)
-        else:
-            nxt = target[:, m]
+        # 3-4. how many drafts each row accepts (m: the fewest of the live rows), and the (m+1)-th token
+        accepted, m, nxt = _verify(logits, d, q, done, banned, sampling)
         emitted = torch.cat([d[:, :m], nxt.unsqueeze(1)], 1)  # (batch, m + 1)
         # 5. bookkeeping: finished rows emit padding; stop at the first end token
         emitted = torch.where(done.unsqueeze(1), torch.full_like(emitted, pad), emitted)
-        n_live = int(live.sum())
-        stats.rounds += 1
-        stats.row_rounds += n_live
-        stats.drafted += g * n_live
-        stats.accepted += int(accepted[live].clamp(max=g).sum())
-        stats.emitted += (m + 1) * n_live
+        stats.count_round(g, m, accepted, ~done)
         out_tokens = torch.cat([out_tokens, emitted], 1)
         done = done | (emitted == eos).any(1)
         stop = _stream(streamer, emitted)
@@ -757,6 +689,113 @@ def speculative_generate(draft, verifier, prompt_ids: torch.Tensor, prompt_mask:
         draft_step.rewind(base + kept)
         draft_logits = widen(draft_step.feed(feed_draft(emitted[:, kept:]))[:, -1])
     return strip_generated(out_tokens[:, :max_new_tokens], eos, pad), stats
+
+
+def _check_pair(draft, verifier, gamma: int) -> int | str | None:
+    """Refuse what cannot draft or verify; the draft's LLM layer when the verifier's prompt pass can give the draft
+    its features (both read the same LLM: a decoder-only LLM's pass returns every layer's hidden state, so the
+    draft's layer need not be the verifier's), else None."""
+    if gamma < 1:
+        raise UserError("--gamma must be at least 1")
+    cfg = draft.config
+    if (cfg.peft or {}).get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        raise UserError("a prompt- or prefix-tuned draft cannot draft here (its virtual tokens are not part of the "
+                        "incremental decoding): use a LoRA, fully fine-tuned or LLM-to-SLM draft")
+    if verifier.kind == "encoder-only":
+        raise UserError(f"the LLM {verifier.spec!r} is encoder-only: it cannot verify drafts")
+    shares = draft.has_llm and cfg.llm["fingerprint"] == verifier.fingerprint and (
+        cfg.llm["layer"] == verifier.layer or verifier.kind == "decoder-only")
+    return cfg.llm["layer"] if shares else None
+
+
+def _draft_tokens(draft_step, logits: torch.Tensor, g: int, feed, banned: list[int], sampling):
+    """g draft tokens from the draft's next-token `logits` (`feed(ids)` steps the draft and gives the next
+    logits; the last draft is not fed): the drafts (batch, g) and, when sampling, the distributions they were
+    drawn from."""
+    drafts, q = [], []
+    for j in range(g):
+        if sampling is not None:
+            temperature, top_p, _, top_k, generator = sampling
+            qj = _process(logits, temperature, top_p, banned, top_k=top_k)
+            dj = torch.multinomial(qj, 1, generator=generator).squeeze(1)
+            q.append(qj)
+        else:
+            dj = _greedy(logits, banned)
+        drafts.append(dj)
+        if j < g - 1:
+            logits = feed(dj.unsqueeze(1))
+    return torch.stack(drafts, 1), q
+
+
+def _verifier_prefill(verifier, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, draft_layer):
+    """The LLM's one pass over the prompt: its stepper, the token it has still to read (an encoder-decoder's
+    start token; none for a decoder-only LLM, whose last prompt logits score the first draft: `first`), and, when
+    `draft_layer` is given (the draft reads this LLM), the draft's features from the same pass."""
+    llm_model, batch = verifier.model, prompt_ids.shape[0]
+    llm_step = Stepper(llm_model, encoder_decoder=verifier.kind == "encoder-decoder")
+    features = first = None
+    if verifier.kind == "encoder-decoder":
+        hidden = llm_model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+        llm_step.start_encoder_decoder(hidden, prompt_mask)
+        pending = torch.full((batch, 1), llm_model.config.decoder_start_token_id, device=prompt_ids.device)
+        features = hidden if draft_layer is not None else None
+    else:
+        ids_left, mask_left = right_to_left(prompt_ids, prompt_mask)
+        out = llm_step.prefill(mask_left, input_ids=ids_left, output_hidden_states=draft_layer is not None,
+                               logits_to_keep=1 if _keeps_logits(llm_model) else 0)
+        pending = prompt_ids[:, :0]  # nothing pending: the prompt's last logits score the first draft
+        first = out.logits[:, -1:]
+        if draft_layer is not None:  # the same pass gives the draft its features: the hidden state of its layer
+            features, _ = _left_to_right(_layer(draft_layer, out.hidden_states), mask_left)
+        del out
+    return llm_step, pending, first, features
+
+
+def _draft_prefill(draft, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, features):
+    """The draft's prompt, the fused embeddings, read once: its stepper and its logits for the first token (in
+    the draft's own vocabulary; the caller widens them)."""
+    cfg = draft.config
+    p = draft.prompt_embeddings(prompt_ids, prompt_mask, features)
+    draft_step = Stepper(draft.slm, encoder_decoder=cfg.slm_kind == "encoder-decoder")
+    if cfg.slm_kind == "encoder-decoder":
+        enc = draft.slm.get_encoder()(inputs_embeds=p, attention_mask=prompt_mask).last_hidden_state
+        draft_step.start_encoder_decoder(enc, prompt_mask)
+        start = torch.full((prompt_ids.shape[0], 1), cfg.decoder_start_token_id, device=prompt_ids.device)
+        return draft_step, draft_step.feed(draft.slm_ids(start))[:, -1]
+    p_left, m_left = right_to_left(p, prompt_mask)
+    return draft_step, draft_step.prefill(m_left, inputs_embeds=p_left,
+                                          logits_to_keep=1 if _keeps_logits(draft.slm) else 0).logits[:, -1]
+
+
+def _verify(logits: torch.Tensor, d: torch.Tensor, q: list, done: torch.Tensor, banned: list[int], sampling):
+    """One round's check of the g drafts `d` against the LLM's logits p_1 .. p_{g+1}: the leading accepted drafts
+    per row, m (the fewest over the rows still live: every row emits m + 1 tokens this round) and the (m+1)-th
+    token. Greedy (`sampling` None): a draft is accepted when it is the LLM's argmax. Sampling (`sampling` =
+    temperature, top_p, banned, top_k, generator; `q` the draft's distributions): rejection sampling, the
+    rejected position resampled from max(p - q, 0), which gives exactly the LLM's distribution."""
+    g = d.shape[1]
+    live = ~done
+    if sampling is None:
+        target = _greedy(logits, banned)
+        accepted = torch.cumprod((d == target[:, :g]).long(), 1).sum(1)
+        m = int(accepted[live].min()) if bool(live.any()) else g
+        return accepted, m, target[:, m]
+    temperature, top_p, banned, top_k, generator = sampling
+    p_all = _process(logits, temperature, top_p, banned, top_k=top_k)
+    q_all = torch.stack(q, 1)
+    p_d = p_all[:, :g].gather(-1, d.unsqueeze(-1)).squeeze(-1)
+    q_d = q_all.gather(-1, d.unsqueeze(-1)).squeeze(-1)
+    u = torch.rand(p_d.shape, generator=generator, device=d.device)
+    ok = u < (p_d / q_d.clamp_min(1e-20)).clamp(max=1.0)
+    accepted = torch.cumprod(ok.long(), 1).sum(1)  # leading accepted drafts per row
+    m = int(accepted[live].min()) if bool(live.any()) else g
+    if m == g:
+        return accepted, m, torch.multinomial(p_all[:, g], 1, generator=generator).squeeze(1)
+    residual = (p_all[:, m] - q_all[:, m]).clamp_min(0)
+    fallback = residual.sum(-1, keepdim=True) <= 0  # p == q: any sample of p is right
+    residual = torch.where(fallback, p_all[:, m], residual)
+    corrected = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator).squeeze(1)
+    return accepted, m, torch.where(accepted > m, d[:, m], corrected)
 
 
 def _widen(draft, verifier):

@@ -24,6 +24,12 @@ import json
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
+from llm2slm_cli import pydoc_task, runtime
+from llm2slm_cli.config import BenchConfig, EncodeConfig, EvalConfig, GenerateConfig, TrainConfig
+from llm2slm_cli.stages import bench, encode, evaluate, generate, train
+
 TEMPLATE = "{src}"
 
 
@@ -42,6 +48,28 @@ def main(argv: list[str] | None = None) -> dict:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: never wait on an unreachable hub
+    args = _parse(argv)
+    out = args.out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: {out} exists and is not empty: pass --overwrite")
+    started = time.perf_counter()
+    llm = minilm_path()
+    data = _data_and_features(args, llm)
+    runs = _runs(args, llm, data)
+    rows = {label: _train_and_score(label, config, runs, data, out) for label, config in runs.items()}
+    _bench(rows, out)
+    summary = {"task": "pydoc: Python function -> first docstring line", "llm": "all-MiniLM-L6-v2 (frozen)",
+               "slm": args.slm, "test_examples": len((data / "test.jsonl").read_text().splitlines()), "rows": rows,
+               "seconds": round(time.perf_counter() - started, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = _table(summary)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    print(f"\nplots: {out / 'bench'}/*.png; everything under {out} ({summary['seconds']:.0f} s)")
+    return summary
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="llm2slm offline demo (see the module docstring)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--max-train", type=int, default=1800, help="training examples (the task has ~1800)")
@@ -56,30 +84,27 @@ def main(argv: list[str] | None = None) -> dict:
                         help="LLM-to-SLM's fusion: replace reads the features alone; add adds them to the SLM's own "
                              "prompt embeddings (both with the SLM on MiniLM's tokenizer)")
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from rich.markup import escape
 
-    from llm2slm_cli import pydoc_task, runtime
-    from llm2slm_cli.config import BenchConfig, EncodeConfig, EvalConfig, GenerateConfig, TrainConfig
-    from llm2slm_cli.stages import bench, encode, evaluate, generate, train
-
-    out = args.out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"error: {out} exists and is not empty: pass --overwrite")
-    started = time.perf_counter()
-    llm = minilm_path()
-    data = out / "data"
+def _data_and_features(args: argparse.Namespace, llm: str) -> Path:
+    """The task's train/dev/test files under OUT/data, and MiniLM's features of each split."""
+    data = args.out / "data"
     pydoc_task.main(["--out", str(data), "--max-train", str(args.max_train), "--max-dev", "100",
                      "--max-test", "100"])
-    common = dict(template=TEMPLATE, overwrite=True)
     for split in ("train", "dev", "test"):
-        encode.run(EncodeConfig(inputs=[data / f"{split}.jsonl"], model=llm, out=out / f"features-{split}",
-                                max_length=args.max_length, **common))
+        encode.run(EncodeConfig(inputs=[data / f"{split}.jsonl"], model=llm, out=args.out / f"features-{split}",
+                                max_length=args.max_length, template=TEMPLATE, overwrite=True))
+    return data
+
+
+def _runs(args: argparse.Namespace, llm: str, data: Path) -> dict[str, TrainConfig]:
+    """The two rows, with one budget: the SLM alone and LLM-to-SLM (both on MiniLM's tokenizer)."""
+    out = args.out
     budget = dict(epochs=args.epochs, batch_size=32, micro_batch_size=16, max_target_length=32,
                   max_length=args.max_length, eval_every=10_000, lr=args.lr, dropout=args.dropout,
-                  trim_vocab=args.trim_vocab, **common)
-    runs = {
+                  trim_vocab=args.trim_vocab, template=TEMPLATE, overwrite=True)
+    return {
         "SLM alone": TrainConfig(inputs=[data / "train.jsonl"], slm=args.slm, slm_tokenizer=Path(llm),
                                  dev=[data / "dev.jsonl"], out=out / "slm", **budget),
         "LLM-to-SLM": TrainConfig(inputs=[data / "train.jsonl"], slm=args.slm, llm=llm,
@@ -88,26 +113,32 @@ def main(argv: list[str] | None = None) -> dict:
                                   fusion=args.fusion, slm_tokenizer=Path(llm),
                                   **(dict(tokenizer_mode="slm") if args.fusion == "replace" else {}), **budget),
     }
-    rows = {}
-    for label, config in runs.items():
-        runtime.say(f"[bold]{escape(label)}[/bold]: {escape(config.slm)}" +
-                    (" with all-MiniLM-L6-v2" if config.llm else " alone"), markup=True)
-        train.run(config)
-        name = config.out.name
-        generate.run(GenerateConfig(inputs=[data / "test.jsonl"], model=str(config.out / "final"),
-                                    out=out / f"pred-{name}", num_beams=4, length_penalty=0.6, max_new_tokens=32,
-                                    overwrite=True))
-        baseline = out / f"pred-{runs['SLM alone'].out.name}" if config.llm else None  # paired with the SLM alone
-        metrics = evaluate.run(EvalConfig(predictions=out / f"pred-{name}", out=out / f"eval-{name}",
-                                          metrics="rouge,bleu,chrf", paired_with=baseline, overwrite=True))
-        examples, distinct = _examples(out / f"pred-{name}")
-        manifest = json.loads((config.out / "manifest.json").read_text())
-        rows[label] = {"dir": name, "dev_loss": manifest["result"]["dev_loss"],
-                       "trainable_parameters": manifest["counts"]["trainable_parameters"],
-                       "train_seconds": manifest["timing"]["seconds"],
-                       "rougeL": metrics["metrics"]["rouge"]["rougeL"], "bleu": metrics["metrics"]["bleu"]["score"],
-                       "chrf": metrics["metrics"]["chrf"]["score"], "distinct": distinct, "examples": examples,
-                       **({"paired_chrf": metrics["paired"]["chrf"]} if baseline else {})}
+
+
+def _train_and_score(label: str, config: TrainConfig, runs: dict[str, TrainConfig], data: Path, out: Path) -> dict:
+    """Train one row, decode the test split (beam 4), score it (LLM-to-SLM paired with the SLM alone)."""
+    runtime.say(f"[bold]{escape(label)}[/bold]: {escape(config.slm)}" +
+                (" with all-MiniLM-L6-v2" if config.llm else " alone"), markup=True)
+    train.run(config)
+    name = config.out.name
+    generate.run(GenerateConfig(inputs=[data / "test.jsonl"], model=str(config.out / "final"),
+                                out=out / f"pred-{name}", num_beams=4, length_penalty=0.6, max_new_tokens=32,
+                                overwrite=True))
+    baseline = out / f"pred-{runs['SLM alone'].out.name}" if config.llm else None  # paired with the SLM alone
+    metrics = evaluate.run(EvalConfig(predictions=out / f"pred-{name}", out=out / f"eval-{name}",
+                                      metrics="rouge,bleu,chrf", paired_with=baseline, overwrite=True))
+    examples, distinct = _examples(out / f"pred-{name}")
+    manifest = json.loads((config.out / "manifest.json").read_text())
+    return {"dir": name, "dev_loss": manifest["result"]["dev_loss"],
+            "trainable_parameters": manifest["counts"]["trainable_parameters"],
+            "train_seconds": manifest["timing"]["seconds"],
+            "rougeL": metrics["metrics"]["rouge"]["rougeL"], "bleu": metrics["metrics"]["bleu"]["score"],
+            "chrf": metrics["metrics"]["chrf"]["score"], "distinct": distinct, "examples": examples,
+            **({"paired_chrf": metrics["paired"]["chrf"]} if baseline else {})}
+
+
+def _bench(rows: dict[str, dict], out: Path) -> None:
+    """Both rows' speed (100 new tokens after a 100-token prompt) beside their ROUGE-L; ms/token into the rows."""
     bench.run(BenchConfig(out=out / "bench", model=[f"{k}={out / v['dir'] / 'final'}" for k, v in rows.items()],
                           quality=[f"{k}={out / ('eval-' + v['dir'])}" for k, v in rows.items()],
                           quality_metric="rougeL", prompt_length=100, new_tokens=100, repeats=5, warmup=1,
@@ -116,15 +147,6 @@ def main(argv: list[str] | None = None) -> dict:
     for r in timings["rows"]:
         if r["label"] in rows:
             rows[r["label"]]["ms_per_token"] = r["ms_per_token"]
-    summary = {"task": "pydoc: Python function -> first docstring line", "llm": "all-MiniLM-L6-v2 (frozen)",
-               "slm": args.slm, "test_examples": len((data / "test.jsonl").read_text().splitlines()), "rows": rows,
-               "seconds": round(time.perf_counter() - started, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = _table(summary)
-    (out / "summary.md").write_text(table + "\n")
-    print(table)
-    print(f"\nplots: {out / 'bench'}/*.png; everything under {out} ({summary['seconds']:.0f} s)")
-    return summary
 
 
 def _examples(predictions: Path, n: int = 3) -> tuple[list[dict], int]:

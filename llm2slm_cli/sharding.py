@@ -25,6 +25,11 @@ from llm2slm_cli import runtime
 from llm2slm_cli.errors import Interrupted, UserError
 
 
+def in_order_shards(n: int, size: int) -> list[list[int]]:
+    """Example indices 0..n-1 cut into consecutive shards of `size` (the last may be shorter)."""
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
 def shard_seed(seed: int, shard: int) -> int:
     """The random seed of one shard: a resumed or multi-process run samples exactly what one process does."""
     return seed * 1_000_003 + shard

@@ -25,7 +25,7 @@ from llm2slm_cli.data import Fields, read_examples
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.fingerprints import tokenizer_fingerprint
 from llm2slm_cli.generation import HalvingBatcher, PlainModel, generate_shard, generation_kwargs
-from llm2slm_cli.sharding import ShardedRun, shard_seed
+from llm2slm_cli.sharding import ShardedRun, in_order_shards, shard_seed
 from llm2slm_cli.teacher import LOGITS_SHARD, teacher_topk, write_shard
 
 PART = "examples-{:05d}.parquet"
@@ -48,103 +48,130 @@ def labels_table(rows: list[dict], logits_shard: int | None = None):
 
 
 def run(config: DistillConfig) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
+    """Read the examples, then (each process its own shards) label them with the LLM and merge."""
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field,
                     template=config.template)
     examples = read_examples(config.inputs, fields, require_target=config.teacher_forced)
-    top_k = config.top_k_logits
     out = Path(config.out)
     with ShardedRun(out, stage="distill", overwrite=config.overwrite, resume=config.resume, device=config.device,
                     part=PART, quiet=config.quiet) as work:
         if work.finished:
             return out
-        quiet = config.quiet or not work.is_main
-        llm = PlainModel(config.model, dtype=config.dtype, tokenizer=config.tokenizer, device=work.device)
-        tok = llm.prompt_tokenizer
-        ids, truncated = runtime.tokenize_prompts(tok, [e.prompt for e in examples], config.max_length,
-                                                  strict=config.strict,
-                                                  where=runtime.places(config.inputs, examples))
-        generation = None if config.teacher_forced else generation_kwargs(config)
-        if top_k is not None and top_k > len(tok):
-            raise UserError(f"--top-k-logits {top_k} is more than the LLM's {len(tok)} tokens")
+        llm, ids, truncated, generation = _open_and_tokenize(config, work, examples)
         input_sha = A.input_sha256(config.inputs)
-        shards = [list(range(i, min(i + config.shard_size, len(examples))))
-                  for i in range(0, len(examples), config.shard_size)]
-        work.plan({"input_sha256": input_sha, "llm": llm.identity, "generation": generation, "shards": len(shards),
-                   "template": config.template, "max_length": config.max_length, "seed": config.seed,
-                   "top_k_logits": top_k, "teacher_forced": config.teacher_forced,
-                   "max_target_length": config.max_target_length if top_k else None})
-
-        # a shard's record (work.mark_done) is written last: its presence marks a complete shard (logits included)
-        todo = work.todo(len(shards))
-        batcher = HalvingBatcher(config.batch_size)
-        new_tokens = 0
-        with runtime.progress(quiet) as bar, runtime.timer() as clock:
-            task = bar.add_task("distill", total=sum(len(shards[k]) for k in todo), rate="")
-            for k in todo:
-                members = shards[k]
-                torch.manual_seed(shard_seed(config.seed, k))
-                if config.teacher_forced:
-                    rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": examples[i].target,
-                             "reference": examples[i].target, "n_tokens": 0} for i in members]
-                else:
-                    outputs = generate_shard(llm, ids, members, config.batch_size, generation, work, batcher, bar,
-                                             task)
-                    new_tokens += sum(len(t) for t in outputs.values())
-                    texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
-                    rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": t.strip(),
-                             "reference": examples[i].target, "n_tokens": len(outputs[i])}
-                            for i, t in zip(members, texts)]
-                empty = [r["id"] for r in rows if not r["target"]]
-                if empty:
-                    runtime.say(f"warning: the LLM gave an empty answer for {len(empty)} examples of shard {k} "
-                                f"(e.g. {empty[0]!r}); train skips examples with empty targets", config.quiet)
-                if top_k is not None:
-                    work.check_stop()
-                    targets = runtime.tokenize_targets(tok, [r["target"] for r in rows], config.max_target_length)
-                    topk = teacher_topk(llm.model, llm.kind, [ids[i] for i in members], targets, top_k,
-                                        pad_id=tok.pad_token_id, batch_size=config.batch_size,
-                                        decoder_start=getattr(llm.model.config, "decoder_start_token_id", None))
-                    write_shard(out / LOGITS_SHARD.format(k), topk, targets)
-                    if config.teacher_forced:
-                        bar.update(task, advance=len(members))
-                A.write_parquet(out / PART.format(k), labels_table(rows, k if top_k is not None else None))
-                work.mark_done(k, [out / PART.format(k)] + ([out / LOGITS_SHARD.format(k)] if top_k is not None
-                                                            else []))
-        seconds = clock["seconds"]
-
+        shards = _plan(config, work, llm, examples, generation, input_sha)
+        new_tokens, seconds = _label_shards(config, work, llm, examples, ids, generation, shards, out)
         if work.finish():
-            work.check_parts(len(shards))
-            table = pa.concat_tables([pq.read_table(out / PART.format(k)) for k in range(len(shards))])
-            generated = sum(table["n_tokens"].to_pylist())
-            A.write_parquet(out / A.LABELS, table.drop_columns(["n_tokens"]))
-            logits = None
-            if top_k is not None:
-                logits = {"top_k": top_k, "max_target_length": config.max_target_length,
-                          "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-                          "teacher_forced": config.teacher_forced, "temperature": 1.0,
-                          "files": {LOGITS_SHARD.format(k): A.file_record(out / LOGITS_SHARD.format(k))
-                                    for k in range(len(shards))}}
-            manifest = A.make_manifest(
-                A.KIND_LABELS, config, llm=llm.identity, generation=generation, template=config.template,
-                prompt_field=config.prompt_field, inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
-                logits=logits,
-                counts={"examples": len(examples), "generated_tokens": generated,
-                        "truncated_prompts": sum(truncated),
-                        "empty_targets": sum(1 for t in table["target"].to_pylist() if not t)},
-                files={A.LABELS: A.file_record(out / A.LABELS)},
-                processes=work.world,
-                timing={"seconds": round(seconds, 3),
-                        "tokens_per_second": round(new_tokens * work.world / seconds, 2) if seconds else None},
-            )
-            A.atomic_write_json(out / A.MANIFEST, manifest)
-            for k in range(len(shards)):
-                (out / PART.format(k)).unlink()
-            runtime.say(f"distilled {len(examples)} targets ({generated} tokens) with {config.model} in "
-                        f"{seconds:.1f}s -> {out}", config.quiet)
+            _merge(config, work, llm, examples, generation, input_sha, (truncated, shards),
+                   (new_tokens, seconds), out)
         work.done()
     return out
+
+
+def _open_and_tokenize(config: DistillConfig, work: ShardedRun, examples: list) -> tuple[PlainModel, list, list,
+                                                                                   dict | None]:
+    """The LLM on this process's device, every prompt's token ids and the decoding options (None when teacher
+    forced); --top-k-logits checked against the LLM's vocabulary."""
+    llm = PlainModel(config.model, dtype=config.dtype, tokenizer=config.tokenizer, device=work.device)
+    tok = llm.prompt_tokenizer
+    ids, truncated = runtime.tokenize_prompts(tok, [e.prompt for e in examples], config.max_length,
+                                              strict=config.strict, where=runtime.places(config.inputs, examples))
+    generation = None if config.teacher_forced else generation_kwargs(config)
+    if config.top_k_logits is not None and config.top_k_logits > len(tok):
+        raise UserError(f"--top-k-logits {config.top_k_logits} is more than the LLM's {len(tok)} tokens")
+    return llm, ids, truncated, generation
+
+
+def _plan(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: list, generation: dict | None,
+          input_sha: str | None) -> list[list[int]]:
+    """Shards of --shard-size examples in input order, recorded as the run's plan."""
+    top_k = config.top_k_logits
+    shards = in_order_shards(len(examples), config.shard_size)
+    work.plan({"input_sha256": input_sha, "llm": llm.identity, "generation": generation, "shards": len(shards),
+               "template": config.template, "max_length": config.max_length, "seed": config.seed,
+               "top_k_logits": top_k, "teacher_forced": config.teacher_forced,
+               "max_target_length": config.max_target_length if top_k else None})
+    return shards
+
+
+def _label_shards(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: list, ids: list,
+                  generation: dict | None, shards: list, out: Path) -> tuple[int, float]:
+    """Label this process's shards still to do (each with its own seed); a shard's record (work.mark_done) is
+    written last: its presence marks a complete shard, logits included. Returns new tokens and seconds."""
+    import torch
+
+    top_k, tok = config.top_k_logits, llm.prompt_tokenizer
+    todo = work.todo(len(shards))
+    batcher = HalvingBatcher(config.batch_size)
+    new_tokens = 0
+    with runtime.progress(config.quiet or not work.is_main) as bar, runtime.timer() as clock:
+        task = bar.add_task("distill", total=sum(len(shards[k]) for k in todo), rate="")
+        for k in todo:
+            members = shards[k]
+            torch.manual_seed(shard_seed(config.seed, k))
+            if config.teacher_forced:
+                rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": examples[i].target,
+                         "reference": examples[i].target, "n_tokens": 0} for i in members]
+            else:
+                outputs = generate_shard(llm, ids, members, config.batch_size, generation, work, batcher, bar,
+                                         task)
+                new_tokens += sum(len(t) for t in outputs.values())
+                texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
+                rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": t.strip(),
+                         "reference": examples[i].target, "n_tokens": len(outputs[i])}
+                        for i, t in zip(members, texts)]
+            empty = [r["id"] for r in rows if not r["target"]]
+            if empty:
+                runtime.say(f"warning: the LLM gave an empty answer for {len(empty)} examples of shard {k} "
+                            f"(e.g. {empty[0]!r}); train skips examples with empty targets", config.quiet)
+            if top_k is not None:
+                work.check_stop()
+                targets = runtime.tokenize_targets(tok, [r["target"] for r in rows], config.max_target_length)
+                topk = teacher_topk(llm.model, llm.kind, [ids[i] for i in members], targets, top_k,
+                                    pad_id=tok.pad_token_id, batch_size=config.batch_size,
+                                    decoder_start=getattr(llm.model.config, "decoder_start_token_id", None))
+                write_shard(out / LOGITS_SHARD.format(k), topk, targets)
+                if config.teacher_forced:
+                    bar.update(task, advance=len(members))
+            A.write_parquet(out / PART.format(k), labels_table(rows, k if top_k is not None else None))
+            work.mark_done(k, [out / PART.format(k)] + ([out / LOGITS_SHARD.format(k)] if top_k is not None
+                                                        else []))
+    return new_tokens, clock["seconds"]
+
+
+def _merge(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: list, generation: dict | None,
+           input_sha: str | None, layout: tuple, timing: tuple, out: Path) -> None:
+    """One labels file in input order, the logits record and the manifest; then the parts go."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (truncated, shards), (new_tokens, seconds), top_k = layout, timing, config.top_k_logits
+    work.check_parts(len(shards))
+    table = pa.concat_tables([pq.read_table(out / PART.format(k)) for k in range(len(shards))])
+    generated = sum(table["n_tokens"].to_pylist())
+    A.write_parquet(out / A.LABELS, table.drop_columns(["n_tokens"]))
+    logits = None
+    if top_k is not None:
+        logits = {"top_k": top_k, "max_target_length": config.max_target_length,
+                  "tokenizer_fingerprint": tokenizer_fingerprint(llm.prompt_tokenizer),
+                  "teacher_forced": config.teacher_forced, "temperature": 1.0,
+                  "files": {LOGITS_SHARD.format(k): A.file_record(out / LOGITS_SHARD.format(k))
+                            for k in range(len(shards))}}
+    manifest = A.make_manifest(
+        A.KIND_LABELS, config, llm=llm.identity, generation=generation, template=config.template,
+        prompt_field=config.prompt_field, inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
+        logits=logits,
+        counts={"examples": len(examples), "generated_tokens": generated,
+                "truncated_prompts": sum(truncated),
+                "empty_targets": sum(1 for t in table["target"].to_pylist() if not t)},
+        files={A.LABELS: A.file_record(out / A.LABELS)},
+        processes=work.world,
+        timing={"seconds": round(seconds, 3),
+                "tokens_per_second": round(new_tokens * work.world / seconds, 2) if seconds else None},
+    )
+    A.atomic_write_json(out / A.MANIFEST, manifest)
+    for k in range(len(shards)):
+        (out / PART.format(k)).unlink()
+    runtime.say(f"distilled {len(examples)} targets ({generated} tokens) with {config.model} in "
+                f"{seconds:.1f}s -> {out}", config.quiet)

@@ -37,121 +37,158 @@ def cache_key(config: EncodeConfig, llm_identity: dict[str, Any], input_sha: str
 
 
 def run(config: EncodeConfig) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-    from safetensors.torch import save_file
-
-    from llm2slm_cli.llm2slm import FrozenLLM
-
+    """Read the prompts, then (in the main process, or each process its own shards) encode and merge."""
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     fields = Fields(prompt=config.prompt_field, target=None, id=config.id_field, template=config.template)
     examples = read_examples(config.inputs, fields)
     input_sha = A.input_sha256(config.inputs)
     out = Path(config.out)
-
     with ShardedRun(out, stage="encode", overwrite=config.overwrite, resume=config.resume, device=config.device,
                     part=A.FEATURES_SHARD_INDEX, quiet=config.quiet) as work:
         if work.finished:
             return out
-        quiet = config.quiet or not work.is_main
-        llm = FrozenLLM(config.model, layer=config.layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
-                        device=work.device, weights="encoder")
-        ids, truncated = runtime.tokenize_prompts(llm.tokenizer, [e.prompt for e in examples], config.max_length,
-                                                  strict=config.strict,
-                                                  where=runtime.places(config.inputs, examples))
-        key = cache_key(config, llm.identity(), input_sha) if config.cache else None
-        if config.cache and key is None:
-            runtime.say("warning: --cache is not used for a Hugging Face dataset (its files are not ours to "
-                        "fingerprint)", quiet)
-        cached = Path(config.cache) / key if key else None
-        damage = work.on_main(lambda: _cache_damage(cached)) if cached is not None and \
-            (cached / A.MANIFEST).is_file() else None
-        if damage is not None:  # never linked on: encoded again, and the entry replaced at the end
-            runtime.say(f"warning: the feature cache entry {cached} is damaged ({damage}): encoding the features "
-                        "again; the entry is replaced")  # a warning: --quiet hides only the progress
-        if damage is None and cached is not None and (cached / A.MANIFEST).is_file():
-            work.prepare()
-            if work.finish():
-                _link_from_cache(cached, out, config, key)
-                runtime.say(f"features found in the cache ({cached}): linked into {out}, nothing encoded", quiet)
-            work.done()
+        llm, ids, truncated = _open_and_tokenize(config, work, examples)
+        key, cached = _cache_entry(config, work, llm, input_sha)
+        if cached is not None and _linked_from_cache(config, work, cached, key, out):
             return out
-
-        lengths = [len(t) for t in ids]
-        order = length_sorted_batches(lengths, len(lengths))[0]  # longest first, stable
-        shards = [order[i: i + config.shard_size] for i in range(0, len(order), config.shard_size)]
-        plan = {"input_sha256": input_sha, "llm": llm.identity(), "config": A.config_to_dict(config),
-                "shards": len(shards)}
-        for name in ("overwrite", "resume", "quiet", "device", "cache"):
-            plan["config"].pop(name)
-        work.plan(plan)
-
-        dtype = getattr(torch, config.feature_dtype)
-        todo = work.todo(len(shards))
-        tokens = 0
-        with runtime.progress(quiet) as bar, runtime.timer() as clock:
-            task = bar.add_task("encode", total=sum(len(shards[k]) for k in todo), rate="")
-            for k in todo:
-                members = shards[k]
-                chunks, rows, offset = [], [], 0
-                for batch in length_sorted_batches([lengths[i] for i in members], config.batch_size):
-                    batch = [members[j] for j in batch]
-                    input_ids, mask = pad([ids[i] for i in batch], llm.tokenizer.pad_token_id)
-                    hidden = llm.encode(input_ids, mask)
-                    for row, i in enumerate(batch):
-                        chunks.append(hidden[row, : lengths[i]].to("cpu", dtype))
-                        rows.append({"id": examples[i].id, "shard": k, "offset": offset, "length": lengths[i],
-                                     "input_ids": ids[i], "truncated": truncated[i]})
-                        offset += lengths[i]
-                    tokens += int(mask.sum())
-                    bar.update(task, advance=len(batch),
-                               rate=f"{tokens / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.0f} tok/s")
-                    work.check_stop()
-                shard_path = out / A.FEATURES_SHARD.format(k)
-                with A.atomic_output(shard_path) as tmp:
-                    save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
-                # the shard's index part is written last: its presence marks the shard complete (for --resume)
-                info = {"file": shard_path.name, **A.file_record(shard_path), "examples": len(members)}
-                table = index_table(rows).replace_schema_metadata({SHARD_META: json.dumps(info)})
-                A.write_parquet(out / A.FEATURES_SHARD_INDEX.format(k), table)
-                work.mark_done(k, [shard_path, out / A.FEATURES_SHARD_INDEX.format(k)])
-        seconds = clock["seconds"]
-
+        lengths, shards = _plan(config, work, llm, ids, input_sha)
+        tokens, seconds = _encode_shards(config, work, llm, examples, ids, truncated, lengths, shards, out)
         if work.finish():
-            # One index in input order; the per-shard parts only exist so that processes and resumes can merge.
-            work.check_parts(len(shards))
-            parts = [pq.read_table(out / A.FEATURES_SHARD_INDEX.format(k)) for k in range(len(shards))]
-            shard_info = [json.loads(p.schema.metadata[SHARD_META]) for p in parts]
-            table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
-            position = {e.id: n for n, e in enumerate(examples)}
-            table = table.take(sorted(range(table.num_rows), key=lambda r: position[table["id"][r].as_py()]))
-            A.write_parquet(out / A.FEATURES_INDEX, table)
-            total_tokens = sum(lengths)
-            manifest = A.make_manifest(
-                A.KIND_FEATURES, config,
-                llm=llm.identity(), layer=llm.layer, feature_dtype=config.feature_dtype, d_model=llm.d_model,
-                max_length=config.max_length, template=config.template, prompt_field=config.prompt_field,
-                inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
-                counts={"examples": len(examples), "tokens": total_tokens, "truncated": sum(truncated),
-                        "shards": len(shards)},
-                shards=shard_info,
-                files={A.FEATURES_INDEX: A.file_record(out / A.FEATURES_INDEX)},
-                processes=work.world,
-                cache={"key": key, "hit": False} if key else None,
-                timing={"seconds": round(seconds, 3),
-                        "tokens_per_second": round(tokens * work.world / seconds, 1) if seconds else None},
-            )
-            A.atomic_write_json(out / A.MANIFEST, manifest)
-            for k in range(len(shards)):
-                (out / A.FEATURES_SHARD_INDEX.format(k)).unlink()
-            if cached is not None:
-                _publish_to_cache(out, cached)
-            runtime.say(f"encoded {len(examples)} prompts ({total_tokens} tokens, {sum(truncated)} truncated) with "
-                        f"{config.model} in {seconds:.1f}s" + (f" on {work.world} processes" if work.world > 1
-                                                               else "") + f" -> {out}", config.quiet)
+            _merge(config, work, llm, examples, input_sha, (lengths, truncated, shards), (key, cached),
+                   (tokens, seconds), out)
         work.done()
     return out
+
+
+def _open_and_tokenize(config: EncodeConfig, work: ShardedRun, examples: list) -> tuple[Any, list, list]:
+    """The frozen LLM on this process's device, and every prompt's token ids (with whether it was truncated)."""
+    from llm2slm_cli.llm2slm import FrozenLLM
+
+    llm = FrozenLLM(config.model, layer=config.layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
+                    device=work.device, weights="encoder")
+    ids, truncated = runtime.tokenize_prompts(llm.tokenizer, [e.prompt for e in examples], config.max_length,
+                                              strict=config.strict, where=runtime.places(config.inputs, examples))
+    return llm, ids, truncated
+
+
+def _cache_entry(config: EncodeConfig, work: ShardedRun, llm,
+                 input_sha: str | None) -> tuple[str | None, Path | None]:
+    """The --cache key and entry folder (None, None without --cache or for a hub dataset)."""
+    quiet = config.quiet or not work.is_main
+    key = cache_key(config, llm.identity(), input_sha) if config.cache else None
+    if config.cache and key is None:
+        runtime.say("warning: --cache is not used for a Hugging Face dataset (its files are not ours to "
+                    "fingerprint)", quiet)
+    return key, (Path(config.cache) / key if key else None)
+
+
+def _linked_from_cache(config: EncodeConfig, work: ShardedRun, cached: Path, key: str, out: Path) -> bool:
+    """Link a sound cache entry into --out (True: nothing to encode); a damaged one is encoded again (False)."""
+    if not (cached / A.MANIFEST).is_file():
+        return False
+    damage = work.on_main(lambda: _cache_damage(cached))
+    if damage is not None:  # never linked on: encoded again, and the entry replaced at the end
+        runtime.say(f"warning: the feature cache entry {cached} is damaged ({damage}): encoding the features "
+                    "again; the entry is replaced")  # a warning: --quiet hides only the progress
+        return False
+    work.prepare()
+    if work.finish():
+        _link_from_cache(cached, out, config, key)
+        runtime.say(f"features found in the cache ({cached}): linked into {out}, nothing encoded",
+                    config.quiet or not work.is_main)
+    work.done()
+    return True
+
+
+def _plan(config: EncodeConfig, work: ShardedRun, llm, ids: list, input_sha: str | None) -> tuple[list, list]:
+    """Shards cut from the prompts sorted by length (longest first, stable), recorded as the run's plan."""
+    lengths = [len(t) for t in ids]
+    order = length_sorted_batches(lengths, len(lengths))[0]
+    shards = [order[i: i + config.shard_size] for i in range(0, len(order), config.shard_size)]
+    plan = {"input_sha256": input_sha, "llm": llm.identity(), "config": A.config_to_dict(config),
+            "shards": len(shards)}
+    for name in ("overwrite", "resume", "quiet", "device", "cache"):
+        plan["config"].pop(name)
+    work.plan(plan)
+    return lengths, shards
+
+
+def _encode_shards(config: EncodeConfig, work: ShardedRun, llm, examples: list, ids: list, truncated: list,
+                   lengths: list, shards: list, out: Path) -> tuple[int, float]:
+    """Encode this process's shards still to do; each shard's features file, then its index part (which marks
+    it complete for --resume). Returns the tokens encoded here and the seconds it took."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, config.feature_dtype)
+    todo = work.todo(len(shards))
+    tokens = 0
+    with runtime.progress(config.quiet or not work.is_main) as bar, runtime.timer() as clock:
+        task = bar.add_task("encode", total=sum(len(shards[k]) for k in todo), rate="")
+        for k in todo:
+            members = shards[k]
+            chunks, rows, offset = [], [], 0
+            for batch in length_sorted_batches([lengths[i] for i in members], config.batch_size):
+                batch = [members[j] for j in batch]
+                input_ids, mask = pad([ids[i] for i in batch], llm.tokenizer.pad_token_id)
+                hidden = llm.encode(input_ids, mask)
+                for row, i in enumerate(batch):
+                    chunks.append(hidden[row, : lengths[i]].to("cpu", dtype))
+                    rows.append({"id": examples[i].id, "shard": k, "offset": offset, "length": lengths[i],
+                                 "input_ids": ids[i], "truncated": truncated[i]})
+                    offset += lengths[i]
+                tokens += int(mask.sum())
+                bar.update(task, advance=len(batch),
+                           rate=f"{tokens / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.0f} tok/s")
+                work.check_stop()
+            shard_path = out / A.FEATURES_SHARD.format(k)
+            with A.atomic_output(shard_path) as tmp:
+                save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
+            info = {"file": shard_path.name, **A.file_record(shard_path), "examples": len(members)}
+            table = index_table(rows).replace_schema_metadata({SHARD_META: json.dumps(info)})
+            A.write_parquet(out / A.FEATURES_SHARD_INDEX.format(k), table)
+            work.mark_done(k, [shard_path, out / A.FEATURES_SHARD_INDEX.format(k)])
+    return tokens, clock["seconds"]
+
+
+def _merge(config: EncodeConfig, work: ShardedRun, llm, examples: list, input_sha: str | None, layout: tuple,
+           cache: tuple, timing: tuple, out: Path) -> None:
+    """One index in input order (the per-shard parts exist only so that processes and resumes can merge), the
+    manifest, the cache entry; then the parts go."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (lengths, truncated, shards), (key, cached), (tokens, seconds) = layout, cache, timing
+    work.check_parts(len(shards))
+    parts = [pq.read_table(out / A.FEATURES_SHARD_INDEX.format(k)) for k in range(len(shards))]
+    shard_info = [json.loads(p.schema.metadata[SHARD_META]) for p in parts]
+    table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
+    position = {e.id: n for n, e in enumerate(examples)}
+    table = table.take(sorted(range(table.num_rows), key=lambda r: position[table["id"][r].as_py()]))
+    A.write_parquet(out / A.FEATURES_INDEX, table)
+    total_tokens = sum(lengths)
+    manifest = A.make_manifest(
+        A.KIND_FEATURES, config,
+        llm=llm.identity(), layer=llm.layer, feature_dtype=config.feature_dtype, d_model=llm.d_model,
+        max_length=config.max_length, template=config.template, prompt_field=config.prompt_field,
+        inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
+        counts={"examples": len(examples), "tokens": total_tokens, "truncated": sum(truncated),
+                "shards": len(shards)},
+        shards=shard_info,
+        files={A.FEATURES_INDEX: A.file_record(out / A.FEATURES_INDEX)},
+        processes=work.world,
+        cache={"key": key, "hit": False} if key else None,
+        timing={"seconds": round(seconds, 3),
+                "tokens_per_second": round(tokens * work.world / seconds, 1) if seconds else None},
+    )
+    A.atomic_write_json(out / A.MANIFEST, manifest)
+    for k in range(len(shards)):
+        (out / A.FEATURES_SHARD_INDEX.format(k)).unlink()
+    if cached is not None:
+        _publish_to_cache(out, cached)
+    runtime.say(f"encoded {len(examples)} prompts ({total_tokens} tokens, {sum(truncated)} truncated) with "
+                f"{config.model} in {seconds:.1f}s" + (f" on {work.world} processes" if work.world > 1 else "")
+                + f" -> {out}", config.quiet)
 
 
 def _artifact_files(directory: Path) -> list[Path]:

@@ -205,22 +205,54 @@ def _same_or_inside(a: Path, b: Path) -> bool:
 
 def run(config: EvalConfig) -> dict[str, Any]:
     """Score, write metrics.json + scores.parquet + manifest.json, and return the metrics."""
-    import pyarrow as pa
-
     names = parse_metrics(config)
-    out = Path(config.out)
-    pred_dir = Path(config.predictions)
+    out, pred_dir = Path(config.out), Path(config.predictions)
+    _check_out(config, out, pred_dir)
+    start = time.perf_counter()
+    pred_manifest, rows = load_predictions(pred_dir, need_prompt="judge" in names)
+    references, ref_info = load_references(config, rows, pred_dir / A.PREDICTIONS)
+    metrics, outputs, columns = _score(config, names, rows, references)
+    paired = None if config.paired_with is None else paired_bootstrap(
+        config, rows, [row["prediction"] for row in rows], references)
+    seconds = time.perf_counter() - start
+    result = {
+        "metrics": metrics,
+        "outputs": outputs,
+        "paired": paired,
+        "counts": {"examples": len(rows), "unused_references": ref_info.get("unused", 0)},
+        "predictions": {"dir": str(pred_dir), "model": pred_manifest.get("model"),
+                        "generation": pred_manifest.get("generation"),
+                        "sha256": A.sha256_file(pred_dir / A.PREDICTIONS)},
+        "references": {k: v for k, v in ref_info.items() if k != "unused"},
+        "scores_file": {"name": A.SCORES, "columns": list(columns),
+                        "repetition_loop": "the output holds a word n-gram (n <= 4) repeated 3 or more times in a row",
+                        "scale": "bleu and chrf: sentence scores (0-100); rouge*: F-measure x 100; "
+                                 "judge_rating: 1-10, null when unparsable or failed"},
+    }
+    _write(config, out, result, columns, seconds)
+    if config.json:
+        print(json.dumps(result, indent=2))
+    if not config.quiet:
+        _print_table(result, out)
+    return result
+
+
+def _check_out(config: EvalConfig, out: Path, pred_dir: Path) -> None:
+    """--out is none of the inputs, and a non-empty one without --overwrite is refused before any long work."""
     if _same_or_inside(pred_dir, out):
         raise UserError("--out would hold or replace the predictions being scored: choose another directory",
                         path=out)
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     if not config.overwrite and out.exists():
-        A.prepare_output_dir(out, resumable=False)  # refuse a non-empty --out before any long work
-    start = time.perf_counter()
-    pred_manifest, rows = load_predictions(pred_dir, need_prompt="judge" in names)
-    references, ref_info = load_references(config, rows, pred_dir / A.PREDICTIONS)
-    hypotheses = [row["prediction"] for row in rows]
+        A.prepare_output_dir(out, resumable=False)
 
+
+def _score(config: EvalConfig, names: list[str], rows: list[dict[str, Any]],
+           references: list[str]) -> tuple[dict[str, Any], dict[str, float], dict[str, Any]]:
+    """Corpus metrics, output statistics (distinct, loops, empty) and the per-example score columns."""
+    import pyarrow as pa
+
+    hypotheses = [row["prediction"] for row in rows]
     metrics: dict[str, Any] = {}
     columns: dict[str, Any] = {
         "id": pa.array([row["id"] for row in rows], pa.string()),
@@ -246,39 +278,21 @@ def run(config: EvalConfig) -> dict[str, Any]:
     columns["repetition_loop"] = pa.array(loops, pa.bool_())
     outputs = {"distinct": len(set(hypotheses)) / len(hypotheses), "repetition_loops": sum(loops) / len(loops),
                "empty": sum(1 for h in hypotheses if not h.strip()) / len(hypotheses)}
-    paired = None
-    if config.paired_with is not None:
-        paired = paired_bootstrap(config, rows, hypotheses, references)
-    seconds = time.perf_counter() - start
+    return metrics, outputs, columns
 
-    result = {
-        "metrics": metrics,
-        "outputs": outputs,
-        "paired": paired,
-        "counts": {"examples": len(rows), "unused_references": ref_info.get("unused", 0)},
-        "predictions": {"dir": str(pred_dir), "model": pred_manifest.get("model"),
-                        "generation": pred_manifest.get("generation"),
-                        "sha256": A.sha256_file(pred_dir / A.PREDICTIONS)},
-        "references": {k: v for k, v in ref_info.items() if k != "unused"},
-        "scores_file": {"name": A.SCORES, "columns": list(columns),
-                        "repetition_loop": "the output holds a word n-gram (n <= 4) repeated 3 or more times in a row",
-                        "scale": "bleu and chrf: sentence scores (0-100); rouge*: F-measure x 100; "
-                                 "judge_rating: 1-10, null when unparsable or failed"},
-    }
-    # With --overwrite the old results are removed only now, when the new ones are ready to be written.
+
+def _write(config: EvalConfig, out: Path, result: dict[str, Any], columns: dict[str, Any], seconds: float) -> None:
+    """scores.parquet, metrics.json and the manifest hashing both; with --overwrite the old results are removed
+    only now, when the new ones are ready to be written."""
+    import pyarrow as pa
+
     A.prepare_output_dir(out, overwrite=config.overwrite, resumable=False)
     A.write_parquet(out / A.SCORES, pa.table(columns))
     A.atomic_write_json(out / A.METRICS, result)
     A.atomic_write_json(out / A.MANIFEST, A.make_manifest(
         A.KIND_EVALUATION, config, predictions=result["predictions"], references=result["references"],
-        counts=result["counts"], scores=_headline(metrics), timing={"seconds": round(seconds, 3)},
+        counts=result["counts"], scores=_headline(result["metrics"]), timing={"seconds": round(seconds, 3)},
         files={name: A.file_record(out / name) for name in (A.METRICS, A.SCORES)}))
-
-    if config.json:
-        print(json.dumps(result, indent=2))
-    if not config.quiet:
-        _print_table(result, out)
-    return result
 
 
 def repetition_loop(text: str, times: int = 3, longest: int = 4) -> bool:

@@ -27,7 +27,7 @@ from llm2slm_cli.generation import (
     open_model,
     speculative_kwargs,
 )
-from llm2slm_cli.sharding import ShardedRun, shard_seed
+from llm2slm_cli.sharding import ShardedRun, in_order_shards, shard_seed
 
 PART = "predictions-{:05d}.parquet"
 SPECULATIVE_META = b"llm2slm_speculative"
@@ -56,10 +56,7 @@ def _checkpoint_template(path: Path) -> str | None:
 
 
 def run(config: GenerateConfig) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
+    """Read the prompts, then (each process its own shards) decode them and merge; --prompt/- print instead."""
     if config.to_stdout:
         return print_responses(config)
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
@@ -71,93 +68,128 @@ def run(config: GenerateConfig) -> Path:
                     part=PART, quiet=config.quiet) as work:
         if work.finished:
             return out
-        quiet = config.quiet or not work.is_main
-        model, identity, _, max_prompt_length = load_generator(config, work.device)
-        max_length = config.max_length or max_prompt_length
-        ids, truncated = runtime.tokenize_prompts(model.prompt_tokenizer, [e.prompt for e in examples], max_length,
-                                                  strict=config.strict,
-                                                  where=runtime.places(config.inputs, examples))
-        features = _stored_features(config.features, model, examples, ids) if config.features else None
-        generation = generation_kwargs(config)
-        if config.first_line and isinstance(model, PlainModel):
-            generation["stop_strings"] = ["\n"]
-        if config.speculative:
-            generation = speculative_kwargs(config)
+        model, identity, ids, truncated, features, max_length = _open_and_tokenize(config, work, examples)
+        generation = _decoding(config, model)
         input_sha = A.input_sha256(config.inputs)
-        shards = [list(range(i, min(i + config.shard_size, len(examples))))
-                  for i in range(0, len(examples), config.shard_size)]
+        shards = in_order_shards(len(examples), config.shard_size)
         work.plan({"input_sha256": input_sha, "model": identity, "generation": generation, "shards": len(shards),
                    "template": template, "max_length": max_length, "seed": config.seed,
                    "batch_size": config.batch_size})
-
-        tok = model.target_tokenizer
-        todo = work.todo(len(shards))
         batcher = HalvingBatcher(config.batch_size)
-        new_tokens = 0
-        with runtime.progress(quiet) as bar, runtime.timer() as clock:
-            task = bar.add_task("generate", total=sum(len(shards[k]) for k in todo), rate="")
-            for k in todo:
-                members = shards[k]
-                torch.manual_seed(shard_seed(config.seed, k))
-                if isinstance(model, SpeculativeModel):
-                    model.reseed(shard_seed(config.seed, k))
-                outputs = generate_shard(model, ids, members, config.batch_size, generation, work, batcher, bar, task,
-                                         features=features)
-                new_tokens += sum(len(t) for t in outputs.values())
-                texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
-                columns: dict[str, Any] = {
-                    "id": pa.array([examples[i].id for i in members], pa.string()),
-                    "prompt": pa.array([examples[i].prompt for i in members], pa.string()),
-                    "prediction": pa.array([first_line(t) if config.first_line else t.strip() for t in texts],
-                                           pa.string()),
-                    "n_tokens": pa.array([len(outputs[i]) for i in members], pa.int32()),
-                }
-                if any(e.target is not None for e in examples):  # examples without one get a null reference
-                    columns["reference"] = pa.array([examples[i].target for i in members], pa.string())
-                table = pa.table(columns)
-                if isinstance(model, SpeculativeModel):  # this shard's counts, summed over shards at the end
-                    table = table.replace_schema_metadata({SPECULATIVE_META: json.dumps(model.stats.as_counts())})
-                    model.stats.reset()
-                A.write_parquet(out / PART.format(k), table)
-                work.mark_done(k, [out / PART.format(k)])
-        seconds = clock["seconds"]
-
+        new_tokens, seconds = _decode_shards(config, work, model, examples, ids, features, generation, shards,
+                                             batcher, out)
         if work.finish():
-            work.check_parts(len(shards))
-            parts = [pq.read_table(out / PART.format(k)) for k in range(len(shards))]
-            speculative = None
-            if isinstance(model, SpeculativeModel):
-                from llm2slm_cli.decoding import SpeculativeStats
-
-                total = SpeculativeStats()
-                for p in parts:
-                    total.add(SpeculativeStats(**json.loads(p.schema.metadata[SPECULATIVE_META])))
-                speculative = total.as_dict()
-            table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
-            A.write_parquet(out / A.PREDICTIONS, table)
-            generated = sum(table["n_tokens"].to_pylist())
-            manifest = A.make_manifest(
-                A.KIND_PREDICTIONS, config, model=identity, generation=generation, template=template,
-                inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
-                counts={"examples": len(examples), "generated_tokens": generated,
-                        "truncated_prompts": sum(truncated)},
-                speculative=speculative,
-                files={A.PREDICTIONS: A.file_record(out / A.PREDICTIONS)},
-                processes=work.world, batch_size_reductions=batcher.reductions,
-                timing={"seconds": round(seconds, 3),
-                        "tokens_per_second": round(new_tokens * work.world / seconds, 2) if seconds else None},
-            )
-            A.atomic_write_json(out / A.MANIFEST, manifest)
-            for k in range(len(shards)):
-                (out / PART.format(k)).unlink()
-            runtime.say(f"generated {generated} tokens for {len(examples)} prompts in {seconds:.1f}s -> {out}",
-                        config.quiet)
-            if speculative:
-                runtime.say(f"speculative decoding: {speculative['acceptance_rate']:.1%} of drafts accepted, "
-                            f"{speculative['tokens_per_llm_call']:.2f} tokens per LLM call "
-                            f"({speculative['llm_calls']} LLM calls)", config.quiet)
+            _merge(config, work, model, examples, (identity, generation, template, input_sha),
+                   (truncated, shards, batcher), (new_tokens, seconds), out)
         work.done()
     return out
+
+
+def _open_and_tokenize(config: GenerateConfig, work: ShardedRun, examples: list) -> tuple:
+    """The model on this process's device, its identity, every prompt's token ids (truncated or not), the stored
+    features if --features, and the prompt length used."""
+    model, identity, _, max_prompt_length = load_generator(config, work.device)
+    max_length = config.max_length or max_prompt_length
+    ids, truncated = runtime.tokenize_prompts(model.prompt_tokenizer, [e.prompt for e in examples], max_length,
+                                              strict=config.strict, where=runtime.places(config.inputs, examples))
+    features = _stored_features(config.features, model, examples, ids) if config.features else None
+    return model, identity, ids, truncated, features, max_length
+
+
+def _decoding(config: GenerateConfig, model) -> dict[str, Any]:
+    """The decoding options the run records and uses: --first-line stops a plain model at the line's end."""
+    generation = generation_kwargs(config)
+    if config.first_line and isinstance(model, PlainModel):
+        generation["stop_strings"] = ["\n"]
+    if config.speculative:
+        generation = speculative_kwargs(config)
+    return generation
+
+
+def _decode_shards(config: GenerateConfig, work: ShardedRun, model, examples: list, ids: list, features,
+                   generation: dict, shards: list, batcher: HalvingBatcher, out: Path) -> tuple[int, float]:
+    """Decode this process's shards still to do, each with its own seed, into one part file each. Returns the
+    new tokens and the seconds it took."""
+    import torch
+
+    tok = model.target_tokenizer
+    todo = work.todo(len(shards))
+    new_tokens = 0
+    with runtime.progress(config.quiet or not work.is_main) as bar, runtime.timer() as clock:
+        task = bar.add_task("generate", total=sum(len(shards[k]) for k in todo), rate="")
+        for k in todo:
+            members = shards[k]
+            torch.manual_seed(shard_seed(config.seed, k))
+            if isinstance(model, SpeculativeModel):
+                model.reseed(shard_seed(config.seed, k))
+            outputs = generate_shard(model, ids, members, config.batch_size, generation, work, batcher, bar, task,
+                                     features=features)
+            new_tokens += sum(len(t) for t in outputs.values())
+            texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
+            A.write_parquet(out / PART.format(k), _part_table(config, model, examples, members, outputs, texts))
+            work.mark_done(k, [out / PART.format(k)])
+    return new_tokens, clock["seconds"]
+
+
+def _part_table(config: GenerateConfig, model, examples: list, members: list[int], outputs: dict, texts: list):
+    """One shard's predictions (with speculative decoding: its counts in the metadata, summed at the end)."""
+    import pyarrow as pa
+
+    columns: dict[str, Any] = {
+        "id": pa.array([examples[i].id for i in members], pa.string()),
+        "prompt": pa.array([examples[i].prompt for i in members], pa.string()),
+        "prediction": pa.array([first_line(t) if config.first_line else t.strip() for t in texts], pa.string()),
+        "n_tokens": pa.array([len(outputs[i]) for i in members], pa.int32()),
+    }
+    if any(e.target is not None for e in examples):  # examples without one get a null reference
+        columns["reference"] = pa.array([examples[i].target for i in members], pa.string())
+    table = pa.table(columns)
+    if isinstance(model, SpeculativeModel):
+        table = table.replace_schema_metadata({SPECULATIVE_META: json.dumps(model.stats.as_counts())})
+        model.stats.reset()
+    return table
+
+
+def _merge(config: GenerateConfig, work: ShardedRun, model, examples: list, recorded: tuple, layout: tuple,
+           timing: tuple, out: Path) -> None:
+    """One predictions file in input order and the manifest (speculative counts summed over shards); then the
+    parts go."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llm2slm_cli.decoding import SpeculativeStats
+
+    (identity, generation, template, input_sha), (truncated, shards, batcher) = recorded, layout
+    new_tokens, seconds = timing
+    work.check_parts(len(shards))
+    parts = [pq.read_table(out / PART.format(k)) for k in range(len(shards))]
+    speculative = None
+    if isinstance(model, SpeculativeModel):
+        total = SpeculativeStats()
+        for p in parts:
+            total.add(SpeculativeStats(**json.loads(p.schema.metadata[SPECULATIVE_META])))
+        speculative = total.as_dict()
+    table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
+    A.write_parquet(out / A.PREDICTIONS, table)
+    generated = sum(table["n_tokens"].to_pylist())
+    manifest = A.make_manifest(
+        A.KIND_PREDICTIONS, config, model=identity, generation=generation, template=template,
+        inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
+        counts={"examples": len(examples), "generated_tokens": generated, "truncated_prompts": sum(truncated)},
+        speculative=speculative,
+        files={A.PREDICTIONS: A.file_record(out / A.PREDICTIONS)},
+        processes=work.world, batch_size_reductions=batcher.reductions,
+        timing={"seconds": round(seconds, 3),
+                "tokens_per_second": round(new_tokens * work.world / seconds, 2) if seconds else None},
+    )
+    A.atomic_write_json(out / A.MANIFEST, manifest)
+    for k in range(len(shards)):
+        (out / PART.format(k)).unlink()
+    runtime.say(f"generated {generated} tokens for {len(examples)} prompts in {seconds:.1f}s -> {out}", config.quiet)
+    if speculative:
+        runtime.say(f"speculative decoding: {speculative['acceptance_rate']:.1%} of drafts accepted, "
+                    f"{speculative['tokens_per_llm_call']:.2f} tokens per LLM call "
+                    f"({speculative['llm_calls']} LLM calls)", config.quiet)
 
 
 def print_responses(config: GenerateConfig) -> None:
