@@ -597,8 +597,8 @@ def stage_inputs(config: Any) -> list[tuple[str, str]]:
         if f.name == "out" or value is None or not ("Path" in str(f.type) or f.name in MODEL_OPTIONS
                                                     or f.name in LABELLED_OPTIONS):
             continue
-        what = ARGUMENT_NAMES.get(f.name, f"the {f.name}") if f.metadata.get("argument") else \
-            f"the {f.metadata.get('name') or '--' + f.name.replace('_', '-')} input"
+        what = (ARGUMENT_NAMES.get(f.name, f"the {f.name}") if f.metadata.get("argument") else
+            f"the {f.metadata.get('name') or '--' + f.name.replace('_', '-')} input")
         for item in value if isinstance(value, (list, tuple)) else [value]:
             item = str(item)
             if isinstance(value, list) and f.name in LABELLED_OPTIONS and "=" in item:

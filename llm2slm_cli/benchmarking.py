@@ -428,8 +428,8 @@ def train_throughput(model: Any, *, batch: int, length: int, target_length: int,
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    vocab = model.config.trim_vocab["full"] if model.config.trim_vocab else \
-        model.slm.get_input_embeddings().num_embeddings
+    vocab = (model.config.trim_vocab["full"] if model.config.trim_vocab else
+        model.slm.get_input_embeddings().num_embeddings)
     hi = min(vocab, len(model.prompt_tokenizer)) if model.prompt_tokenizer is not None else vocab
     ids = torch.randint(10, hi, (batch, length), generator=gen).to(device)
     targets = torch.randint(10, hi, (batch, target_length), generator=gen).to(device)

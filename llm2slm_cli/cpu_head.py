@@ -34,9 +34,9 @@ class WideHead(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if not getattr(_state, "on", False) or x.device.type != "cpu" or x.dtype != torch.float32 \
-                or w.dtype != torch.float32 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
-                or torch.compiler.is_compiling():
+        if (not getattr(_state, "on", False) or x.device.type != "cpu" or x.dtype != torch.float32
+                or w.dtype != torch.float32 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+                or torch.compiler.is_compiling()):
             return F.linear(x, w, self.bias)
         rows = x.reshape(-1, x.shape[-1])
         n = rows.shape[0]

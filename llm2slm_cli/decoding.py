@@ -436,8 +436,8 @@ def generate_plain(model, input_ids: torch.Tensor, mask: torch.Tensor, search: S
     first = getattr(model.generation_config, "decoder_start_token_id", None) if encoder_decoder else None
     step, logits = start(model, mask, search, input_ids=input_ids, decoder_start=first)
     # the repetition controls see what generate's processors see: the whole prompt, or the decoder's ids
-    prompt_ids, prompt_mask = (input_ids, mask) if not encoder_decoder else \
-        (torch.full((mask.shape[0], 1), first, dtype=torch.long, device=mask.device), None)
+    prompt_ids, prompt_mask = ((input_ids, mask) if not encoder_decoder else
+        (torch.full((mask.shape[0], 1), first, dtype=torch.long, device=mask.device), None))
     return decode(step, logits, search, generator=generator, streamer=streamer, prompt_ids=prompt_ids,
                   prompt_mask=prompt_mask)
 

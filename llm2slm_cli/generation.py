@@ -95,8 +95,8 @@ class PlainModel:
         tok = self.prompt_tokenizer
         if generation.get("stop_strings"):
             generation = {**generation, "tokenizer": tok}
-        ids, mask = (prompt_ids, prompt_mask) if self.kind == "encoder-decoder" else \
-            right_to_left(prompt_ids, prompt_mask)
+        ids, mask = ((prompt_ids, prompt_mask) if self.kind == "encoder-decoder" else
+            right_to_left(prompt_ids, prompt_mask))
         search = search_from(generation, self.model.generation_config, eos=tok.eos_token_id, pad=tok.pad_token_id,
                              device=ids.device)
         if search is None:
@@ -123,9 +123,9 @@ class SpeculativeModel:
             raise UserError(f"the LLM {verifier.spec!r} is encoder-only and cannot check drafts: give a generative "
                             "LLM that reads the same vocabulary with --verifier")
         vocab = fingerprints.tokenizer_fingerprint
-        if verifier.tokenizer is None or draft.target_tokenizer is None or \
-                vocab(verifier.tokenizer) != vocab(draft.target_tokenizer) or \
-                vocab(verifier.tokenizer) != vocab(draft.prompt_tokenizer):
+        if (verifier.tokenizer is None or draft.target_tokenizer is None or
+                vocab(verifier.tokenizer) != vocab(draft.target_tokenizer) or
+                vocab(verifier.tokenizer) != vocab(draft.prompt_tokenizer)):
             raise UserError(f"speculative decoding needs a draft that reads and writes the LLM's tokens: the draft "
                             f"{name} and the LLM {verifier.spec!r} have different vocabularies")
         self.draft, self.verifier, self.gamma = draft, verifier, gamma
@@ -160,8 +160,8 @@ def is_checkpoint(spec: str | Path) -> bool:
 def kind_of(model: Any) -> str:
     """What open_model opened: "speculative" (a draft and its LLM), "plain" (a model as it is) or "llm2slm" (a
     checkpoint)."""
-    return "speculative" if isinstance(model, SpeculativeModel) else "plain" if isinstance(model, PlainModel) \
-        else "llm2slm"
+    return ("speculative" if isinstance(model, SpeculativeModel) else "plain" if isinstance(model, PlainModel)
+        else "llm2slm")
 
 
 def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, verifier: str | None = None,

@@ -115,9 +115,9 @@ class TeacherLogits:
         self._where = dict(zip(table["id"].to_pylist(), zip(table["logits_shard"].to_pylist(),
                                                             table["logits_row"].to_pylist())))
         for shard in self.shards:
-            if shard["ids"].shape != shard["logprobs"].shape or shard["ids"].shape[1:] != (self.top_k,) or \
-                    shard["ids"].shape[0] != shard["targets"].shape[0] or shard["offsets"][-1] != len(
-                    shard["targets"]) or not np.all(np.diff(shard["offsets"]) >= 0):
+            if (shard["ids"].shape != shard["logprobs"].shape or shard["ids"].shape[1:] != (self.top_k,)
+                    or shard["ids"].shape[0] != shard["targets"].shape[0]
+                    or shard["offsets"][-1] != len(shard["targets"]) or not np.all(np.diff(shard["offsets"]) >= 0)):
                 raise UserError("a teacher logits shard has inconsistent shapes", path=self.directory)
 
     def __contains__(self, example_id: str) -> bool:

@@ -46,8 +46,8 @@ class Session:
                       texts=self.texts, whole=config.whole_prompts)
         got: list[list[dict[str, Any]]] = [[] for _ in rows]
         names = " | ".join(r.label for r in rows)
-        points = [("main", b, config.new_tokens) for b in config.batch_size] + \
-            [("sweep", config.batch_size[0], n) for n in sweep_lengths(config)]
+        points = ([("main", b, config.new_tokens) for b in config.batch_size] +
+            [("sweep", config.batch_size[0], n) for n in sweep_lengths(config)])
         for part, batch, n in points:
             self.bar.update(self.task, description=f"{names}: batch {batch}" if part == "main" else
                             f"{names}: {n} tokens")
@@ -155,8 +155,8 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
             assistant = LLMToSLM.from_pretrained(plan.checkpoint, device=device).plain_slm().to(dtype=dtype)
         else:
             assistant = M.load_model(plan.slm, dtype=config.dtype, role="SLM").to(device).eval()
-        if assistant.config.vocab_size != frozen.model.config.vocab_size and \
-                frozen.model.config.vocab_size < assistant.config.vocab_size:
+        if (assistant.config.vocab_size != frozen.model.config.vocab_size and
+                frozen.model.config.vocab_size < assistant.config.vocab_size):
             raise UserError(f"--assistant {plan.label}: its vocabulary ({assistant.config.vocab_size}) is not "
                             f"the LLM's ({frozen.model.config.vocab_size})")
         s.identities[plan.label] = {"assistant": str(plan.checkpoint or plan.slm), "verifier": plan.llm,

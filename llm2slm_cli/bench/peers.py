@@ -64,8 +64,8 @@ class CT2Model:
         self.index = {token: i for i, token in enumerate(self.vocabulary)}
         self.seq2seq = names[0] != "vocabulary.json"
         cls = ctranslate2.Translator if self.seq2seq else ctranslate2.Generator
-        ct2_device = "cuda" if getattr(device, "type", "cpu") == "cuda" and ctranslate2.get_cuda_device_count() \
-            else "cpu"
+        ct2_device = ("cuda" if getattr(device, "type", "cpu") == "cuda" and ctranslate2.get_cuda_device_count()
+            else "cpu")
         try:
             self.model = cls(str(self.directory), device=ct2_device, compute_type=compute_type,
                              intra_threads=threads, inter_threads=1)

@@ -49,8 +49,8 @@ def _checkpoint_template(path: Path) -> str | None:
         return read_model_config(path).template
     if path.is_dir() and (path / A.MANIFEST).is_file():
         kind = A.read_json_or_none(path / A.MANIFEST, "kind")
-        hint = f" (its checkpoints are {path / A.CHECKPOINT_FINAL} and {path}/step-NNNNNN)" \
-            if kind == A.KIND_TRAINING else ""
+        hint = (f" (its checkpoints are {path / A.CHECKPOINT_FINAL} and {path}/step-NNNNNN)"
+            if kind == A.KIND_TRAINING else "")
         raise UserError(f"is a '{kind}' artifact, expected a checkpoint from `train` or a model{hint}", path=path)
     return None
 
@@ -197,8 +197,8 @@ def print_responses(config: GenerateConfig) -> None:
     import sys
 
     template = config.template or _checkpoint_template(Path(config.model))
-    records = _stdin_prompts(sys.stdin.read(), config, template) if not config.prompt else \
-        [(str(i), f"--prompt {i + 1}", p, True) for i, p in enumerate(config.prompt)]
+    records = (_stdin_prompts(sys.stdin.read(), config, template) if not config.prompt else
+        [(str(i), f"--prompt {i + 1}", p, True) for i, p in enumerate(config.prompt)])
     device = runtime.device(config.device)
     impl, identity, _, max_length = load_generator(config, device)
     model = Model(impl, name=config.model, identity=identity, template=template,

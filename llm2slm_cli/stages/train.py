@@ -149,8 +149,8 @@ def run_identity(config: TrainConfig) -> dict[str, Any]:
     options = {k: v for k, v in A.config_to_dict(config).items() if k not in RESUME_FREE and k not in INPUT_OPTIONS}
 
     def manifest_sha(path: Path | None) -> str | None:
-        return A.sha256_file(Path(path) / A.MANIFEST) if path is not None and (Path(path) / A.MANIFEST).is_file() \
-            else None
+        return (A.sha256_file(Path(path) / A.MANIFEST) if path is not None and (Path(path) / A.MANIFEST).is_file()
+            else None)
 
     inputs = {"inputs": A.input_sha256(config.inputs), "dev": A.input_sha256(config.dev) if config.dev else None,
               "features": manifest_sha(config.features), "dev_features": manifest_sha(config.dev_features),
@@ -737,8 +737,8 @@ def _peft_spec(config: TrainConfig) -> dict[str, Any] | None:
         return None
     from llm2slm_cli.llm2slm import peft_spec
 
-    targets = [t.strip() for t in config.peft_lora_targets.split(",") if t.strip()] if config.peft_lora_targets \
-        else None
+    targets = ([t.strip() for t in config.peft_lora_targets.split(",") if t.strip()] if config.peft_lora_targets
+        else None)
     return peft_spec(config.peft, M.load_config(config.slm), virtual_tokens=config.peft_virtual_tokens,
                      prefix_hidden=config.peft_prefix_hidden, lora_rank=config.peft_lora_rank,
                      lora_alpha=config.peft_lora_alpha, lora_dropout=config.peft_lora_dropout, lora_targets=targets)
