@@ -20,7 +20,7 @@ LAYERS = {
     "configs": ["config"],
     "library": ["generation", "sharding", "features", "teacher", "batching", "benchmarking", "quantize", "judge",
                 "pydoc_task"],
-    "model": ["llm2slm", "decoding", "padding", "cpu_head"],
+    "model": ["checkpoint", "llm2slm", "peft_baselines", "kd", "decoding", "padding", "cpu_head"],
     "foundations": ["models", "data", "runtime", "validation", "artifacts", "errors", "version"],
 }
 # what may import a stage: the CLI, which wires one command to each, and the demo, which runs them in one process
