@@ -67,9 +67,9 @@ def _decoder(spec: str, new: int):
     from llm2slm_cli.generation import is_checkpoint
 
     if is_checkpoint(spec):
-        from llm2slm_cli.llm2slm import LLMToSLM
+        from llm2slm_cli import checkpoint
 
-        model = LLMToSLM.from_pretrained(Path(spec), llm_weights="full")
+        model = checkpoint.load(Path(spec), llm_weights="full")
         tok = model.prompt_tokenizer
         ids = torch.tensor([tok(PROMPT).input_ids])
         head = model.slm.get_output_embeddings().weight.shape

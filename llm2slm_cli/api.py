@@ -393,7 +393,7 @@ def load(model: str | Path, *, draft: str | Path | None = None, gamma: int = 4, 
     static cache and compiled steps (`llm2slm generate --quantize`, `--compile`).
     """
     from llm2slm_cli import runtime
-    from llm2slm_cli.llm2slm import read_model_config
+    from llm2slm_cli.checkpoint import read_model_config
     from llm2slm_cli.quantize import QUANTIZE_CHOICES
 
     if quantize not in QUANTIZE_CHOICES:

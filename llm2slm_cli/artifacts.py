@@ -246,7 +246,7 @@ def verify_file(path: Path, record: dict[str, Any] | None, what: str = "file") -
         raise UserError(f"{what} is damaged: its sha256 differs from the manifest's", path=path)
 
 
-# A checkpoint's own files that its manifest hashes (train, export and LLMToSLM.save_pretrained write the records).
+# A checkpoint's own files that its manifest hashes (train, export and checkpoint.save write the records).
 CHECKPOINT_FILES = {MODEL_WEIGHTS: "checkpoint weights file", MODEL_CONFIG: "checkpoint config",
                     SLM_CONFIG: "checkpoint SLM config"}
 UNVERIFIED_CHECKPOINTS = "LLM2SLM_UNVERIFIED_CHECKPOINTS"  # =1: load checkpoints that have no manifest

@@ -200,7 +200,7 @@ class TrainConfig(ExampleFields):
                                       "(0 for the mini presets and Gemma). Generation never drops.")
     kd_weight: float = opt(0.0, "Logit distillation: the loss is (1 - A) * cross-entropy + A * KL(teacher || SLM) "
                                 "against the LLM's stored top-K distributions (distill-labels --top-k-logits); the "
-                                "mass outside the top K is one more outcome on both sides (see llm2slm.kd_loss).")
+                                "mass outside the top K is one more outcome on both sides (see kd.kd_loss).")
     kd_temperature: float = opt(1.0, "Softmax temperature of the distillation term (its KL is scaled by T^2).")
     init_from: Path | None = opt(None, "Start from a trained checkpoint (train's final/ or step-N/, or export's "
                                        "directory) instead of the SLM's pretrained weights, and fine-tune it on these "

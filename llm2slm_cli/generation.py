@@ -171,7 +171,8 @@ def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, 
     the checkpoint `spec` drafts for `verifier` (default: the LLM it was trained with). `quantize` "int8" or
     "int8-body" (quantize.py) and `compile` (a static cache and compiled steps in decoding.decode) change how it
     decodes; the identity records them."""
-    from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM  # the model code imports torch: off the light path
+    from llm2slm_cli import checkpoint  # the model code imports torch: off the light path
+    from llm2slm_cli.llm2slm import FrozenLLM
 
     path = Path(spec)
     check_decode_options(quantize=quantize, compile=compile, speculative=speculative)
@@ -179,7 +180,7 @@ def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, 
     if speculative and not is_checkpoint(path):
         raise UserError("--speculative needs a checkpoint from `train` as --model (the draft)", path=spec)
     if is_checkpoint(path):
-        model = _cast(LLMToSLM.from_pretrained(path, llm_spec=llm, device=device, llm_weights=llm_weights), dtype,
+        model = _cast(checkpoint.load(path, llm_spec=llm, device=device, llm_weights=llm_weights), dtype,
                       path)
         identity = {"name": str(path), "kind": "llm2slm", **_asdict(model.config)}
         if quantize != "none" or compile:

@@ -16,12 +16,14 @@ target, which only "replace" fusion allows (prompt lengths differ between the tw
 
 With no LLM at all the same class is the SLM-alone baseline: P = E_X over the SLM's own tokens, fine-tuned in full
 or, as the paper's PEFT baselines (Table 6), frozen with LoRA, prompt tuning or prefix tuning through `peft`.
+
+Beside this file: checkpoint.py saves and loads the model, kd.py is the distillation loss, peft_baselines.py the
+PEFT baselines' configs and wrapping.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,10 +32,12 @@ import torch
 from torch import nn
 
 from llm2slm_cli import artifacts as A
-from llm2slm_cli import fingerprints, presets, surgery
+from llm2slm_cli import fingerprints, peft_baselines, presets, surgery
 from llm2slm_cli import loading as M
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.kd import kd_loss
 from llm2slm_cli.padding import right_to_left, strip_generated  # noqa: F401 (strip_generated: re-exported)
+from llm2slm_cli.peft_baselines import _jsonable
 
 Fusion = Literal["add", "replace"]
 TokenizerMode = Literal["llm", "slm"]
@@ -324,64 +328,6 @@ class ModelConfig:
                             "at a matched parameter count is --llm ... --freeze-slm)")
 
 
-# ------------------------------------------------------------------------------------------- PEFT baselines
-
-# Paper Table 8, by SLM family; decoder-only SLMs other than GPT2 take GPT2's. prefix_hidden 0: no projection.
-PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gpt2": {"prompt_tokens": 200, "prefix_tokens": 256, "prefix_hidden": 64, "lora_rank": 40, "lora_alpha": 64,
-             "lora_dropout": 0.1},
-    "t5": {"prompt_tokens": 1024, "prefix_tokens": 1024, "prefix_hidden": 0, "lora_rank": 24, "lora_alpha": 32,
-           "lora_dropout": 0.1},
-}
-PeftMethod = Literal["lora", "prompt", "prefix"]
-PEFT_TYPES: dict[str, str] = {"lora": "LORA", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}  # peft's names
-
-
-def peft_spec(method: PeftMethod, slm_config, *, virtual_tokens: int | None = None, prefix_hidden: int | None = None,
-              lora_rank: int | None = None, lora_alpha: float | None = None, lora_dropout: float | None = None,
-              lora_targets: list[str] | None = None) -> dict[str, Any]:
-    """The peft config (as a dict) of a PEFT baseline on this SLM; None options take the family's Table 8 value.
-
-    Prompt tuning prepends its virtual tokens to the (encoder) input, initialised from random vocabulary rows;
-    prefix tuning puts them in every (decoder) self-attention layer's keys and values; LoRA targets peft's default
-    modules for the architecture (GPT2: c_attn; T5: q, v; Llama: q_proj, v_proj) unless `lora_targets` are given."""
-    import peft
-
-    defaults = PEFT_DEFAULTS["t5" if slm_config.model_type in M.T5_TYPES else "gpt2"]
-    task = "SEQ_2_SEQ_LM" if M.model_kind(slm_config) == "encoder-decoder" else "CAUSAL_LM"
-    if method == "lora":
-        cfg = peft.LoraConfig(task_type=task, r=lora_rank or defaults["lora_rank"],
-                              lora_alpha=lora_alpha or defaults["lora_alpha"],
-                              lora_dropout=defaults["lora_dropout"] if lora_dropout is None else lora_dropout,
-                              target_modules=lora_targets or None, fan_in_fan_out=slm_config.model_type == "gpt2")
-    elif method == "prompt":
-        cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=virtual_tokens or defaults["prompt_tokens"],
-                                      num_transformer_submodules=1, prompt_tuning_init="SAMPLE_VOCAB")
-    elif method == "prefix":
-        hidden = defaults["prefix_hidden"] if prefix_hidden is None else prefix_hidden
-        cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=virtual_tokens or defaults["prefix_tokens"],
-                                      prefix_projection=hidden > 0, encoder_hidden_size=hidden or None)
-    else:
-        raise UserError(f"--peft must be lora, prompt or prefix, got {method!r}")
-    return _jsonable(cfg.to_dict())
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    """A peft config dict as it round-trips through JSON: enums as their values, sets as sorted lists."""
-    import enum
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, enum.Enum):
-            return v.value
-        if isinstance(v, (set, frozenset)):
-            return sorted(v)
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return {k: plain(v) for k, v in d.items()}
-
-
 # ------------------------------------------------------------------------------------------------------ the model
 
 
@@ -406,7 +352,7 @@ class LLMToSLM(nn.Module):
             slm.config.vocab_size = rows.shape[0]
             slm.config.tie_word_embeddings = False
         self.__dict__["llm"] = llm  # a plain attribute: not a submodule, so never trained, moved or saved with us
-        if config.trim_vocab is not None:  # the shape only: from_pretrained loads the kept ids with the weights
+        if config.trim_vocab is not None:  # the shape only: checkpoint.load loads the kept ids with the weights
             self._trim(torch.arange(config.trim_vocab["kept"]))
         self._set_special_ids()
         if config.peft is not None:
@@ -503,17 +449,7 @@ class LLMToSLM(nn.Module):
         """A PEFT baseline: peft freezes the SLM and adds the adapter. LoRA layers go into the SLM's modules in place;
         the virtual tokens of prompt and prefix tuning live in `peft_prompt` and are added by `_virtual_tokens`
         (peft's own forward drops the position ids left padding needs and cannot generate from `inputs_embeds`)."""
-        import warnings
-
-        import peft
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # peft's notes on defaults it fills in
-                wrapped = peft.get_peft_model(self.slm, peft.get_peft_config(dict(self.config.peft)))
-        except ValueError as e:  # e.g. --peft-lora-targets naming no module of this SLM
-            method = {v: k for k, v in PEFT_TYPES.items()}.get(self.config.peft.get("peft_type"), "")
-            raise UserError(f"--peft {method}: {M._short(e)}") from None
+        wrapped = peft_baselines.wrap(self.slm, self.config.peft)
         self.config.peft = _jsonable(wrapped.active_peft_config.to_dict())  # with the sizes peft read off the SLM
         self.__dict__["peft_model"] = wrapped  # not a submodule: its modules are ours (slm, peft_prompt) already
         if wrapped.active_peft_config.is_prompt_learning:
@@ -555,8 +491,8 @@ class LLMToSLM(nn.Module):
               peft: dict[str, Any] | None = None, feature_norm: FeatureNorm = "none") -> LLMToSLM:
         """A new model: the SLM's pretrained (or preset) weights, a fresh projector and, if needed, adapter.
 
-        `slm_layers` keeps the SLM's first d layers (surgery.truncate_layers); `peft` (from `peft_spec`) makes it a PEFT
-        baseline: the SLM alone, frozen, with a fresh adapter."""
+        `slm_layers` keeps the SLM's first d layers (surgery.truncate_layers); `peft` (from
+        `peft_baselines.peft_spec`) makes it a PEFT baseline: the SLM alone, frozen, with a fresh adapter."""
         slm_config = M.load_config(slm_spec)
         slm_kind = M.model_kind(slm_config)
         if slm_kind == "encoder-only":
@@ -738,126 +674,6 @@ class LLMToSLM(nn.Module):
                 ids = ids.masked_scatter(lacking, len(self.slm_vocab) + rank)
         return _right_to_left(ids.masked_fill(prompt_mask == 0, pad), prompt_mask)
 
-    # ------------------------------------------------------------------------------------------------ save/load
-
-    def save_pretrained(self, directory: Path) -> None:
-        from safetensors.torch import save_model
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        A.atomic_write_json(directory / A.MODEL_CONFIG, dataclasses.asdict(self.config))
-        A.atomic_write_json(directory / A.SLM_CONFIG, self.slm_base_config)
-        with A.atomic_output(directory / A.MODEL_WEIGHTS) as tmp:
-            save_model(self, str(tmp))
-        if self.prompt_tokenizer is not None:
-            self.prompt_tokenizer.save_pretrained(str(directory / A.TOKENIZER_DIR))
-        if self.target_tokenizer is not self.prompt_tokenizer:
-            self.target_tokenizer.save_pretrained(str(directory / A.SLM_TOKENIZER_DIR))
-        # last: the sizes and sha256 of the weights and config files, which from_pretrained checks (train and export
-        # write their own, fuller manifest over this one)
-        A.atomic_write_json(directory / A.MANIFEST, A.make_manifest(
-            A.KIND_CHECKPOINT, {}, model=_jsonable(dataclasses.asdict(self.config)),
-            files=A.checkpoint_records(directory)))
-
-    @classmethod
-    def from_pretrained(cls, directory: Path, *, llm: FrozenLLM | None = None, llm_spec: str | None = None,
-                        device: str | torch.device = "cpu", unverified: bool = False,
-                        llm_weights: LLMWeights = "encoder") -> LLMToSLM:
-        """Load a checkpoint; its LLM is named by the name it records (or by `llm_spec`, or is the copy `export` put
-        in DIR/llm) and must match its fingerprint; its weights are loaded as `llm_weights` says (by default a T5
-        LLM's encoder alone; "lazy": when it first encodes, e.g. never with stored features; see FrozenLLM). The
-        weights and config files are checked against the manifest's sha256 first; a checkpoint without a manifest
-        is refused unless `unverified` (or LLM2SLM_UNVERIFIED_CHECKPOINTS=1)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_model
-
-        directory = Path(directory)
-        config = read_model_config(directory)
-        slm_config = M.checkpoint_slm_config(directory)
-        A.verify_checkpoint(directory, unverified=unverified)  # the files' shapes first (one line), then their bytes
-        if config.llm is not None and llm is None:
-            bundled = directory / A.BUNDLED_LLM  # `export` may copy the LLM in beside the weights
-            spec = llm_spec or (str(bundled) if (bundled / "config.json").is_file() else config.llm["name"])
-            llm = FrozenLLM(spec, layer=config.llm["layer"], dtype=config.llm["dtype"],
-                            tokenizer=directory / A.TOKENIZER_DIR, device=device, weights=llm_weights)
-        if llm is not None:
-            check_llm(llm, config.llm, f"checkpoint {directory}")
-        slm = M._auto_class(config.slm_kind, with_head=True).from_config(slm_config)
-        model = cls(config, slm, llm)
-        try:
-            load_model(model, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(device))
-        except (OSError, RuntimeError, SafetensorError) as e:  # truncated or foreign (an unverified checkpoint)
-            raise UserError(f"cannot load weights ({M._short(e)})", path=directory / A.MODEL_WEIGHTS) from None
-        if config.trim_vocab is not None:  # the kept ids came with the weights
-            model._refresh_lookup()
-            model._set_special_ids()
-        model.prompt_tokenizer = M.ensure_special_tokens(_load_tok(directory / A.TOKENIZER_DIR))
-        slm_tok_dir = directory / A.SLM_TOKENIZER_DIR
-        model.target_tokenizer = (M.ensure_special_tokens(_load_tok(slm_tok_dir)) if slm_tok_dir.is_dir()
-                                  else model.prompt_tokenizer)
-        return model.to(device).eval()
-
-
-def _load_tok(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # a damaged or hand-edited tokenizer
-        raise UserError(f"the checkpoint's tokenizer cannot be loaded ({type(e).__name__}: {e})"[:300],
-                        path=path) from None
-
-
-# The shape of llm2slm.json (see ModelConfig): a damaged or foreign one is one line naming the key.
-MODEL_CONFIG_SCHEMA: dict[str, Any] = {
-    "slm": str, "slm_kind": str, "llm": (dict, A.NONE), "fusion?": str, "tokenizer?": str, "vocab_adapter?": bool,
-    "pad_token_id?": int, "eos_token_id?": int, "decoder_start_token_id?": (int, A.NONE), "template?": (str, A.NONE),
-    "max_prompt_length?": int, "peft?": (dict, A.NONE), "slm_layers?": (int, list, A.NONE),
-    "trim_vocab?": (dict, A.NONE), "feature_norm?": str, "version": int}
-TRIM_SCHEMA = {"kept": int, "full": int, "unknown": int}
-
-
-def read_model_config(directory: Path) -> ModelConfig:
-    path = Path(directory) / A.MODEL_CONFIG
-    if not path.is_file():
-        raise UserError(f"not an llm2slm checkpoint (no {A.MODEL_CONFIG})", path=directory)
-    raw = A.read_json_table(path, "checkpoint config")
-    if "version" not in raw:
-        raise UserError("no 'version' in the checkpoint config (a damaged or foreign file)", path=path)
-    if raw.get("version") != A.SCHEMA_VERSION:
-        raise UserError(f"checkpoint schema version {raw.get('version')} is not supported (this tool reads version "
-                        f"{A.SCHEMA_VERSION})", path=path)
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise UserError(f"unknown checkpoint config keys {', '.join(unknown)} (made by another version?)", path=path)
-    A.check_schema(raw, MODEL_CONFIG_SCHEMA, path)
-    for key, schema in (("llm", A.MANIFEST_SCHEMA[A.KIND_FEATURES]["llm"]), ("trim_vocab", TRIM_SCHEMA)):
-        if raw.get(key) is not None:
-            A.check_schema(raw[key], schema, path, key)
-    # the shape is right; the numbers must be too (a hand-edited or unverified checkpoint reaches this)
-    for key, least in (("max_prompt_length", 1), ("pad_token_id", 0), ("eos_token_id", 0),
-                       ("decoder_start_token_id", 0)):
-        if isinstance(raw.get(key), int) and raw[key] < least:
-            raise UserError(f"'{key}' is {raw[key]}, expected {least} or more (a damaged file)", path=path)
-    try:
-        return ModelConfig(**raw)
-    except TypeError as e:
-        raise UserError(f"incomplete checkpoint config ({e})", path=path) from None
-
-
-def check_llm(llm: FrozenLLM, expected: dict[str, Any] | None, what: str) -> None:
-    """Refuse an LLM whose weights, layer or tokenizer differ from what `what` was made with."""
-    if expected is None:
-        raise UserError(f"{what} was made without an LLM, but --llm {llm.spec} was given")
-    have = llm.identity()
-    if expected.get("fingerprint_kind") != A.FINGERPRINT_FILES:  # made before fingerprints were the files' sha256
-        have["fingerprint"] = llm.state_fingerprint()
-    for key in ("fingerprint", "layer", "tokenizer_fingerprint", "d_model"):
-        if have[key] != expected[key]:
-            raise UserError(f"{what} was made with LLM {expected['name']!r} ({key} {str(expected[key])[:16]}), "
-                            f"but the LLM given is {llm.spec!r} ({key} {str(have[key])[:16]})")
-
 
 def _same_vocabulary(llm: FrozenLLM, slm_spec: str, slm_tokenizer: str | Path | None, slm_config) -> bool:
     a, b = M.resolve(llm.spec), M.resolve(slm_spec)
@@ -877,38 +693,6 @@ def _same_vocabulary(llm: FrozenLLM, slm_spec: str, slm_tokenizer: str | Path | 
         return False
     same = fingerprints.tokenizer_fingerprint(slm_tok) == fingerprints.tokenizer_fingerprint(llm.tokenizer)
     return same and slm_config.vocab_size >= len(llm.tokenizer)
-
-
-def kd_loss(logits: torch.Tensor, target_mask: torch.Tensor, teacher_ids: torch.Tensor,
-            teacher_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Logit distillation against a teacher's stored top-K: KL(teacher || student), summed over target tokens.
-
-    Only the teacher's K most likely tokens are known, so both distributions are compared over K + 1 outcomes: each
-    of the K tokens, and "any other token" (teacher: 1 - the K tokens' mass; student: 1 - its probability of those
-    same K tokens). This is the exact KL of the two distributions coarsened to these K + 1 outcomes, so it never
-    asks the student for mass the teacher did not state, and it is 0 only when the student matches the teacher on
-    the K tokens. A teacher token the student cannot emit (id -1: outside a trimmed vocabulary) moves its mass to
-    "other" on both sides. With temperature T the K + 1 log-probabilities of both sides are divided by T and
-    renormalised, and the KL is multiplied by T^2 (Hinton et al.), so gradients keep their scale across T.
-
-    logits (batch, T, V) of the student at the target positions; target_mask (batch, T); teacher_ids (batch, T, K)
-    in the student's ids, -1 for none; teacher_logprobs (batch, T, K) log-probabilities at temperature 1."""
-    valid = teacher_ids >= 0
-    student = logits.float().log_softmax(-1).gather(-1, teacher_ids.clamp(min=0))
-    never = torch.finfo(torch.float32).min
-    t_top = teacher_logprobs.float().masked_fill(~valid, never)
-    s_top = student.masked_fill(~valid, never)
-
-    def with_other(top: torch.Tensor) -> torch.Tensor:
-        mass = top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)
-        return torch.cat([top, torch.log1p(-mass)], -1)
-
-    t, s = with_other(t_top), with_other(s_top)
-    if temperature != 1.0:
-        t, s = (t / temperature).log_softmax(-1), (s / temperature).log_softmax(-1)
-    p = t.exp()
-    kl = (p * (t - s)).masked_fill(p == 0, 0.0).sum(-1)
-    return (kl * target_mask.to(kl.dtype)).sum() * temperature ** 2
 
 
 def parameter_counts(model: LLMToSLM) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from llm2slm_cli import fingerprints
+from llm2slm_cli import checkpoint, fingerprints
 from llm2slm_cli import loading as M
 from llm2slm_cli.data import pad
 from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, parameter_counts
@@ -68,11 +68,11 @@ def test_slm_layers_survive_save_and_load(tmp_path, spec):
     ids, mask = prompts(model)
     kw = dict(max_new_tokens=5, min_new_tokens=3, num_beams=2, suppress_tokens=[model.config.pad_token_id])
     before = model.generate(ids, mask, **kw)
-    model.save_pretrained(tmp_path / "ckpt")
+    checkpoint.save(model, tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "slm_config.json").read_text())
     assert [saved.get(k) for k in ("num_hidden_layers", "num_layers", "num_decoder_layers") if k in saved] \
         in ([1], [1, 1])
-    again = LLMToSLM.from_pretrained(tmp_path / "ckpt")
+    again = checkpoint.load(tmp_path / "ckpt")
     assert again.config == model.config and again.config.slm_layers == 1
     assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in model.parameters())
     assert again.generate(ids, mask, **kw) == before
@@ -164,7 +164,7 @@ def test_freeze_slm_trains_only_the_projector_and_adapter(cli, toy_files, tmp_pa
     run = tmp_path / "run"
     cli("train", toy_files["train"], "--llm", llm, "--slm", slm, "--freeze-slm", "--out", run, "--batch-size", "8",
         "--micro-batch-size", "4", "--max-steps", "1", "--lr", "1e-2", "--quiet")
-    trained = LLMToSLM.from_pretrained(run / "final")
+    trained = checkpoint.load(run / "final")
     set_seed(0)  # as train does before building: the same initial projector (and adapter)
     start = dict(LLMToSLM.build(slm, trained.llm).named_parameters())
     counts = json.loads((run / "manifest.json").read_text())["counts"]

@@ -20,7 +20,7 @@ LAYERS = {
     "configs": ["config"],
     "library": ["generation", "sharding", "features", "teacher", "batching", "benchmarking", "quantize", "judge",
                 "pydoc_task"],
-    "model": ["llm2slm", "decoding", "padding", "cpu_head"],
+    "model": ["checkpoint", "llm2slm", "peft_baselines", "kd", "decoding", "padding", "cpu_head"],
     "foundations": ["surgery", "fingerprints", "loading", "presets", "data", "runtime", "validation", "artifacts",
                     "errors", "version"],
 }

@@ -23,10 +23,11 @@ TINY = ["--new-tokens", "3", "--prompt-length", "5", "--repeats", "1", "--warmup
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny-t5-large -> tiny-t5 checkpoint with a fresh projector (speed does not depend on training)."""
+    from llm2slm_cli.checkpoint import save
     from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
 
     d = tmp_path_factory.mktemp("ckpt") / "final"
-    LLMToSLM.build("tiny-t5", FrozenLLM("tiny-t5-large", tokenizer_optional=True)).save_pretrained(d)
+    save(LLMToSLM.build("tiny-t5", FrozenLLM("tiny-t5-large", tokenizer_optional=True)), d)
     return d
 
 

@@ -56,9 +56,9 @@ def test_dropout_zero_trains_bitwise_as_unset_and_dropout_changes_training(cli, 
     assert _losses(dropped)[0] != _losses(plain)[0]  # the same first batch and weights: only dropout differs
     assert json.loads((dropped / "manifest.json").read_text())["config"]["dropout"] == 0.3
     # the checkpoint is the SLM's own architecture: it loads without dropout, and generation is deterministic
-    from llm2slm_cli.llm2slm import LLMToSLM
+    from llm2slm_cli import checkpoint
 
-    model = LLMToSLM.from_pretrained(dropped / "final")
+    model = checkpoint.load(dropped / "final")
     assert set(_rates(model.slm)) <= {0.0}
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import error_line
 from test_decoding import PROMPTS, SETTINGS, _batch, _model
 
-from llm2slm_cli import load
+from llm2slm_cli import checkpoint, load
 from llm2slm_cli import loading as M
 from llm2slm_cli.decoding import DECODE_OPTIONS, Search, generate_plain, set_decode_options
 from llm2slm_cli.errors import UserError
@@ -89,7 +89,7 @@ def test_compiled_steps_give_the_eager_tokens(slm, llm):
 
 def _checkpoint(tmp_path, slm: str, llm: str | None):
     model = _model(slm, llm)
-    model.save_pretrained(tmp_path / "ckpt")
+    checkpoint.save(model, tmp_path / "ckpt")
     return tmp_path / "ckpt"
 
 

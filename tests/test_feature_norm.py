@@ -8,7 +8,8 @@ import torch
 from conftest import error_line
 from safetensors.torch import load_file
 
-from llm2slm_cli.llm2slm import LLMToSLM, Projector
+from llm2slm_cli import checkpoint
+from llm2slm_cli.llm2slm import Projector
 
 
 def test_standardising_equals_the_paper_projector_with_the_statistics_folded_into_its_first_linear():
@@ -49,7 +50,7 @@ def test_train_stores_the_statistics_of_the_training_features_and_they_survive_s
     rows = torch.cat([store.features(i).float() for i in store._row]).double()
     assert torch.allclose(weights["projector.feature_shift"], rows.mean(0).float(), atol=1e-5)
     assert torch.allclose(weights["projector.feature_scale"], rows.std(0).float(), atol=1e-5)
-    model = LLMToSLM.from_pretrained(final)
+    model = checkpoint.load(final)
     assert model.config.feature_norm == "standardize"
     assert torch.equal(model.projector.feature_scale, weights["projector.feature_scale"])
     # the same statistics on the fly (the LLM's own features, nothing stored)

@@ -146,11 +146,12 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def test_a_checkpoint_without_a_manifest_is_refused_unless_allowed(cli, toy_files, tmp_path, monkeypatch):
+    from llm2slm_cli import checkpoint
     from llm2slm_cli.llm2slm import LLMToSLM
 
-    LLMToSLM.build("tiny-gpt2", None).save_pretrained(tmp_path / "ckpt")
+    checkpoint.save(LLMToSLM.build("tiny-gpt2", None), tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "manifest.json").is_file(), "save_pretrained records the files' sha256"
-    LLMToSLM.from_pretrained(tmp_path / "ckpt")
+    checkpoint.load(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "manifest.json").unlink()
     args = ["generate", toy_files["dev"], "--model", tmp_path / "ckpt", "--num-beams", "1", "--max-new-tokens", "2"]
     msg = _error(cli, *args, "--out", tmp_path / "p")
@@ -161,7 +162,7 @@ def test_a_checkpoint_without_a_manifest_is_refused_unless_allowed(cli, toy_file
     assert "no manifest.json" in msg, msg
     monkeypatch.setenv("LLM2SLM_UNVERIFIED_CHECKPOINTS", "1")  # the documented escape
     cli(*args, "--out", tmp_path / "p2", "--quiet")
-    LLMToSLM.from_pretrained(tmp_path / "ckpt")
+    checkpoint.load(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("file,change,what", [
@@ -506,9 +507,10 @@ def test_bench_quality_verifies_an_eval_outputs_metrics(cli, toy_files, tmp_path
 def test_an_unverified_checkpoint_that_is_damaged_is_one_line(cli, toy_files, tmp_path, monkeypatch, damage,
                                                               message):
     """With LLM2SLM_UNVERIFIED_CHECKPOINTS=1 nothing is hashed, so what is loaded is checked as it is read."""
+    from llm2slm_cli import checkpoint
     from llm2slm_cli.llm2slm import LLMToSLM
 
-    LLMToSLM.build("tiny-gpt2", None).save_pretrained(tmp_path / "ckpt")
+    checkpoint.save(LLMToSLM.build("tiny-gpt2", None), tmp_path / "ckpt")
     (tmp_path / "ckpt" / "manifest.json").unlink()
     if damage == "negative_prompt_length":
         path = tmp_path / "ckpt" / "llm2slm.json"

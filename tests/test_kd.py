@@ -14,9 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llm2slm_cli import checkpoint
 from llm2slm_cli import loading as M
 from llm2slm_cli.config import DistillConfig
-from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, kd_loss
+from llm2slm_cli.kd import kd_loss
+from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
 from llm2slm_cli.stages import distill
 from llm2slm_cli.teacher import TeacherLogits
 
@@ -201,8 +203,8 @@ def test_slm_layers_first_and_last_blocks_keep_their_weights_and_save_load(tmp_p
     ids = torch.tensor([tok("alpha beta").input_ids])
     greedy = dict(max_new_tokens=6, do_sample=False, num_beams=1)
     out = model.generate(ids, torch.ones_like(ids), **greedy)
-    model.save_pretrained(tmp_path / "ckpt")
-    again = LLMToSLM.from_pretrained(tmp_path / "ckpt")
+    checkpoint.save(model, tmp_path / "ckpt")
+    again = checkpoint.load(tmp_path / "ckpt")
     assert again.config.slm_layers == [0, -1] and again.generate(ids, torch.ones_like(ids), **greedy) == out
     with pytest.raises(Exception, match="increasing order"):
         LLMToSLM.build("tiny-llama", None, slm_layers=[1, 0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llm2slm_cli import checkpoint
 from llm2slm_cli.data import pad
 from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
 from llm2slm_cli.runtime import tokenize_targets
@@ -151,8 +152,8 @@ def test_save_and_reload_generates_the_same_tokens(tmp_path, llm, slm, kw, decod
     prompt_ids, prompt_mask, _, _ = batch(model)
     before = model.generate(prompt_ids, prompt_mask, max_new_tokens=8, min_new_tokens=4, num_beams=2,
                             suppress_tokens=[model.config.pad_token_id])
-    model.save_pretrained(tmp_path / "ckpt")
-    again = LLMToSLM.from_pretrained(tmp_path / "ckpt")
+    checkpoint.save(model, tmp_path / "ckpt")
+    again = checkpoint.load(tmp_path / "ckpt")
     assert again.config == model.config
     assert again.generate(prompt_ids, prompt_mask, max_new_tokens=8, min_new_tokens=4, num_beams=2,
                             suppress_tokens=[model.config.pad_token_id]) == before

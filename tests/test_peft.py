@@ -11,10 +11,12 @@ import torch
 from accelerate.utils import set_seed
 from conftest import write_jsonl
 
+from llm2slm_cli import checkpoint
 from llm2slm_cli import loading as M
 from llm2slm_cli.data import pad
 from llm2slm_cli.errors import UserError
-from llm2slm_cli.llm2slm import LLMToSLM, parameter_counts, peft_spec
+from llm2slm_cli.llm2slm import LLMToSLM, parameter_counts
+from llm2slm_cli.peft_baselines import peft_spec
 from llm2slm_cli.runtime import tokenize_targets
 
 PROMPTS = ["alpha beta", "a much longer prompt with many more tokens", "gamma"]
@@ -140,10 +142,10 @@ def test_save_and_reload_rewraps_and_generates_the_same(tmp_path, slm, method, d
     prompt_ids, prompt_mask, _, _ = batch(model)
     kw = dict(max_new_tokens=8, min_new_tokens=4, num_beams=2, suppress_tokens=[model.config.pad_token_id])
     before = model.generate(prompt_ids, prompt_mask, **kw)
-    model.save_pretrained(tmp_path / "ckpt")
+    checkpoint.save(model, tmp_path / "ckpt")
     recorded = json.loads((tmp_path / "ckpt" / "llm2slm.json").read_text())["peft"]
     assert recorded["peft_type"] == {"lora": "LORA", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}[method]
-    again = LLMToSLM.from_pretrained(tmp_path / "ckpt")
+    again = checkpoint.load(tmp_path / "ckpt")
     assert again.config == model.config
     assert again.generate(prompt_ids, prompt_mask, **kw) == before
     assert len(decode_calls) == (0 if method == "prefix" else 2)
@@ -160,7 +162,7 @@ def test_training_changes_only_the_adapter(cli, toy_files, tmp_path, slm, method
     run = tmp_path / "run"
     cli("train", toy_files["train"], "--slm", slm, "--peft", method, *sizes, "--out", run, "--batch-size", "4",
         "--micro-batch-size", "2", "--max-steps", "3", "--lr", "1e-2", "--quiet")
-    trained = LLMToSLM.from_pretrained(run / "final")
+    trained = checkpoint.load(run / "final")
     # the SLM's own weights: bitwise those it started from
     fresh = M.load_model(slm).state_dict()
     base = {k.replace(".base_layer", ""): v for k, v in trained.slm.state_dict().items() if ".lora_" not in k}

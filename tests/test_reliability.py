@@ -63,6 +63,7 @@ def test_numbers_are_checked_from_python_too():
 def test_float16_is_refused_for_every_t5_model(cli, tmp_path):
     """LLMs were refused already; a T5 SLM in generate, bench, train --mixed-precision fp16 (also when it comes from
     `accelerate launch --mixed_precision fp16`) and a checkpoint's T5 SLM are refused the same way."""
+    from llm2slm_cli import checkpoint
     from llm2slm_cli.llm2slm import LLMToSLM
 
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
@@ -73,7 +74,7 @@ def test_float16_is_refused_for_every_t5_model(cli, tmp_path):
     assert "float16 is refused for T5-family models" in msg
     msg = _error(cli, "train", data, "--slm", "tiny-t5", "--mixed-precision", "fp16", "--out", tmp_path / "t")
     assert "float16 is refused" in msg and "--mixed-precision bf16" in msg
-    LLMToSLM.build("tiny-t5", None).save_pretrained(tmp_path / "ckpt")
+    checkpoint.save(LLMToSLM.build("tiny-t5", None), tmp_path / "ckpt")
     msg = _error(cli, "generate", data, "--model", tmp_path / "ckpt", "--dtype", "float16", "--out", tmp_path / "g")
     assert "float16 is refused" in msg and "checkpoint" in msg
     msg = _error(cli, "bench", "--model", f"c={tmp_path / 'ckpt'}", "--dtype", "float16", "--out", tmp_path / "b")
@@ -174,12 +175,13 @@ def test_generate_dtype_is_honoured_for_checkpoints(cli, tmp_path):
     import pyarrow.parquet as pq
     import torch
 
+    from llm2slm_cli import checkpoint
     from llm2slm_cli.config import GenerateConfig
     from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
     from llm2slm_cli.stages.generate import load_generator
 
     torch.manual_seed(0)
-    LLMToSLM.build("tiny-gpt2", FrozenLLM("tiny-llama")).save_pretrained(tmp_path / "ckpt")
+    checkpoint.save(LLMToSLM.build("tiny-gpt2", FrozenLLM("tiny-llama")), tmp_path / "ckpt")
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     config = GenerateConfig(inputs=[data], model=str(tmp_path / "ckpt"), out=tmp_path / "p", dtype="bfloat16")
     model = load_generator(config, "cpu")[0]

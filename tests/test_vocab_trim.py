@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llm2slm_cli import checkpoint
 from llm2slm_cli.data import pad
 from llm2slm_cli.decoding import speculative_generate
 from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
@@ -95,11 +96,11 @@ def test_trimmed_model_survives_save_and_load(tmp_path):
     ids, mask = _batch(model)
     kept = {int(t) for t in ids[mask.bool()]} | set(range(40, 90))
     small = _trimmed(model, kept)
-    small.save_pretrained(tmp_path / "c")
+    checkpoint.save(small, tmp_path / "c")
     stored = json.loads((tmp_path / "c" / "llm2slm.json").read_text())["trim_vocab"]
     assert stored == small.config.trim_vocab
     assert torch.equal(load_file(tmp_path / "c" / "model.safetensors")["slm_vocab"], small.slm_vocab)
-    again = LLMToSLM.from_pretrained(tmp_path / "c")
+    again = checkpoint.load(tmp_path / "c")
     assert torch.equal(again.slm_vocab, small.slm_vocab) and torch.equal(again.slm_lookup, small.slm_lookup)
     assert again.generate(ids, mask, **GREEDY) == small.generate(ids, mask, **GREEDY)
 
@@ -126,7 +127,7 @@ def test_train_trim_vocab_through_the_cli(cli, toy_files, tmp_path):
         "--batch-size", "8", "--micro-batch-size", "8", "--quiet")
     config = json.loads((run / "final" / "llm2slm.json").read_text())["trim_vocab"]
     rows = [json.loads(line) for line in toy_files["train"].read_text().splitlines()]
-    model = LLMToSLM.from_pretrained(run / "final")
+    model = checkpoint.load(run / "final")
     tok = model.target_tokenizer
     used = {t for r in rows for t in tok(r["src"]).input_ids + tok(r["tgt"], add_special_tokens=False).input_ids}
     used |= {tok.eos_token_id, tok.pad_token_id, *tok.all_special_ids}
@@ -192,8 +193,8 @@ def test_trimmed_t5_reads_the_kept_rows_in_encoder_and_decoder(llm, tmp_path):
     assert slm.decoder.embed_tokens.weight is slm.shared.weight
     assert slm.shared.weight.shape[0] == small.config.trim_vocab["kept"]
     assert small.generate(ids, mask, **GREEDY) == full
-    small.save_pretrained(tmp_path / "c")
-    again = LLMToSLM.from_pretrained(tmp_path / "c", llm=model.llm)
+    checkpoint.save(small, tmp_path / "c")
+    again = checkpoint.load(tmp_path / "c", llm=model.llm)
     assert again.generate(ids, mask, **GREEDY) == full
     if llm is None:  # widened back to the full vocabulary (a draft for assisted generation): the same tokens
         plain = small.plain_slm()

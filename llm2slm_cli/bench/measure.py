@@ -129,6 +129,7 @@ def _load_llm(s: Session):
 def _llm_rows(s: Session, plans: list[Plan]) -> None:
     """Everything built on the loaded LLM: its own rows, --throughput, LLM-to-SLM with fresh projectors, assisted
     generation and speculative decoding."""
+    from llm2slm_cli import checkpoint
     from llm2slm_cli.llm2slm import LLMToSLM
 
     config, device, dtype, frozen = s.config, s.device, s.dtype, s.frozen
@@ -152,7 +153,7 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
         free_memory()
     for plan in (p for p in plans if p.role == "assisted"):
         if plan.checkpoint is not None:
-            assistant = LLMToSLM.from_pretrained(plan.checkpoint, device=device).plain_slm().to(dtype=dtype)
+            assistant = checkpoint.load(plan.checkpoint, device=device).plain_slm().to(dtype=dtype)
         else:
             assistant = M.load_model(plan.slm, dtype=config.dtype, role="SLM").to(device).eval()
         if (assistant.config.vocab_size != frozen.model.config.vocab_size and
@@ -166,8 +167,8 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
         free_memory()
     for plan in (p for p in plans if p.role == "speculative"):
         # a draft made with this LLM at another layer shares it too (speculative_generate reads its layer)
-        draft = LLMToSLM.from_pretrained(plan.checkpoint, llm=shared_llm(frozen, plan.checkpoint, any_layer=True),
-                                         device=device).to(dtype=dtype)
+        draft = checkpoint.load(plan.checkpoint, llm=shared_llm(frozen, plan.checkpoint, any_layer=True),
+                                device=device).to(dtype=dtype)
         s.identities[plan.label] = {"draft": str(plan.checkpoint), "verifier": plan.llm, "gamma": config.gamma,
                                     "weights_sha256": A.sha256_file(plan.checkpoint / A.MODEL_WEIGHTS),
                                     "parameters": _count(draft), "engine": plan.engine}
@@ -179,7 +180,7 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
 def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
     """Trained checkpoints: those made with exactly the loaded LLM reuse it; the others then load their own, one
     at a time (the shared LLM is dropped first)."""
-    from llm2slm_cli.llm2slm import LLMToSLM
+    from llm2slm_cli import checkpoint
 
     checkpoints = list(dict.fromkeys(p.checkpoint for p in plans if p.role == "checkpoint"))
     shared = [c for c in checkpoints if can_share(s.frozen, c)]
@@ -187,7 +188,7 @@ def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
         if directory not in shared and s.frozen is not None:
             s.frozen = None
             free_memory()
-        model = LLMToSLM.from_pretrained(directory, llm=s.frozen, device=s.device).to(dtype=s.dtype).eval()
+        model = checkpoint.load(directory, llm=s.frozen, device=s.device).to(dtype=s.dtype).eval()
         _quantize(s, model)
         group = [p for p in plans if p.role == "checkpoint" and p.checkpoint == directory]
         for plan in group:

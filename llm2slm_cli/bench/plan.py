@@ -48,7 +48,7 @@ def same_spec(spec: str | None) -> str | None:
 
 
 def plan_rows(config: BenchConfig) -> list[Plan]:
-    from llm2slm_cli.llm2slm import read_model_config
+    from llm2slm_cli.checkpoint import read_model_config
 
     plans: list[Plan] = []
     one = len(config.slm) == 1

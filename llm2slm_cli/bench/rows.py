@@ -65,7 +65,7 @@ def can_share(llm: Any, checkpoint: Path) -> bool:
 def shared_llm(llm: Any, checkpoint: Path, *, any_layer: bool) -> Any:
     """The loaded LLM (a view at the checkpoint's layer with `any_layer`) if the checkpoint was made with exactly
     its weights and tokenizer; else None, and the checkpoint loads its own."""
-    from llm2slm_cli.llm2slm import check_llm, read_model_config
+    from llm2slm_cli.checkpoint import check_llm, read_model_config
 
     expected = read_model_config(checkpoint).llm
     if llm is None or expected is None or same_spec(expected["name"]) != same_spec(llm.spec):

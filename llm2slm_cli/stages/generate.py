@@ -43,7 +43,7 @@ def load_generator(config: GenerateConfig, device):
 
 def _checkpoint_template(path: Path) -> str | None:
     """The template a checkpoint was trained with (None for a plain model); refuses other artifact directories."""
-    from llm2slm_cli.llm2slm import read_model_config
+    from llm2slm_cli.checkpoint import read_model_config
 
     if path.is_dir() and (path / A.MODEL_CONFIG).is_file():
         return read_model_config(path).template
@@ -265,8 +265,9 @@ def _stored_features(path: Path, model, examples, ids):
     import numpy as np
     import torch
 
+    from llm2slm_cli.checkpoint import check_llm
     from llm2slm_cli.features import FeatureStore
-    from llm2slm_cli.llm2slm import LLMToSLM, check_llm
+    from llm2slm_cli.llm2slm import LLMToSLM
 
     if not isinstance(model, LLMToSLM) or not model.has_llm:
         raise UserError("--features needs an LLM-to-SLM checkpoint (trained with --llm) as --model")

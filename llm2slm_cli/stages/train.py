@@ -116,8 +116,8 @@ def _load_split(examples: list[Example], config: TrainConfig, store: Any | None,
 def _features(path: Path | None, llm, what: str):
     if path is None:
         return None
+    from llm2slm_cli.checkpoint import check_llm
     from llm2slm_cli.features import FeatureStore
-    from llm2slm_cli.llm2slm import check_llm
 
     store = FeatureStore(path)
     check_llm(llm, store.llm, f"{what} features {path}")
@@ -301,7 +301,7 @@ def load_llm(config: TrainConfig, inputs: Inputs, device: Any):
 
     layer = config.layer
     if config.init_from is not None and str(layer) == "-1":  # the default: the starting checkpoint's layer
-        from llm2slm_cli.llm2slm import read_model_config
+        from llm2slm_cli.checkpoint import read_model_config
 
         if (Path(config.init_from) / A.MODEL_CONFIG).is_file():
             layer = str((read_model_config(Path(config.init_from)).llm or {}).get("layer", layer))
@@ -352,7 +352,8 @@ def build_model(config: TrainConfig, llm, inputs: Inputs):
 def _init_from(config: TrainConfig, llm, inputs: Inputs):
     """--init-from: the checkpoint's model (verified, its LLM checked against this run's), in training mode; every
     option this command gives that the checkpoint fixes must agree with it."""
-    from llm2slm_cli.llm2slm import LLMToSLM, read_model_config
+    from llm2slm_cli import checkpoint
+    from llm2slm_cli.checkpoint import read_model_config
 
     path = Path(config.init_from)
     if not (path / A.MODEL_CONFIG).is_file():
@@ -373,7 +374,7 @@ def _init_from(config: TrainConfig, llm, inputs: Inputs):
         what, mine, theirs = differ[0]
         raise UserError(f"{what} {mine!r} differs from the checkpoint's {theirs!r} (--init-from fixes the model)",
                         path=path)
-    model = LLMToSLM.from_pretrained(path, llm=llm)  # verified against its manifest; the LLM's fingerprint checked
+    model = checkpoint.load(path, llm=llm)  # verified against its manifest; the LLM's fingerprint checked
     return model.train()
 
 
@@ -735,7 +736,7 @@ def _trim_vocabulary(model, train: Split, quiet: bool) -> None:
 def _peft_spec(config: TrainConfig) -> dict[str, Any] | None:
     if config.peft is None:
         return None
-    from llm2slm_cli.llm2slm import peft_spec
+    from llm2slm_cli.peft_baselines import peft_spec
 
     targets = ([t.strip() for t in config.peft_lora_targets.split(",") if t.strip()] if config.peft_lora_targets
         else None)
@@ -801,12 +802,14 @@ def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerat
     import numpy as np
     import torch
 
+    from llm2slm_cli import checkpoint
+
     final = out / name
     tmp = out / f".{name}.tmp"
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
-        core.save_pretrained(tmp)
+        checkpoint.save(core, tmp)
         if training_state:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                        tmp / A.OPTIMIZER_STATE)
