@@ -627,13 +627,13 @@ class LLMToSLM(nn.Module):
             p, mask = _right_to_left(p, mask)
         p, mask, extra = self._virtual_tokens(p, mask, generation)
         g = self.slm.generation_config
-        search = None if extra or engine == "transformers" else \
-            search_from(generation, g, eos=g.eos_token_id, pad=g.pad_token_id, device=p.device)
+        search = (None if extra or engine == "transformers" else
+            search_from(generation, g, eos=g.eos_token_id, pad=g.pad_token_id, device=p.device))
         if search is not None:
             step, logits = start(self.slm, mask, search, inputs_embeds=p, decoder_start=g.decoder_start_token_id
                                  if encoder_decoder else None)
-            history = self.repetition_prompt(prompt_ids, prompt_mask, pad=search.pad_token_id) \
-                if search.repetition_penalty != 1.0 or search.no_repeat_ngram_size > 0 else (None, None)
+            history = (self.repetition_prompt(prompt_ids, prompt_mask, pad=search.pad_token_id)
+                if search.repetition_penalty != 1.0 or search.no_repeat_ngram_size > 0 else (None, None))
             out = decode(step, logits, search, prompt_ids=history[0], prompt_mask=history[1],
                          streamer=None if streamer is None else lambda t: streamer(self.tokenizer_ids(t)))
         else:
