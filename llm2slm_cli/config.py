@@ -241,6 +241,12 @@ class TrainConfig(ExampleFields):
                                        "--resume.", hidden=True)
 
     def __post_init__(self) -> None:
+        self._check_run()
+        self._check_model()
+        self._check_peft_and_kd()
+
+    def _check_run(self) -> None:
+        """Inputs, output, numbers and the batch: what every run checks."""
         _inputs(self.inputs)
         check_numbers(self)
         if self.out is None:
@@ -266,6 +272,9 @@ class TrainConfig(ExampleFields):
             raise UserError("--warmup-ratio must be in [0, 1)")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be 0 or more, got {self.num_workers}")
+
+    def _check_model(self) -> None:
+        """Options that build the model: LLM or not, SLM layers, dropout, projector, --init-from."""
         if self.llm is None:
             for name in ("features", "dev_features"):
                 if getattr(self, name) is not None:
@@ -292,6 +301,9 @@ class TrainConfig(ExampleFields):
             if given:
                 raise UserError(f"--{given[0].replace('_', '-')} builds a new model: with --init-from the checkpoint "
                                 "already fixes it (leave the option out)")
+
+    def _check_peft_and_kd(self) -> None:
+        """PEFT baselines' and distillation's options, and the options that need another one."""
         if self.kd_logits is not None and not self.kd_weight:
             raise UserError("--kd-logits is read only with --kd-weight A > 0")
         method_of = {"peft_virtual_tokens": ("prompt", "prefix"), "peft_prefix_hidden": ("prefix",),
