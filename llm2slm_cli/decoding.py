@@ -564,7 +564,9 @@ def _stream(streamer: Streamer | None, tokens: torch.Tensor) -> torch.Tensor | N
 def _beam_search(step: Stepper, logits: torch.Tensor, search: Search,
                  controls: RepetitionControls | None = None) -> torch.Tensor:
     """transformers' beam search (its vectorised form, same candidates, scores, length penalty and stopping rules),
-    without its per-step bookkeeping: 2 x num_beams candidates per prompt, finished hypotheses kept apart."""
+    without its per-step bookkeeping: 2 x num_beams candidates per prompt, finished hypotheses kept apart. One
+    algorithm, kept whole so that it reads step for step beside transformers' `_beam_search`: its state (running
+    and finished beams with their scores) is shared by every line of the loop."""
     batch, k, n = logits.shape[0], search.num_beams, search.max_new_tokens
     device, eos, lp, early = logits.device, search.eos_token_id, search.length_penalty, search.early_stopping
     step.repeat(k)
