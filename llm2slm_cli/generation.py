@@ -268,10 +268,10 @@ class HalvingBatcher:
 
 
 def generate_shard(model, ids, members: list[int], batch_size: int, generation: dict[str, Any], work,
-                   batcher: HalvingBatcher, bar, task, features=None) -> dict[int, list[int]]:
-    """The outputs of one shard's prompts (`members`), in length-sorted batches; the progress bar advances and a
-    Ctrl-C is honoured after each batch. `generate` and `distill-labels` both decode through here. `features(b)`:
-    the stored LLM features of prompts `b`, padded (else the checkpoint's LLM encodes them)."""
+                   batcher: HalvingBatcher, progress, features=None) -> dict[int, list[int]]:
+    """The outputs of one shard's prompts (`members`), in length-sorted batches; `progress` (a ShardProgress)
+    advances, and honours a Ctrl-C, after each batch. `generate` and `distill-labels` both decode through here.
+    `features(b)`: the stored LLM features of prompts `b`, padded (else the checkpoint's LLM encodes them)."""
     outputs: dict[int, list[int]] = {}
     pad_id = model.prompt_tokenizer.pad_token_id
     stored = {} if features is None else None
@@ -281,9 +281,5 @@ def generate_shard(model, ids, members: list[int], batch_size: int, generation: 
                 *(t.to(work.device) for t in pad([ids[i] for i in b], pad_id)), **generation,
                 **(stored if stored is not None else {"features": features(b).to(work.device)}))):
             outputs.update(zip(part, result))
-        progress = bar.tasks[task]
-        tokens = progress.fields.get("tokens", 0) + sum(len(outputs[i]) for i in batch)
-        bar.update(task, advance=len(batch), tokens=tokens,
-                   rate=f"{tokens / max(progress.elapsed or 1e-9, 1e-9):,.1f} tok/s")
-        work.check_stop()
+        progress.advance(len(batch), sum(len(outputs[i]) for i in batch))
     return outputs

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
@@ -36,6 +36,21 @@ def shard_seed(seed: int, shard: int) -> int:
 
 
 KINDS = {"encode": A.KIND_FEATURES, "distill": A.KIND_LABELS, "generate": A.KIND_PREDICTIONS}
+
+
+class ShardProgress:
+    """What a shard's work reports after each batch: the progress bar advances, the tokens and their rate are
+    counted, and a Ctrl-C is honoured (the shard in progress is dropped; --resume redoes it)."""
+
+    def __init__(self, run: ShardedRun, bar, task, digits: int) -> None:
+        self.run, self.bar, self.task, self.digits = run, bar, task, digits
+        self.tokens = 0
+
+    def advance(self, examples: int, tokens: int = 0) -> None:
+        self.tokens += tokens
+        elapsed = max(self.bar.tasks[self.task].elapsed or 1e-9, 1e-9)
+        self.bar.update(self.task, advance=examples, rate=f"{self.tokens / elapsed:,.{self.digits}f} tok/s")
+        self.run.check_stop()
 
 
 class ShardedRun:
@@ -183,6 +198,37 @@ class ShardedRun:
             runtime.say(f"warning: {unrecorded} shards of the interrupted run have no record of their files' sha256 "
                         "(an older version wrote them): redoing them", self.quiet)
         return todo
+
+    def run_shards(self, shards: list[list[int]], do_shard: Callable[[int, list[int], ShardProgress], list[Path]],
+                   *, label: str, seed: int | None = None, digits: int = 1) -> tuple[int, float]:
+        """The loop of every sharded stage: this process's shards still to do (see `todo`), under one progress bar.
+        Before shard k, torch's generator is seeded with shard_seed(seed, k) (unless `seed` is None);
+        `do_shard(k, members, progress)` writes shard k's files and returns them; their record (`mark_done`) is
+        written last and marks the shard complete. Returns the tokens counted through `progress` and the seconds
+        the loop took."""
+        import torch  # the stages' work is torch's; sharding itself is imported where torch is not
+
+        todo = self.todo(len(shards))
+        with runtime.progress(self.quiet or not self.is_main) as bar, runtime.timer() as clock:
+            progress = ShardProgress(self, bar, bar.add_task(label, total=sum(len(shards[k]) for k in todo),
+                                                             rate=""), digits)
+            for k in todo:
+                if seed is not None:
+                    torch.manual_seed(shard_seed(seed, k))
+                self.mark_done(k, do_shard(k, shards[k], progress))
+        return progress.tokens, clock["seconds"]
+
+    def read_parts(self, n_shards: int) -> list:
+        """Every shard's part file as a pyarrow table, in shard order, after checking that all are as written."""
+        import pyarrow.parquet as pq
+
+        self.check_parts(n_shards)
+        return [pq.read_table(self.out / self.part.format(k)) for k in range(n_shards)]
+
+    def remove_parts(self, n_shards: int) -> None:
+        """After the manifest is written: the part files are merged and go."""
+        for k in range(n_shards):
+            (self.out / self.part.format(k)).unlink()
 
     def check_stop(self) -> None:
         """Call between batches: stops now if the user asked. The shard in progress is dropped (it is redone by

@@ -97,58 +97,49 @@ def _plan(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: li
 
 def _label_shards(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: list, ids: list,
                   generation: dict | None, shards: list, out: Path) -> tuple[int, float]:
-    """Label this process's shards still to do (each with its own seed); a shard's record (work.mark_done) is
-    written last: its presence marks a complete shard, logits included. Returns new tokens and seconds."""
-    import torch
-
+    """Label this process's shards still to do (each with its own seed): the labels part and, with
+    --top-k-logits, the teacher's distributions. Returns the new tokens and the seconds it took."""
     top_k, tok = config.top_k_logits, llm.prompt_tokenizer
-    todo = work.todo(len(shards))
     batcher = HalvingBatcher(config.batch_size)
-    new_tokens = 0
-    with runtime.progress(config.quiet or not work.is_main) as bar, runtime.timer() as clock:
-        task = bar.add_task("distill", total=sum(len(shards[k]) for k in todo), rate="")
-        for k in todo:
-            members = shards[k]
-            torch.manual_seed(shard_seed(config.seed, k))
+
+    def label_shard(k: int, members: list[int], progress) -> list[Path]:
+        if config.teacher_forced:
+            rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": examples[i].target,
+                     "reference": examples[i].target, "n_tokens": 0} for i in members]
+        else:
+            outputs = generate_shard(llm, ids, members, config.batch_size, generation, work, batcher, progress)
+            texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
+            rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": t.strip(),
+                     "reference": examples[i].target, "n_tokens": len(outputs[i])}
+                    for i, t in zip(members, texts)]
+        empty = [r["id"] for r in rows if not r["target"]]
+        if empty:
+            runtime.say(f"warning: the LLM gave an empty answer for {len(empty)} examples of shard {k} "
+                        f"(e.g. {empty[0]!r}); train skips examples with empty targets", config.quiet)
+        files = [out / PART.format(k)]
+        if top_k is not None:
+            work.check_stop()
+            targets = runtime.tokenize_targets(tok, [r["target"] for r in rows], config.max_target_length)
+            topk = teacher_topk(llm.model, llm.kind, [ids[i] for i in members], targets, top_k,
+                                pad_id=tok.pad_token_id, batch_size=config.batch_size,
+                                decoder_start=getattr(llm.model.config, "decoder_start_token_id", None))
+            write_shard(out / LOGITS_SHARD.format(k), topk, targets)
+            files.append(out / LOGITS_SHARD.format(k))
             if config.teacher_forced:
-                rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": examples[i].target,
-                         "reference": examples[i].target, "n_tokens": 0} for i in members]
-            else:
-                outputs = generate_shard(llm, ids, members, config.batch_size, generation, work, batcher, bar,
-                                         task)
-                new_tokens += sum(len(t) for t in outputs.values())
-                texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
-                rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": t.strip(),
-                         "reference": examples[i].target, "n_tokens": len(outputs[i])}
-                        for i, t in zip(members, texts)]
-            empty = [r["id"] for r in rows if not r["target"]]
-            if empty:
-                runtime.say(f"warning: the LLM gave an empty answer for {len(empty)} examples of shard {k} "
-                            f"(e.g. {empty[0]!r}); train skips examples with empty targets", config.quiet)
-            if top_k is not None:
-                work.check_stop()
-                targets = runtime.tokenize_targets(tok, [r["target"] for r in rows], config.max_target_length)
-                topk = teacher_topk(llm.model, llm.kind, [ids[i] for i in members], targets, top_k,
-                                    pad_id=tok.pad_token_id, batch_size=config.batch_size,
-                                    decoder_start=getattr(llm.model.config, "decoder_start_token_id", None))
-                write_shard(out / LOGITS_SHARD.format(k), topk, targets)
-                if config.teacher_forced:
-                    bar.update(task, advance=len(members))
-            A.write_parquet(out / PART.format(k), labels_table(rows, k if top_k is not None else None))
-            work.mark_done(k, [out / PART.format(k)] + ([out / LOGITS_SHARD.format(k)] if top_k is not None
-                                                        else []))
-    return new_tokens, clock["seconds"]
+                progress.advance(len(members))
+        A.write_parquet(out / PART.format(k), labels_table(rows, k if top_k is not None else None))
+        return files
+
+    return work.run_shards(shards, label_shard, label="distill", seed=config.seed)
 
 
 def _merge(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: list, generation: dict | None,
            input_sha: str | None, layout: tuple, timing: tuple, out: Path) -> None:
     """One labels file in input order, the logits record and the manifest; then the parts go."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     (truncated, shards), (new_tokens, seconds), top_k = layout, timing, config.top_k_logits
-    work.check_parts(len(shards))
-    table = pa.concat_tables([pq.read_table(out / PART.format(k)) for k in range(len(shards))])
+    table = pa.concat_tables(work.read_parts(len(shards)))
     generated = sum(table["n_tokens"].to_pylist())
     A.write_parquet(out / A.LABELS, table.drop_columns(["n_tokens"]))
     logits = None
@@ -171,7 +162,6 @@ def _merge(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: l
                 "tokens_per_second": round(new_tokens * work.world / seconds, 2) if seconds else None},
     )
     A.atomic_write_json(out / A.MANIFEST, manifest)
-    for k in range(len(shards)):
-        (out / PART.format(k)).unlink()
+    work.remove_parts(len(shards))
     runtime.say(f"distilled {len(examples)} targets ({generated} tokens) with {config.model} in "
                 f"{seconds:.1f}s -> {out}", config.quiet)

@@ -115,40 +115,34 @@ def _plan(config: EncodeConfig, work: ShardedRun, llm, ids: list, input_sha: str
 
 def _encode_shards(config: EncodeConfig, work: ShardedRun, llm, examples: list, ids: list, truncated: list,
                    lengths: list, shards: list, out: Path) -> tuple[int, float]:
-    """Encode this process's shards still to do; each shard's features file, then its index part (which marks
-    it complete for --resume). Returns the tokens encoded here and the seconds it took."""
+    """Encode this process's shards still to do: each shard's features file, then its index part. Returns the
+    tokens encoded here and the seconds it took."""
     import torch
     from safetensors.torch import save_file
 
     dtype = getattr(torch, config.feature_dtype)
-    todo = work.todo(len(shards))
-    tokens = 0
-    with runtime.progress(config.quiet or not work.is_main) as bar, runtime.timer() as clock:
-        task = bar.add_task("encode", total=sum(len(shards[k]) for k in todo), rate="")
-        for k in todo:
-            members = shards[k]
-            chunks, rows, offset = [], [], 0
-            for batch in length_sorted_batches([lengths[i] for i in members], config.batch_size):
-                batch = [members[j] for j in batch]
-                input_ids, mask = pad([ids[i] for i in batch], llm.tokenizer.pad_token_id)
-                hidden = llm.encode(input_ids, mask)
-                for row, i in enumerate(batch):
-                    chunks.append(hidden[row, : lengths[i]].to("cpu", dtype))
-                    rows.append({"id": examples[i].id, "shard": k, "offset": offset, "length": lengths[i],
-                                 "input_ids": ids[i], "truncated": truncated[i]})
-                    offset += lengths[i]
-                tokens += int(mask.sum())
-                bar.update(task, advance=len(batch),
-                           rate=f"{tokens / max(bar.tasks[0].elapsed or 1e-9, 1e-9):,.0f} tok/s")
-                work.check_stop()
-            shard_path = out / A.FEATURES_SHARD.format(k)
-            with A.atomic_output(shard_path) as tmp:
-                save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
-            info = {"file": shard_path.name, **A.file_record(shard_path), "examples": len(members)}
-            table = index_table(rows).replace_schema_metadata({SHARD_META: json.dumps(info)})
-            A.write_parquet(out / A.FEATURES_SHARD_INDEX.format(k), table)
-            work.mark_done(k, [shard_path, out / A.FEATURES_SHARD_INDEX.format(k)])
-    return tokens, clock["seconds"]
+
+    def encode_shard(k: int, members: list[int], progress) -> list[Path]:
+        chunks, rows, offset = [], [], 0
+        for batch in length_sorted_batches([lengths[i] for i in members], config.batch_size):
+            batch = [members[j] for j in batch]
+            input_ids, mask = pad([ids[i] for i in batch], llm.tokenizer.pad_token_id)
+            hidden = llm.encode(input_ids, mask)
+            for row, i in enumerate(batch):
+                chunks.append(hidden[row, : lengths[i]].to("cpu", dtype))
+                rows.append({"id": examples[i].id, "shard": k, "offset": offset, "length": lengths[i],
+                             "input_ids": ids[i], "truncated": truncated[i]})
+                offset += lengths[i]
+            progress.advance(len(batch), int(mask.sum()))
+        shard_path = out / A.FEATURES_SHARD.format(k)
+        with A.atomic_output(shard_path) as tmp:
+            save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
+        info = {"file": shard_path.name, **A.file_record(shard_path), "examples": len(members)}
+        table = index_table(rows).replace_schema_metadata({SHARD_META: json.dumps(info)})
+        A.write_parquet(out / A.FEATURES_SHARD_INDEX.format(k), table)
+        return [shard_path, out / A.FEATURES_SHARD_INDEX.format(k)]
+
+    return work.run_shards(shards, encode_shard, label="encode", digits=0)
 
 
 def _merge(config: EncodeConfig, work: ShardedRun, llm, examples: list, input_sha: str | None, layout: tuple,
@@ -156,11 +150,9 @@ def _merge(config: EncodeConfig, work: ShardedRun, llm, examples: list, input_sh
     """One index in input order (the per-shard parts exist only so that processes and resumes can merge), the
     manifest, the cache entry; then the parts go."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     (lengths, truncated, shards), (key, cached), (tokens, seconds) = layout, cache, timing
-    work.check_parts(len(shards))
-    parts = [pq.read_table(out / A.FEATURES_SHARD_INDEX.format(k)) for k in range(len(shards))]
+    parts = work.read_parts(len(shards))
     shard_info = [json.loads(p.schema.metadata[SHARD_META]) for p in parts]
     table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
     position = {e.id: n for n, e in enumerate(examples)}
@@ -182,8 +174,7 @@ def _merge(config: EncodeConfig, work: ShardedRun, llm, examples: list, input_sh
                 "tokens_per_second": round(tokens * work.world / seconds, 1) if seconds else None},
     )
     A.atomic_write_json(out / A.MANIFEST, manifest)
-    for k in range(len(shards)):
-        (out / A.FEATURES_SHARD_INDEX.format(k)).unlink()
+    work.remove_parts(len(shards))
     if cached is not None:
         _publish_to_cache(out, cached)
     runtime.say(f"encoded {len(examples)} prompts ({total_tokens} tokens, {sum(truncated)} truncated) with "

@@ -110,25 +110,18 @@ def _decode_shards(config: GenerateConfig, work: ShardedRun, model, examples: li
                    generation: dict, shards: list, batcher: HalvingBatcher, out: Path) -> tuple[int, float]:
     """Decode this process's shards still to do, each with its own seed, into one part file each. Returns the
     new tokens and the seconds it took."""
-    import torch
-
     tok = model.target_tokenizer
-    todo = work.todo(len(shards))
-    new_tokens = 0
-    with runtime.progress(config.quiet or not work.is_main) as bar, runtime.timer() as clock:
-        task = bar.add_task("generate", total=sum(len(shards[k]) for k in todo), rate="")
-        for k in todo:
-            members = shards[k]
-            torch.manual_seed(shard_seed(config.seed, k))
-            if isinstance(model, SpeculativeModel):
-                model.reseed(shard_seed(config.seed, k))
-            outputs = generate_shard(model, ids, members, config.batch_size, generation, work, batcher, bar, task,
-                                     features=features)
-            new_tokens += sum(len(t) for t in outputs.values())
-            texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
-            A.write_parquet(out / PART.format(k), _part_table(config, model, examples, members, outputs, texts))
-            work.mark_done(k, [out / PART.format(k)])
-    return new_tokens, clock["seconds"]
+
+    def decode_shard(k: int, members: list[int], progress) -> list[Path]:
+        if isinstance(model, SpeculativeModel):
+            model.reseed(shard_seed(config.seed, k))
+        outputs = generate_shard(model, ids, members, config.batch_size, generation, work, batcher, progress,
+                                 features=features)
+        texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
+        A.write_parquet(out / PART.format(k), _part_table(config, model, examples, members, outputs, texts))
+        return [out / PART.format(k)]
+
+    return work.run_shards(shards, decode_shard, label="generate", seed=config.seed)
 
 
 def _part_table(config: GenerateConfig, model, examples: list, members: list[int], outputs: dict, texts: list):
@@ -155,14 +148,12 @@ def _merge(config: GenerateConfig, work: ShardedRun, model, examples: list, reco
     """One predictions file in input order and the manifest (speculative counts summed over shards); then the
     parts go."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from llm2slm_cli.decoding import SpeculativeStats
 
     (identity, generation, template, input_sha), (truncated, shards, batcher) = recorded, layout
     new_tokens, seconds = timing
-    work.check_parts(len(shards))
-    parts = [pq.read_table(out / PART.format(k)) for k in range(len(shards))]
+    parts = work.read_parts(len(shards))
     speculative = None
     if isinstance(model, SpeculativeModel):
         total = SpeculativeStats()
@@ -183,8 +174,7 @@ def _merge(config: GenerateConfig, work: ShardedRun, model, examples: list, reco
                 "tokens_per_second": round(new_tokens * work.world / seconds, 2) if seconds else None},
     )
     A.atomic_write_json(out / A.MANIFEST, manifest)
-    for k in range(len(shards)):
-        (out / PART.format(k)).unlink()
+    work.remove_parts(len(shards))
     runtime.say(f"generated {generated} tokens for {len(examples)} prompts in {seconds:.1f}s -> {out}", config.quiet)
     if speculative:
         runtime.say(f"speculative decoding: {speculative['acceptance_rate']:.1%} of drafts accepted, "
