@@ -71,8 +71,7 @@ def _parameter(f: dataclasses.Field, annotation: Any) -> inspect.Parameter:
 def command(name: str, config_cls: type, stage: str) -> None:
     """Register `llm2slm <name>`: its options are the fields of `config_cls`; it runs `stages.<stage>.run`."""
     hints = typing.get_type_hints(config_cls)
-    fields = sorted(dataclasses.fields(config_cls),
-                    key=lambda f: (not f.metadata.get("argument"), f.default is not dataclasses.MISSING))
+    fields = C.option_fields(config_cls)
     params = [_parameter(f, hints[f.name]) for f in fields]
     names = {f.name for f in fields}
     params += [
@@ -97,8 +96,8 @@ def command(name: str, config_cls: type, stage: str) -> None:
 
                 from llm2slm_cli.artifacts import config_to_dict
 
-                hidden = {f.name for f in fields if f.metadata.get("hidden")}  # testing aids are not configuration
-                shown = {k: v for k, v in config_to_dict(config).items() if k not in hidden}
+                values = config_to_dict(config)  # testing aids (hidden) are not configuration
+                shown = {f.name: values[f.name] for f in fields if not f.metadata.get("hidden")}
                 print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True), end="")
                 return
             importlib.import_module(f"llm2slm_cli.stages.{stage}").run(config)

@@ -1,7 +1,9 @@
 """One typed config per stage: the single source of truth for its options, defaults and help texts.
 
 The CLI is generated from these dataclasses (cli.py), so a stage called from Python takes exactly what the command
-line takes. Checks that need no files run in `__post_init__`; a bad value raises UserError.
+line takes. Checks that need no files and no model run in `__post_init__`; a bad value raises UserError. What an
+option means for the model it names (float16 and T5, int8 on a device) is checked where the model is opened. This
+module depends only on the error types.
 """
 
 from __future__ import annotations
@@ -14,15 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from llm2slm_cli.errors import UserError
-from llm2slm_cli.loading import refuse_float16
-from llm2slm_cli.presets import preset_model_type
-from llm2slm_cli.surgery import parse_slm_layers
 
 
 def opt(default: Any = None, help: str = "", *, argument: bool = False, choices: list[str] | None = None,
-        name: str | None = None, hidden: bool = False, envvar: str | None = None) -> Any:
+        name: str | None = None, hidden: bool = False, envvar: str | None = None, last: bool = False) -> Any:
+    """A config field with its CLI help; `last`: listed after the stage's own options (the shared run options)."""
     meta = {"help": help, "argument": argument, "choices": choices, "name": name, "hidden": hidden,
-            "envvar": envvar}
+            "envvar": envvar, "last": last}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,6 +52,31 @@ def check_numbers(cfg: Any) -> None:
                 raise UserError(f"{flag} must be 0 or more, got {v}")
 
 
+def option_fields(config_cls: type) -> list[dataclasses.Field]:
+    """A config's fields in the order the CLI lists them (and --print-config writes them): arguments, required
+    options, the stage's own options as declared, then the shared run options."""
+    return sorted(dataclasses.fields(config_cls), key=lambda f: (not f.metadata.get("argument"),
+                                                                 f.default is not dataclasses.MISSING,
+                                                                 bool(f.metadata.get("last"))))
+
+
+def parse_slm_layers(text: str | int | list[int] | None) -> int | list[int] | None:
+    """--slm-layers: "d" (the first d) or "i,j,k" (those blocks; negative counts from the end)."""
+    if text is None or isinstance(text, (int, list)):
+        return text
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise UserError(f"--slm-layers takes a number of layers or comma-separated block indices, got {text!r}")
+    if "," not in str(text):
+        if values[0] <= 0:
+            raise UserError(f"--slm-layers must be positive, got {values[0]}")
+        return values[0]
+    return values
+
+
 def _inputs(paths: list[Path]) -> None:
     if not 1 <= len(paths) <= 2:
         raise UserError("give one input file, or two line-aligned text files (prompts then targets)")
@@ -66,6 +91,20 @@ class ExampleFields:
     prompt_field: str = opt("src", "Field holding the prompt (nested fields as a.b).")
     target_field: str = opt("tgt", "Field holding the target.")
     id_field: str = opt("id", "Field holding a unique example id (the record number when absent).")
+
+
+@dataclass(kw_only=True)
+class ShardedStageOptions:
+    """Options shared by the stages that read prompts and write their output in shards, resumably (encode,
+    distill-labels, generate; see sharding.py). Listed after each stage's own options."""
+
+    strict: bool = opt(False, "Refuse over-long prompts instead of truncating them.", last=True)
+    shard_size: int = opt(1024, "Examples per output shard (the unit of --resume, and of the split across "
+                                "processes under `accelerate launch`).", last=True)
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.", last=True)
+    overwrite: bool = opt(False, "Replace an existing output directory.", last=True)
+    resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.", last=True)
+    quiet: bool = opt(False, "No progress bar.", last=True)
 
 
 @dataclass(kw_only=True)
@@ -107,7 +146,7 @@ class DecodingOptions:
 
 
 @dataclass(kw_only=True)
-class EncodeConfig(ExampleFields):
+class EncodeConfig(ExampleFields, ShardedStageOptions):
     """Run the frozen LLM over the prompts once and store its features (half precision, sharded safetensors)."""
 
     inputs: list[Path] = opt(REQUIRED, "Examples: JSONL, JSON, Parquet, CSV, TSV, a text file of prompts, or two "
@@ -119,18 +158,13 @@ class EncodeConfig(ExampleFields):
     llm_dtype: str = opt("float32", "Precision the LLM runs in.", choices=["float32", "bfloat16", "float16"])
     feature_dtype: str = opt("float16", "Precision the features are stored in.", choices=["float16", "bfloat16"])
     max_length: int = opt(512, "Longest prompt in tokens; longer prompts are truncated (and counted).")
-    strict: bool = opt(False, "Refuse over-long prompts instead of truncating them.")
     batch_size: int = opt(32, "Prompts per LLM forward pass (length-sorted batches).")
-    shard_size: int = opt(4096, "Examples per feature shard (the unit of --resume, and of the split across "
-                                "processes under `accelerate launch`).")
     tokenizer: Path | None = opt(None, "Tokenizer directory to use instead of the model's own.")
     cache: Path | None = opt(None, "Feature cache directory, keyed by (LLM fingerprint, layer, dtype, max length, "
                                    "template, fields, input sha256): encoding what is already there only links "
                                    "the cached files into --out; what is new is added.", envvar="LLM2SLM_CACHE")
-    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
-    overwrite: bool = opt(False, "Replace an existing output directory.")
-    resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.")
-    quiet: bool = opt(False, "No progress bar.")
+    shard_size: int = opt(4096, "Examples per feature shard (the unit of --resume, and of the split across "
+                                "processes under `accelerate launch`).", last=True)
 
     def __post_init__(self) -> None:
         _inputs(self.inputs)
@@ -259,10 +293,6 @@ class TrainConfig(ExampleFields):
             raise UserError(f"--max-grad-norm must be 0 (no clipping) or positive, got {self.max_grad_norm}")
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        if (self.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":
-            for role, spec in (("SLM", self.slm), ("LLM", self.llm)):  # presets: known without a file
-                refuse_float16(preset_model_type(spec) if spec else None, "float16", f"{role} {spec!r}",
-                               "use --mixed-precision bf16 or no")
         _positive(self, "max_length", "max_target_length", "lr", "batch_size", "micro_batch_size", "epochs",
                   "max_steps", "eval_every", "save_every", "log_every")
         if self.batch_size % self.micro_batch_size:
@@ -326,7 +356,7 @@ class TrainConfig(ExampleFields):
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(DecodingOptions, ExampleFields):
+class GenerateConfig(DecodingOptions, ExampleFields, ShardedStageOptions):
     """Generate responses with a trained checkpoint, or with a plain LLM or SLM as a baseline: examples files to
     predictions (--out), or prompts (--prompt, or - for stdin) to stdout."""
 
@@ -347,12 +377,9 @@ class GenerateConfig(DecodingOptions, ExampleFields):
                                       "examples and template): its weights are then never loaded.")
     max_new_tokens: int = opt(128, "Longest response in tokens.")
     max_length: int | None = opt(None, "Longest prompt in tokens (default: the checkpoint's, or 512).")
-    strict: bool = opt(False, "Refuse over-long prompts instead of truncating them.")
     first_line: bool = opt(False, "Keep each response's first line only (few-shot prompts: a plain model goes on "
                                   "with the next example); plain models also stop at the line break.")
     batch_size: int = opt(16, "Prompts per batch (length-sorted within a shard; halved on out-of-memory).")
-    shard_size: int = opt(1024, "Examples per output shard (the unit of --resume, and of the split across "
-                                "processes under `accelerate launch`).")
     speculative: bool = opt(False, "Speculative decoding: the checkpoint drafts --gamma tokens, the LLM checks them in "
                                    "one pass; the output is the LLM's own (greedy, or --sample).")
     gamma: int = opt(4, "Draft tokens per LLM pass in speculative decoding.")
@@ -372,10 +399,6 @@ class GenerateConfig(DecodingOptions, ExampleFields):
     compile: bool = opt(False, "Decode with a static KV cache (prompt + --max-new-tokens) and the one-token steps "
                                "compiled by torch.compile (CUDA: CUDA graphs); the same greedy output. Each new "
                                "batch shape compiles again (tens of seconds on a CPU).")
-    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
-    overwrite: bool = opt(False, "Replace an existing output directory.")
-    resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.")
-    quiet: bool = opt(False, "No progress bar.")
 
     @property
     def to_stdout(self) -> bool:
@@ -408,17 +431,12 @@ class GenerateConfig(DecodingOptions, ExampleFields):
         if self.features is not None and (self.speculative or self.prompt):
             raise UserError("--features gives stored prompts' features: not with --speculative (the LLM runs "
                             "there) or --prompt")
-        from llm2slm_cli.quantize import check_decode_options
-
-        check_decode_options(quantize=self.quantize, compile=self.compile, speculative=self.speculative)
         if self.quantize != "none" and self.dtype != "float32":
             raise UserError(f"--quantize {self.quantize} quantizes float32 weights: leave --dtype {self.dtype} out")
-        for spec in (self.model, self.verifier):  # presets: known without a file (others: when they load)
-            refuse_float16(preset_model_type(spec) if spec else None, self.dtype, repr(spec))
 
 
 @dataclass(kw_only=True)
-class DistillConfig(DecodingOptions, ExampleFields):
+class DistillConfig(DecodingOptions, ExampleFields, ShardedStageOptions):
     """Generate training targets with the LLM (sequence-level distillation; paper: beam 4, length penalty 0.6).
 
     Writes the examples with the LLM's outputs as targets, in the same schema, so `train` takes either."""
@@ -428,10 +446,7 @@ class DistillConfig(DecodingOptions, ExampleFields):
     out: Path = opt(REQUIRED, "Output directory: examples.parquet (id, prompt, target, reference) + manifest.json.")
     max_new_tokens: int = opt(128, "Longest generated target in tokens.")
     max_length: int = opt(512, "Longest prompt in tokens (longer prompts are truncated, and counted).")
-    strict: bool = opt(False, "Refuse over-long prompts instead of truncating them.")
     batch_size: int = opt(16, "Prompts per batch (length-sorted within a shard).")
-    shard_size: int = opt(1024, "Examples per output shard (the unit of --resume, and of the split across "
-                                "processes under `accelerate launch`).")
     tokenizer: Path | None = opt(None, "Tokenizer directory to use instead of the model's own.")
     top_k_logits: int | None = opt(None, "Also store the LLM's top-K next-token distributions (log-probabilities "
                                          "over its whole vocabulary) at every target token, teacher-forced, for "
@@ -441,10 +456,6 @@ class DistillConfig(DecodingOptions, ExampleFields):
     max_target_length: int = opt(256, "With --top-k-logits: longest target in tokens, as `train` cuts them (the "
                                       "same value must be given to train).")
     dtype: str = opt("float32", "Precision of the LLM.", choices=["float32", "bfloat16", "float16"])
-    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
-    overwrite: bool = opt(False, "Replace an existing output directory.")
-    resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.")
-    quiet: bool = opt(False, "No progress bar.")
 
     def __post_init__(self) -> None:
         _inputs(self.inputs)
@@ -572,17 +583,6 @@ class BenchConfig:
         if self.slm is None or isinstance(self.slm, str):  # BenchConfig(slm="t5-small") from Python: one SLM
             self.slm = [self.slm] if self.slm else []
         check_numbers(self)
-        if self.quantize != "none":
-            from llm2slm_cli.quantize import check_decode_options, check_quantize
-
-            check_decode_options(quantize=self.quantize, compile=self.compile,
-                                 speculative=bool(self.speculative or self.assistant))
-            device = self.device
-            if device == "auto":
-                import torch
-
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            check_quantize(self.quantize, device=device, dtype=self.dtype)
         if not (self.llm or self.slm or self.model or self.ctranslate2 or self.llama_cpp):
             raise UserError("nothing to measure: give --llm, --slm and/or --model LABEL=DIR")
         _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads", "gamma",

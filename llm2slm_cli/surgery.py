@@ -74,23 +74,6 @@ def truncate_layers(model, layers: int | list[int], spec: str) -> None:
         config.layer_types = [config.layer_types[i] for i in keep]
 
 
-def parse_slm_layers(text: str | int | list[int] | None) -> int | list[int] | None:
-    """--slm-layers: "d" (the first d) or "i,j,k" (those blocks; negative counts from the end)."""
-    if text is None or isinstance(text, (int, list)):
-        return text
-    try:
-        values = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise UserError(f"--slm-layers takes a number of layers or comma-separated block indices, got {text!r}")
-    if "," not in str(text):
-        if values[0] <= 0:
-            raise UserError(f"--slm-layers must be positive, got {values[0]}")
-        return values[0]
-    return values
-
-
 def keep_vocabulary(model, kept) -> None:
     """Keep only the embedding and output-head rows of the token ids in `kept` (a sorted LongTensor), in place, in
     that order: new id i is old id kept[i]. Tied heads stay tied; the embedding module (e.g. Gemma's scaled one)

@@ -163,3 +163,8 @@ def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
     assert graph["llm2slm_cli.a"] == {"llm2slm_cli.sub.b"}
     assert graph["llm2slm_cli.sub.b"] == {"llm2slm_cli.a"}
     assert _cycles(graph) == [["llm2slm_cli.a", "llm2slm_cli.sub.b", "llm2slm_cli.a"]]
+
+
+def test_configs_depend_only_on_the_error_types():
+    """Options are checked without models: config.py imports no other module of the package than errors.py."""
+    assert import_graph()["llm2slm_cli.config"] == {"llm2slm_cli.errors"}

@@ -83,14 +83,20 @@ def test_float16_is_refused_for_every_t5_model(cli, tmp_path):
         "--max-new-tokens", "2", "--quiet")  # GPT2 is fine in float16
 
 
-def test_train_fp16_from_the_launcher_is_refused_for_t5(monkeypatch):
+def test_train_fp16_from_the_launcher_is_refused_for_t5(monkeypatch, cli, tmp_path):
+    """`accelerate launch --mixed_precision fp16` sets ACCELERATE_MIXED_PRECISION: a T5 SLM or LLM is refused from
+    its config before anything is loaded or written; a GPT2 SLM with a Llama LLM is not."""
     from llm2slm_cli.config import TrainConfig
     from llm2slm_cli.errors import UserError
+    from llm2slm_cli.stages.train import _refuse_float16
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-    with pytest.raises(UserError, match="float16 is refused"):
-        TrainConfig(inputs=["d.jsonl"], slm="tiny-t5", out="o")
-    TrainConfig(inputs=["d.jsonl"], slm="tiny-gpt2", out="o")
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    msg = _error(cli, "train", data, "--slm", "tiny-t5", "--out", tmp_path / "t")
+    assert "float16 is refused" in msg and "SLM 'tiny-t5'" in msg and not (tmp_path / "t").exists()
+    with pytest.raises(UserError, match="float16 is refused .*LLM 'tiny-t5-large'"):
+        _refuse_float16(TrainConfig(inputs=[data], slm="tiny-gpt2", llm="tiny-t5-large", out=tmp_path / "t"))
+    _refuse_float16(TrainConfig(inputs=[data], slm="tiny-gpt2", llm="tiny-llama", out=tmp_path / "t"))
 
 
 def test_train_mixed_precision_defers_to_accelerate(monkeypatch, toy_files, tmp_path, cli):

@@ -19,6 +19,7 @@ from llm2slm_cli.bench.quality import read_quality
 from llm2slm_cli.bench.report import COLUMNS, print_table, print_throughput, write_outputs
 from llm2slm_cli.config import BenchConfig
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.quantize import check_decode_options, check_quantize
 
 __all__ = ["COLUMNS", "run"]
 
@@ -32,6 +33,10 @@ def run(config: BenchConfig) -> Path:
     from llm2slm_cli import benchmarking as B
 
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
+    device = runtime.device(config.device)
+    check_decode_options(quantize=config.quantize, compile=config.compile,
+                         speculative=bool(config.speculative or config.assistant))
+    check_quantize(config.quantize, device=device, dtype=config.dtype)
     out = Path(config.out)
     plans = plan_rows(config)
     if not plans:
@@ -43,7 +48,6 @@ def run(config: BenchConfig) -> Path:
         if label not in labels:
             raise UserError(f"--quality {label}: there is no row labelled {label!r} (rows: {', '.join(labels)})")
         quality[label] = read_quality(label, Path(directory), config.quality_metric)
-    device = runtime.device(config.device)
     A.check_output_dir(out, overwrite=config.overwrite, resumable=False)  # refused now; removed only when measured
     threads = torch.get_num_threads()
     verbosity = transformers.logging.get_verbosity()

@@ -219,10 +219,13 @@ def run(config: TrainConfig) -> Path:
 
 
 def _refuse_float16(config: TrainConfig) -> None:
-    """float16 overflows T5-family SLMs: refused from the SLM's config, whether asked here or by the launcher."""
+    """float16 overflows T5-family models: refused from the SLM's and the LLM's configs, whether asked here or by
+    the launcher."""
     if (config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":
-        M.refuse_float16(M.load_config(config.slm).model_type, "float16", f"SLM {config.slm!r}",
-                         "use --mixed-precision bf16 or no")
+        for role, spec in (("SLM", config.slm), ("LLM", config.llm)):
+            if spec is not None:
+                M.refuse_float16(M.load_config(spec).model_type, "float16", f"{role} {spec!r}",
+                                 "use --mixed-precision bf16 or no")
 
 
 def default_mixed_precision(config: TrainConfig) -> str | None:
