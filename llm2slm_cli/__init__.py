@@ -7,8 +7,8 @@ __all__ = ["__version__", "load"]
 
 
 def __getattr__(name: str):
-    # `from llm2slm_cli import load` without importing torch for `llm2slm --help`
     if name in ("load", "Model"):
+        # on first use (PEP 562): `import llm2slm_cli` (and `llm2slm --help`) stays light
         from llm2slm_cli import api
 
         return getattr(api, name)

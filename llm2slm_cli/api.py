@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from llm2slm_cli import runtime
 from llm2slm_cli.config import DecodingOptions, GenerateConfig
+from llm2slm_cli.data import Fields, length_sorted_batches, pad, template_fields, to_examples
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.generation import (
     PlainModel,
@@ -36,6 +38,18 @@ from llm2slm_cli.generation import (
     speculative_kwargs,
 )
 from llm2slm_cli.generation import first_line as _first_line  # `generate` has an argument of that name
+from llm2slm_cli.quantize import QUANTIZE_CHOICES
+from llm2slm_cli.runtime import tokenize_prompts
+from llm2slm_cli.validation import (
+    CallArgs,
+    DecodingArgs,
+    InvalidArgument,
+    check,
+    check_messages,
+    check_prompt,
+    check_prompts,
+    compile_chat_template,
+)
 
 MAX_NEW_TOKENS = next(f.default for f in dataclasses.fields(GenerateConfig) if f.name == "max_new_tokens")
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -53,8 +67,6 @@ class Decoding(DecodingOptions):
 
     def __post_init__(self) -> None:
         # the one validation layer (validation.py): strict types, ranges, errors naming the argument
-        from llm2slm_cli.validation import DecodingArgs, check
-
         check(DecodingArgs, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
@@ -142,8 +154,6 @@ class Model:
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse a prompt and response longer than the model's positions reach (a decoder-only model would fail
         or degrade past them)."""
-        from llm2slm_cli.validation import InvalidArgument
-
         if self.context_length is not None and prompt_tokens + max_new_tokens > self.context_length:
             raise InvalidArgument("max_new_tokens", f"this model reads at most {self.context_length} tokens, prompt "
                                   f"and response together: the prompt has {prompt_tokens}, so at most "
@@ -157,8 +167,6 @@ class Model:
 
     def prompt_text(self, prompt: str | dict[str, Any], *, template: bool = True, where: str = "prompt") -> str:
         """The text the model reads: the training template applied to `prompt` (or to the fields of a dict)."""
-        from llm2slm_cli.data import Fields, _to_examples, template_fields
-
         use = self.template if template else None
         if isinstance(prompt, dict):
             record = prompt
@@ -175,12 +183,10 @@ class Model:
         else:
             record = {"src": prompt}
         fields = Fields(prompt="src", target=None, id=None, template=use)
-        return _to_examples(iter([({}, record)]), where, fields, False)[0].prompt
+        return to_examples(iter([({}, record)]), where, fields, False)[0].prompt
 
     def prompt_ids(self, texts: Sequence[str], *, strict: bool = False, special_tokens: bool = True) -> list[list[int]]:
         """Token ids as `generate` makes them: longer than the model's prompt limit is cut (or, `strict`, refused)."""
-        from llm2slm_cli.runtime import tokenize_prompts
-
         if not special_tokens:  # a chat template writes the special tokens itself
             ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
             long = [i for i, t in enumerate(ids) if len(t) > self.max_prompt_length]
@@ -209,8 +215,6 @@ class Model:
 
     def decoding(self, **options: Any) -> Decoding:
         """Checked options (Decoding's fields; unknown names are refused): InvalidArgument names the one at fault."""
-        from llm2slm_cli.validation import InvalidArgument
-
         known = {f.name for f in dataclasses.fields(Decoding)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -238,8 +242,6 @@ class Model:
         """Decode one batch (prompts padded together); each row has its own length limit and stop strings."""
         import torch
 
-        from llm2slm_cli.data import pad
-
         speculative = isinstance(self.impl, SpeculativeModel)
         for ids, row in zip(prompt_ids, rows):
             self.check_length(len(ids), row.max_new_tokens)
@@ -262,8 +264,6 @@ class Model:
                  **options: Any) -> list[Completion]:
         """The raw responses with their tokens and finish reasons, in length-sorted batches of `batch_size` (as
         `generate` makes them); `on_text(i, text)` receives each response's new text as it is decoded."""
-        from llm2slm_cli.data import length_sorted_batches
-        from llm2slm_cli.validation import CallArgs, InvalidArgument, check, check_prompts
 
         prompts, _ = check_prompts(prompts)
         check(CallArgs, {"template": template, "strict": strict, "batch_size": batch_size})
@@ -291,8 +291,6 @@ class Model:
         tokens for the same options, stripped. Options: those of `complete` and Decoding (num_beams,
         length_penalty, sample, top_p, temperature, repetition_penalty, no_repeat_ngram_size, seed, max_new_tokens,
         stop); `first_line` as in the CLI."""
-        from llm2slm_cli.validation import CallArgs, check
-
         check(CallArgs, {"first_line": first_line})
         stop = options.get("stop") or []
         if first_line and isinstance(self.impl, PlainModel) and isinstance(stop, (str, list, tuple)):
@@ -304,8 +302,6 @@ class Model:
     def stream(self, prompt: str | dict, **options: Any) -> Iterator[str]:
         """The response to one prompt, piece by piece as it is decoded (greedy, sampling and speculative decoding;
         beam search gives it whole at the end). Stopping the iteration stops the decoding."""
-        from llm2slm_cli.validation import check_prompt
-
         prompt = check_prompt(prompt)
         decoding = self.decoding(**options)
         ids = self.prompt_ids([self.prompt_text(prompt)])
@@ -334,8 +330,6 @@ class Model:
 
     def chat_ids(self, messages: list[dict[str, Any]], *, strict: bool = False) -> list[int]:
         """The prompt's token ids for chat `messages`; a prompt the template renders empty is refused."""
-        from llm2slm_cli.validation import InvalidArgument, check_messages
-
         ids = self.prompt_ids([self.chat_text(check_messages(messages))], strict=strict, special_tokens=False)[0]
         if not ids:
             raise InvalidArgument("messages", "the chat template renders these messages as an empty prompt")
@@ -363,8 +357,6 @@ def _context_length(impl: Any) -> int | None:
 
 def _chat_template(value: str | Path | None) -> str | None:
     """The template's text, compiled once to refuse a broken one here rather than at every chat."""
-    from llm2slm_cli.validation import compile_chat_template
-
     if value is None:
         return None
     text = str(value)
@@ -392,9 +384,7 @@ def load(model: str | Path, *, draft: str | Path | None = None, gamma: int = 4, 
     `quantize` ("int8", or "int8-body" with a float32 head) decodes on a CPU with int8 weights; `compile` with a
     static cache and compiled steps (`llm2slm generate --quantize`, `--compile`).
     """
-    from llm2slm_cli import runtime
-    from llm2slm_cli.checkpoint import read_model_config
-    from llm2slm_cli.quantize import QUANTIZE_CHOICES
+    from llm2slm_cli.checkpoint import read_model_config  # imports torch: off the import of this module
 
     if quantize not in QUANTIZE_CHOICES:
         raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {quantize!r}")

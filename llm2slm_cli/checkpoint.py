@@ -13,7 +13,7 @@ from llm2slm_cli import artifacts as A
 from llm2slm_cli import loading as M
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM, LLMWeights, ModelConfig
-from llm2slm_cli.peft_baselines import _jsonable
+from llm2slm_cli.peft_baselines import jsonable
 
 
 def save(model: LLMToSLM, directory: Path) -> None:
@@ -33,7 +33,7 @@ def save(model: LLMToSLM, directory: Path) -> None:
     # last: the sizes and sha256 of the weights and config files, which `load` checks (train and export
     # write their own, fuller manifest over this one)
     A.atomic_write_json(directory / A.MANIFEST, A.make_manifest(
-        A.KIND_CHECKPOINT, {}, model=_jsonable(dataclasses.asdict(model.config)),
+        A.KIND_CHECKPOINT, {}, model=jsonable(dataclasses.asdict(model.config)),
         files=A.checkpoint_records(directory)))
 
 
@@ -58,15 +58,14 @@ def load(directory: Path, *, llm: FrozenLLM | None = None, llm_spec: str | None 
                         tokenizer=directory / A.TOKENIZER_DIR, device=device, weights=llm_weights)
     if llm is not None:
         check_llm(llm, config.llm, f"checkpoint {directory}")
-    slm = M._auto_class(config.slm_kind, with_head=True).from_config(slm_config)
+    slm = M.auto_class(config.slm_kind, with_head=True).from_config(slm_config)
     model = LLMToSLM(config, slm, llm)
     try:
         load_model(model, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(device))
     except (OSError, RuntimeError, SafetensorError) as e:  # truncated or foreign (an unverified checkpoint)
-        raise UserError(f"cannot load weights ({M._short(e)})", path=directory / A.MODEL_WEIGHTS) from None
+        raise UserError(f"cannot load weights ({M.short_error(e)})", path=directory / A.MODEL_WEIGHTS) from None
     if config.trim_vocab is not None:  # the kept ids came with the weights
-        model._refresh_lookup()
-        model._set_special_ids()
+        model.loaded_trimmed_vocabulary()
     model.prompt_tokenizer = M.ensure_special_tokens(_load_tok(directory / A.TOKENIZER_DIR))
     slm_tok_dir = directory / A.SLM_TOKENIZER_DIR
     model.target_tokenizer = (M.ensure_special_tokens(_load_tok(slm_tok_dir)) if slm_tok_dir.is_dir()

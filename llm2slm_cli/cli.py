@@ -23,6 +23,7 @@ import typer
 from llm2slm_cli import __version__
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import config as C
+from llm2slm_cli.artifacts import config_to_dict
 from llm2slm_cli.errors import Interrupted, UserError
 
 app = typer.Typer(
@@ -93,8 +94,6 @@ def command(name: str, config_cls: type, stage: str) -> None:
             C.check_numbers(config)
             if print_config:
                 import yaml
-
-                from llm2slm_cli.artifacts import config_to_dict
 
                 values = config_to_dict(config)  # testing aids (hidden) are not configuration
                 shown = {f.name: values[f.name] for f in fields if not f.metadata.get("hidden")}

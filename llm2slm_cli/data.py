@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm2slm_cli import artifacts as A
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.runtime import say
 
 TEXT_SUFFIXES = {".txt", ".text", ".src", ".tgt"}
 
@@ -128,7 +130,7 @@ def _decode_text(data: bytes, path: Path) -> str:
     return text
 
 
-def _split_lines(text: str) -> list[str]:
+def split_lines(text: str) -> list[str]:
     """Lines without their ends (LF or CRLF); a final line end adds no empty line."""
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -137,7 +139,7 @@ def _split_lines(text: str) -> list[str]:
 
 
 def _decode_lines(path: Path) -> list[str]:
-    return _split_lines(_decode_text(_read_bytes(path), path))
+    return split_lines(_decode_text(_read_bytes(path), path))
 
 
 _JSON_SPACE = " \t\n\r"
@@ -161,10 +163,10 @@ def _json_type(value: Any) -> str:
         type(value), "number")
 
 
-def _records_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+def records_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
     if text is None:
         text = _decode_text(_read_bytes(path), path)
-    for i, line in enumerate(_split_lines(text), 1):
+    for i, line in enumerate(split_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -184,7 +186,7 @@ def _records_json(path: Path) -> Iterator[tuple[dict[str, int], dict[str, Any]]]
         yield from _json_array(text, path)
         return
     try:
-        yield from _records_jsonl(path, text)
+        yield from records_jsonl(path, text)
     except UserError:
         if head == "{":
             try:
@@ -401,10 +403,10 @@ def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
 
     src = inputs[0]
     if src.startswith("hf:"):
-        return _to_examples(_records_hf(src), src, fields, require_target)
+        return to_examples(_records_hf(src), src, fields, require_target)
     dataset = dataset_source(src)
     if dataset is not None:
-        return _to_examples(_records_dataset(*dataset), src, fields, require_target)
+        return to_examples(_records_dataset(*dataset), src, fields, require_target)
     path = Path(src)
     if path.is_dir():
         return _read_labels(path, fields, require_target)
@@ -412,7 +414,7 @@ def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
     if suffix == ".arrow":
         records = _records_table(_read_arrow(path), path)
     elif suffix in (".jsonl", ".ndjson"):
-        records = _records_jsonl(path)
+        records = records_jsonl(path)
     elif suffix == ".json":
         records = _records_json(path)
     elif suffix == ".parquet":
@@ -423,13 +425,11 @@ def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
         records = _records_csv(path, "\t")
     else:  # any other file: one prompt per line
         records = (({"line": i}, {fields.prompt: line}) for i, line in enumerate(_decode_lines(path), 1))
-    return _to_examples(records, path, fields, require_target)
+    return to_examples(records, path, fields, require_target)
 
 
 def _read_labels(directory: Path, fields: Fields, require_target: bool) -> list[Example]:
     """The output directory of distill-labels: prompts with the template already applied, LLM targets."""
-    from llm2slm_cli import artifacts as A
-
     if not (directory / A.MANIFEST).is_file():
         raise UserError(f"a directory without {A.MANIFEST}: give a file of examples, a directory that `datasets` "
                         "saved (save_to_disk; DIR:SPLIT for a DatasetDict), or the output directory of "
@@ -448,14 +448,12 @@ def _read_labels(directory: Path, fields: Fields, require_target: bool) -> list[
     missing = [c for c in ("id", "prompt", "target") if c not in table.column_names]
     if missing:
         raise UserError(f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}", path=path)
-    examples = _to_examples(_records_table(table, path), path, Fields(prompt="prompt", target="target", id="id"),
+    examples = to_examples(_records_table(table, path), path, Fields(prompt="prompt", target="target", id="id"),
                             False)
     answered = [not require_target or bool((e.target or "").strip()) for e in examples]
     out = [e for e, ok in zip(examples, answered) if ok]
     empty = [e.id for e, ok in zip(examples, answered) if not ok]
     if empty:  # the LLM answered nothing: there is nothing to learn from these examples
-        from llm2slm_cli.runtime import say
-
         say(f"warning: {directory}: skipping {len(empty)} examples the LLM answered with nothing "
             f"(e.g. {empty[0]!r})")
     if not out:
@@ -472,7 +470,7 @@ def _read_pairs(src: Path, tgt: Path, fields: Fields, require_target: bool) -> l
     target_name = fields.target or "tgt"
     records = (({"line": i}, {prompt_name: s, target_name: t}) for i, (s, t) in enumerate(zip(a, b), 1))
     pair_fields = Fields(prompt=prompt_name, target=target_name, id=None, template=fields.template)
-    examples = _to_examples(records, src, pair_fields, require_target)
+    examples = to_examples(records, src, pair_fields, require_target)
     for i, ex in enumerate(examples, 1):
         if not ex.target or not ex.target.strip():
             raise UserError("empty target", path=tgt, line=i)
@@ -557,7 +555,7 @@ def _render(template: str, r: _Record) -> str:
     return "".join(parts)
 
 
-def _to_examples(records: Iterator[tuple[dict[str, int], dict[str, Any]]], path: Path | str, fields: Fields,
+def to_examples(records: Iterator[tuple[dict[str, int], dict[str, Any]]], path: Path | str, fields: Fields,
                  require_target: bool) -> list[Example]:
     if fields.template:
         template_fields(fields.template)  # a malformed template fails before the first record

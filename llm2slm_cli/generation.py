@@ -172,7 +172,7 @@ def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, 
     "int8-body" (quantize.py) and `compile` (a static cache and compiled steps in decoding.decode) change how it
     decodes; the identity records them."""
     from llm2slm_cli import checkpoint  # the model code imports torch: off the light path
-    from llm2slm_cli.llm2slm import FrozenLLM
+    from llm2slm_cli.llm2slm import FrozenLLM  # imports torch: off the import of this module
 
     path = Path(spec)
     check_decode_options(quantize=quantize, compile=compile, speculative=speculative)

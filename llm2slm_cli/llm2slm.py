@@ -34,10 +34,11 @@ from torch import nn
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import fingerprints, peft_baselines, presets, surgery
 from llm2slm_cli import loading as M
+from llm2slm_cli.decoding import decode, search_from, start
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.kd import kd_loss
 from llm2slm_cli.padding import right_to_left, strip_generated  # noqa: F401 (strip_generated: re-exported)
-from llm2slm_cli.peft_baselines import _jsonable
+from llm2slm_cli.peft_baselines import jsonable
 
 Fusion = Literal["add", "replace"]
 TokenizerMode = Literal["llm", "slm"]
@@ -386,6 +387,11 @@ class LLMToSLM(nn.Module):
         self.register_buffer("slm_lookup", torch.empty(0, dtype=torch.long), persistent=False)
         self._refresh_lookup()
 
+    def loaded_trimmed_vocabulary(self) -> None:
+        """After `slm_vocab` came with loaded weights (checkpoint.load): the lookup and generation ids from it."""
+        self._refresh_lookup()
+        self._set_special_ids()
+
     def _refresh_lookup(self) -> None:
         """tokenizer id -> new id (unkept ids -> the unknown token's new id), from `slm_vocab`."""
         trim = self.config.trim_vocab
@@ -450,7 +456,7 @@ class LLMToSLM(nn.Module):
         the virtual tokens of prompt and prefix tuning live in `peft_prompt` and are added by `_virtual_tokens`
         (peft's own forward drops the position ids left padding needs and cannot generate from `inputs_embeds`)."""
         wrapped = peft_baselines.wrap(self.slm, self.config.peft)
-        self.config.peft = _jsonable(wrapped.active_peft_config.to_dict())  # with the sizes peft read off the SLM
+        self.config.peft = jsonable(wrapped.active_peft_config.to_dict())  # with the sizes peft read off the SLM
         self.__dict__["peft_model"] = wrapped  # not a submodule: its modules are ours (slm, peft_prompt) already
         if wrapped.active_peft_config.is_prompt_learning:
             self.peft_prompt = wrapped.prompt_encoder[wrapped.active_adapter]
@@ -618,8 +624,6 @@ class LLMToSLM(nn.Module):
         cannot count the prompt in a repetition penalty or n-gram ban: those options are refused there.
         `streamer` (decoding.Streamer) sees the tokenizer ids of each step in our loop; transformers' never calls it.
         """
-        from llm2slm_cli.decoding import decode, search_from, start
-
         p = self.prompt_embeddings(prompt_ids, prompt_mask, features)
         mask = prompt_mask
         encoder_decoder = self.config.slm_kind == "encoder-decoder"

@@ -98,7 +98,7 @@ def _from_gguf(path: Path, load):
     try:
         return load()
     except Exception as e:  # noqa: BLE001 -- whatever a damaged file makes the parser raise
-        raise UserError(f"cannot read this GGUF file, damaged or not a model ({type(e).__name__}: {_short(e)})",
+        raise UserError(f"cannot read this GGUF file, damaged or not a model ({type(e).__name__}: {short_error(e)})",
                         path=path) from None
 
 
@@ -126,7 +126,7 @@ def load_config(spec: str):
             return _from_gguf(path, lambda: AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
         return AutoConfig.from_pretrained(src.name)
     except OSError as e:
-        raise UserError(f"cannot load the model config of {spec!r} ({_short(e)})") from None
+        raise UserError(f"cannot load the model config of {spec!r} ({short_error(e)})") from None
 
 
 def checkpoint_slm_config(directory: Path):
@@ -142,7 +142,7 @@ def checkpoint_slm_config(directory: Path):
     try:
         return AutoConfig.for_model(model_type, **base)
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"the SLM config does not describe a model transformers knows ({_short(e)})",
+        raise UserError(f"the SLM config does not describe a model transformers knows ({short_error(e)})",
                         path=path) from None
 
 
@@ -168,7 +168,7 @@ def num_layers(config) -> int:
     raise UserError(f"cannot tell the number of layers of a {config.model_type} model")
 
 
-def _auto_class(kind: ModelKind, *, with_head: bool):
+def auto_class(kind: ModelKind, *, with_head: bool):
     import transformers as tf
 
     if kind == "encoder-decoder":
@@ -193,14 +193,14 @@ def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, rol
     config = load_config(spec)
     refuse_float16(config.model_type, dtype, f"{role} {spec!r}")
     kind = model_kind(config)
-    cls = _auto_class(kind, with_head=with_head)
+    cls = auto_class(kind, with_head=with_head)
     dt = torch_dtype(dtype)
     encoder_cls = _encoder_class(config) if part == "encoder" else None
     if encoder_cls is not None and src.kind in ("dir", "hub"):
         try:
             return encoder_cls.from_pretrained(src.name, dtype=dt).eval()
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load {role} {spec!r} ({_short(e)})") from None
+            raise UserError(f"cannot load {role} {spec!r} ({short_error(e)})") from None
     if encoder_cls is not None:
         return _encoder_of(load_model(spec, dtype=dtype, role=role), encoder_cls)
     if src.kind == "preset":
@@ -231,7 +231,7 @@ def load_model(spec: str, *, dtype: str = "float32", with_head: bool = True, rol
             else:
                 model = cls.from_pretrained(src.name, dtype=dt)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load {role} {spec!r} ({_short(e)})") from None
+            raise UserError(f"cannot load {role} {spec!r} ({short_error(e)})") from None
     return model.eval()
 
 
@@ -274,7 +274,7 @@ def save_plain(model, directory: Path) -> None:
     model.save_pretrained(str(directory))
 
 
-def _short(e: Exception) -> str:
+def short_error(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 
 
@@ -315,7 +315,7 @@ def load_tokenizer(spec: str, override: str | Path | None = None, *, local_only:
         else:
             tok = AutoTokenizer.from_pretrained(src.name)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer of {spec!r} ({_short(e)})") from None
+        raise UserError(f"cannot load the tokenizer of {spec!r} ({short_error(e)})") from None
     return ensure_special_tokens(tok)
 
 
@@ -375,7 +375,7 @@ def weight_files(spec: str) -> list[Path]:
         try:
             found = cached_file(src.name, filename, _raise_exceptions_for_missing_entries=False)
         except OSError as e:
-            raise UserError(f"cannot find the weights of {spec!r} ({_short(e)})") from None
+            raise UserError(f"cannot find the weights of {spec!r} ({short_error(e)})") from None
         return Path(found) if found else None
 
     for single, index in _WEIGHT_FILES:
@@ -408,7 +408,7 @@ def input_embedding_rows(spec: str, dtype: str = "float32"):
         return None
     config = load_config(spec)
     with torch.device("meta"):  # only for the parameter's name: no memory, no initialisation
-        model = _auto_class(model_kind(config), with_head=True).from_config(config)
+        model = auto_class(model_kind(config), with_head=True).from_config(config)
     weight = model.get_input_embeddings().weight
     name = next(n for n, p in model.named_parameters() if p is weight)
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""

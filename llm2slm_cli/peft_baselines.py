@@ -46,10 +46,10 @@ def peft_spec(method: PeftMethod, slm_config, *, virtual_tokens: int | None = No
                                       prefix_projection=hidden > 0, encoder_hidden_size=hidden or None)
     else:
         raise UserError(f"--peft must be lora, prompt or prefix, got {method!r}")
-    return _jsonable(cfg.to_dict())
+    return jsonable(cfg.to_dict())
 
 
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+def jsonable(d: dict[str, Any]) -> dict[str, Any]:
     """A peft config dict as it round-trips through JSON: enums as their values, sets as sorted lists."""
     import enum
 
@@ -77,4 +77,4 @@ def wrap(slm, peft_config: dict[str, Any]):
             return peft.get_peft_model(slm, peft.get_peft_config(dict(peft_config)))
     except ValueError as e:  # e.g. --peft-lora-targets naming no module of this SLM
         method = {v: k for k, v in PEFT_TYPES.items()}.get(peft_config.get("peft_type"), "")
-        raise UserError(f"--peft {method}: {M._short(e)}") from None
+        raise UserError(f"--peft {method}: {M.short_error(e)}") from None

@@ -92,7 +92,7 @@ def quantize_model(model, quantize: str) -> dict[str, Any]:
     if quantize == "none":
         return {}
     head = quantize == "int8"
-    from llm2slm_cli.llm2slm import LLMToSLM
+    from llm2slm_cli.llm2slm import LLMToSLM  # imports torch: off the import of this module
 
     if isinstance(model, LLMToSLM):
         slm = _merged_slm(model)

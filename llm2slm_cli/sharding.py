@@ -17,8 +17,9 @@ from what the command would do now.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime

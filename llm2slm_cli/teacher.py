@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from llm2slm_cli import artifacts as A
+from llm2slm_cli.data import length_sorted_batches, pad
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.padding import right_to_left
 
 LOGITS_SHARD = "logits-{:05d}.safetensors"
 TENSORS = ("ids", "logprobs", "targets", "offsets")
@@ -35,8 +37,6 @@ def teacher_topk(model, kind: str, prompt_ids: list, target_ids: list, k: int, *
     is the encoder's input, the decoder reads [start ; target[:-1]]."""
     import torch
 
-    from llm2slm_cli.data import length_sorted_batches, pad
-    from llm2slm_cli.padding import right_to_left
 
     device = next(model.parameters()).device
     lengths = [len(p) + len(t) for p, t in zip(prompt_ids, target_ids)]

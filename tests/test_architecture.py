@@ -18,7 +18,7 @@ LAYERS = {
     "stage parts": ["server", "server.*", "bench", "bench.*"],
     "face": ["", "api"],
     "configs": ["config"],
-    "library": ["generation", "sharding", "features", "teacher", "batching", "benchmarking", "quantize", "judge",
+    "library": ["generation", "sharding", "features", "teacher", "batching", "quantize", "judge",
                 "pydoc_task"],
     "model": ["checkpoint", "llm2slm", "peft_baselines", "kd", "decoding", "padding", "cpu_head"],
     "foundations": ["surgery", "fingerprints", "loading", "presets", "data", "runtime", "validation", "artifacts",
@@ -168,3 +168,55 @@ def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
 def test_configs_depend_only_on_the_error_types():
     """Options are checked without models: config.py imports no other module of the package than errors.py."""
     assert import_graph()["llm2slm_cli.config"] == {"llm2slm_cli.errors"}
+
+
+# the model code: these import torch at module level, and so does whatever imports them at module level
+TORCH_AT_IMPORT = {"llm2slm_cli.checkpoint", "llm2slm_cli.cpu_head", "llm2slm_cli.decoding", "llm2slm_cli.kd",
+                   "llm2slm_cli.llm2slm"}
+
+
+def test_only_the_model_code_imports_torch_when_imported():
+    """Why some of the package's own imports sit inside functions: importing any other module (the CLI, a stage,
+    the API, the server, the bench library) leaves torch and transformers unimported, so `llm2slm --help`, option
+    errors and `import llm2slm_cli` stay light. Each such import says so in a comment."""
+    import json
+    import subprocess
+    import sys
+
+    light = sorted(set(_modules()) - TORCH_AT_IMPORT)
+    code = ("import importlib, json, sys\n"
+            f"for name in {light!r}:\n"
+            "    importlib.import_module(name)\n"
+            "light = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+            f"for name in {sorted(TORCH_AT_IMPORT)!r}:\n"
+            "    importlib.import_module(name)\n"
+            "print(json.dumps([light, 'torch' in sys.modules]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=PACKAGE.parent)
+    heavy_after_light, torch_after_model = json.loads(result.stdout)
+    assert heavy_after_light == [] and torch_after_model
+
+
+def test_imports_of_torch_code_inside_functions_give_their_reason():
+    """A function-level import of the package's own modules is there only to keep torch off a module's import; the
+    line (or the comment above it) says so."""
+    modules = _modules()
+    missing = []
+    for name, path in modules.items():
+        if name in TORCH_AT_IMPORT:
+            continue
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if node is fn or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                own = (node.level > 0 or (node.module or "").startswith("llm2slm_cli")
+                       if isinstance(node, ast.ImportFrom) else node.names[0].name.startswith("llm2slm_cli"))
+                if not own:
+                    continue
+                said = "#" in lines[node.end_lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
+                if not said:
+                    missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert missing == []

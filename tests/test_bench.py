@@ -113,7 +113,7 @@ def test_files_plots_and_manifest(bench):
 
 
 def test_generation_length_is_exact_and_checked():
-    from llm2slm_cli import benchmarking as B
+    from llm2slm_cli.bench import timing as B
     from llm2slm_cli.errors import UserError
     from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
 
@@ -234,7 +234,7 @@ def test_rows_of_one_model_are_timed_interleaved():
     and the others are still measured."""
     import torch
 
-    from llm2slm_cli import benchmarking as B
+    from llm2slm_cli.bench import timing as B
 
     calls: list[str] = []
 
@@ -260,7 +260,7 @@ def test_rows_of_one_model_are_timed_interleaved():
 
 
 def test_text_prompts_cut_or_whole():
-    from llm2slm_cli import benchmarking as B
+    from llm2slm_cli.bench import timing as B
     from llm2slm_cli.errors import UserError
 
     tok = M.builtin_tokenizer("bytes")

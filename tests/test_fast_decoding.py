@@ -174,7 +174,7 @@ def test_bench_quantize_times_int8_models_and_refuses_half_precision(cli, tmp_pa
     int8 Linear layers -- every Linear but the input embeddings is a dynamically quantized one when timed."""
     import torch
 
-    from llm2slm_cli import benchmarking as B
+    from llm2slm_cli.bench import timing as B
 
     seen = []
     real = B.measure
@@ -244,7 +244,7 @@ def test_beam_search_asking_every_8_steps_gives_the_same_beams_and_waits_only_th
 def test_bench_weight_bytes_count_the_packed_weights_of_int8_linears():
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    from llm2slm_cli.benchmarking import weight_bytes
+    from llm2slm_cli.bench.timing import weight_bytes
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32))
     assert weight_bytes([model]) == (64 * 32 + 32 + 32 + 32) * 4

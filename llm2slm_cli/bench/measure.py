@@ -9,10 +9,14 @@ from typing import Any
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import loading as M
 from llm2slm_cli import runtime
+from llm2slm_cli.bench import peers
+from llm2slm_cli.bench import timing as B
 from llm2slm_cli.bench.plan import Plan, sweep_lengths
 from llm2slm_cli.bench.rows import assisted_row, can_share, llm2slm_row, plain_row, shared_llm, speculative_row
 from llm2slm_cli.config import BenchConfig
+from llm2slm_cli.data import Fields, read_examples
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.quantize import kept_float, quantize_linears, quantize_model
 
 
 @dataclass
@@ -38,8 +42,6 @@ class Session:
     def measure(self, *rows: Any, flops: bool = True) -> None:
         """Rows sharing loaded models, timed side by side (B.measure) at every batch size and sweep length;
         results listed row by row. `flops`: False for rows torch's flop counter cannot see (peer runtimes)."""
-        from llm2slm_cli import benchmarking as B
-
         config = self.config
         common = dict(prompt_length=config.prompt_length, num_beams=config.num_beams, warmup=config.warmup,
                       repeats=config.repeats, flops=config.flops and flops, seed=config.seed, device=self.device,
@@ -106,8 +108,7 @@ def _quantize(s: Session, model: Any) -> None:
     place, as generate --quantize does (quantize.py); its input embedding, and with int8-body its head, stay float."""
     if s.config.quantize == "none":
         return
-    from llm2slm_cli.llm2slm import LLMToSLM
-    from llm2slm_cli.quantize import kept_float, quantize_linears, quantize_model
+    from llm2slm_cli.llm2slm import LLMToSLM  # imports torch: off the import of this module
 
     if isinstance(model, LLMToSLM):
         quantize_model(model, s.config.quantize)
@@ -116,7 +117,7 @@ def _quantize(s: Session, model: Any) -> None:
 
 
 def _load_llm(s: Session):
-    from llm2slm_cli.llm2slm import FrozenLLM
+    from llm2slm_cli.llm2slm import FrozenLLM  # imports torch: off the import of this module
 
     frozen = FrozenLLM(s.config.llm, dtype=s.config.dtype, device=s.device, tokenizer_optional=not s.texts,
                        tokenizer_option=None)
@@ -129,8 +130,8 @@ def _load_llm(s: Session):
 def _llm_rows(s: Session, plans: list[Plan]) -> None:
     """Everything built on the loaded LLM: its own rows, --throughput, LLM-to-SLM with fresh projectors, assisted
     generation and speculative decoding."""
-    from llm2slm_cli import checkpoint
-    from llm2slm_cli.llm2slm import LLMToSLM
+    from llm2slm_cli import checkpoint  # imports torch: off the import of this module
+    from llm2slm_cli.llm2slm import LLMToSLM  # imports torch: off the import of this module
 
     config, device, dtype, frozen = s.config, s.device, s.dtype, s.frozen
     group = [p for p in plans if p.role == "LLM"]
@@ -180,7 +181,7 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
 def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
     """Trained checkpoints: those made with exactly the loaded LLM reuse it; the others then load their own, one
     at a time (the shared LLM is dropped first)."""
-    from llm2slm_cli import checkpoint
+    from llm2slm_cli import checkpoint  # imports torch: off the import of this module
 
     checkpoints = list(dict.fromkeys(p.checkpoint for p in plans if p.role == "checkpoint"))
     shared = [c for c in checkpoints if can_share(s.frozen, c)]
@@ -205,8 +206,6 @@ def _peer_rows(s: Session, plans: list[Plan]) -> None:
     ours on the source model (float32), on the first batch-1 prompt the row was timed on."""
     import torch
 
-    from llm2slm_cli import benchmarking as B
-    from llm2slm_cli.bench import peers
 
     config = s.config
     context = config.prompt_length + max([config.new_tokens, *sweep_lengths(config)]) + 8
@@ -235,8 +234,7 @@ def _peer_rows(s: Session, plans: list[Plan]) -> None:
 
 def _throughput(config: BenchConfig, frozen: Any, device: Any, bar: Any) -> list[dict[str, Any]]:
     """encode's prompt tokens/s and train's examples/s over the batch sizes x prompt lengths of --throughput."""
-    from llm2slm_cli import benchmarking as B
-    from llm2slm_cli.llm2slm import LLMToSLM
+    from llm2slm_cli.llm2slm import LLMToSLM  # imports torch: off the import of this module
 
     batches = [int(x) for x in config.throughput_batch_sizes.split(",") if x.strip()]
     lengths = [int(x) for x in config.throughput_lengths.split(",") if x.strip()]
@@ -266,8 +264,6 @@ def _prompt_texts(config: BenchConfig) -> list[str] | None:
     """The prompts of --prompts (an examples file, with the template and fields of the other stages)."""
     if config.prompts is None:
         return None
-    from llm2slm_cli.data import Fields, read_examples
-
     examples = read_examples([config.prompts], Fields(prompt=config.prompt_field, target=None, id=None,
                                                       template=config.template))
     return [e.prompt for e in examples]

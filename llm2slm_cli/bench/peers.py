@@ -1,6 +1,6 @@
 """Peer runtimes as bench rows: CTranslate2 (a directory from ct2-transformers-converter) and llama.cpp (a GGUF file).
 
-They are what a user after fast CPU decoding would otherwise pick, so they are timed by benchmarking.measure exactly
+They are what a user after fast CPU decoding would otherwise pick, so they are timed by timing.measure exactly
 like this toolkit's rows: random prompt ids of --prompt-length tokens, exactly --new-tokens new tokens (the end token
 is suppressed until then), greedy, median of --repeats after --warmup, torch's thread count. Their weights are not
 torch modules: no FLOPs are counted, and weights_mb is the size of their weight file. With --peer-source, the row's
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from llm2slm_cli import loading as M
+from llm2slm_cli.bench import timing as B
+from llm2slm_cli.bench.timing import Unsupported
 from llm2slm_cli.errors import UserError
 
 INSTALL = {"ctranslate2": "pip install 'llm2slm-cli[ctranslate2]' (ctranslate2==4.8.5)",
@@ -118,8 +120,6 @@ class LlamaCppModel:
     def generate_ids(self, prompts: list[list[int]], n: int, num_beams: int) -> list[list[int]]:
         import numpy as np
 
-        from llm2slm_cli.benchmarking import Unsupported
-
         if len(prompts) != 1:
             raise Unsupported("llama.cpp rows take batch size 1")
         if num_beams != 1:
@@ -140,7 +140,7 @@ class LlamaCppModel:
 
 
 def peer_generate(model: CT2Model | LlamaCppModel, tokens: list[list[int]] | None = None):
-    """A benchmarking.GenerateFn for a peer model; `tokens`, when given, keeps the ids of the last call."""
+    """A timing.GenerateFn for a peer model; `tokens`, when given, keeps the ids of the last call."""
 
     def run(ids, mask, **generation: Any) -> int:
         got = model.generate_ids(ids.tolist(), generation["max_new_tokens"], generation.get("num_beams", 1))
@@ -160,8 +160,6 @@ def load_peer(plan: Any, device: Any, context: int):
 
 
 def peer_row(plan: Any, model: CT2Model | LlamaCppModel, tokenizer: Any = None):
-    from llm2slm_cli import benchmarking as B
-
     return B.Row(plan.label, plan.role, None, plan.slm, peer_generate(model), [], model.vocab_size, model.special_ids,
                  tokenizer=tokenizer, engine=model.engine, file_bytes=model.file_bytes)
 
@@ -169,8 +167,7 @@ def peer_row(plan: Any, model: CT2Model | LlamaCppModel, tokenizer: Any = None):
 def greedy_check(model: CT2Model | LlamaCppModel, reference: str, ids: Any, new_tokens: int) -> dict[str, Any]:
     """The peer's greedy tokens against this toolkit's greedy decoding (decoding.decode) of `reference` in float32,
     on one prompt: equal, and how many leading tokens agree."""
-    from llm2slm_cli import benchmarking as B
-    from llm2slm_cli.decoding import generate_plain, search_from
+    from llm2slm_cli.decoding import generate_plain, search_from  # imports torch: off the import of this module
 
     theirs = model.generate_ids(ids.tolist(), new_tokens, 1)[0]
     ours_model = M.load_model(reference, dtype="float32", role="reference").eval()

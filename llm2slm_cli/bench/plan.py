@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import loading as M
+from llm2slm_cli.bench import peers
 from llm2slm_cli.config import BenchConfig
 from llm2slm_cli.errors import UserError
 
@@ -48,7 +49,7 @@ def same_spec(spec: str | None) -> str | None:
 
 
 def plan_rows(config: BenchConfig) -> list[Plan]:
-    from llm2slm_cli.checkpoint import read_model_config
+    from llm2slm_cli.checkpoint import read_model_config  # imports torch: off the import of this module
 
     plans: list[Plan] = []
     one = len(config.slm) == 1
@@ -112,8 +113,6 @@ def sweep_lengths(config: BenchConfig) -> list[int]:
 def _peer_plans(config: BenchConfig) -> list[Plan]:
     """--ctranslate2 (one row per --ct2-compute-type) and --llama-cpp rows, their runtimes installed and their
     models present; --peer-source names the model each was converted from."""
-    from llm2slm_cli.bench import peers
-
     sources = {}
     for item in config.peer_source:
         label, _, spec = (x.strip() for x in item.partition("="))

@@ -1,4 +1,4 @@
-"""Timed rows (benchmarking.Row) from loaded models: plain models, LLM-to-SLM models, assisted and speculative
+"""Timed rows (timing.Row) from loaded models: plain models, LLM-to-SLM models, assisted and speculative
 decoding; and whether a checkpoint can share the LLM already loaded."""
 
 from __future__ import annotations
@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llm2slm_cli.bench import timing as B
 from llm2slm_cli.bench.plan import Plan, same_spec
 from llm2slm_cli.errors import UserError
 
 
 def plain_row(plan: Plan, model: Any, tokenizer: Any = None, compile: bool = False):
-    from llm2slm_cli import benchmarking as B
-
     run = B.plain_generate(model, plan.engine)
     if compile and plan.engine == "llm2slm":
         run = B.compiled(model, run)
@@ -22,16 +21,13 @@ def plain_row(plan: Plan, model: Any, tokenizer: Any = None, compile: bool = Fal
 
 
 def assisted_row(plan: Plan, model: Any, assistant: Any, tokenizer: Any = None):
-    from llm2slm_cli import benchmarking as B
-
     return B.Row(plan.label, plan.role, plan.llm, plan.slm, B.assisted_generate(model, assistant), [model, assistant],
                  B.prompt_vocab(model.config, tokenizer), B.special_ids(model.config, tokenizer), tokenizer=tokenizer,
                  engine=plan.engine)
 
 
 def speculative_row(plan: Plan, draft: Any, verifier: Any, gamma: int):
-    from llm2slm_cli import benchmarking as B
-    from llm2slm_cli.decoding import SpeculativeStats
+    from llm2slm_cli.decoding import SpeculativeStats  # imports torch: off the import of this module
 
     stats = SpeculativeStats()
     config, tok = verifier.model.config, verifier.tokenizer
@@ -42,8 +38,6 @@ def speculative_row(plan: Plan, draft: Any, verifier: Any, gamma: int):
 
 
 def llm2slm_row(plan: Plan, model: Any, compile: bool = False):
-    from llm2slm_cli import benchmarking as B
-
     llm = model.llm if model.has_llm else None
     config = llm.config if llm is not None else model.slm.config
     tok = model.prompt_tokenizer
@@ -65,7 +59,7 @@ def can_share(llm: Any, checkpoint: Path) -> bool:
 def shared_llm(llm: Any, checkpoint: Path, *, any_layer: bool) -> Any:
     """The loaded LLM (a view at the checkpoint's layer with `any_layer`) if the checkpoint was made with exactly
     its weights and tokenizer; else None, and the checkpoint loads its own."""
-    from llm2slm_cli.checkpoint import check_llm, read_model_config
+    from llm2slm_cli.checkpoint import check_llm, read_model_config  # imports torch: off the import of this module
 
     expected = read_model_config(checkpoint).llm
     if llm is None or expected is None or same_spec(expected["name"]) != same_spec(llm.spec):

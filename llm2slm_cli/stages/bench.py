@@ -2,8 +2,8 @@
 
 Rows run one after another with only their own models resident (so a GPU's peak memory is the row's own), but every
 model is loaded once: the LLM serves its own row and every LLM-to-SLM row built on it. This module is the stage's
-outline; its parts are in llm2slm_cli/bench/ (which rows, how they are built and measured, what is written) and
-how one row is timed is llm2slm_cli/benchmarking.py.
+outline; its parts are the bench library, llm2slm_cli/bench/ (which rows, how they are built, timed and measured,
+what is written).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
+from llm2slm_cli.bench import timing as B
 from llm2slm_cli.bench.measure import measure_rows
 from llm2slm_cli.bench.plan import plan_rows, same_spec
 from llm2slm_cli.bench.quality import read_quality
@@ -29,8 +30,6 @@ def run(config: BenchConfig) -> Path:
     report, plots and manifest."""
     import torch
     import transformers
-
-    from llm2slm_cli import benchmarking as B
 
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     device = runtime.device(config.device)

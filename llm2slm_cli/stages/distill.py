@@ -25,7 +25,7 @@ from llm2slm_cli.data import Fields, read_examples
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.fingerprints import tokenizer_fingerprint
 from llm2slm_cli.generation import HalvingBatcher, PlainModel, generate_shard, generation_kwargs
-from llm2slm_cli.sharding import ShardedRun, in_order_shards, shard_seed
+from llm2slm_cli.sharding import ShardedRun, in_order_shards
 from llm2slm_cli.teacher import LOGITS_SHARD, teacher_topk, write_shard
 
 PART = "examples-{:05d}.parquet"

@@ -62,7 +62,7 @@ def run(config: EncodeConfig) -> Path:
 
 def _open_and_tokenize(config: EncodeConfig, work: ShardedRun, examples: list) -> tuple[Any, list, list]:
     """The frozen LLM on this process's device, and every prompt's token ids (with whether it was truncated)."""
-    from llm2slm_cli.llm2slm import FrozenLLM
+    from llm2slm_cli.llm2slm import FrozenLLM  # imports torch: off the import of this module
 
     llm = FrozenLLM(config.model, layer=config.layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
                     device=work.device, weights="encoder")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2slm_cli import artifacts as A
-from llm2slm_cli import runtime
+from llm2slm_cli import judge, runtime
 from llm2slm_cli.config import EvalConfig
 from llm2slm_cli.data import Fields, read_examples
 from llm2slm_cli.errors import UserError
@@ -110,7 +110,7 @@ def load_references(config: EvalConfig, rows: list[dict[str, Any]], predictions_
                     "pass --refs FILE", path=predictions_path)
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
@@ -124,7 +124,7 @@ def bleu(hypotheses: list[str], references: list[str], tokenize: str, lowercase:
         corpus_metric = BLEU(tokenize=tokenize, lowercase=lowercase)
         sentence_metric = BLEU(tokenize=tokenize, lowercase=lowercase, effective_order=True)
     except Exception as e:  # a tokenizer whose extra package or model file is missing
-        raise UserError(f"--bleu-tokenize {tokenize} is unavailable: {_one_line(str(e))}") from None
+        raise UserError(f"--bleu-tokenize {tokenize} is unavailable: {one_line(str(e))}") from None
     score = corpus_metric.corpus_score(hypotheses, [references])
     per_example = [sentence_metric.sentence_score(h, [r]).score for h, r in zip(hypotheses, references)]
     result = {
@@ -172,8 +172,6 @@ def rouge(hypotheses: list[str], references: list[str]) -> tuple[dict[str, Any],
 def run_judge(config: EvalConfig, rows: list[dict[str, Any]], references: list[str]):
     """Ratings for every example and their summary (mean over parsed ratings only)."""
     import os
-
-    from llm2slm_cli import judge
 
     items = [(row["prompt"] or "", ref, row["prediction"]) for row, ref in zip(rows, references)]
     api_key = os.environ.get(config.judge_api_key_env) if config.judge_api_key_env else None
@@ -322,11 +320,11 @@ def paired_bootstrap(config: EvalConfig, rows: list[dict[str, Any]], hypotheses:
         raise UserError(f"--paired-with must hold predictions of the same examples: {len(missing)} of {len(rows)} "
                         f"ids are not there" + (f" (e.g. {missing[0]!r})" if missing else
                                                 f", and it has {len(base)} predictions"), path=config.paired_with)
-    systems = [("baseline", [_one_line(base[row["id"]]) for row in rows]),
-               ("system", [_one_line(h) for h in hypotheses])]
+    systems = [("baseline", [one_line(base[row["id"]]) for row in rows]),
+               ("system", [one_line(h) for h in hypotheses])]
     metrics = {"bleu": BLEU(tokenize=config.bleu_tokenize, lowercase=config.lowercase),
                "chrf": CHRF(lowercase=config.lowercase)}
-    signatures, scores = PairedTest(systems, metrics, references=[[_one_line(r) for r in references]],
+    signatures, scores = PairedTest(systems, metrics, references=[[one_line(r) for r in references]],
                                     test_type="bs", n_samples=config.bootstrap_samples)()
     out: dict[str, Any] = {"baseline": str(config.paired_with), "samples": config.bootstrap_samples}
     for name in metrics:

@@ -24,7 +24,7 @@ COPIED = (A.MODEL_CONFIG, A.SLM_CONFIG, A.MODEL_WEIGHTS, A.TOKENIZER_DIR, A.SLM_
 
 
 def run(config: ExportConfig) -> Path:
-    from llm2slm_cli.checkpoint import read_model_config
+    from llm2slm_cli.checkpoint import read_model_config  # imports torch: off the import of this module
 
     src, out = Path(config.checkpoint), Path(config.out)
     # first: --out is none of the inputs (the checkpoint, its LLM, --eval, the run's manifest beside the checkpoint),

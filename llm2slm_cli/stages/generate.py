@@ -15,8 +15,9 @@ from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.api import Model
 from llm2slm_cli.config import GenerateConfig
-from llm2slm_cli.data import Fields, read_examples
+from llm2slm_cli.data import Fields, read_examples, records_jsonl, split_lines, to_examples
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.features import FeatureStore
 from llm2slm_cli.generation import (
     HalvingBatcher,
     PlainModel,
@@ -43,7 +44,7 @@ def load_generator(config: GenerateConfig, device):
 
 def _checkpoint_template(path: Path) -> str | None:
     """The template a checkpoint was trained with (None for a plain model); refuses other artifact directories."""
-    from llm2slm_cli.checkpoint import read_model_config
+    from llm2slm_cli.checkpoint import read_model_config  # imports torch: off the import of this module
 
     if path.is_dir() and (path / A.MODEL_CONFIG).is_file():
         return read_model_config(path).template
@@ -149,7 +150,7 @@ def _merge(config: GenerateConfig, work: ShardedRun, model, examples: list, reco
     parts go."""
     import pyarrow as pa
 
-    from llm2slm_cli.decoding import SpeculativeStats
+    from llm2slm_cli.decoding import SpeculativeStats  # imports torch: off the import of this module
 
     (identity, generation, template, input_sha), (truncated, shards, batcher) = recorded, layout
     new_tokens, seconds = timing
@@ -235,15 +236,13 @@ class _Printer:
 def _stdin_prompts(text: str, config: GenerateConfig, template: str | None) -> list[tuple[str, str, str, bool]]:
     """(id, where, prompt, needs the template) for each prompt on stdin: JSONL records (the field options and template
     apply as to a file), or plain lines (blank ones skipped), each filled into the template."""
-    from llm2slm_cli.data import Fields, _records_jsonl, _split_lines, _to_examples
-
-    lines = _split_lines(text)  # line feeds only, as files are read: a U+2028 inside a prompt splits nothing
+    lines = split_lines(text)  # line feeds only, as files are read: a U+2028 inside a prompt splits nothing
     first = next((line.strip() for line in lines if line.strip()), None)
     if first is None:
         raise UserError("no prompts on stdin")
     if first.startswith("{"):
         fields = Fields(prompt=config.prompt_field, target=None, id=config.id_field, template=template)
-        examples = _to_examples(_records_jsonl(Path("<stdin>"), text), "<stdin>", fields, False)
+        examples = to_examples(records_jsonl(Path("<stdin>"), text), "<stdin>", fields, False)
         return [(e.id, f"<stdin>, {e.place}", e.prompt, False) for e in examples]
     lines = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
     return [(str(k), f"<stdin>, line {i}", line, True) for k, (i, line) in enumerate(lines)]
@@ -255,9 +254,8 @@ def _stored_features(path: Path, model, examples, ids):
     import numpy as np
     import torch
 
-    from llm2slm_cli.checkpoint import check_llm
-    from llm2slm_cli.features import FeatureStore
-    from llm2slm_cli.llm2slm import LLMToSLM
+    from llm2slm_cli.checkpoint import check_llm  # imports torch: off the import of this module
+    from llm2slm_cli.llm2slm import LLMToSLM  # imports torch: off the import of this module
 
     if not isinstance(model, LLMToSLM) or not model.has_llm:
         raise UserError("--features needs an LLM-to-SLM checkpoint (trained with --llm) as --model")

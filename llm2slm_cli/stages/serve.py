@@ -9,18 +9,18 @@ import asyncio
 import signal
 import sys
 
+from llm2slm_cli.api import load
 from llm2slm_cli.config import ServeConfig
 from llm2slm_cli.errors import Interrupted, UserError
+from llm2slm_cli.server.serving import Engine, OpenAIServing, ServingError
+from llm2slm_cli.validation import InvalidArgument, compile_chat_template
 
 FORCE_AFTER_S = 5.0  # after a second SIGINT, how long clients have to take their error before the sockets close
 
 
 def build(config: ServeConfig):
     """The FastAPI app for `config` (its model loaded) and its OpenAIServing."""
-    from llm2slm_cli.api import load
-    from llm2slm_cli.server.app import build_app
-    from llm2slm_cli.server.serving import Engine, OpenAIServing
-    from llm2slm_cli.validation import InvalidArgument, compile_chat_template
+    from llm2slm_cli.server.app import build_app  # imports fastapi: off the import of this module
 
     try:
         model = load(config.model, draft=config.draft, gamma=config.gamma, llm=config.llm,
@@ -71,8 +71,6 @@ def run(config: ServeConfig) -> None:
                 self.force_exit = True
 
         def abort(self) -> None:
-            from llm2slm_cli.server.serving import ServingError
-
             stopped["jobs"] = serving.engine.abort(ServingError(
                 503, "the server was stopped (a second Ctrl-C) before this request finished", type="server_error",
                 code="shutting_down"))

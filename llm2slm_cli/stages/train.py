@@ -28,12 +28,16 @@ from typing import Any
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import loading as M
 from llm2slm_cli import runtime
+from llm2slm_cli.batching import TrainLoader, TrainPlan, to_device
 from llm2slm_cli.config import TrainConfig
 from llm2slm_cli.data import Example, Fields, length_sorted_batches, pad, read_examples
 from llm2slm_cli.errors import Interrupted, UserError
+from llm2slm_cli.features import FeatureStore
 from llm2slm_cli.fingerprints import tokenizer_fingerprint
-from llm2slm_cli.loading import _short
+from llm2slm_cli.loading import short_error
+from llm2slm_cli.peft_baselines import peft_spec
 from llm2slm_cli.surgery import set_dropout
+from llm2slm_cli.teacher import TeacherLogits
 
 
 class Split:
@@ -116,8 +120,7 @@ def _load_split(examples: list[Example], config: TrainConfig, store: Any | None,
 def _features(path: Path | None, llm, what: str):
     if path is None:
         return None
-    from llm2slm_cli.checkpoint import check_llm
-    from llm2slm_cli.features import FeatureStore
+    from llm2slm_cli.checkpoint import check_llm  # imports torch: off the import of this module
 
     store = FeatureStore(path)
     check_llm(llm, store.llm, f"{what} features {path}")
@@ -300,11 +303,11 @@ def load_llm(config: TrainConfig, inputs: Inputs, device: Any):
     layer."""
     if config.llm is None:
         return None
-    from llm2slm_cli.llm2slm import FrozenLLM
+    from llm2slm_cli.llm2slm import FrozenLLM  # imports torch: off the import of this module
 
     layer = config.layer
     if config.init_from is not None and str(layer) == "-1":  # the default: the starting checkpoint's layer
-        from llm2slm_cli.checkpoint import read_model_config
+        from llm2slm_cli.checkpoint import read_model_config  # imports torch: off the import of this module
 
         if (Path(config.init_from) / A.MODEL_CONFIG).is_file():
             layer = str((read_model_config(Path(config.init_from)).llm or {}).get("layer", layer))
@@ -332,7 +335,7 @@ def build_model(config: TrainConfig, llm, inputs: Inputs):
     """The LLM-to-SLM model (or the SLM alone; or --init-from's checkpoint), seeded, with --freeze-slm applied."""
     from accelerate.utils import set_seed
 
-    from llm2slm_cli.llm2slm import LLMToSLM
+    from llm2slm_cli.llm2slm import LLMToSLM  # imports torch: off the import of this module
 
     set_seed(config.seed)
     if config.init_from is not None:
@@ -355,8 +358,8 @@ def build_model(config: TrainConfig, llm, inputs: Inputs):
 def _init_from(config: TrainConfig, llm, inputs: Inputs):
     """--init-from: the checkpoint's model (verified, its LLM checked against this run's), in training mode; every
     option this command gives that the checkpoint fixes must agree with it."""
-    from llm2slm_cli import checkpoint
-    from llm2slm_cli.checkpoint import read_model_config
+    from llm2slm_cli import checkpoint  # imports torch: off the import of this module
+    from llm2slm_cli.checkpoint import read_model_config  # imports torch: off the import of this module
 
     path = Path(config.init_from)
     if not (path / A.MODEL_CONFIG).is_file():
@@ -476,8 +479,6 @@ class Training:
     def train_batch(self, indices: list[int]) -> dict[str, Any]:
         """The next training micro-batch from the loader (which follows the same plan as `step_batches`), on the
         training device, features cast there."""
-        from llm2slm_cli.batching import to_device
-
         got, batch = self.loader.next_batch()
         if got != indices:
             raise RuntimeError(f"the data loader is out of step: examples {got[:4]} for {indices[:4]}")
@@ -504,7 +505,7 @@ def start_training(config: TrainConfig, inputs: Inputs, model, train: Split, dev
     `resume_from` restored (its log truncated to its step), and the run announced."""
     import torch
 
-    from llm2slm_cli.llm2slm import parameter_counts
+    from llm2slm_cli.llm2slm import parameter_counts  # imports torch: off the import of this module
 
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -546,8 +547,6 @@ def train_plan(train: Split, config: TrainConfig, rank: int, world: int):
     """The run's order (batching.TrainPlan): a permutation drawn from (seed, epoch) alone (regrouped by length with
     --bucket-by-length), so a resumed run sees the same batches; each process takes every world-th example of the
     global batch, sorted by length into micro-batches."""
-    from llm2slm_cli.batching import TrainPlan
-
     return TrainPlan(len(train), seed=config.seed, batch_size=config.batch_size,
                      micro_batch_size=config.micro_batch_size, prompt_lengths=[len(p) for p in train.prompt_ids],
                      target_lengths=[len(t) for t in train.target_ids], rank=rank, world=world,
@@ -568,8 +567,6 @@ def open_loader(t: Training, plan):
     import functools
 
     import torch
-
-    from llm2slm_cli.batching import TrainLoader
 
     dtype = t.train.store.dtype if t.train.store is not None else torch.float32
     if t.train.store is not None and t.config.num_workers:
@@ -703,8 +700,6 @@ def finish(t: Training, seconds: float) -> None:
 
 def _teacher(config: TrainConfig):
     """The stored teacher distributions for --kd-weight: --kd-logits, else the training input if it has them."""
-    from llm2slm_cli.teacher import TeacherLogits
-
     path = config.kd_logits
     if path is None:
         src = Path(config.inputs[0])
@@ -739,8 +734,6 @@ def _trim_vocabulary(model, train: Split, quiet: bool) -> None:
 def _peft_spec(config: TrainConfig) -> dict[str, Any] | None:
     if config.peft is None:
         return None
-    from llm2slm_cli.peft_baselines import peft_spec
-
     targets = ([t.strip() for t in config.peft_lora_targets.split(",") if t.strip()] if config.peft_lora_targets
         else None)
     return peft_spec(config.peft, M.load_config(config.slm), virtual_tokens=config.peft_virtual_tokens,
@@ -750,7 +743,7 @@ def _peft_spec(config: TrainConfig) -> dict[str, Any] | None:
 
 def _print_counts(config: TrainConfig, model, llm) -> None:
     """--count-parameters: the model as this command would train it (paper Table 6 matches trainable counts)."""
-    from llm2slm_cli.llm2slm import parameter_counts
+    from llm2slm_cli.llm2slm import parameter_counts  # imports torch: off the import of this module
 
     counts = parameter_counts(model)
     counts = {"slm": config.slm, "llm": config.llm, "peft": config.peft, "slm_layers": config.slm_layers,
@@ -805,7 +798,7 @@ def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerat
     import numpy as np
     import torch
 
-    from llm2slm_cli import checkpoint
+    from llm2slm_cli import checkpoint  # imports torch: off the import of this module
 
     final = out / name
     tmp = out / f".{name}.tmp"
@@ -848,7 +841,7 @@ def _restore(directory: Path, core, optimizer, scheduler, accelerator) -> int:
         load_model(core, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(accelerator.device))
     except (OSError, RuntimeError) as e:  # another SLM's weights (shapes, names): not this run's checkpoint
         raise UserError(f"cannot resume from this checkpoint: its weights do not fit the model this command "
-                        f"builds ({_short(e)}); give the interrupted run's options, or --overwrite",
+                        f"builds ({short_error(e)}); give the interrupted run's options, or --overwrite",
                         path=directory) from None
     path = directory / A.OPTIMIZER_STATE
     try:  # verified; this catches what an unverified checkpoint (LLM2SLM_UNVERIFIED_CHECKPOINTS=1) may hold
@@ -867,7 +860,7 @@ def _restore(directory: Path, core, optimizer, scheduler, accelerator) -> int:
                 torch.cuda.set_rng_state_all(rng["cuda"])
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
             pickle.UnpicklingError) as e:  # what unpickling damaged bytes raises
-        raise UserError(f"cannot resume from this checkpoint: unreadable training state ({_short(e)})",
+        raise UserError(f"cannot resume from this checkpoint: unreadable training state ({short_error(e)})",
                         path=path) from None
     return state["step"]
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from fewshot import FIXED, dev500, read_lines, records, whole_pool
 
-from llm2slm_cli.stages.evaluate import _one_line, repetition_loop
+from llm2slm_cli.stages.evaluate import one_line, repetition_loop
 
 PREDICTIONS = "newstest2013-dev500.de"
 SAMPLES = 1000
@@ -91,7 +91,7 @@ def main() -> None:
         print(f"skipping: {args.shared} not found (the references live in ../shared/data)")
         return
     src, refs = dev500(args.shared)
-    refs = [_one_line(r) for r in refs]  # as eval reads them
+    refs = [one_line(r) for r in refs]  # as eval reads them
     pool_en, pool_de = whole_pool(args.shared)
     frequency = Counter(w.casefold() for line in pool_de for w in WORD.findall(line))
     fixed = set().union(*(words(en) | words(de) for en, de in FIXED))
@@ -107,7 +107,7 @@ def main() -> None:
         path = args.results / row / PREDICTIONS
         if not path.is_file():
             raise SystemExit(f"error: {path} not found")
-        lines = [_one_line(h) for h in read_lines(path)]
+        lines = [one_line(h) for h in read_lines(path)]
         if len(lines) != len(src):
             raise SystemExit(f"error: {path} has {len(lines)} lines, the dev set {len(src)}")
         return lines

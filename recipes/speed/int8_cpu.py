@@ -22,8 +22,8 @@ from types import SimpleNamespace
 
 import torch
 
-from llm2slm_cli import benchmarking as B
 from llm2slm_cli import loading as M
+from llm2slm_cli.bench import timing as B
 from llm2slm_cli.generation import is_checkpoint, open_model
 
 MODES = ["none", "int8", "int8-body"]

@@ -91,7 +91,7 @@ def random_prompts(vocab_size: int, avoid: set[int], batch: int, length: int, se
 def compiled(target: Any, run: GenerateFn) -> GenerateFn:
     """`run` with `target` (the module our loop decodes) set to a static KV cache and compiled one-token steps
     (bench --compile) for the call only, so transformers' rows on the same module stay as they are."""
-    from llm2slm_cli.decoding import set_decode_options
+    from llm2slm_cli.decoding import set_decode_options  # imports torch: off the import of this module
 
     def compiled_run(ids, mask, **generation: Any) -> int:
         set_decode_options(target, static_cache=True, compile=True)
@@ -107,7 +107,7 @@ def plain_generate(model: Any, engine: str = "transformers") -> GenerateFn:
     """The model alone on input ids (encoder-decoder or decoder-only), decoded by `engine`."""
     import torch
 
-    from llm2slm_cli.decoding import generate_plain, search_from
+    from llm2slm_cli.decoding import generate_plain, search_from  # imports torch: off the import of this module
 
     gen = model.generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
@@ -163,7 +163,7 @@ def assisted_generate(model: Any, assistant: Any) -> GenerateFn:
 def speculative_generate_fn(draft: Any, verifier: Any, gamma: int, stats: Any) -> GenerateFn:
     """Speculative decoding (decoding.py) for exactly the asked length: the end and padding tokens are suppressed
     in both models, as `min_new_tokens` does for the other rows. Acceptance statistics accumulate in `stats`."""
-    from llm2slm_cli.decoding import speculative_generate
+    from llm2slm_cli.decoding import speculative_generate  # imports torch: off the import of this module
 
     banned = sorted({draft.config.eos_token_id, draft.config.pad_token_id})
 
