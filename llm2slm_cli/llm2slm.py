@@ -32,9 +32,8 @@ import torch
 from torch import nn
 
 from llm2slm_cli import artifacts as A
-from llm2slm_cli import fingerprints, peft_baselines, presets, surgery
+from llm2slm_cli import decoding, fingerprints, peft_baselines, presets, surgery
 from llm2slm_cli import loading as M
-from llm2slm_cli.decoding import decode, search_from, start
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.kd import kd_loss
 from llm2slm_cli.padding import right_to_left, strip_generated  # noqa: F401 (strip_generated: re-exported)
@@ -632,14 +631,14 @@ class LLMToSLM(nn.Module):
         p, mask, extra = self._virtual_tokens(p, mask, generation)
         g = self.slm.generation_config
         search = (None if extra or engine == "transformers" else
-            search_from(generation, g, eos=g.eos_token_id, pad=g.pad_token_id, device=p.device))
+            decoding.search_from(generation, g, eos=g.eos_token_id, pad=g.pad_token_id, device=p.device))
         if search is not None:
-            step, logits = start(self.slm, mask, search, inputs_embeds=p, decoder_start=g.decoder_start_token_id
-                                 if encoder_decoder else None)
+            step, logits = decoding.start(self.slm, mask, search, inputs_embeds=p,
+                                          decoder_start=g.decoder_start_token_id if encoder_decoder else None)
             history = (self.repetition_prompt(prompt_ids, prompt_mask, pad=search.pad_token_id)
                 if search.repetition_penalty != 1.0 or search.no_repeat_ngram_size > 0 else (None, None))
-            out = decode(step, logits, search, prompt_ids=history[0], prompt_mask=history[1],
-                         streamer=None if streamer is None else lambda t: streamer(self.tokenizer_ids(t)))
+            out = decoding.decode(step, logits, search, prompt_ids=history[0], prompt_mask=history[1],
+                                  streamer=None if streamer is None else lambda t: streamer(self.tokenizer_ids(t)))
         else:
             asked = [k for k in ("repetition_penalty", "no_repeat_ngram_size")
                      if generation.get(k) not in (None, 1.0 if k == "repetition_penalty" else 0)]
