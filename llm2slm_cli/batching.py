@@ -24,24 +24,28 @@ BUCKET_BATCHES = 64
 
 
 def epoch_order(n: int, seed: int, epoch: int, *, lengths: Sequence[int] | None = None,
-                batch_size: int | None = None) -> list[int]:
-    """The examples of one epoch in training order: torch.randperm from (seed, epoch). With `lengths` (bucketing),
-    each window of BUCKET_BATCHES global batches of that permutation is sorted by length and cut into batches, and
-    the full batches are shuffled (the short last batch stays last), so a batch holds examples of similar length."""
+                batch_size: int | None = None):
+    """The examples of one epoch in training order, as an int64 numpy array: torch.randperm from (seed, epoch).
+    With `lengths` (bucketing), each window of BUCKET_BATCHES global batches of that permutation is sorted by
+    (length, index) and cut into batches, and the full batches are shuffled (the short last batch stays last), so a
+    batch holds examples of similar length. Vectorised: millions of examples cost arrays, not Python objects."""
+    import numpy as np
     import torch
 
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
+    perm = torch.randperm(n, generator=g).numpy()
     if lengths is None:
         return perm
+    lengths = np.asarray(lengths)
     full = n - n % batch_size
     window = batch_size * BUCKET_BATCHES
-    batches = []
+    chunks = []
     for start in range(0, full, window):
-        chunk = sorted(perm[start: min(start + window, full)], key=lambda i: (lengths[i], i))
-        batches += [chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size)]
-    shuffled = torch.randperm(len(batches), generator=g).tolist()
-    return [i for b in shuffled for i in batches[b]] + perm[full:]
+        chunk = perm[start: min(start + window, full)]
+        chunks.append(chunk[np.lexsort((chunk, lengths[chunk]))])  # by length, then index
+    batches = np.concatenate(chunks).reshape(-1, batch_size) if chunks else np.empty((0, batch_size), np.int64)
+    shuffled = torch.randperm(len(batches), generator=g).numpy()
+    return np.concatenate([batches[shuffled].reshape(-1), perm[full:]])
 
 
 @dataclass
@@ -62,14 +66,17 @@ class TrainPlan:
     def __init__(self, n: int, *, seed: int, batch_size: int, micro_batch_size: int, prompt_lengths: Sequence[int],
                  target_lengths: Sequence[int], rank: int = 0, world: int = 1,
                  bucket_by_length: bool = False) -> None:
+        import numpy as np
+
         self.n, self.seed, self.batch_size, self.micro_batch_size = n, seed, batch_size, micro_batch_size
-        self.prompt_lengths, self.target_lengths = prompt_lengths, target_lengths
+        self.prompt_lengths = np.asarray(prompt_lengths, dtype=np.int64)
+        self.target_lengths = np.asarray(target_lengths, dtype=np.int64)
         self.rank, self.world = rank, world
         self.steps_per_epoch = -(-n // batch_size)
-        self._lengths = [p + t for p, t in zip(prompt_lengths, target_lengths)] if bucket_by_length else None
-        self._epoch, self._order = -1, []
+        self._lengths = self.prompt_lengths + self.target_lengths if bucket_by_length else None
+        self._epoch, self._order = -1, np.empty(0, np.int64)
 
-    def order(self, epoch: int) -> list[int]:
+    def order(self, epoch: int):
         if epoch != self._epoch:
             self._order = epoch_order(self.n, self.seed, epoch, lengths=self._lengths, batch_size=self.batch_size)
             self._epoch = epoch
@@ -84,10 +91,10 @@ class TrainPlan:
 
     def __call__(self, step: int) -> StepPlan:
         epoch, s = divmod(step, self.steps_per_epoch)
-        global_batch = self.order(epoch)[s * self.batch_size: (s + 1) * self.batch_size]
-        global_tokens = sum(self.target_lengths[i] for i in global_batch)
+        global_batch = self.order(epoch)[s * self.batch_size: (s + 1) * self.batch_size].tolist()
+        global_tokens = int(self.target_lengths[global_batch].sum())
         local = sorted(global_batch[self.rank::self.world],
-                       key=lambda i: (self.prompt_lengths[i] + self.target_lengths[i], i))
+                       key=lambda i: (int(self.prompt_lengths[i] + self.target_lengths[i]), i))
         micro = [local[j: j + self.micro_batch_size] for j in range(0, len(local), self.micro_batch_size)]
         weight = self.world / global_tokens
         if not micro:  # a last batch smaller than the process count: join the all-reduce with zero

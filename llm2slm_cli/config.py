@@ -254,6 +254,14 @@ class TrainConfig(ExampleFields):
     micro_batch_size: int = opt(16, "Examples per forward pass; gradients accumulate to --batch-size.")
     num_workers: int = opt(0, "Background processes that pad micro-batches and read stored features ahead of the "
                               "step (0: in the training process). The batches, and so the result, are the same.")
+    num_proc: int | None = opt(None, "Processes that tokenize the examples, once (datasets' map num_proc; default: "
+                                     "one per CPU core from 100,000 examples on, else 1). The tokens, and so the "
+                                     "result, are the same.")
+    data_cache: Path | None = opt(None, "Where the examples, read and tokenized once, are kept for the next run, "
+                                        "--resume and every process (memory-mapped Arrow files, keyed by the input "
+                                        "files' sha256, fields, template, tokenizers and lengths). Default: "
+                                        "datasets' cache folder (HF_DATASETS_CACHE)/llm2slm.",
+                                  envvar="LLM2SLM_DATA_CACHE")
     bucket_by_length: bool = opt(False, "Global batches of examples of similar length (less padding): another, "
                                         "still seeded, order than the default shuffle.")
     epochs: int = opt(1, "Passes over the training data.")
@@ -302,6 +310,7 @@ class TrainConfig(ExampleFields):
             raise UserError("--warmup-ratio must be in [0, 1)")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        _positive(self, "num_proc")
 
     def _check_model(self) -> None:
         """Options that build the model: LLM or not, SLM layers, dropout, projector, --init-from."""

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import string
 from collections.abc import Iterator, Sequence
@@ -139,7 +140,51 @@ def split_lines(text: str) -> list[str]:
 
 
 def _decode_lines(path: Path) -> list[str]:
-    return split_lines(_decode_text(_read_bytes(path), path))
+    return [line for _, line in _text_lines(path)]
+
+
+def _open_binary(path: Path):
+    try:
+        return open(path, "rb")  # noqa: SIM115 (closed by the caller's `with`)
+    except FileNotFoundError:
+        raise UserError("no such file", path=path) from None
+    except IsADirectoryError:
+        raise UserError("is a directory, expected a file of examples", path=path) from None
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror or e})", path=path) from None
+    except ValueError as e:  # a NUL character in the name
+        raise UserError(f"not a valid file name ({e})", path=_show(str(path))) from None
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """A text file's lines, numbered from 1, without their ends (LF or CRLF), read as they are needed, so a file
+    larger than memory reads in constant memory. The checks and messages are _decode_text's, made line by line (a
+    line feed byte is never inside a UTF-8 sequence, so decoding line by line finds what decoding the whole does)."""
+    with _open_binary(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(16)
+        if size > 16:  # what _not_text looks at: the first bytes, and the last four (Parquet's footer)
+            f.seek(size - 4)
+            head += f.read(4)
+        what = _not_text(head)
+        if what:
+            raise UserError(what, path=path)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise UserError("UTF-16 text: convert it to UTF-8 (iconv -f UTF-16 -t UTF-8)", path=path)
+        f.seek(0)
+        for n, raw in enumerate(f, 1):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            raw = raw.removesuffix(b"\n")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[: e.start].decode("utf-8", "replace")) + 1
+                raise UserError(f"invalid UTF-8 at column {column} (byte 0x{raw[e.start]:02x})", path=path,
+                                line=n) from None
+            if "\0" in line:
+                raise UserError("NUL byte: a binary or UTF-16 file?", path=path, line=n)
+            yield n, line.removesuffix("\r")
 
 
 _JSON_SPACE = " \t\n\r"
@@ -164,9 +209,9 @@ def _json_type(value: Any) -> str:
 
 
 def records_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
-    if text is None:
-        text = _decode_text(_read_bytes(path), path)
-    for i, line in enumerate(split_lines(text), 1):
+    """The objects of a JSON Lines file (read line by line), or of `text` when given."""
+    lines = _text_lines(path) if text is None else enumerate(split_lines(text), 1)
+    for i, line in lines:
         if not line.strip():
             continue
         try:
@@ -394,22 +439,33 @@ def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
     Every example has a non-empty prompt and a unique id; with `require_target`, a target too. Anything else in the
     input raises UserError naming the file, line or row, and field.
     """
+    return list(iter_examples(inputs, fields, require_target=require_target))
+
+
+def iter_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *, require_target: bool = False,
+                  unique: bool = True) -> Iterator[Example]:
+    """read_examples one example at a time: JSON Lines and text files are read line by line, so an input larger
+    than memory streams through. `unique=False` leaves the check that ids are unique to the caller (a set of every
+    id is what costs memory at millions of examples: corpus.py checks their hashes instead)."""
     inputs = [str(p) for p in inputs]
     if not inputs or len(inputs) > 2:
         raise UserError("give one input file (JSONL, JSON, Parquet, CSV, TSV, text) or two line-aligned text "
                         "files (prompts, targets)")
     if len(inputs) == 2:
-        return _read_pairs(Path(inputs[0]), Path(inputs[1]), fields, require_target)
-
+        yield from _read_pairs(Path(inputs[0]), Path(inputs[1]), fields, require_target, unique)
+        return
     src = inputs[0]
     if src.startswith("hf:"):
-        return to_examples(_records_hf(src), src, fields, require_target)
+        yield from _examples(_records_hf(src), src, fields, require_target, unique)
+        return
     dataset = dataset_source(src)
     if dataset is not None:
-        return to_examples(_records_dataset(*dataset), src, fields, require_target)
+        yield from _examples(_records_dataset(*dataset), src, fields, require_target, unique)
+        return
     path = Path(src)
     if path.is_dir():
-        return _read_labels(path, fields, require_target)
+        yield from _read_labels(path, fields, require_target, unique)
+        return
     suffix = path.suffix.lower()
     if suffix == ".arrow":
         records = _records_table(_read_arrow(path), path)
@@ -424,11 +480,11 @@ def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
     elif suffix == ".tsv":
         records = _records_csv(path, "\t")
     else:  # any other file: one prompt per line
-        records = (({"line": i}, {fields.prompt: line}) for i, line in enumerate(_decode_lines(path), 1))
-    return to_examples(records, path, fields, require_target)
+        records = (({"line": i}, {fields.prompt: line}) for i, line in _text_lines(path))
+    yield from _examples(records, path, fields, require_target, unique)
 
 
-def _read_labels(directory: Path, fields: Fields, require_target: bool) -> list[Example]:
+def _read_labels(directory: Path, fields: Fields, require_target: bool, unique: bool = True) -> Iterator[Example]:
     """The output directory of distill-labels: prompts with the template already applied, LLM targets."""
     if not (directory / A.MANIFEST).is_file():
         raise UserError(f"a directory without {A.MANIFEST}: give a file of examples, a directory that `datasets` "
@@ -448,33 +504,45 @@ def _read_labels(directory: Path, fields: Fields, require_target: bool) -> list[
     missing = [c for c in ("id", "prompt", "target") if c not in table.column_names]
     if missing:
         raise UserError(f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}", path=path)
-    examples = to_examples(_records_table(table, path), path, Fields(prompt="prompt", target="target", id="id"),
-                            False)
-    answered = [not require_target or bool((e.target or "").strip()) for e in examples]
-    out = [e for e, ok in zip(examples, answered) if ok]
-    empty = [e.id for e, ok in zip(examples, answered) if not ok]
-    if empty:  # the LLM answered nothing: there is nothing to learn from these examples
+    kept, empty = 0, []
+    for e in _examples(_records_table(table, path), path, Fields(prompt="prompt", target="target", id="id"), False,
+                       unique):
+        if require_target and not (e.target or "").strip():
+            empty.append(e.id)  # the LLM answered nothing: there is nothing to learn from this example
+            continue
+        kept += 1
+        yield e
+    if empty:
         say(f"warning: {directory}: skipping {len(empty)} examples the LLM answered with nothing "
             f"(e.g. {empty[0]!r})")
-    if not out:
+    if not kept:
         raise UserError("no examples with a non-empty LLM answer", path=directory)
-    return out
 
 
-def _read_pairs(src: Path, tgt: Path, fields: Fields, require_target: bool) -> list[Example]:
-    a, b = _decode_lines(src), _decode_lines(tgt)
-    if len(a) != len(b):
-        raise UserError(f"line count {len(a)} differs from {len(b)} in {tgt}: line-aligned files must match "
-                        f"(line {min(len(a), len(b)) + 1} of the longer one has no partner)", path=src)
+def _read_pairs(src: Path, tgt: Path, fields: Fields, require_target: bool, unique: bool = True
+                ) -> Iterator[Example]:
+    """Two line-aligned text files, read side by side line by line (their line counts are compared as they end)."""
+    a, b = _text_lines(src), _text_lines(tgt)
+    next_a, next_b = next(a, None), next(b, None)  # both files open (and are checked) before the first example
+
+    def pairs() -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+        x, y = next_a, next_b
+        while x is not None and y is not None:
+            yield {"line": x[0]}, {prompt_name: x[1], target_name: y[1]}
+            x, y = next(a, None), next(b, None)
+        if x is not None or y is not None:
+            n_a = x[0] + sum(1 for _ in a) if x is not None else y[0] - 1
+            n_b = y[0] + sum(1 for _ in b) if y is not None else x[0] - 1
+            raise UserError(f"line count {n_a} differs from {n_b} in {tgt}: line-aligned files must match "
+                            f"(line {min(n_a, n_b) + 1} of the longer one has no partner)", path=src)
+
     prompt_name = fields.prompt
     target_name = fields.target or "tgt"
-    records = (({"line": i}, {prompt_name: s, target_name: t}) for i, (s, t) in enumerate(zip(a, b), 1))
     pair_fields = Fields(prompt=prompt_name, target=target_name, id=None, template=fields.template)
-    examples = to_examples(records, src, pair_fields, require_target)
-    for i, ex in enumerate(examples, 1):
+    for i, ex in enumerate(_examples(pairs(), src, pair_fields, require_target, unique), 1):
         if not ex.target or not ex.target.strip():
             raise UserError("empty target", path=tgt, line=i)
-    return examples
+        yield ex
 
 
 class _Record:
@@ -556,10 +624,16 @@ def _render(template: str, r: _Record) -> str:
 
 
 def to_examples(records: Iterator[tuple[dict[str, int], dict[str, Any]]], path: Path | str, fields: Fields,
-                 require_target: bool) -> list[Example]:
+                require_target: bool) -> list[Example]:
+    """The checked examples of `records` (pairs of where each stands and its fields), as a list."""
+    return list(_examples(records, path, fields, require_target))
+
+
+def _examples(records: Iterator[tuple[dict[str, int], dict[str, Any]]], path: Path | str, fields: Fields,
+              require_target: bool, unique: bool = True) -> Iterator[Example]:
     if fields.template:
         template_fields(fields.template)  # a malformed template fails before the first record
-    out: list[Example] = []
+    count = 0
     seen: dict[str, _Record] = {}
     for n, (where, raw) in enumerate(records):
         r = _Record(raw, path, where)
@@ -593,14 +667,22 @@ def to_examples(records: Iterator[tuple[dict[str, int], dict[str, Any]]], path: 
                 ex_id, numbered = r.text(fields.id, value), False
                 if not ex_id.strip():
                     raise r.error("empty id", fields.id)
-        if ex_id in seen:
-            why = f" (a record without '{fields.id}' is numbered from 0)" if numbered and fields.id else ""
-            raise r.error(f"duplicate id {_show(ex_id)}{why} (first at {seen[ex_id].place()})", fields.id)
-        seen[ex_id] = r
-        out.append(Example(ex_id, prompt, target, r.place()))
-    if not out:
+        if unique:
+            if ex_id in seen:
+                raise r.error(duplicate_id_message(ex_id, seen[ex_id].place(), numbered and bool(fields.id),
+                                                   fields.id), fields.id)
+            seen[ex_id] = r
+        count += 1
+        yield Example(ex_id, prompt, target, r.place())
+    if not count:
         raise UserError("no examples", path=path)
-    return out
+
+
+def duplicate_id_message(ex_id: str, first_place: str, numbered: bool, id_field: str | None) -> str:
+    why = f" (a record without '{id_field}' is numbered from 0)" if numbered else ""
+    return f"duplicate id {_show(ex_id)}{why} (first at {first_place})"
+
+
 
 
 def pad(sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool = False):
@@ -613,7 +695,8 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool = False):
     for i, s in enumerate(sequences):
         if not len(s):
             continue
-        t = torch.as_tensor(s if hasattr(s, "dtype") else list(s), dtype=torch.long)
+        # an array (a memory-mapped corpus row is read-only) is copied as it is widened; a list is converted
+        t = torch.from_numpy(s.astype("int64")) if hasattr(s, "astype") else torch.as_tensor(list(s), dtype=torch.long)
         if left:
             ids[i, width - len(s):] = t
             mask[i, width - len(s):] = 1

@@ -130,19 +130,20 @@ class TeacherLogits:
         a, b = s["offsets"][row], s["offsets"][row + 1]
         return s["ids"][a:b], s["logprobs"][a:b], s["targets"][a:b]
 
-    def check(self, examples: list, target_ids: list, tokenizer_fingerprint: str | None, what: str) -> None:
-        """Refuse distributions that were not computed on these very target tokens, before any training."""
+    def check(self, targets, tokenizer_fingerprint: str | None, what: str) -> None:
+        """Refuse distributions that were not computed on these very target tokens, before any training. `targets`:
+        (example id, target token ids) of every example."""
         import numpy as np
 
         if tokenizer_fingerprint != self.tokenizer_fingerprint:
             raise UserError(f"the teacher logits in {self.directory} are over the tokens of "
                             f"{self.llm.get('name')!r}, but the SLM writes another vocabulary: distil only into an "
                             "SLM that writes the LLM's tokens")
-        for e, ids in zip(examples, target_ids):
-            if e.id not in self:
-                raise UserError(f"{what} example {e.id!r} has no teacher logits in {self.directory}")
-            stored = self.rows(e.id)[2]
+        for ex_id, ids in targets:
+            if ex_id not in self:
+                raise UserError(f"{what} example {ex_id!r} has no teacher logits in {self.directory}")
+            stored = self.rows(ex_id)[2]
             if not np.array_equal(stored, ids):
-                raise UserError(f"{what} example {e.id!r}: its target tokens differ from those the teacher logits "
+                raise UserError(f"{what} example {ex_id!r}: its target tokens differ from those the teacher logits "
                                 f"in {self.directory} were computed on (another target, tokenizer or "
                                 f"--max-target-length? they were made with {self.max_target_length})")

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import string
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from typer.testing import CliRunner
 from llm2slm_cli.cli import app
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+# train's data cache (corpus.py) in a folder of this test session's own, never the user's
+os.environ.setdefault("LLM2SLM_DATA_CACHE", tempfile.mkdtemp(prefix="llm2slm-data-cache-"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -45,18 +45,48 @@ def test_the_plan_is_the_order_train_always_had(n, batch, micro, world):
         assert [plan.micro_count(s) for s in range(steps)] == [len(g[3]) for g in got]
 
 
+def _python_epoch_order(n, seed, epoch, lengths=None, batch_size=None):
+    """epoch_order as it was written in Python lists before it was vectorised: the order must not change."""
+    import torch
+
+    from llm2slm_cli.batching import BUCKET_BATCHES
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    if lengths is None:
+        return perm
+    full = n - n % batch_size
+    window = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, full, window):
+        chunk = sorted(perm[start: min(start + window, full)], key=lambda i: (lengths[i], i))
+        batches += [chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=g).tolist()
+    return [i for b in shuffled for i in batches[b]] + perm[full:]
+
+
+@pytest.mark.parametrize("n,batch", [(200, 8), (1000, 7), (5, 8), (8 * 64 * 3 + 5, 8)])
+def test_vectorised_epoch_order_is_the_python_order(n, batch):
+    lengths = [(i * 37) % 11 + 1 for i in range(n)]  # many ties: the index breaks them
+    for seed, epoch in [(0, 0), (3, 2)]:
+        assert epoch_order(n, seed, epoch).tolist() == _python_epoch_order(n, seed, epoch)
+        got = epoch_order(n, seed, epoch, lengths=lengths, batch_size=batch).tolist()
+        assert got == _python_epoch_order(n, seed, epoch, lengths, batch)
+
+
 def test_bucketed_order_is_a_seeded_permutation_with_less_padding():
     n, batch = 200, 8
     lengths = [(i * 37) % 97 + 1 for i in range(n)]
-    order = epoch_order(n, 0, 0, lengths=lengths, batch_size=batch)
-    assert sorted(order) == list(range(n)) and order == epoch_order(n, 0, 0, lengths=lengths, batch_size=batch)
-    assert order != epoch_order(n, 0, 1, lengths=lengths, batch_size=batch)
+    order = epoch_order(n, 0, 0, lengths=lengths, batch_size=batch).tolist()
+    assert sorted(order) == list(range(n))
+    assert order == epoch_order(n, 0, 0, lengths=lengths, batch_size=batch).tolist()
+    assert order != epoch_order(n, 0, 1, lengths=lengths, batch_size=batch).tolist()
 
     def padding(o):
         return sum(max(lengths[i] for i in o[k: k + batch]) * len(o[k: k + batch]) - sum(lengths[i] for i in
                    o[k: k + batch]) for k in range(0, n, batch))
 
-    assert padding(order) < padding(epoch_order(n, 0, 0)) / 4
+    assert padding(order) < padding(epoch_order(n, 0, 0).tolist()) / 4
 
 
 def test_loader_gives_the_plan_in_order_from_workers_without_touching_the_global_generator():

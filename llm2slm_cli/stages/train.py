@@ -30,7 +30,8 @@ from llm2slm_cli import loading as M
 from llm2slm_cli import runtime
 from llm2slm_cli.batching import TrainLoader, TrainPlan, to_device
 from llm2slm_cli.config import TrainConfig
-from llm2slm_cli.data import Example, Fields, length_sorted_batches, pad, read_examples
+from llm2slm_cli.corpus import Examples, Tokens, open_examples, open_tokens
+from llm2slm_cli.data import Fields, length_sorted_batches, pad
 from llm2slm_cli.errors import Interrupted, UserError
 from llm2slm_cli.features import FeatureStore
 from llm2slm_cli.fingerprints import tokenizer_fingerprint
@@ -41,31 +42,35 @@ from llm2slm_cli.teacher import TeacherLogits
 
 
 class Split:
-    """Tokenized examples of one split (and where their LLM features are)."""
+    """Tokenized examples of one split, memory-mapped (corpus.Tokens), and where their LLM features are."""
 
-    def __init__(self, examples: list[Example], prompt_ids: list[list[int]], target_ids: list[list[int]],
-                 store: Any | None) -> None:
-        self.examples, self.prompt_ids, self.target_ids, self.store = examples, prompt_ids, target_ids, store
+    def __init__(self, tokens: Tokens, store: Any | None) -> None:
+        self.tokens, self.store = tokens, store
+        self.prompt_lengths, self.target_lengths = tokens.prompt_lengths, tokens.target_lengths
         self.teacher: Any | None = None  # teacher.TeacherLogits, for logit distillation
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.tokens)
+
+    def ids(self, indices) -> list[str]:
+        return self.tokens.examples.ids(indices)
 
     def batch(self, indices: list[int], prompt_pad: int, target_pad: int, dtype) -> dict[str, Any]:
         import torch
 
-        prompt_ids, prompt_mask = pad([self.prompt_ids[i] for i in indices], prompt_pad)
-        target_ids, target_mask = pad([self.target_ids[i] for i in indices], target_pad)
+        prompt_ids, prompt_mask = pad(self.tokens.rows("prompt_ids", indices), prompt_pad)
+        target_ids, target_mask = pad(self.tokens.rows("target_ids", indices), target_pad)
         batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "target_ids": target_ids,
                  "target_mask": target_mask}
+        ids = self.ids(indices) if self.store is not None or self.teacher is not None else None
         if self.store is not None:
-            rows = [self.store.features(self.examples[i].id) for i in indices]
+            rows = [self.store.features(i) for i in ids]
             feats = torch.zeros(len(rows), prompt_ids.shape[1], rows[0].shape[1], dtype=dtype)
             for j, r in enumerate(rows):
                 feats[j, : r.shape[0]] = r.to(dtype)
             batch["features"] = feats
         if self.teacher is not None:  # (batch, target length, K); id -1 where a row is padding
-            rows = [self.teacher.rows(self.examples[i].id) for i in indices]
+            rows = [self.teacher.rows(i) for i in ids]
             k = self.teacher.top_k
             ids = torch.full((len(rows), target_ids.shape[1], k), -1, dtype=torch.long)
             logprobs = torch.zeros(len(rows), target_ids.shape[1], k, dtype=torch.float32)
@@ -85,36 +90,38 @@ def _set_feature_statistics(model, train: Split, device, examples: int = 512) ->
     for start in range(0, n, 16):
         indices = range(start, min(n, start + 16))
         if train.store is not None:
-            rows += [train.store.features(train.examples[i].id).float() for i in indices]
+            rows += [train.store.features(i).float() for i in train.ids(indices)]
         else:
-            ids, mask = pad([train.prompt_ids[i] for i in indices], model.prompt_tokenizer.pad_token_id)
+            ids, mask = pad(train.tokens.rows("prompt_ids", indices), model.prompt_tokenizer.pad_token_id)
             feats = model.llm.encode(ids.to(device), mask.to(device)).float().cpu()
             rows += [f[m.bool()] for f, m in zip(feats, mask)]
     model.projector.set_feature_statistics(torch.cat(rows))
 
 
-def _read(inputs: list[Path], config: TrainConfig, template: str | None) -> list[Example]:
-    fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)
-    return read_examples(inputs, fields, require_target=True)
-
-
-def _load_split(examples: list[Example], config: TrainConfig, store: Any | None, model, max_length: int,
-                what: str) -> Split:
+def _load_split(examples: Examples, config: TrainConfig, store: Any | None, model, max_length: int, what: str,
+                quiet: bool) -> Split:
+    """A split's tokens (corpus.py: tokenized once, then from the cache), each prompt checked against its stored
+    features."""
     import numpy as np
 
-    prompts = [e.prompt for e in examples]
-    prompt_ids, _ = runtime.tokenize_prompts(model.prompt_tokenizer, prompts, max_length, arrays=True)
+    tokens = open_tokens(examples, model.prompt_tokenizer, model.target_tokenizer, max_length=max_length,
+                         max_target_length=config.max_target_length, num_proc=config.num_proc, quiet=quiet)
     if store is not None:
-        for e, ids in zip(examples, prompt_ids):
-            if e.id not in store:
-                raise UserError(f"{what} example {e.id!r} has no features in {store.directory}: encode this file "
-                                "with the same options")
-            if not np.array_equal(store.input_ids(e.id), ids):
-                raise UserError(f"{what} example {e.id!r}: its prompt differs from the one encoded in "
-                                f"{store.directory} (another file, template or --max-length?)")
-    targets = runtime.tokenize_targets(model.target_tokenizer, [e.target for e in examples],
-                                       config.max_target_length, arrays=True)
-    return Split(examples, prompt_ids, targets, store)
+        for indices, rows in tokens.chunks("prompt_ids"):
+            for ex_id, ids in zip(examples.ids(indices), rows):
+                if ex_id not in store:
+                    raise UserError(f"{what} example {ex_id!r} has no features in {store.directory}: encode this "
+                                    "file with the same options")
+                if not np.array_equal(store.input_ids(ex_id), ids):
+                    raise UserError(f"{what} example {ex_id!r}: its prompt differs from the one encoded in "
+                                    f"{store.directory} (another file, template or --max-length?)")
+    return Split(tokens, store)
+
+
+def _read(inputs: list[Path], config: TrainConfig, template: str | None, input_sha: str | None) -> Examples:
+    """A split's examples, read and checked once (corpus.py: then from the cache)."""
+    fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)
+    return open_examples(inputs, fields, require_target=True, cache=config.data_cache, input_sha=input_sha)
 
 
 def _features(path: Path | None, llm, what: str):
@@ -138,14 +145,14 @@ def latest_checkpoint(out: Path) -> Path | None:
 # Options a resumed run may change: they change neither the weights nor the loss log. Every other option must be the
 # interrupted run's, --max-steps and --epochs included (the run's length fixes the learning-rate schedule).
 RESUME_FREE = ("resume", "overwrite", "quiet", "stop_after", "device", "log_every", "save_every", "out",
-               "count_parameters", "json", "num_workers")
+               "count_parameters", "json", "num_workers", "num_proc", "data_cache")
 # Options naming inputs: compared by their contents' sha256, so a moved file or directory still resumes.
 INPUT_OPTIONS = {"inputs": "training input", "dev": "dev input", "features": "training features (--features)",
                  "dev_features": "dev features (--dev-features)", "kd_logits": "teacher logits (--kd-logits)",
                  "init_from": "starting checkpoint (--init-from)"}
 
 
-def run_identity(config: TrainConfig) -> dict[str, Any]:
+def run_identity(config: TrainConfig, input_sha: dict[str, str | None] | None = None) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one, as JSON: its options (less RESUME_FREE) and the
     sha256 of its inputs (features and teacher logits: of their manifests). Recorded in every step checkpoint's
     trainer_state.json."""
@@ -155,7 +162,9 @@ def run_identity(config: TrainConfig) -> dict[str, Any]:
         return (A.sha256_file(Path(path) / A.MANIFEST) if path is not None and (Path(path) / A.MANIFEST).is_file()
             else None)
 
-    inputs = {"inputs": A.input_sha256(config.inputs), "dev": A.input_sha256(config.dev) if config.dev else None,
+    input_sha = input_sha or {"inputs": A.input_sha256(config.inputs),
+                              "dev": A.input_sha256(config.dev) if config.dev else None}
+    inputs = {"inputs": input_sha["inputs"], "dev": input_sha["dev"],
               "features": manifest_sha(config.features), "dev_features": manifest_sha(config.dev_features),
               "kd_logits": manifest_sha(config.kd_logits), "init_from": manifest_sha(config.init_from)}
     return json.loads(json.dumps({"options": options, "inputs": inputs}, default=str))
@@ -213,7 +222,7 @@ def run(config: TrainConfig) -> Path:
         if accelerator.is_main_process:
             _print_counts(config, model, llm)
         return out
-    train, dev = load_splits(config, inputs, model, stores)
+    train, dev = load_splits(config, inputs, model, stores, quiet)
     adapt_model(config, model, train, accelerator.device, quiet)
     attach_teacher(inputs.teacher, train, model)
     resume_from = prepare_output(config, out, accelerator, quiet)  # every input is read and checked: only now
@@ -262,8 +271,8 @@ class Inputs:
 
     store_manifest: dict[str, Any] | None
     template: str | None
-    train_examples: list[Example] | None
-    dev_examples: list[Example] | None
+    train_examples: Examples | None
+    dev_examples: Examples | None
     teacher: Any | None
     identity: dict[str, Any] | None
     max_length: int  # stored features fix the prompt length they were encoded with
@@ -284,10 +293,11 @@ def check_inputs(config: TrainConfig, out: Path) -> Inputs:
     max_length = store_manifest["max_length"] if store_manifest else config.max_length
     if config.count_parameters:
         return Inputs(store_manifest, template, None, None, None, None, max_length)
-    train_examples = _read(config.inputs, config, template)
-    dev_examples = _read(config.dev, config, template) if config.dev else None
+    input_sha = {"inputs": A.input_sha256(config.inputs), "dev": A.input_sha256(config.dev) if config.dev else None}
+    train_examples = _read(config.inputs, config, template, input_sha["inputs"])
+    dev_examples = _read(config.dev, config, template, input_sha["dev"]) if config.dev else None
     teacher = _teacher(config) if config.kd_weight else None
-    identity = run_identity(config)
+    identity = run_identity(config, input_sha)
     earlier = latest_checkpoint(out) if config.resume else None
     if earlier is not None:  # what --resume would continue must be this very run: checked before any loading
         A.verify_step_checkpoint(earlier)  # every file of it against its sha256, trainer_state.json's shape
@@ -384,11 +394,12 @@ def _init_from(config: TrainConfig, llm, inputs: Inputs):
     return model.train()
 
 
-def load_splits(config: TrainConfig, inputs: Inputs, model, stores: tuple[Any | None, Any | None]
-                ) -> tuple[Split, Split | None]:
+def load_splits(config: TrainConfig, inputs: Inputs, model, stores: tuple[Any | None, Any | None],
+                quiet: bool = False) -> tuple[Split, Split | None]:
     """The tokenized training and dev splits (each prompt checked against its stored features)."""
-    train = _load_split(inputs.train_examples, config, stores[0], model, inputs.max_length, "training")
-    dev = _load_split(inputs.dev_examples, config, stores[1], model, inputs.max_length, "dev") if config.dev else None
+    train = _load_split(inputs.train_examples, config, stores[0], model, inputs.max_length, "training", quiet)
+    dev = (_load_split(inputs.dev_examples, config, stores[1], model, inputs.max_length, "dev", quiet) if config.dev
+        else None)
     return train, dev
 
 
@@ -410,7 +421,9 @@ def attach_teacher(teacher, train: Split, model) -> None:
     """--kd-weight: check the teacher's rows against the training targets, then serve them with its batches."""
     if teacher is None:
         return
-    teacher.check(train.examples, train.target_ids, tokenizer_fingerprint(model.target_tokenizer), "training")
+    pairs = ((ex_id, ids) for indices, rows in train.tokens.chunks("target_ids")
+             for ex_id, ids in zip(train.ids(indices), rows))
+    teacher.check(pairs, tokenizer_fingerprint(model.target_tokenizer), "training")
     train.teacher = teacher
 
 
@@ -548,8 +561,8 @@ def train_plan(train: Split, config: TrainConfig, rank: int, world: int):
     --bucket-by-length), so a resumed run sees the same batches; each process takes every world-th example of the
     global batch, sorted by length into micro-batches."""
     return TrainPlan(len(train), seed=config.seed, batch_size=config.batch_size,
-                     micro_batch_size=config.micro_batch_size, prompt_lengths=[len(p) for p in train.prompt_ids],
-                     target_lengths=[len(t) for t in train.target_ids], rank=rank, world=world,
+                     micro_batch_size=config.micro_batch_size, prompt_lengths=train.prompt_lengths,
+                     target_lengths=train.target_lengths, rank=rank, world=world,
                      bucket_by_length=config.bucket_by_length)
 
 
@@ -716,10 +729,10 @@ def _trim_vocabulary(model, train: Split, quiet: bool) -> None:
     import numpy as np
     import torch
 
-    seen = [np.concatenate(train.target_ids)]
+    seen = train.tokens.all_tokens("target_ids")
     embeds_prompt = model.config.llm is None or (model.config.fusion == "add" and model.config.tokenizer == "llm")
     if embeds_prompt:
-        seen.append(np.concatenate(train.prompt_ids))
+        seen += train.tokens.all_tokens("prompt_ids")
     tok = model.target_tokenizer
     specials = [i for i in tok.all_special_ids if i is not None]
     unknown = tok.unk_token_id if tok.unk_token_id is not None else model.config.pad_token_id
@@ -769,7 +782,7 @@ def _dev_loss(model, dev: Split, accelerator, config: TrainConfig, prompt_pad: i
 
     model.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    lengths = [len(p) + len(t) for p, t in zip(dev.prompt_ids, dev.target_ids)]
+    lengths = (dev.prompt_lengths.astype("int64") + dev.target_lengths).tolist()
     batches = length_sorted_batches(lengths, config.micro_batch_size)
     with torch.no_grad():
         for indices in batches[accelerator.process_index:: accelerator.num_processes]:
