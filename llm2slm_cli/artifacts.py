@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -106,14 +107,43 @@ def is_disk_full(e: BaseException, where: Path | str | None = None) -> bool:
     if any(words in text for words in _DISK_FULL_WORDS):
         return True
     if where is not None and isinstance(e, RuntimeError) and ("inline_container" in text or "write failed" in text):
-        place = Path(where)
-        while not place.exists() and place != place.parent:
-            place = place.parent
         try:
-            return shutil.disk_usage(place).free < 1 << 20
+            return free_space(where) < 1 << 20
         except OSError:
             return False
     return False
+
+
+def free_space(where: Path | str) -> int:
+    """Bytes this user may still write on the file system that holds `where`, or would hold it (its nearest existing
+    parent)."""
+    place = Path(where)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    return shutil.disk_usage(place).free
+
+
+def owned_bytes(directory: Path | str) -> int:
+    """What removing `directory` would free: the sizes of its files that have no other hard link (a file linked from
+    a cache stays on disk)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    total = 0
+    for f in directory.rglob("*"):
+        with suppress(OSError):
+            st = f.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                total += st.st_size
+    return total
+
+
+def human_bytes(n: int) -> str:
+    """A size in decimal units: 2.5 GB, 276.5 GB, 78.0 kB."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def disk_full_error(e: BaseException, path: Path | str) -> DiskFull:

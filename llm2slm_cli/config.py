@@ -147,7 +147,8 @@ class DecodingOptions:
 
 @dataclass(kw_only=True)
 class EncodeConfig(ExampleFields, ShardedStageOptions):
-    """Run the frozen LLM over the prompts once and store its features (half precision, sharded safetensors)."""
+    """Run the frozen LLM over the prompts once and store its features (half precision, sharded safetensors); their
+    size is said first, and refused when the disk cannot hold them."""
 
     inputs: list[Path] = opt(REQUIRED, "Examples: JSONL, JSON, Parquet, CSV, TSV, a text file of prompts, or two "
                                        "line-aligned text files.", argument=True)

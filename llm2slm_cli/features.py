@@ -21,6 +21,19 @@ from llm2slm_cli import artifacts as A
 from llm2slm_cli.errors import UserError
 
 INDEX_COLUMNS = ("id", "shard", "offset", "length", "input_ids", "truncated")
+ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def feature_bytes(tokens: int, d_model: int, dtype: str) -> int:
+    """The size of the stored features of `tokens` prompt tokens: one row of `d_model` values of `dtype` each, exact
+    (the shards' safetensors headers, about a hundred bytes each, aside)."""
+    return tokens * d_model * ELEMENT_BYTES[dtype]
+
+
+def index_bytes(tokens: int, examples: int) -> int:
+    """An allowance for an index of `examples` prompts of `tokens` tokens in all, estimated, not exact: the token ids
+    as int32 plus 64 bytes a row (id, shard, offset, length, flag); parquet's compression usually makes it less."""
+    return 4 * tokens + 64 * examples
 
 
 def index_table(rows: list[dict[str, Any]]):

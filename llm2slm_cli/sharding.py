@@ -123,6 +123,11 @@ class ShardedRun:
         A.atomic_write_json(self._record(k), {"shard": k, "files": {Path(f).name: A.file_record(Path(f))
                                                                     for f in files}})
 
+    def recorded(self, n_shards: int) -> set[int]:
+        """The shards whose record of complete files is in --out: those a --resume does not redo (one damaged on
+        disk since is found, and redone, by `todo`)."""
+        return {k for k in range(n_shards) if self._record(k).is_file()}
+
     def _damage(self, k: int) -> str | None:
         """What is wrong with shard k's files (missing, or not as recorded when written); None if nothing."""
         record = self._record(k)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 ACCELERATE = Path(sys.executable).parent / "accelerate"
+CPU_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "multi-gpu" / "cpu-two-processes.yaml"
 
 
 def _free_port() -> int:
@@ -28,15 +29,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*args: object, processes: int = 2) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes N -m llm2slm_cli ...`: torchrun underneath; with --device cpu
-    the processes talk through gloo."""
+def launch(*args: object, processes: int = 2, config: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes N -m llm2slm_cli ...` (or `accelerate launch --config_file
+    CONFIG -m llm2slm_cli ...`): torchrun underneath; with --device cpu the processes talk through gloo."""
     if shutil.which(str(ACCELERATE)) is None:
         pytest.skip("the accelerate launcher is not installed beside this python")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "llm2slm_cli", *map(str, args), "--device", "cpu", "--quiet"]
+    how = ["--config_file", str(config)] if config is not None else [
+        "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    cmd = [str(ACCELERATE), "launch", *how, "-m", "llm2slm_cli", *map(str, args), "--device", "cpu", "--quiet"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -63,6 +65,20 @@ def test_encode_two_processes_bitwise_equal(cli, prompts, tmp_path):
     m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
     assert m1["shards"] == m2["shards"] and m1["counts"] == m2["counts"]
     assert (m1["processes"], m2["processes"]) == (1, 2)
+
+
+def test_encode_with_the_recipe_cpu_config_equals_one_process(cli, prompts, tmp_path):
+    """recipes/multi-gpu/cpu-two-processes.yaml, launched as its README says, starts two processes (the manifest
+    says so) that write one process's files."""
+    options = ["--model", "tiny-t5-large", "--shard-size", "7"]
+    cli("encode", prompts, *options, "--out", tmp_path / "one", "--device", "cpu", "--quiet")
+    launch("encode", prompts, *options, "--out", tmp_path / "two", config=CPU_RECIPE)
+    one, two = (sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("one", "two"))
+    assert one == two and len(one) == 6 and one[-1] == "manifest.json"
+    for name in one[:-1]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    assert (m1["processes"], m2["processes"]) == (1, 2) and m1["estimate"] == m2["estimate"]
 
 
 def test_generate_and_distill_two_processes_equal(cli, prompts, tmp_path):

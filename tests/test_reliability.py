@@ -344,8 +344,9 @@ def _tmpfs_available() -> bool:
 
 A_LOG = "train_log.jsonl"
 DRIVER = '''
-import json, os, shutil, subprocess, sys
+import collections, contextlib, json, os, shutil, subprocess, sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from typer.testing import CliRunner
@@ -361,10 +362,13 @@ for step in steps:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + step["size"], "tmpfs", step["mount"]], check=True)
     elif "grow" in step:  # space freed
         subprocess.run(["mount", "-o", "remount,size=64m", step["grow"]], check=True)
-    else:
-        r = CliRunner().invoke(app, step["argv"])
+    else:  # "room": the disk seems to have room when encode checks (another writer fills it during the run)
+        usage = collections.namedtuple("usage", "total used free")(1 << 40, 0, 1 << 40)
+        with mock.patch("shutil.disk_usage", lambda p: usage) if step.get("room") else contextlib.nullcontext():
+            r = CliRunner().invoke(app, step["argv"])
         out = Path(step["out"])
         results.append({"code": r.exit_code, "output": r.output, "exception": repr(r.exception),
+                        "exists": out.exists(),
                         "files": sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.is_dir() else []})
         if r.exit_code == 0:
             shutil.copytree(out, keep / out.name)
@@ -377,7 +381,9 @@ print("RESULTS" + json.dumps(results))
 def test_a_full_disk_is_one_line_and_resume_finishes_the_run(cli, tmp_path):
     """encode, generate, train and convert on a real, tiny tmpfs (its kernel's ENOSPC, whatever library writes:
     safetensors, Arrow, torch.save, json): exit 2 with one line naming the path, no temporary left, no manifest; then,
-    with space freed, --resume writes exactly what an uninterrupted run writes."""
+    with space freed, --resume writes exactly what an uninterrupted run writes. encode first refuses at once, from
+    the tmpfs's real free space, before it writes anything; its ENOSPC is that of a disk that filled up after the
+    check."""
     import os
     import random
     import subprocess
@@ -402,7 +408,10 @@ def test_a_full_disk_is_one_line_and_resume_finishes_the_run(cli, tmp_path):
     for name, (argv, size) in runs.items():
         fs, out = mnt / name, mnt / name / name
         argv = [str(a) for a in argv] + ["--out", str(out)]
-        steps += [{"mount": str(fs), "size": size}, {"argv": argv, "out": str(out)}, {"grow": str(fs)},
+        first = [{"argv": argv, "out": str(out)}]
+        if name == "encode":
+            first.append({"argv": argv, "out": str(out), "room": True})
+        steps += [{"mount": str(fs), "size": size}, *first, {"grow": str(fs)},
                   {"argv": argv + ["--resume"], "out": str(out)}]
     converted = str(mnt / "convert" / "c")
     steps += [{"mount": str(mnt / "convert"), "size": "300k"},
@@ -415,6 +424,12 @@ def test_a_full_disk_is_one_line_and_resume_finishes_the_run(cli, tmp_path):
                                "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # this checkout's code
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    refused = results.pop(0)  # encode's estimate, before anything is written
+    lines = [line for line in refused["output"].splitlines() if line.startswith("error: ")]
+    assert refused["code"] == 2 and len(lines) == 1 and "Traceback" not in refused["output"], refused
+    assert lines[0].startswith(f"error: {mnt / 'encode' / 'encode'}: the features need ") and \
+        "without --features encodes each batch on the fly" in lines[0], lines[0]
+    assert not refused["exists"], refused["files"]
     failed = [results[0], results[2], results[4], results[6]]
     for (name, _), r in zip([*runs.items(), ("convert", None)], failed):
         assert r["code"] == 2, (name, r)

@@ -3,7 +3,8 @@
 Shards are cut from the prompts sorted by length (longest first), --shard-size each, before any work; under
 `accelerate launch` each process encodes its own shards (see sharding.py), so the files are the same whatever the
 number of processes. With --cache, a feature set is stored once per (LLM, layer, dtype, max length, template,
-fields, input) and linked into every --out that asks for it again.
+fields, input) and linked into every --out that asks for it again. Before the first shard, the features' size is
+said, and a file system without room for them refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from llm2slm_cli import runtime
 from llm2slm_cli.config import EncodeConfig
 from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
 from llm2slm_cli.errors import UserError
-from llm2slm_cli.features import index_table
+from llm2slm_cli.features import ELEMENT_BYTES, feature_bytes, index_bytes, index_table
 from llm2slm_cli.sharding import ShardedRun
 
 SHARD_META = b"llm2slm_shard"
@@ -51,11 +52,13 @@ def run(config: EncodeConfig) -> Path:
         key, cached = _cache_entry(config, work, llm, input_sha)
         if cached is not None and _linked_from_cache(config, work, cached, key, out):
             return out
-        lengths, shards = _plan(config, work, llm, ids, input_sha)
+        lengths, shards = _cut_shards(config, ids)
+        estimate = _check_space(config, work, llm, lengths, shards, out)
+        _plan(config, work, llm, shards, input_sha)
         tokens, seconds = _encode_shards(config, work, llm, examples, ids, truncated, lengths, shards, out)
         if work.finish():
             _merge(config, work, llm, examples, input_sha, (lengths, truncated, shards), (key, cached),
-                   (tokens, seconds), out)
+                   (tokens, seconds, estimate), out)
         work.done()
     return out
 
@@ -100,17 +103,57 @@ def _linked_from_cache(config: EncodeConfig, work: ShardedRun, cached: Path, key
     return True
 
 
-def _plan(config: EncodeConfig, work: ShardedRun, llm, ids: list, input_sha: str | None) -> tuple[list, list]:
-    """Shards cut from the prompts sorted by length (longest first, stable), recorded as the run's plan."""
+def _cut_shards(config: EncodeConfig, ids: list) -> tuple[list, list]:
+    """Every prompt's length, and the shards: cut from the prompts sorted by length (longest first, stable)."""
     lengths = [len(t) for t in ids]
     order = length_sorted_batches(lengths, len(lengths))[0]
-    shards = [order[i: i + config.shard_size] for i in range(0, len(order), config.shard_size)]
+    return lengths, [order[i: i + config.shard_size] for i in range(0, len(order), config.shard_size)]
+
+
+def _check_space(config: EncodeConfig, work: ShardedRun, llm, lengths: list, shards: list, out: Path) -> int:
+    """Say how much disk the features take, before anything is encoded or --out is made; refuse (one line, --out as
+    it was) when the file system that holds --out cannot take the shards still to do (on --resume those complete
+    on disk are done; with --overwrite the files it removes count as free). Returns the features' bytes.
+
+    The need: the feature rows (exact), plus an estimated allowance for the index (`index_bytes`: the shards' index
+    parts and the merged index are on disk together until the parts go). --cache needs no second copy: the entry
+    is hard links to the files in --out (a cache on another file system gets a copy; a cache that cannot take it
+    only warns)."""
+    total_tokens = sum(lengths)
+    total = feature_bytes(total_tokens, llm.d_model, config.feature_dtype)
+
+    def check() -> None:
+        done = work.recorded(len(shards)) if config.resume else set()
+        todo = [shards[k] for k in range(len(shards)) if k not in done]
+        tokens, examples = sum(lengths[i] for shard in todo for i in shard), sum(map(len, todo))
+        need = (feature_bytes(tokens, llm.d_model, config.feature_dtype) + index_bytes(tokens, examples)
+                + index_bytes(total_tokens, len(lengths)))
+        runtime.say(f"features: {total_tokens:,} tokens x {llm.d_model} x {ELEMENT_BYTES[config.feature_dtype]} "
+                    f"bytes = {A.human_bytes(total)} ({total:,} bytes) in {out}"
+                    + (f"; {len(done)} of {len(shards)} shards already there" if done else ""), config.quiet)
+        replaced = A.owned_bytes(out) if config.overwrite else 0
+        try:
+            free = A.free_space(out) + replaced
+        except OSError:  # a file system that does not say: the writes themselves report a full disk
+            return
+        if need > free:
+            raise UserError(f"the features {'still to write ' if done else ''}need {A.human_bytes(need)} on disk "
+                            f"({need:,} bytes with the index) but its file system has {A.human_bytes(free)} free"
+                            + (" (with the files --overwrite replaces)" if replaced else "")
+                            + ": free some space, or give an --out on a larger disk, or skip the feature files: "
+                            "`train --llm MODEL` without --features encodes each batch on the fly", path=out)
+
+    work.on_main(check)
+    return total
+
+
+def _plan(config: EncodeConfig, work: ShardedRun, llm, shards: list, input_sha: str | None) -> None:
+    """The shards recorded as the run's plan (--out is made ready for writing now)."""
     plan = {"input_sha256": input_sha, "llm": llm.identity(), "config": A.config_to_dict(config),
             "shards": len(shards)}
     for name in ("overwrite", "resume", "quiet", "device", "cache"):
         plan["config"].pop(name)
     work.plan(plan)
-    return lengths, shards
 
 
 def _encode_shards(config: EncodeConfig, work: ShardedRun, llm, examples: list, ids: list, truncated: list,
@@ -151,7 +194,7 @@ def _merge(config: EncodeConfig, work: ShardedRun, llm, examples: list, input_sh
     manifest, the cache entry; then the parts go."""
     import pyarrow as pa
 
-    (lengths, truncated, shards), (key, cached), (tokens, seconds) = layout, cache, timing
+    (lengths, truncated, shards), (key, cached), (tokens, seconds, estimate) = layout, cache, timing
     parts = work.read_parts(len(shards))
     shard_info = [json.loads(p.schema.metadata[SHARD_META]) for p in parts]
     table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
@@ -166,6 +209,7 @@ def _merge(config: EncodeConfig, work: ShardedRun, llm, examples: list, input_sh
         inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
         counts={"examples": len(examples), "tokens": total_tokens, "truncated": sum(truncated),
                 "shards": len(shards)},
+        estimate={"bytes": estimate},
         shards=shard_info,
         files={A.FEATURES_INDEX: A.file_record(out / A.FEATURES_INDEX)},
         processes=work.world,
