@@ -101,6 +101,11 @@ class ShardedStageOptions:
     strict: bool = opt(False, "Refuse over-long prompts instead of truncating them.", last=True)
     shard_size: int = opt(1024, "Examples per output shard (the unit of --resume, and of the split across "
                                 "processes under `accelerate launch`).", last=True)
+    num_proc: int | None = opt(None, "Processes that tokenize the prompts, once (datasets' map num_proc; default: "
+                                     "one per CPU core from 100,000 examples on, else 1).", last=True)
+    data_cache: Path | None = opt(None, "Where the examples, read and tokenized once, are kept for the next run and "
+                                        "--resume (memory-mapped Arrow files; see train --data-cache).",
+                                  envvar="LLM2SLM_DATA_CACHE", last=True)
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.", last=True)
     overwrite: bool = opt(False, "Replace an existing output directory.", last=True)
     resume: bool = opt(False, "Continue an interrupted run in --out from its last complete shard.", last=True)
@@ -169,7 +174,7 @@ class EncodeConfig(ExampleFields, ShardedStageOptions):
 
     def __post_init__(self) -> None:
         _inputs(self.inputs)
-        _positive(self, "max_length", "batch_size", "shard_size")
+        _positive(self, "max_length", "batch_size", "shard_size", "num_proc")
 
 
 @dataclass(kw_only=True)
@@ -434,7 +439,7 @@ class GenerateConfig(DecodingOptions, ExampleFields, ShardedStageOptions):
                 raise UserError("give --out DIR for the predictions (or --prompt TEXT to print responses)")
             if self.json:
                 raise UserError("--json applies to --prompt and - (stdout)")
-        _positive(self, "max_new_tokens", "batch_size", "shard_size", "max_length", "gamma")
+        _positive(self, "max_new_tokens", "batch_size", "shard_size", "max_length", "gamma", "num_proc")
         self._check_decoding(speculative=self.speculative)
         if self.verifier and not self.speculative:
             raise UserError("--verifier is for --speculative decoding")
@@ -470,7 +475,7 @@ class DistillConfig(DecodingOptions, ExampleFields, ShardedStageOptions):
     def __post_init__(self) -> None:
         _inputs(self.inputs)
         _positive(self, "max_new_tokens", "batch_size", "shard_size", "max_length", "top_k_logits",
-                  "max_target_length")
+                  "max_target_length", "num_proc")
         self._check_decoding()
         if self.teacher_forced and self.top_k_logits is None:
             raise UserError("--teacher-forced only stores distributions: give --top-k-logits K")

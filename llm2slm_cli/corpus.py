@@ -30,7 +30,7 @@ from typing import Any
 
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
-from llm2slm_cli.data import Fields, iter_examples
+from llm2slm_cli.data import Example, Fields, iter_examples
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.fingerprints import tokenizer_fingerprint
 
@@ -80,6 +80,22 @@ class Examples:
     def __len__(self) -> int:
         return self.table.num_rows
 
+    def rows(self, indices: Sequence[int]) -> list[Example]:
+        """These examples (in this order) as data.Example objects."""
+        taken = self.table.take(list(indices)).to_pydict()
+        return [Example(*fields) for fields in zip(taken["id"], taken["prompt"], taken["target"], taken["place"])]
+
+    def __getitem__(self, i: int) -> Example:
+        return self.rows([i])[0]
+
+    def __iter__(self) -> Iterator[Example]:
+        for start in range(0, len(self), WRITE_BATCH):
+            yield from self.rows(range(start, min(start + WRITE_BATCH, len(self))))
+
+    @property
+    def has_targets(self) -> bool:
+        return self.table.column("target").null_count < len(self)
+
     def ids(self, indices: Sequence[int] | None = None) -> list[str]:
         column = self.table.column("id")
         return (column if indices is None else column.take(list(indices))).to_pylist()
@@ -99,7 +115,8 @@ class Tokens:
         self.table = pa.concat_tables([Dataset.from_file(str(entry / name)).data.table
                                        for name in sorted(record["files"])])
         self.prompt_lengths = self.table.column("prompt_length").to_numpy()
-        self.target_lengths = self.table.column("target_length").to_numpy()
+        self.target_lengths = (self.table.column("target_length").to_numpy()
+                               if "target_length" in self.table.column_names else None)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -123,8 +140,23 @@ class Tokens:
         return [chunk.flatten().to_numpy() for chunk in self.table.column(column).chunks]
 
     @property
+    def truncated_flags(self):
+        return self.table.column("truncated").to_numpy(zero_copy_only=False)
+
+    @property
     def truncated(self) -> int:
-        return int(self.table.column("truncated").to_numpy(zero_copy_only=False).sum())
+        return int(self.truncated_flags.sum())
+
+
+def input_sha256(inputs: Sequence[Path | str]) -> str | None:
+    """artifacts.input_sha256 of a stage's inputs; an input it cannot read is refused as the readers refuse it
+    ("no such file", "cannot read (...)"), before anything else."""
+    try:
+        return A.input_sha256(inputs)
+    except (OSError, ValueError):
+        for _ in iter_examples(inputs, Fields(prompt="", target=None, id=None)):
+            break  # what is wrong is what reading says first
+        raise
 
 
 def open_examples(inputs: Sequence[Path | str], fields: Fields, *, require_target: bool, cache: Path | None,
@@ -134,20 +166,55 @@ def open_examples(inputs: Sequence[Path | str], fields: Fields, *, require_targe
     cache = Path(cache) if cache is not None else default_cache()
     made_from = {"inputs_sha256": input_sha, "fields": [fields.prompt, fields.target, fields.id],
                  "template": fields.template, "require_target": require_target}
-    if input_sha is None:  # a hub dataset: nothing to fingerprint, so nothing is reused (read again each time)
-        made_from["unique"] = os.urandom(8).hex()
+    if input_sha is None:  # a hub dataset: nothing of ours to fingerprint, so read each time, kept for this run only
+        cache = _run_cache()
     key = _key({"kind": "examples", **made_from})
     entry = _entry(cache, f"examples-{key}", lambda tmp: _write_examples(inputs, fields, require_target, tmp),
                    {"kind": "examples", "key": key, "made_from": made_from}, quiet)
     return Examples(entry, _read_record(entry))
 
 
+def _run_cache() -> Path:
+    """A cache folder of this process only, removed when it exits."""
+    import atexit
+    import tempfile
+
+    global _RUN_CACHE
+    if _RUN_CACHE is None:
+        _RUN_CACHE = Path(tempfile.mkdtemp(prefix="llm2slm-data-"))
+        atexit.register(shutil.rmtree, _RUN_CACHE, True)
+    return _RUN_CACHE
+
+
+_RUN_CACHE: Path | None = None
+
+
+def prompt_tokens(examples: Examples, tokenizer, max_length: int, *, strict: bool, inputs: Sequence,
+                  num_proc: int | None = None, quiet: bool = False) -> Tokens:
+    """The prompts alone tokenized (encode, generate, distill-labels), as open_tokens; with `strict`, an over-long
+    prompt is refused with the message of runtime.tokenize_prompts (the first one, and how many there are)."""
+    import numpy as np
+
+    tokens = open_tokens(examples, tokenizer, None, max_length=max_length, max_target_length=None,
+                         num_proc=num_proc, quiet=quiet)
+    n_long = tokens.truncated
+    if strict and n_long:
+        e = examples[int(np.flatnonzero(tokens.truncated_flags)[0])]
+        full = len(tokenizer(e.prompt, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+        raise UserError(f"{runtime.places(inputs, [e])[0]}: prompt has {full} tokens, over --max-length "
+                        f"{max_length} ({n_long} such prompt{'s' if n_long > 1 else ''}; drop --strict to truncate "
+                        "them)")
+    return tokens
+
+
 def open_tokens(examples: Examples, prompt_tokenizer, target_tokenizer, *, max_length: int,
-                max_target_length: int, num_proc: int | None = None, quiet: bool = False) -> Tokens:
+                max_target_length: int | None, num_proc: int | None = None, quiet: bool = False) -> Tokens:
     """The examples tokenized: from the cache, or now with `Dataset.map(batched=True, num_proc=...)` (default: one
-    process per CPU core from PARALLEL_FROM examples on); the rows are the same whatever the number of processes."""
+    process per CPU core from PARALLEL_FROM examples on); the rows are the same whatever the number of processes.
+    Without a target tokenizer, the prompts only."""
     made_from = {"examples": examples.key, "prompt_tokenizer": tokenizer_identity(prompt_tokenizer),
-                 "target_tokenizer": tokenizer_identity(target_tokenizer), "max_length": max_length,
+                 "target_tokenizer": tokenizer_identity(target_tokenizer) if target_tokenizer is not None else None,
+                 "max_length": max_length,
                  "max_target_length": max_target_length}
     key = _key({"kind": "tokens", **made_from})
     if num_proc is None:
@@ -267,9 +334,12 @@ def _check_unique(hashes, inputs: Sequence[Path | str], fields: Fields, require_
 def _tokenize(batch: dict[str, list], prompt_tokenizer, target_tokenizer, max_length: int,
               max_target_length: int) -> dict[str, list]:
     prompt_ids, truncated = runtime.tokenize_prompts(prompt_tokenizer, batch["prompt"], max_length)
-    target_ids = runtime.tokenize_targets(target_tokenizer, [t or "" for t in batch["target"]], max_target_length)
-    return {"prompt_ids": prompt_ids, "target_ids": target_ids, "prompt_length": [len(p) for p in prompt_ids],
-            "target_length": [len(t) for t in target_ids], "truncated": truncated}
+    out = {"prompt_ids": prompt_ids, "prompt_length": [len(p) for p in prompt_ids], "truncated": truncated}
+    if target_tokenizer is not None:
+        target_ids = runtime.tokenize_targets(target_tokenizer, [t or "" for t in batch["target"]],
+                                              max_target_length)
+        out.update(target_ids=target_ids, target_length=[len(t) for t in target_ids])
+    return out
 
 
 def _write_tokens(examples: Examples, prompt_tokenizer, target_tokenizer, max_length: int, max_target_length: int,
@@ -278,9 +348,10 @@ def _write_tokens(examples: Examples, prompt_tokenizer, target_tokenizer, max_le
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # our stages show their own messages
-    features = Features({"prompt_ids": List(Value("int32")), "target_ids": List(Value("int32")),
-                         "prompt_length": Value("int32"), "target_length": Value("int32"),
-                         "truncated": Value("bool")})
+    columns = {"prompt_ids": List(Value("int32")), "prompt_length": Value("int32"), "truncated": Value("bool")}
+    if target_tokenizer is not None:
+        columns.update(target_ids=List(Value("int32")), target_length=Value("int32"))
+    features = Features(columns)
     runtime.say(f"tokenizing {len(examples):,} examples once ({num_proc} process{'es' if num_proc > 1 else ''}); "
                 f"cached in {tmp.parent}", quiet or len(examples) < PARALLEL_FROM)
     tokens = examples.dataset.map(

@@ -37,7 +37,6 @@ def teacher_topk(model, kind: str, prompt_ids: list, target_ids: list, k: int, *
     is the encoder's input, the decoder reads [start ; target[:-1]]."""
     import torch
 
-
     device = next(model.parameters()).device
     lengths = [len(p) + len(t) for p, t in zip(prompt_ids, target_ids)]
     out: list[Any] = [None] * len(prompt_ids)

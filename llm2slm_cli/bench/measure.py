@@ -206,7 +206,6 @@ def _peer_rows(s: Session, plans: list[Plan]) -> None:
     ours on the source model (float32), on the first batch-1 prompt the row was timed on."""
     import torch
 
-
     config = s.config
     context = config.prompt_length + max([config.new_tokens, *sweep_lengths(config)]) + 8
     for plan in (p for p in plans if p.role == "peer"):

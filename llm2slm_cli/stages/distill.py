@@ -21,7 +21,8 @@ from pathlib import Path
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.config import DistillConfig
-from llm2slm_cli.data import Fields, read_examples
+from llm2slm_cli.corpus import Examples, Tokens, input_sha256, open_examples, prompt_tokens
+from llm2slm_cli.data import Fields
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.fingerprints import tokenizer_fingerprint
 from llm2slm_cli.generation import HalvingBatcher, PlainModel, generate_shard, generation_kwargs
@@ -52,38 +53,39 @@ def run(config: DistillConfig) -> Path:
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field,
                     template=config.template)
-    examples = read_examples(config.inputs, fields, require_target=config.teacher_forced)
+    input_sha = input_sha256(config.inputs)
+    examples = open_examples(config.inputs, fields, require_target=config.teacher_forced, cache=config.data_cache,
+                             input_sha=input_sha)
     out = Path(config.out)
     with ShardedRun(out, stage="distill", overwrite=config.overwrite, resume=config.resume, device=config.device,
                     part=PART, quiet=config.quiet) as work:
         if work.finished:
             return out
-        llm, ids, truncated, generation = _open_and_tokenize(config, work, examples)
-        input_sha = A.input_sha256(config.inputs)
+        llm, tokens, generation = _open_and_tokenize(config, work, examples)
         shards = _plan(config, work, llm, examples, generation, input_sha)
-        new_tokens, seconds = _label_shards(config, work, llm, examples, ids, generation, shards, out)
+        new_tokens, seconds = _label_shards(config, work, llm, examples, tokens, generation, shards, out)
         if work.finish():
-            _merge(config, work, llm, examples, generation, input_sha, (truncated, shards),
+            _merge(config, work, llm, examples, generation, input_sha, (tokens.truncated, shards),
                    (new_tokens, seconds), out)
         work.done()
     return out
 
 
-def _open_and_tokenize(config: DistillConfig, work: ShardedRun, examples: list) -> tuple[PlainModel, list, list,
-                                                                                   dict | None]:
-    """The LLM on this process's device, every prompt's token ids and the decoding options (None when teacher
-    forced); --top-k-logits checked against the LLM's vocabulary."""
+def _open_and_tokenize(config: DistillConfig, work: ShardedRun, examples: Examples) -> tuple[PlainModel, Tokens,
+                                                                                       dict | None]:
+    """The LLM on this process's device, every prompt's token ids (corpus.py: tokenized once, cached) and the
+    decoding options (None when teacher forced); --top-k-logits checked against the LLM's vocabulary."""
     llm = PlainModel(config.model, dtype=config.dtype, tokenizer=config.tokenizer, device=work.device)
     tok = llm.prompt_tokenizer
-    ids, truncated = runtime.tokenize_prompts(tok, [e.prompt for e in examples], config.max_length,
-                                              strict=config.strict, where=runtime.places(config.inputs, examples))
+    tokens = prompt_tokens(examples, tok, config.max_length, strict=config.strict, inputs=config.inputs,
+                           num_proc=config.num_proc, quiet=config.quiet or not work.is_main)
     generation = None if config.teacher_forced else generation_kwargs(config)
     if config.top_k_logits is not None and config.top_k_logits > len(tok):
         raise UserError(f"--top-k-logits {config.top_k_logits} is more than the LLM's {len(tok)} tokens")
-    return llm, ids, truncated, generation
+    return llm, tokens, generation
 
 
-def _plan(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: list, generation: dict | None,
+def _plan(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: Examples, generation: dict | None,
           input_sha: str | None) -> list[list[int]]:
     """Shards of --shard-size examples in input order, recorded as the run's plan."""
     top_k = config.top_k_logits
@@ -95,7 +97,7 @@ def _plan(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: li
     return shards
 
 
-def _label_shards(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: list, ids: list,
+def _label_shards(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: Examples, tokens: Tokens,
                   generation: dict | None, shards: list, out: Path) -> tuple[int, float]:
     """Label this process's shards still to do (each with its own seed): the labels part and, with
     --top-k-logits, the teacher's distributions. Returns the new tokens and the seconds it took."""
@@ -103,15 +105,16 @@ def _label_shards(config: DistillConfig, work: ShardedRun, llm: PlainModel, exam
     batcher = HalvingBatcher(config.batch_size)
 
     def label_shard(k: int, members: list[int], progress) -> list[Path]:
+        shard = examples.rows(members)
+        ids = dict(zip(members, tokens.rows("prompt_ids", members)))  # this shard's prompts, read once
         if config.teacher_forced:
-            rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": examples[i].target,
-                     "reference": examples[i].target, "n_tokens": 0} for i in members]
+            rows = [{"id": e.id, "prompt": e.prompt, "target": e.target, "reference": e.target, "n_tokens": 0}
+                    for e in shard]
         else:
             outputs = generate_shard(llm, ids, members, config.batch_size, generation, work, batcher, progress)
             texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
-            rows = [{"id": examples[i].id, "prompt": examples[i].prompt, "target": t.strip(),
-                     "reference": examples[i].target, "n_tokens": len(outputs[i])}
-                    for i, t in zip(members, texts)]
+            rows = [{"id": e.id, "prompt": e.prompt, "target": t.strip(), "reference": e.target,
+                     "n_tokens": len(outputs[i])} for i, e, t in zip(members, shard, texts)]
         empty = [r["id"] for r in rows if not r["target"]]
         if empty:
             runtime.say(f"warning: the LLM gave an empty answer for {len(empty)} examples of shard {k} "
@@ -120,7 +123,7 @@ def _label_shards(config: DistillConfig, work: ShardedRun, llm: PlainModel, exam
         if top_k is not None:
             work.check_stop()
             targets = runtime.tokenize_targets(tok, [r["target"] for r in rows], config.max_target_length)
-            topk = teacher_topk(llm.model, llm.kind, [ids[i] for i in members], targets, top_k,
+            topk = teacher_topk(llm.model, llm.kind, [ids[i].tolist() for i in members], targets, top_k,
                                 pad_id=tok.pad_token_id, batch_size=config.batch_size,
                                 decoder_start=getattr(llm.model.config, "decoder_start_token_id", None))
             write_shard(out / LOGITS_SHARD.format(k), topk, targets)
@@ -154,7 +157,7 @@ def _merge(config: DistillConfig, work: ShardedRun, llm: PlainModel, examples: l
         prompt_field=config.prompt_field, inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
         logits=logits,
         counts={"examples": len(examples), "generated_tokens": generated,
-                "truncated_prompts": sum(truncated),
+                "truncated_prompts": truncated,
                 "empty_targets": sum(1 for t in table["target"].to_pylist() if not t)},
         files={A.LABELS: A.file_record(out / A.LABELS)},
         processes=work.world,

@@ -18,7 +18,8 @@ from typing import Any
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.config import EncodeConfig
-from llm2slm_cli.data import Fields, length_sorted_batches, pad, read_examples
+from llm2slm_cli.corpus import Examples, Tokens, input_sha256, open_examples, prompt_tokens
+from llm2slm_cli.data import Fields, length_sorted_batches, pad
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.features import ELEMENT_BYTES, feature_bytes, index_bytes, index_table
 from llm2slm_cli.sharding import ShardedRun
@@ -41,37 +42,39 @@ def run(config: EncodeConfig) -> Path:
     """Read the prompts, then (in the main process, or each process its own shards) encode and merge."""
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     fields = Fields(prompt=config.prompt_field, target=None, id=config.id_field, template=config.template)
-    examples = read_examples(config.inputs, fields)
-    input_sha = A.input_sha256(config.inputs)
+    input_sha = input_sha256(config.inputs)
+    examples = open_examples(config.inputs, fields, require_target=False, cache=config.data_cache,
+                             input_sha=input_sha)
     out = Path(config.out)
     with ShardedRun(out, stage="encode", overwrite=config.overwrite, resume=config.resume, device=config.device,
                     part=A.FEATURES_SHARD_INDEX, quiet=config.quiet) as work:
         if work.finished:
             return out
-        llm, ids, truncated = _open_and_tokenize(config, work, examples)
+        llm, tokens = _open_and_tokenize(config, work, examples)
         key, cached = _cache_entry(config, work, llm, input_sha)
         if cached is not None and _linked_from_cache(config, work, cached, key, out):
             return out
-        lengths, shards = _cut_shards(config, ids)
+        lengths, shards = _cut_shards(config, tokens)
         estimate = _check_space(config, work, llm, lengths, shards, out)
         _plan(config, work, llm, shards, input_sha)
-        tokens, seconds = _encode_shards(config, work, llm, examples, ids, truncated, lengths, shards, out)
+        encoded, seconds = _encode_shards(config, work, llm, examples, tokens, shards, out)
         if work.finish():
-            _merge(config, work, llm, examples, input_sha, (lengths, truncated, shards), (key, cached),
-                   (tokens, seconds, estimate), out)
+            _merge(config, work, llm, examples, input_sha, (tokens, shards), (key, cached),
+                   (encoded, seconds, estimate), out)
         work.done()
     return out
 
 
-def _open_and_tokenize(config: EncodeConfig, work: ShardedRun, examples: list) -> tuple[Any, list, list]:
-    """The frozen LLM on this process's device, and every prompt's token ids (with whether it was truncated)."""
+def _open_and_tokenize(config: EncodeConfig, work: ShardedRun, examples: Examples) -> tuple[Any, Tokens]:
+    """The frozen LLM on this process's device, and every prompt's token ids (corpus.py: tokenized once, cached;
+    with whether each was truncated)."""
     from llm2slm_cli.llm2slm import FrozenLLM  # imports torch: off the import of this module
 
     llm = FrozenLLM(config.model, layer=config.layer, dtype=config.llm_dtype, tokenizer=config.tokenizer,
                     device=work.device, weights="encoder")
-    ids, truncated = runtime.tokenize_prompts(llm.tokenizer, [e.prompt for e in examples], config.max_length,
-                                              strict=config.strict, where=runtime.places(config.inputs, examples))
-    return llm, ids, truncated
+    tokens = prompt_tokens(examples, llm.tokenizer, config.max_length, strict=config.strict, inputs=config.inputs,
+                           num_proc=config.num_proc, quiet=config.quiet or not work.is_main)
+    return llm, tokens
 
 
 def _cache_entry(config: EncodeConfig, work: ShardedRun, llm,
@@ -103,11 +106,14 @@ def _linked_from_cache(config: EncodeConfig, work: ShardedRun, cached: Path, key
     return True
 
 
-def _cut_shards(config: EncodeConfig, ids: list) -> tuple[list, list]:
-    """Every prompt's length, and the shards: cut from the prompts sorted by length (longest first, stable)."""
-    lengths = [len(t) for t in ids]
-    order = length_sorted_batches(lengths, len(lengths))[0]
-    return lengths, [order[i: i + config.shard_size] for i in range(0, len(order), config.shard_size)]
+def _cut_shards(config: EncodeConfig, tokens: Tokens) -> tuple[Any, list]:
+    """Every prompt's length (an int64 array), and the shards: cut from the prompts sorted by length (longest
+    first; equal lengths in input order)."""
+    import numpy as np
+
+    lengths = tokens.prompt_lengths.astype(np.int64)
+    order = np.lexsort((np.arange(len(lengths)), -lengths))
+    return lengths, [order[i: i + config.shard_size].tolist() for i in range(0, len(order), config.shard_size)]
 
 
 def _check_space(config: EncodeConfig, work: ShardedRun, llm, lengths: list, shards: list, out: Path) -> int:
@@ -119,13 +125,13 @@ def _check_space(config: EncodeConfig, work: ShardedRun, llm, lengths: list, sha
     parts and the merged index are on disk together until the parts go). --cache needs no second copy: the entry
     is hard links to the files in --out (a cache on another file system gets a copy; a cache that cannot take it
     only warns)."""
-    total_tokens = sum(lengths)
+    total_tokens = int(lengths.sum())
     total = feature_bytes(total_tokens, llm.d_model, config.feature_dtype)
 
     def check() -> None:
         done = work.recorded(len(shards)) if config.resume else set()
         todo = [shards[k] for k in range(len(shards)) if k not in done]
-        tokens, examples = sum(lengths[i] for shard in todo for i in shard), sum(map(len, todo))
+        tokens, examples = sum(int(lengths[shard].sum()) for shard in todo), sum(map(len, todo))
         need = (feature_bytes(tokens, llm.d_model, config.feature_dtype) + index_bytes(tokens, examples)
                 + index_bytes(total_tokens, len(lengths)))
         runtime.say(f"features: {total_tokens:,} tokens x {llm.d_model} x {ELEMENT_BYTES[config.feature_dtype]} "
@@ -151,31 +157,34 @@ def _plan(config: EncodeConfig, work: ShardedRun, llm, shards: list, input_sha: 
     """The shards recorded as the run's plan (--out is made ready for writing now)."""
     plan = {"input_sha256": input_sha, "llm": llm.identity(), "config": A.config_to_dict(config),
             "shards": len(shards)}
-    for name in ("overwrite", "resume", "quiet", "device", "cache"):
+    for name in ("overwrite", "resume", "quiet", "device", "cache", "num_proc", "data_cache"):
         plan["config"].pop(name)
     work.plan(plan)
 
 
-def _encode_shards(config: EncodeConfig, work: ShardedRun, llm, examples: list, ids: list, truncated: list,
-                   lengths: list, shards: list, out: Path) -> tuple[int, float]:
+def _encode_shards(config: EncodeConfig, work: ShardedRun, llm, examples: Examples, tokens: Tokens,
+                   shards: list, out: Path) -> tuple[int, float]:
     """Encode this process's shards still to do: each shard's features file, then its index part. Returns the
     tokens encoded here and the seconds it took."""
     import torch
     from safetensors.torch import save_file
 
     dtype = getattr(torch, config.feature_dtype)
+    truncated = tokens.truncated_flags
 
     def encode_shard(k: int, members: list[int], progress) -> list[Path]:
+        ids = dict(zip(members, tokens.rows("prompt_ids", members)))  # this shard's rows, read once
+        names = dict(zip(members, examples.ids(members)))
         chunks, rows, offset = [], [], 0
-        for batch in length_sorted_batches([lengths[i] for i in members], config.batch_size):
-            batch = [members[j] for j in batch]
+        for batch in _batches(members, tokens.prompt_lengths, config.batch_size):
             input_ids, mask = pad([ids[i] for i in batch], llm.tokenizer.pad_token_id)
             hidden = llm.encode(input_ids, mask)
             for row, i in enumerate(batch):
-                chunks.append(hidden[row, : lengths[i]].to("cpu", dtype))
-                rows.append({"id": examples[i].id, "shard": k, "offset": offset, "length": lengths[i],
-                             "input_ids": ids[i], "truncated": truncated[i]})
-                offset += lengths[i]
+                n = len(ids[i])
+                chunks.append(hidden[row, :n].to("cpu", dtype))
+                rows.append({"id": names[i], "shard": k, "offset": offset, "length": n,
+                             "input_ids": ids[i].tolist(), "truncated": bool(truncated[i])})
+                offset += n
             progress.advance(len(batch), int(mask.sum()))
         shard_path = out / A.FEATURES_SHARD.format(k)
         with A.atomic_output(shard_path) as tmp:
@@ -188,26 +197,42 @@ def _encode_shards(config: EncodeConfig, work: ShardedRun, llm, examples: list, 
     return work.run_shards(shards, encode_shard, label="encode", digits=0)
 
 
+def _batches(members: list[int], lengths, batch_size: int) -> list[list[int]]:
+    """A shard's examples in the batches they are encoded in: length-sorted (longest first, stable)."""
+    return [[members[j] for j in batch]
+            for batch in length_sorted_batches([int(lengths[i]) for i in members], batch_size)]
+
+
+def _row_examples(shards: list, lengths, batch_size: int):
+    """The example behind each row of the shards' index parts, concatenated in shard order (each part lists its
+    shard's examples batch by batch, as _batches orders them)."""
+    import numpy as np
+
+    return np.fromiter((i for members in shards for batch in _batches(members, lengths, batch_size) for i in batch),
+                       np.int64)
+
+
 def _merge(config: EncodeConfig, work: ShardedRun, llm, examples: list, input_sha: str | None, layout: tuple,
            cache: tuple, timing: tuple, out: Path) -> None:
     """One index in input order (the per-shard parts exist only so that processes and resumes can merge), the
     manifest, the cache entry; then the parts go."""
+    import numpy as np
     import pyarrow as pa
 
-    (lengths, truncated, shards), (key, cached), (tokens, seconds, estimate) = layout, cache, timing
+    (tokens_, shards), (key, cached), (tokens, seconds, estimate) = layout, cache, timing
+    lengths, truncated = tokens_.prompt_lengths, tokens_.truncated
     parts = work.read_parts(len(shards))
     shard_info = [json.loads(p.schema.metadata[SHARD_META]) for p in parts]
     table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
-    position = {e.id: n for n, e in enumerate(examples)}
-    table = table.take(sorted(range(table.num_rows), key=lambda r: position[table["id"][r].as_py()]))
+    table = table.take(np.argsort(_row_examples(shards, lengths, config.batch_size)))  # input order
     A.write_parquet(out / A.FEATURES_INDEX, table)
-    total_tokens = sum(lengths)
+    total_tokens = int(lengths.sum())
     manifest = A.make_manifest(
         A.KIND_FEATURES, config,
         llm=llm.identity(), layer=llm.layer, feature_dtype=config.feature_dtype, d_model=llm.d_model,
         max_length=config.max_length, template=config.template, prompt_field=config.prompt_field,
         inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
-        counts={"examples": len(examples), "tokens": total_tokens, "truncated": sum(truncated),
+        counts={"examples": len(examples), "tokens": total_tokens, "truncated": truncated,
                 "shards": len(shards)},
         estimate={"bytes": estimate},
         shards=shard_info,
@@ -221,7 +246,7 @@ def _merge(config: EncodeConfig, work: ShardedRun, llm, examples: list, input_sh
     work.remove_parts(len(shards))
     if cached is not None:
         _publish_to_cache(out, cached)
-    runtime.say(f"encoded {len(examples)} prompts ({total_tokens} tokens, {sum(truncated)} truncated) with "
+    runtime.say(f"encoded {len(examples)} prompts ({total_tokens} tokens, {truncated} truncated) with "
                 f"{config.model} in {seconds:.1f}s" + (f" on {work.world} processes" if work.world > 1 else "")
                 + f" -> {out}", config.quiet)
 

@@ -15,7 +15,8 @@ from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
 from llm2slm_cli.api import Model
 from llm2slm_cli.config import GenerateConfig
-from llm2slm_cli.data import Fields, read_examples, records_jsonl, split_lines, to_examples
+from llm2slm_cli.corpus import Examples, Tokens, input_sha256, open_examples, prompt_tokens
+from llm2slm_cli.data import Fields, records_jsonl, split_lines, to_examples
 from llm2slm_cli.errors import UserError
 from llm2slm_cli.features import FeatureStore
 from llm2slm_cli.generation import (
@@ -64,37 +65,39 @@ def run(config: GenerateConfig) -> Path:
     out = Path(config.out)
     template = config.template or _checkpoint_template(Path(config.model))
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)
-    examples = read_examples(config.inputs, fields)  # a bad input is refused before anything is loaded or written
+    input_sha = input_sha256(config.inputs)
+    # a bad input is refused before anything is loaded or written
+    examples = open_examples(config.inputs, fields, require_target=False, cache=config.data_cache,
+                             input_sha=input_sha)
     with ShardedRun(out, stage="generate", overwrite=config.overwrite, resume=config.resume, device=config.device,
                     part=PART, quiet=config.quiet) as work:
         if work.finished:
             return out
-        model, identity, ids, truncated, features, max_length = _open_and_tokenize(config, work, examples)
+        model, identity, tokens, features, max_length = _open_and_tokenize(config, work, examples)
         generation = _decoding(config, model)
-        input_sha = A.input_sha256(config.inputs)
         shards = in_order_shards(len(examples), config.shard_size)
         work.plan({"input_sha256": input_sha, "model": identity, "generation": generation, "shards": len(shards),
                    "template": template, "max_length": max_length, "seed": config.seed,
                    "batch_size": config.batch_size})
         batcher = HalvingBatcher(config.batch_size)
-        new_tokens, seconds = _decode_shards(config, work, model, examples, ids, features, generation, shards,
+        new_tokens, seconds = _decode_shards(config, work, model, examples, tokens, features, generation, shards,
                                              batcher, out)
         if work.finish():
             _merge(config, work, model, examples, (identity, generation, template, input_sha),
-                   (truncated, shards, batcher), (new_tokens, seconds), out)
+                   (tokens.truncated, shards, batcher), (new_tokens, seconds), out)
         work.done()
     return out
 
 
-def _open_and_tokenize(config: GenerateConfig, work: ShardedRun, examples: list) -> tuple:
-    """The model on this process's device, its identity, every prompt's token ids (truncated or not), the stored
-    features if --features, and the prompt length used."""
+def _open_and_tokenize(config: GenerateConfig, work: ShardedRun, examples: Examples) -> tuple:
+    """The model on this process's device, its identity, every prompt's token ids (corpus.py: tokenized once,
+    cached; truncated or not), the stored features if --features, and the prompt length used."""
     model, identity, _, max_prompt_length = load_generator(config, work.device)
     max_length = config.max_length or max_prompt_length
-    ids, truncated = runtime.tokenize_prompts(model.prompt_tokenizer, [e.prompt for e in examples], max_length,
-                                              strict=config.strict, where=runtime.places(config.inputs, examples))
-    features = _stored_features(config.features, model, examples, ids) if config.features else None
-    return model, identity, ids, truncated, features, max_length
+    tokens = prompt_tokens(examples, model.prompt_tokenizer, max_length, strict=config.strict, inputs=config.inputs,
+                           num_proc=config.num_proc, quiet=config.quiet or not work.is_main)
+    features = _stored_features(config.features, model, examples, tokens) if config.features else None
+    return model, identity, tokens, features, max_length
 
 
 def _decoding(config: GenerateConfig, model) -> dict[str, Any]:
@@ -107,7 +110,7 @@ def _decoding(config: GenerateConfig, model) -> dict[str, Any]:
     return generation
 
 
-def _decode_shards(config: GenerateConfig, work: ShardedRun, model, examples: list, ids: list, features,
+def _decode_shards(config: GenerateConfig, work: ShardedRun, model, examples: Examples, tokens: Tokens, features,
                    generation: dict, shards: list, batcher: HalvingBatcher, out: Path) -> tuple[int, float]:
     """Decode this process's shards still to do, each with its own seed, into one part file each. Returns the
     new tokens and the seconds it took."""
@@ -116,27 +119,31 @@ def _decode_shards(config: GenerateConfig, work: ShardedRun, model, examples: li
     def decode_shard(k: int, members: list[int], progress) -> list[Path]:
         if isinstance(model, SpeculativeModel):
             model.reseed(shard_seed(config.seed, k))
+        ids = dict(zip(members, tokens.rows("prompt_ids", members)))  # this shard's prompts, read once
         outputs = generate_shard(model, ids, members, config.batch_size, generation, work, batcher, progress,
                                  features=features)
         texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
-        A.write_parquet(out / PART.format(k), _part_table(config, model, examples, members, outputs, texts))
+        table = _part_table(config, model, examples.rows(members), examples.has_targets,
+                            [len(outputs[i]) for i in members], texts)
+        A.write_parquet(out / PART.format(k), table)
         return [out / PART.format(k)]
 
     return work.run_shards(shards, decode_shard, label="generate", seed=config.seed)
 
 
-def _part_table(config: GenerateConfig, model, examples: list, members: list[int], outputs: dict, texts: list):
+def _part_table(config: GenerateConfig, model, shard: list, with_references: bool, lengths: list[int],
+                texts: list[str]):
     """One shard's predictions (with speculative decoding: its counts in the metadata, summed at the end)."""
     import pyarrow as pa
 
     columns: dict[str, Any] = {
-        "id": pa.array([examples[i].id for i in members], pa.string()),
-        "prompt": pa.array([examples[i].prompt for i in members], pa.string()),
+        "id": pa.array([e.id for e in shard], pa.string()),
+        "prompt": pa.array([e.prompt for e in shard], pa.string()),
         "prediction": pa.array([first_line(t) if config.first_line else t.strip() for t in texts], pa.string()),
-        "n_tokens": pa.array([len(outputs[i]) for i in members], pa.int32()),
+        "n_tokens": pa.array(lengths, pa.int32()),
     }
-    if any(e.target is not None for e in examples):  # examples without one get a null reference
-        columns["reference"] = pa.array([examples[i].target for i in members], pa.string())
+    if with_references:  # examples without one get a null reference
+        columns["reference"] = pa.array([e.target for e in shard], pa.string())
     table = pa.table(columns)
     if isinstance(model, SpeculativeModel):
         table = table.replace_schema_metadata({SPECULATIVE_META: json.dumps(model.stats.as_counts())})
@@ -167,7 +174,7 @@ def _merge(config: GenerateConfig, work: ShardedRun, model, examples: list, reco
     manifest = A.make_manifest(
         A.KIND_PREDICTIONS, config, model=identity, generation=generation, template=template,
         inputs=[str(p) for p in config.inputs], input_sha256=input_sha,
-        counts={"examples": len(examples), "generated_tokens": generated, "truncated_prompts": sum(truncated)},
+        counts={"examples": len(examples), "generated_tokens": generated, "truncated_prompts": truncated},
         speculative=speculative,
         files={A.PREDICTIONS: A.file_record(out / A.PREDICTIONS)},
         processes=work.world, batch_size_reductions=batcher.reductions,
@@ -248,7 +255,7 @@ def _stdin_prompts(text: str, config: GenerateConfig, template: str | None) -> l
     return [(str(k), f"<stdin>, line {i}", line, True) for k, (i, line) in enumerate(lines)]
 
 
-def _stored_features(path: Path, model, examples, ids):
+def _stored_features(path: Path, model, examples: Examples, tokens: Tokens):
     """--features: the store checked against the checkpoint's LLM (its identity, without loading it) and against
     each prompt (the token ids it was encoded from); returns features(batch) -> (batch, longest, d_llm)."""
     import numpy as np
@@ -261,16 +268,18 @@ def _stored_features(path: Path, model, examples, ids):
         raise UserError("--features needs an LLM-to-SLM checkpoint (trained with --llm) as --model")
     store = FeatureStore(path)
     check_llm(model.llm, store.llm, f"features {path}")
-    for e, prompt in zip(examples, ids):
-        if e.id not in store:
-            raise UserError(f"example {e.id!r} has no features in {path}: encode this file with the same options")
-        if not np.array_equal(store.input_ids(e.id), prompt):
-            raise UserError(f"example {e.id!r}: its prompt differs from the one encoded in {path} (another file, "
-                            "template or --max-length?)")
+    for indices, rows in tokens.chunks("prompt_ids"):
+        for ex_id, prompt in zip(examples.ids(indices), rows):
+            if ex_id not in store:
+                raise UserError(f"example {ex_id!r} has no features in {path}: encode this file with the same "
+                                "options")
+            if not np.array_equal(store.input_ids(ex_id), prompt):
+                raise UserError(f"example {ex_id!r}: its prompt differs from the one encoded in {path} (another "
+                                "file, template or --max-length?)")
 
     def features(batch: list[int]):
-        rows = [store.features(examples[i].id) for i in batch]
-        out = torch.zeros(len(rows), max(len(ids[i]) for i in batch), rows[0].shape[1], dtype=rows[0].dtype)
+        rows = [store.features(ex_id) for ex_id in examples.ids(batch)]
+        out = torch.zeros(len(rows), int(tokens.prompt_lengths[batch].max()), rows[0].shape[1], dtype=rows[0].dtype)
         for j, r in enumerate(rows):
             out[j, : r.shape[0]] = r
         return out

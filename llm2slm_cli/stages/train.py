@@ -30,7 +30,7 @@ from llm2slm_cli import loading as M
 from llm2slm_cli import runtime
 from llm2slm_cli.batching import TrainLoader, TrainPlan, to_device
 from llm2slm_cli.config import TrainConfig
-from llm2slm_cli.corpus import Examples, Tokens, open_examples, open_tokens
+from llm2slm_cli.corpus import Examples, Tokens, input_sha256, open_examples, open_tokens
 from llm2slm_cli.data import Fields, length_sorted_batches, pad
 from llm2slm_cli.errors import Interrupted, UserError
 from llm2slm_cli.features import FeatureStore
@@ -293,7 +293,7 @@ def check_inputs(config: TrainConfig, out: Path) -> Inputs:
     max_length = store_manifest["max_length"] if store_manifest else config.max_length
     if config.count_parameters:
         return Inputs(store_manifest, template, None, None, None, None, max_length)
-    input_sha = {"inputs": A.input_sha256(config.inputs), "dev": A.input_sha256(config.dev) if config.dev else None}
+    input_sha = {"inputs": input_sha256(config.inputs), "dev": input_sha256(config.dev) if config.dev else None}
     train_examples = _read(config.inputs, config, template, input_sha["inputs"])
     dev_examples = _read(config.dev, config, template, input_sha["dev"]) if config.dev else None
     teacher = _teacher(config) if config.kd_weight else None
