@@ -63,6 +63,28 @@ def tokenizer_identity(tok) -> str:
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()
 
 
+def take(column, indices: Sequence[int]):
+    """`column.take(indices)` of a chunked (memory-mapped) column, chunk by chunk: pyarrow's own take on a
+    ChunkedArray concatenates every chunk first, which reads the whole column into memory (gigabytes at millions of
+    rows) to fetch a batch. Returns a plain array in the order of `indices`."""
+    import numpy as np
+    import pyarrow as pa
+
+    indices = np.asarray(indices, dtype=np.int64)
+    starts = np.cumsum([0] + [len(c) for c in column.chunks])
+    which = np.searchsorted(starts, indices, side="right") - 1
+    if len(indices) and (indices.min() < 0 or indices.max() >= starts[-1]):
+        raise IndexError(f"row {int(indices.max())} of a column of {int(starts[-1])} rows")
+    order = np.argsort(which, kind="stable")  # grouped by chunk, in request order within one
+    pieces = [column.chunk(int(c)).take(pa.array(indices[order[which[order] == c]] - starts[c]))
+              for c in np.unique(which)]
+    if not pieces:
+        return pa.array([], type=column.type)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return pa.concat_arrays(pieces).take(pa.array(inverse))
+
+
 def _key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({"schema": SCHEMA, **parts}, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -82,8 +104,8 @@ class Examples:
 
     def rows(self, indices: Sequence[int]) -> list[Example]:
         """These examples (in this order) as data.Example objects."""
-        taken = self.table.take(list(indices)).to_pydict()
-        return [Example(*fields) for fields in zip(taken["id"], taken["prompt"], taken["target"], taken["place"])]
+        columns = [take(self.table.column(name), indices).to_pylist() for name in ("id", "prompt", "target", "place")]
+        return [Example(*fields) for fields in zip(*columns)]
 
     def __getitem__(self, i: int) -> Example:
         return self.rows([i])[0]
@@ -96,12 +118,8 @@ class Examples:
     def has_targets(self) -> bool:
         return self.table.column("target").null_count < len(self)
 
-    def ids(self, indices: Sequence[int] | None = None) -> list[str]:
-        column = self.table.column("id")
-        return (column if indices is None else column.take(list(indices))).to_pylist()
-
-    def places(self, indices: Sequence[int]) -> list[str]:
-        return self.table.column("place").take(list(indices)).to_pylist()
+    def ids(self, indices: Sequence[int]) -> list[str]:
+        return take(self.table.column("id"), indices).to_pylist()
 
 
 class Tokens:
@@ -123,7 +141,7 @@ class Tokens:
 
     def rows(self, column: str, indices: Sequence[int]) -> list:
         """The token ids of `column` ("prompt_ids" or "target_ids") of these examples, each an int32 array."""
-        taken = self.table.column(column).take(list(indices)).combine_chunks()
+        taken = take(self.table.column(column), indices)
         values = taken.flatten().to_numpy()
         offsets = taken.offsets.to_numpy()
         offsets = offsets - offsets[0]

@@ -145,3 +145,17 @@ def test_train_plan_from_corpus_lengths_is_the_plan_from_lists(tmp_path):
             assert (pa.global_batch, pa.global_tokens, pa.micro, pa.weight) == (pb.global_batch, pb.global_tokens,
                                                                                  pb.micro, pb.weight)
             assert type(pa.weight) is float and type(pa.global_tokens) is int
+
+
+def test_take_reads_chunk_by_chunk_in_the_asked_order():
+    """corpus.take (pyarrow's ChunkedArray.take would concatenate every chunk first): the same values, any order,
+    repeats, across chunk borders; a row past the end is an IndexError."""
+    import pyarrow as pa
+
+    column = pa.chunked_array([pa.array([[i, i + 1] for i in range(k, k + 5)], pa.list_(pa.int32()))
+                               for k in range(0, 20, 5)])
+    picked = [19, 0, 4, 5, 5, 12, 3, 18]
+    assert corpus.take(column, picked).to_pylist() == [column.to_pylist()[i] for i in picked]
+    assert corpus.take(column, []).to_pylist() == []
+    with pytest.raises(IndexError):
+        corpus.take(column, [20])
