@@ -129,7 +129,9 @@ class DecodingOptions:
     no_repeat_ngram_size: int = opt(0, "Never repeat an n-gram of this many tokens of the response (and, for a "
                                        "decoder-only model, of the prompt), as transformers' generate does with "
                                        "no_repeat_ngram_size. 0 is off.")
-    seed: int = opt(0, "Seed for sampling.")
+    seed: int = opt(0, "Seed for sampling: example i (its place in the input) samples from a generator of its "
+                       "own, seeded (seed + i * 1000003) mod 2**63, so its sample does not depend on the batch, "
+                       "shard or process (speculative decoding: a shard's batches share one).")
 
     def _check_decoding(self, *, speculative: bool = False) -> None:
         check_numbers(self)
