@@ -4,6 +4,7 @@ for help, clear headings), and nothing heavy is loaded before it."""
 
 from __future__ import annotations
 
+import io
 import re
 import socket
 import sys
@@ -12,6 +13,7 @@ import pytest
 from conftest import error_line, write_jsonl
 
 from llm2slm_cli import loading as M
+from llm2slm_cli import runtime
 from llm2slm_cli.errors import UserError
 
 MISSING = ["runs/t5l-t5s/final", "runs/final", "runs/t5/step-000100", "./runs/x", "~/no-such-llm2slm-model",
@@ -90,3 +92,46 @@ def test_serve_refuses_a_busy_port_before_loading_the_model(cli, monkeypatch):
     assert msg == (f"cannot listen on 127.0.0.1:{port} (Address already in use): another server may be running "
                    "there; give another --port (0: any free one)")
     assert calls == []
+
+
+def test_progress_prints_plain_lines_where_stderr_is_not_a_terminal():
+    stream, now = io.StringIO(), [0.0]
+    with runtime.progress(file=stream, every=10, clock=lambda: now[0]) as bar:
+        task = bar.add_task("encode", total=10_000, rate="")
+        for t, n, rate in [(5, 1000, "100.0 tok/s"), (11, 234, "112.2 tok/s"), (15, 1000, "150.0 tok/s"),
+                           (30, 1000, "110.0 tok/s"), (35, 500, "120.0 tok/s")]:
+            now[0] = t
+            bar.update(task, advance=n, rate=rate)
+        now[0] = 65
+        bar.update(task, advance=1)  # a line after 10 s or more: at 11, 30 and 65 s, not at 5, 15 or 35
+        other = bar.add_task("judge", total=None, rate="")
+        bar.update(other, advance=3)
+    assert stream.getvalue().splitlines() == [
+        "encode: 1,234/10,000 (12%) 112.2 tok/s, 0:00:11 elapsed",
+        "encode: 3,234/10,000 (32%) 110.0 tok/s, 0:00:30 elapsed",
+        "encode: 3,735/10,000 (37%) 120.0 tok/s, 0:01:05 elapsed",
+        "judge: 3, 0:00:00 elapsed",  # at the end: each task's last state, once
+    ]
+
+
+def test_progress_is_silent_when_quiet_and_a_live_bar_on_a_terminal(monkeypatch):
+    stream = io.StringIO()
+    with runtime.progress(True, file=stream) as bar:
+        bar.update(bar.add_task("encode", total=3, rate=""), advance=3)
+    assert stream.getvalue() == ""
+    monkeypatch.setenv("TERM", "xterm-256color")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()  # a terminal gets rich's live bar, not plain lines
+    with runtime.progress(file=stream) as bar:
+        bar.update(bar.add_task("encode", total=3, rate=""), advance=3)
+    assert "encode: 3/3 (100%)" not in stream.getvalue() and "3/3" in stream.getvalue()
+
+
+def test_a_stage_piped_to_a_log_prints_plain_progress(cli, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": str(i), "src": f"word {i}"} for i in range(5)])
+    output = cli("encode", data, "--model", "tiny-t5", "--out", tmp_path / "f").output
+    assert re.search(r"^encode: 5/5 \(100%\) [\d,.]+ tok/s, 0:00:\d\d elapsed$", output, re.M), output
