@@ -4,6 +4,7 @@ for help, clear headings), and nothing heavy is loaded before it."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import socket
@@ -12,6 +13,7 @@ import sys
 import pytest
 from conftest import error_line, write_jsonl
 
+from llm2slm_cli import config as C
 from llm2slm_cli import loading as M
 from llm2slm_cli import runtime
 from llm2slm_cli.errors import UserError
@@ -135,3 +137,29 @@ def test_a_stage_piped_to_a_log_prints_plain_progress(cli, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"id": str(i), "src": f"word {i}"} for i in range(5)])
     output = cli("encode", data, "--model", "tiny-t5", "--out", tmp_path / "f").output
     assert re.search(r"^encode: 5/5 \(100%\) [\d,.]+ tok/s, 0:00:\d\d elapsed$", output, re.M), output
+
+
+def test_train_help_groups_its_options_under_headings(cli):
+    text = cli("train", "--help").output
+    headings = [line[:-1] for line in text.splitlines() if re.fullmatch(r"[A-Z][A-Za-z -]+:", line)]
+    assert headings == ["Arguments", "Options", "Data", "Model", "LLM-to-SLM", "PEFT and distillation",
+                        "Optimisation", "Checkpoints and logging", "Run"]
+    listed = re.findall(r"^  (--[a-z0-9-]+)", text, re.M)  # each option's own line of the help
+    options = [f"--{f.name.replace('_', '-')}" for f in C.option_fields(C.TrainConfig)
+               if not f.metadata["argument"] and not f.metadata["hidden"]]
+    assert sorted(listed) == sorted(options + ["--config", "--print-config", "--help"])  # each exactly once
+    # within a panel, the declared order
+    sections = dict(re.findall(r"^([A-Z][A-Za-z -]+):\n((?:  .*\n|\s*\n)*?)(?=^[A-Z]|\Z)", text, re.M))
+    model = re.findall(r"^  (--[a-z0-9-]+)", sections["Model"], re.M)
+    assert model == [f"--{f.name.replace('_', '-')}" for f in C.option_fields(C.TrainConfig)
+                     if f.metadata["panel"] == C.MODEL]
+
+
+@pytest.mark.parametrize("stage,config", [("encode", C.EncodeConfig), ("generate", C.GenerateConfig),
+                                          ("distill-labels", C.DistillConfig)])
+def test_the_shared_options_have_their_headings(cli, stage, config):
+    text = cli(stage, "--help").output
+    for panel in {f.metadata["panel"] for f in dataclasses.fields(config)} - {None}:
+        assert re.search(f"^{re.escape(panel)}:$", text, re.M), panel
+    run = text.split("\nRun:\n", 1)[1]
+    assert re.findall(r"^  (--[a-z0-9-]+)", run, re.M)[-2:] == ["--resume", "--quiet"]
