@@ -163,3 +163,13 @@ def test_the_shared_options_have_their_headings(cli, stage, config):
         assert re.search(f"^{re.escape(panel)}:$", text, re.M), panel
     run = text.split("\nRun:\n", 1)[1]
     assert re.findall(r"^  (--[a-z0-9-]+)", run, re.M)[-2:] == ["--resume", "--quiet"]
+
+
+def test_the_demo_ends_with_a_command_to_try_its_model(tmp_path):
+    from llm2slm_cli import demo
+
+    test = write_jsonl(tmp_path / "test.jsonl", [{"id": "a", "src": "def f(x):\n    return x + 1\n# end", "tgt": "."},
+                                                 {"id": "b", "src": "def g(): pass", "tgt": "."}])
+    model = tmp_path / "runs" / "demo" / "llm2slm" / "final"
+    assert demo.try_it(model, test) == (f"your model is at {model}, try: llm2slm generate --model {model} "
+                                        "--prompt 'def g(): pass'")
