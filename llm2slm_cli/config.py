@@ -574,6 +574,10 @@ class BenchConfig:
                                      "converted from (directory, hub id or preset:NAME). Its greedy tokens are "
                                      "compared with this toolkit's greedy decoding of MODEL in float32 on the same "
                                      "prompt (column greedy_match), and its time with MODEL's --slm row.")
+    peer_timeout: float = opt(1800.0, "Seconds a --ctranslate2 or --llama-cpp row may take, loading included: each "
+                                      "runs in a process of its own, so a runtime that crashes or hangs (stopped "
+                                      "after this) is that row's error in the table and bench.parquet, and the "
+                                      "other rows are kept.")
     throughput: bool = opt(False, "Also measure encode (LLM prompt tokens/s, --llm) and train (examples/s of the "
                                   "LLM-to-SLM step with stored features, --llm and the first --slm) over "
                                   "--throughput-batch-sizes x --throughput-lengths.")
@@ -625,7 +629,7 @@ class BenchConfig:
         if not (self.llm or self.slm or self.model or self.ctranslate2 or self.llama_cpp):
             raise UserError("nothing to measure: give --llm, --slm and/or --model LABEL=DIR")
         _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads", "gamma",
-                  "throughput_target_length")
+                  "throughput_target_length", "peer_timeout")
         for name in ("throughput_batch_sizes", "throughput_lengths"):
             try:
                 values = [int(x) for x in getattr(self, name).split(",") if x.strip()]

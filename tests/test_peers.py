@@ -169,3 +169,83 @@ def _write_tiny_llama_gguf(path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# A peer runtime the bench's child process loads instead of a real one: "good" decodes, "crash" dies of SIGSEGV in
+# its first decode (as llama-cpp-python does on some CPUs), "hang" never returns.
+FAKE_PEER = """
+import os, signal, sys, time
+from llm2slm_cli.bench import measure, peers
+
+class Fake:
+    engine, vocab_size, special_ids, file_bytes, version, device = "llama.cpp", 300, {0, 1, 2}, 24, "fake", "cpu"
+
+    def __init__(self, label):
+        self.label = label
+
+    def generate_ids(self, prompts, n, num_beams):
+        if self.label == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if self.label == "hang":
+            time.sleep(600)
+        return [[5] * n for _ in prompts]
+
+peers.load_peer = lambda plan, device, context: Fake(plan.label)
+measure.peer_child(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.fixture
+def fake_peer(monkeypatch, tmp_path):
+    """--llama-cpp LABEL=FILE rows whose child process runs FAKE_PEER; returns the (header-only) GGUF file."""
+    from llm2slm_cli.bench import measure, peers
+
+    monkeypatch.setattr(peers, "require", lambda module, option: None)  # no llama-cpp-python needed
+    monkeypatch.setattr(measure, "peer_command",
+                        lambda request, result: [sys.executable, "-c", FAKE_PEER, str(request), str(result)])
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(20))
+    return gguf
+
+
+def test_a_peer_that_crashes_is_its_rows_error_and_every_other_row_is_kept(cli, fake_peer, tmp_path):
+    out = tmp_path / "b"
+    result = cli("bench", "--slm", "tiny-gpt2", "--llama-cpp", f"good={fake_peer}", "--llama-cpp",
+                 f"crash={fake_peer}", *TINY, "--out", out)
+    rows = {r["label"]: r for r in pq.read_table(out / "bench.parquet").to_pylist()}
+    assert list(rows) == ["SLM", "good", "crash"]
+    for label in ("SLM", "good"):  # measured, in this process and in the good child
+        assert rows[label]["error"] is None and 0 < rows[label]["seconds_median"] < 30
+        assert rows[label]["new_tokens"] == 6 and rows[label]["repeats"] == 2
+    assert (rows["good"]["engine"], rows["good"]["dtype"], rows["good"]["device"]) == ("llama.cpp", "gguf", "cpu")
+    crash = rows["crash"]
+    assert crash["error"] == "the llama.cpp process died of signal SIGSEGV before it finished this row"
+    assert (crash["role"], crash["engine"], crash["new_tokens"], crash["prompt_length"]) == ("peer", "llama.cpp", 6, 10)
+    assert crash["seconds_median"] is None and crash["ms_per_token"] is None and crash["speedup_vs_llm"] is None
+    assert "row 'crash' failed: the llama.cpp process died of signal SIGSEGV" in result.output
+    models = json.loads((out / "manifest.json").read_text())["models"]
+    assert models["crash"]["error"] == crash["error"] and models["good"]["version"] == "fake"
+    assert [r["label"] for r in json.loads((out / "bench.json").read_text())["rows"]] == ["SLM", "good", "crash"]
+    assert (out / "ms_per_token.png").is_file()
+
+
+def test_a_peer_that_hangs_is_stopped_at_the_time_limit(cli, fake_peer, tmp_path):
+    out = tmp_path / "b"
+    cli("bench", "--slm", "tiny-gpt2", "--llama-cpp", f"hang={fake_peer}", *TINY, "--peer-timeout", "3", "--out", out,
+        "--quiet")
+    rows = {r["label"]: r for r in pq.read_table(out / "bench.parquet").to_pylist()}
+    assert rows["hang"]["error"] == "no result within --peer-timeout 3 s: the llama.cpp process was stopped (a hang?)"
+    assert rows["SLM"]["error"] is None and rows["SLM"]["seconds_median"] > 0
+
+
+def test_a_peer_process_that_exits_without_a_result_says_how(monkeypatch):
+    from llm2slm_cli.bench import measure
+    from llm2slm_cli.bench.plan import Plan
+
+    plan = Plan("x", "peer", None, None, engine="llama.cpp")
+    for code, how in ((139, "exited with code 139 (128 + SIGSEGV)"), (3, "exited with code 3")):
+        child = f"import os, sys; print('ggml: out of luck', file=sys.stderr, flush=True); os._exit({code})"
+        monkeypatch.setattr(measure, "peer_command", lambda request, result, child=child: [sys.executable, "-c", child])
+        assert measure.run_peer_child({"plan": plan}, timeout=60) == {
+            "error": f"the llama.cpp process {how} before it finished this row (its last words: ggml: out of luck)"}
+

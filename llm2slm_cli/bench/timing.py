@@ -389,6 +389,9 @@ def add_ratios(results: list[dict[str, Any]], slm_of: Callable[[dict[str, Any]],
             llm[key(r)] = r
     slms = [r for r in results if r["role"] == "SLM"]
     for r in results:
+        if r["seconds_median"] is None:  # a row that failed: no numbers to compare
+            r["speedup_vs_llm"] = r["time_vs_slm"] = r["slm_row"] = None
+            continue
         ref = llm.get(key(r))
         r["speedup_vs_llm"] = ref["seconds_median"] / r["seconds_median"] if ref else None
         same = [s for s in slms if key(s) == key(r)]
