@@ -249,3 +249,20 @@ def test_a_peer_process_that_exits_without_a_result_says_how(monkeypatch):
         assert measure.run_peer_child({"plan": plan}, timeout=60) == {
             "error": f"the llama.cpp process {how} before it finished this row (its last words: ggml: out of luck)"}
 
+
+def test_rows_whose_repeats_vary_by_more_than_1_3x_are_warned_about():
+    from llm2slm_cli.bench.timing import unsteady
+
+    def row(label, part, seconds, batch=1, n=8):
+        return {"label": label, "part": part, "batch_size": batch, "new_tokens": n, "run_seconds": seconds}
+
+    rows = [row("SLM", "main", [0.010, 0.011, 0.014]),  # 1.4x
+            row("LLM", "main", [0.0100, 0.0125]),  # 1.25x: steady enough
+            row("SLM", "sweep", [0.1, 0.2, 0.15], n=50),  # 2x
+            row("one", "main", [0.5]),  # one repeat: nothing to compare
+            row("failed", "main", None)]
+    assert unsteady(rows) == [
+        "warning: row 'SLM' (batch 1): its 3 repeats vary 1.40x (10 to 14 ms), more than 1.3x: the machine was "
+        "busy, so its median is less sure",
+        "warning: row 'SLM' (50 tokens): its 3 repeats vary 2.00x (100 to 200 ms), more than 1.3x: the machine "
+        "was busy, so its median is less sure"]

@@ -74,6 +74,8 @@ def run(config: BenchConfig) -> Path:
         print_throughput(throughput)
         for line in skipped:
             runtime.say(f"not measured: {line}")
+        for line in B.unsteady(rows):
+            runtime.say(line)
     if config.json:
         print(json.dumps(rows, indent=2))
     runtime.say(f"measured {len(plans)} rows in {clock['seconds']:.0f}s -> {out}", config.quiet)
