@@ -31,6 +31,7 @@ from llm2slm_cli.errors import UserError
 from llm2slm_cli.generation import (
     PlainModel,
     SpeculativeModel,
+    example_seed,
     generation_kwargs,
     is_checkpoint,
     kind_of,
@@ -48,6 +49,7 @@ from llm2slm_cli.validation import (
     check_messages,
     check_prompt,
     check_prompts,
+    check_seeds,
     compile_chat_template,
 )
 
@@ -61,7 +63,8 @@ class Decoding(DecodingOptions):
 
     max_new_tokens: int = MAX_NEW_TOKENS
     stop: list[str] = field(default_factory=list)
-    # None: leave the random state as it is (the server's requests without a seed); the CLI and `generate` seed
+    # None: leave the random state as it is (the server's requests without a seed); the CLI and `generate` seed.
+    # Prompt i of a call samples from its own generator, seeded generation.example_seed(seed, i) (the first: seed)
     seed: int | None = 0
     gamma: int | None = None  # speculative decoding: draft tokens per LLM pass (None: the model's, load(gamma=))
 
@@ -86,6 +89,7 @@ class _Row:
         self.tok, self.eos, self.pad = tokenizer, eos, pad
         self.prompt_tokens, self.max_new_tokens, self.stop = prompt_tokens, decoding.max_new_tokens, decoding.stop
         self.on_text, self.cancelled = on_text, cancelled
+        self.seed = decoding.seed  # this row's sampling seed (Model.complete gives each prompt its own)
         self.ids: list[int] = []
         self.text, self.sent = "", 0
         self.finished: FinishReason | None = None
@@ -239,7 +243,9 @@ class Model:
         return d
 
     def run(self, prompt_ids: list[list[int]], decoding: Decoding, rows: list[_Row]) -> list[Completion]:
-        """Decode one batch (prompts padded together); each row has its own length limit and stop strings."""
+        """Decode one batch (prompts padded together); each row has its own length limit, stop strings and sampling
+        seed (its own generator: its sample is the same in any batch). Speculative decoding samples the batch in
+        lockstep from one generator, seeded with `decoding.seed`."""
         import torch
 
         speculative = isinstance(self.impl, SpeculativeModel)
@@ -247,8 +253,10 @@ class Model:
             self.check_length(len(ids), row.max_new_tokens)
         options = dataclasses.replace(decoding, max_new_tokens=max(r.max_new_tokens for r in rows))
         kwargs = speculative_kwargs(options) if speculative else generation_kwargs(options)
+        if decoding.sample and not speculative:
+            kwargs["seeds"] = [r.seed for r in rows]
         if decoding.seed is not None:
-            torch.manual_seed(decoding.seed)
+            torch.manual_seed(decoding.seed)  # what transformers' generate draws from, where it decodes
             if speculative:
                 self.impl.reseed(decoding.seed)
         ids, mask = pad(prompt_ids, self.tokenizer.pad_token_id)
@@ -263,21 +271,33 @@ class Model:
                  batch_size: int = 16, on_text: Callable[[int, str], None] | None = None,
                  **options: Any) -> list[Completion]:
         """The raw responses with their tokens and finish reasons, in length-sorted batches of `batch_size` (as
-        `generate` makes them); `on_text(i, text)` receives each response's new text as it is decoded."""
+        `generate` makes them); `on_text(i, text)` receives each response's new text as it is decoded.
+
+        Sampling: prompt i draws from its own generator, seeded example_seed(seed, i) (prompt 0: `seed` itself), or
+        `seed[i]` when `seed` is a list of one seed per prompt; so a prompt's sample depends on its seed alone, not
+        on the prompts batched with it (except in speculative decoding, which samples a batch in lockstep)."""
 
         prompts, _ = check_prompts(prompts)
         check(CallArgs, {"template": template, "strict": strict, "batch_size": batch_size})
         if on_text is not None and not callable(on_text):
             raise InvalidArgument("on_text", f"expected a function (index, text), got {type(on_text).__name__}")
+        seeds = None
+        if isinstance(options.get("seed"), (list, tuple)):
+            seeds = check_seeds(options["seed"], len(prompts))
+            options = {**options, "seed": seeds[0] if seeds else 0}
         decoding = self.decoding(**options)
         if not prompts:
             return []
+        if seeds is None:
+            seeds = [None if decoding.seed is None else example_seed(decoding.seed, i) for i in range(len(prompts))]
         texts = [self.prompt_text(p, template=template, where=f"prompts[{i}]") for i, p in enumerate(prompts)]
         ids = self.prompt_ids(texts, strict=strict)
         results: dict[int, Completion] = {}
         for batch in length_sorted_batches([len(t) for t in ids], batch_size):
             rows = [self.row(len(ids[i]), decoding, None if on_text is None else
                              (lambda text, i=i: on_text(i, text))) for i in batch]
+            for i, row in zip(batch, rows):
+                row.seed = seeds[i]
             results.update(zip(batch, self.run([ids[i] for i in batch], decoding, rows)))
         return [results[i] for i in range(len(prompts))]
 
@@ -289,8 +309,8 @@ class Model:
                  **options: Any) -> list[str]:
         """Responses to `prompts` (one string gives a list of one), as `llm2slm generate` writes them: the same
         tokens for the same options, stripped. Options: those of `complete` and Decoding (num_beams,
-        length_penalty, sample, top_p, temperature, repetition_penalty, no_repeat_ngram_size, seed, max_new_tokens,
-        stop); `first_line` as in the CLI."""
+        length_penalty, sample, top_p, temperature, repetition_penalty, no_repeat_ngram_size, seed (or a list of
+        one seed per prompt; see `complete`), max_new_tokens, stop); `first_line` as in the CLI."""
         check(CallArgs, {"first_line": first_line})
         stop = options.get("stop") or []
         if first_line and isinstance(self.impl, PlainModel) and isinstance(stop, (str, list, tuple)):

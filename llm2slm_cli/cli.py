@@ -47,7 +47,8 @@ def _parameter(f: dataclasses.Field, annotation: Any) -> inspect.Parameter:
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     default = ... if required else (f.default_factory() if f.default_factory is not dataclasses.MISSING
                                      else f.default)
-    kwargs: dict[str, Any] = {"help": meta.get("help", ""), "hidden": meta.get("hidden", False)}
+    kwargs: dict[str, Any] = {"help": meta.get("help", ""), "hidden": meta.get("hidden", False),
+                              "rich_help_panel": meta.get("panel")}
     if meta.get("envvar"):
         kwargs.update(envvar=meta["envvar"], show_envvar=True)
     if meta.get("choices"):  # typer shows an Enum as a choice list and checks it
@@ -56,6 +57,7 @@ def _parameter(f: dataclasses.Field, annotation: Any) -> inspect.Parameter:
     if not meta.get("choices"):
         kwargs["metavar"] = _metavar(annotation, meta.get("argument", False))
     if meta.get("argument"):
+        kwargs.pop("rich_help_panel")  # arguments have their own section
         info = typer.Argument(show_default=False, **kwargs)
     else:
         flag = meta.get("name") or "--" + f.name.replace("_", "-")
@@ -125,7 +127,32 @@ def command(name: str, config_cls: type, stage: str) -> None:
 
     run_stage.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     run_stage.__name__ = name.replace("-", "_")
-    app.command(name, help=config_cls.__doc__, no_args_is_help=True)(run_stage)
+    app.command(name, help=config_cls.__doc__, no_args_is_help=True, cls=PanelCommand)(run_stage)
+
+
+class PanelCommand(typer.core.TyperCommand):
+    """A stage's command whose plain `--help` lists the options under their panels' headings (config.opt's
+    `panel`, passed to typer as rich_help_panel) in config.PANELS' order, each option in its declared place within
+    its panel; options without a panel first, under "Options"."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments: list = []
+        panels: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append(record)
+            else:
+                panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        if arguments:
+            with formatter.section("Arguments"):
+                formatter.write_dl(arguments)
+        order = {title: i for i, title in enumerate(C.PANELS)}
+        for title, records in sorted(panels.items(), key=lambda item: order.get(item[0], len(order))):
+            with formatter.section(title):
+                formatter.write_dl(records)
 
 
 def _read_config_file(ctx: typer.Context, path: Path | None, hints: dict[str, Any], names: set[str]) -> Path | None:

@@ -17,12 +17,20 @@ from typing import Any
 
 from llm2slm_cli.errors import UserError
 
+# `--help` groups a command's options under these headings (`panel`), in this order, each option in its declared
+# place; the shared run options (`last`) are RUN's; options without a panel come first, under "Options".
+DATA, MODEL, LLM2SLM, PEFT_KD = "Data", "Model", "LLM-to-SLM", "PEFT and distillation"
+DECODING, OPTIMISATION, CHECKPOINTS, RUN = "Decoding", "Optimisation", "Checkpoints and logging", "Run"
+PANELS = ("Options", DATA, MODEL, LLM2SLM, PEFT_KD, DECODING, OPTIMISATION, CHECKPOINTS, RUN)
+
 
 def opt(default: Any = None, help: str = "", *, argument: bool = False, choices: list[str] | None = None,
-        name: str | None = None, hidden: bool = False, envvar: str | None = None, last: bool = False) -> Any:
-    """A config field with its CLI help; `last`: listed after the stage's own options (the shared run options)."""
+        name: str | None = None, hidden: bool = False, envvar: str | None = None, last: bool = False,
+        panel: str | None = None) -> Any:
+    """A config field with its CLI help; `last`: listed after the stage's own options (the shared run options, in
+    the RUN panel); `panel`: the heading `--help` lists it under."""
     meta = {"help": help, "argument": argument, "choices": choices, "name": name, "hidden": hidden,
-            "envvar": envvar, "last": last}
+            "envvar": envvar, "last": last, "panel": RUN if last and panel is None else panel}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -87,10 +95,10 @@ class ExampleFields:
     """Options shared by every stage that reads examples."""
 
     template: str | None = opt(None, "Prompt template over the record's fields, e.g. 'translate English to "
-                                     "German: {src}'. Without it the prompt is --prompt-field.")
-    prompt_field: str = opt("src", "Field holding the prompt (nested fields as a.b).")
-    target_field: str = opt("tgt", "Field holding the target.")
-    id_field: str = opt("id", "Field holding a unique example id (the record number when absent).")
+                                     "German: {src}'. Without it the prompt is --prompt-field.", panel=DATA)
+    prompt_field: str = opt("src", "Field holding the prompt (nested fields as a.b).", panel=DATA)
+    target_field: str = opt("tgt", "Field holding the target.", panel=DATA)
+    id_field: str = opt("id", "Field holding a unique example id (the record number when absent).", panel=DATA)
 
 
 @dataclass(kw_only=True)
@@ -117,19 +125,21 @@ class DecodingOptions:
     """Options shared by the stages that generate text (generate, distill-labels)."""
 
     num_beams: int | None = opt(None, "Beam width; 1 is greedy. Default: 4 (the paper's) for beam search; sampling "
-                                      "and speculative decoding draw one sequence.")
-    length_penalty: float = opt(0.6, "Beam length penalty (paper: 0.6).")
-    sample: bool = opt(False, "Nucleus sampling instead of beam search (paper, for instructions).")
-    top_p: float = opt(0.9, "Nucleus mass when sampling.")
-    temperature: float = opt(1.0, "Softmax temperature when sampling.")
+                                      "and speculative decoding draw one sequence.", panel=DECODING)
+    length_penalty: float = opt(0.6, "Beam length penalty (paper: 0.6).", panel=DECODING)
+    sample: bool = opt(False, "Nucleus sampling instead of beam search (paper, for instructions).", panel=DECODING)
+    top_p: float = opt(0.9, "Nucleus mass when sampling.", panel=DECODING)
+    temperature: float = opt(1.0, "Softmax temperature when sampling.", panel=DECODING)
     repetition_penalty: float = opt(1.0, "Repetition penalty as transformers' generate applies it: the scores of "
                                          "tokens already in the response (and, for a decoder-only model, in the "
                                          "prompt) are divided by it, negative ones multiplied. 1.0 is off; above 1 "
-                                         "discourages repetition.")
+                                         "discourages repetition.", panel=DECODING)
     no_repeat_ngram_size: int = opt(0, "Never repeat an n-gram of this many tokens of the response (and, for a "
                                        "decoder-only model, of the prompt), as transformers' generate does with "
-                                       "no_repeat_ngram_size. 0 is off.")
-    seed: int = opt(0, "Seed for sampling.")
+                                       "no_repeat_ngram_size. 0 is off.", panel=DECODING)
+    seed: int = opt(0, "Seed for sampling: example i (its place in the input) samples from a generator of its "
+                       "own, seeded (seed + i * 1000003) mod 2**63, so its sample does not depend on the batch, "
+                       "shard or process (speculative decoding: a shard's batches share one).", panel=DECODING)
 
     def _check_decoding(self, *, speculative: bool = False) -> None:
         check_numbers(self)
@@ -183,110 +193,124 @@ class TrainConfig(ExampleFields):
 
     inputs: list[Path] = opt(REQUIRED, "Training examples with targets (any format `encode` reads, or the "
                                        "output directory of distill-labels).", argument=True)
-    slm: str = opt(REQUIRED, "The SLM: hub id, local directory, .gguf file, or preset:NAME.")
+    slm: str = opt(REQUIRED, "The SLM: hub id, local directory, .gguf file, or preset:NAME.", panel=MODEL)
     out: Path | None = opt(None, "Output directory: step-NNNNNN/ and final/ checkpoints, train_log.jsonl (required, "
-                                 "except with --count-parameters).")
-    llm: str | None = opt(None, "The frozen LLM. Without it the SLM is trained alone (the baseline).")
+                                 "except with --count-parameters).", panel=CHECKPOINTS)
+    llm: str | None = opt(None, "The frozen LLM. Without it the SLM is trained alone (the baseline).", panel=LLM2SLM)
     features: Path | None = opt(None, "Features of the training prompts from `encode` (else the LLM encodes "
-                                      "each batch on the fly).")
-    dev: list[Path] = opt([], "Dev examples for the dev loss (one file, or give twice for line-aligned pairs).")
-    dev_features: Path | None = opt(None, "Features of the dev prompts from `encode`.")
-    layer: str = opt("-1", "Decoder-only LLMs: layer k or 'all' (see encode); taken from --features if given.")
-    llm_dtype: str = opt("float32", "Precision the LLM runs in.", choices=["float32", "bfloat16", "float16"])
-    tokenizer: Path | None = opt(None, "Tokenizer directory for the LLM (the prompt tokenizer).")
+                                      "each batch on the fly).", panel=LLM2SLM)
+    dev: list[Path] = opt([], "Dev examples for the dev loss (one file, or give twice for line-aligned pairs).",
+                          panel=DATA)
+    dev_features: Path | None = opt(None, "Features of the dev prompts from `encode`.", panel=LLM2SLM)
+    layer: str = opt("-1", "Decoder-only LLMs: layer k or 'all' (see encode); taken from --features if given.",
+                     panel=LLM2SLM)
+    llm_dtype: str = opt("float32", "Precision the LLM runs in.", choices=["float32", "bfloat16", "float16"],
+                         panel=LLM2SLM)
+    tokenizer: Path | None = opt(None, "Tokenizer directory for the LLM (the prompt tokenizer).", panel=LLM2SLM)
     fusion: str = opt("add", "add: LLM features + SLM prompt embeddings; replace: the features alone.",
-                      choices=["add", "replace"])
+                      choices=["add", "replace"], panel=LLM2SLM)
     tokenizer_mode: str = opt("llm", "llm: the SLM reads and writes the LLM's tokens (adds an embedding "
                                      "projection and head if the vocabularies differ); slm: its own tokens "
-                                     "(needs --fusion replace).", choices=["llm", "slm"])
-    slm_tokenizer: Path | None = opt(None, "Tokenizer directory for the SLM.")
-    freeze_slm: bool = opt(False, "Train only the projector (and vocabulary adapter); the SLM stays frozen.")
+                                     "(needs --fusion replace).", choices=["llm", "slm"], panel=LLM2SLM)
+    slm_tokenizer: Path | None = opt(None, "Tokenizer directory for the SLM.", panel=MODEL)
+    freeze_slm: bool = opt(False, "Train only the projector (and vocabulary adapter); the SLM stays frozen.",
+                           panel=LLM2SLM)
     slm_layers: str | None = opt(None, "Keep only some of the SLM's layers, with their weights: d (the first d; "
                                        "paper Figure 4) or comma-separated block indices (e.g. 0,1,-1: the first "
                                        "two and the last). Decoder-only: those blocks; encoder-decoder (T5): those "
-                                       "blocks of the encoder and of the decoder.")
+                                       "blocks of the encoder and of the decoder.", panel=MODEL)
     trim_vocab: bool = opt(False, "Keep only the SLM embedding and head rows of tokens that occur in the training "
                                   "examples (targets, and prompts where the SLM embeds them) plus special tokens; "
                                   "the id map is saved in the checkpoint. Generation then emits only kept tokens; "
-                                  "unkept prompt tokens read as the unknown token.")
+                                  "unkept prompt tokens read as the unknown token.", panel=MODEL)
     peft: str | None = opt(None, "PEFT baseline on the frozen SLM alone (no --llm), through the peft library: "
                                  "lora, prompt (prompt tuning) or prefix (prefix tuning). Unset sizes take the "
                                  "paper's Table 8 values for the SLM's family (T5, else GPT2).",
-                           choices=["lora", "prompt", "prefix"])
+                           choices=["lora", "prompt", "prefix"], panel=PEFT_KD)
     peft_virtual_tokens: int | None = opt(None, "Prompt/prefix tuning: virtual tokens (GPT2: prompt 200, prefix "
-                                                "256; T5: 1024).")
+                                                "256; T5: 1024).", panel=PEFT_KD)
     peft_prefix_hidden: int | None = opt(None, "Prefix tuning: hidden size of the prefix projection MLP, 0 for none "
-                                               "(GPT2: 64; T5: none).")
-    peft_lora_rank: int | None = opt(None, "LoRA rank (GPT2: 40; T5: 24).")
-    peft_lora_alpha: float | None = opt(None, "LoRA alpha (GPT2: 64; T5: 32).")
-    peft_lora_dropout: float | None = opt(None, "LoRA dropout (0.1).")
+                                               "(GPT2: 64; T5: none).", panel=PEFT_KD)
+    peft_lora_rank: int | None = opt(None, "LoRA rank (GPT2: 40; T5: 24).", panel=PEFT_KD)
+    peft_lora_alpha: float | None = opt(None, "LoRA alpha (GPT2: 64; T5: 32).", panel=PEFT_KD)
+    peft_lora_dropout: float | None = opt(None, "LoRA dropout (0.1).", panel=PEFT_KD)
     peft_lora_targets: str | None = opt(None, "LoRA: comma-separated module names to adapt (default: peft's for "
-                                              "the architecture: GPT2 c_attn; T5 q,v; Llama q_proj,v_proj).")
+                                              "the architecture: GPT2 c_attn; T5 q,v; Llama q_proj,v_proj).",
+                                              panel=PEFT_KD)
     count_parameters: bool = opt(False, "Build the model exactly as training would, print its total and trainable "
                                         "parameters (by part) and exit: the examples are not read and nothing is "
-                                        "written.")
-    json: bool = opt(False, "With --count-parameters: print the counts as JSON.")
+                                        "written.", panel=MODEL)
+    json: bool = opt(False, "With --count-parameters: print the counts as JSON.", panel=MODEL)
     projector_init: str = opt("default", "default: both projector layers as torch initialises them; zero: its last "
                                          "layer starts at zero, so fusion starts as the plain SLM and the features "
-                                         "can only add what helps.", choices=["default", "zero"])
+                                         "can only add what helps.", choices=["default", "zero"], panel=LLM2SLM)
     feature_norm: str = opt("none", "none: the paper's projector sees the LLM's features as they are; standardize: "
                                     "each feature channel is shifted and scaled by its mean and standard deviation "
                                     "over the training prompts (fixed, saved with the checkpoint; it folds into the "
                                     "projector's first Linear, so the model class is the paper's). For decoder-only "
                                     "LLMs whose hidden states have a few huge channels.",
-                            choices=["none", "standardize"])
+                            choices=["none", "standardize"], panel=LLM2SLM)
     dropout: float | None = opt(None, "Dropout rate of the SLM while training: every dropout layer of its own "
                                       "(residual, embedding, attention) set to P; unset keeps the SLM's config "
-                                      "(0 for the mini presets and Gemma). Generation never drops.")
+                                      "(0 for the mini presets and Gemma). Generation never drops.", panel=MODEL)
     kd_weight: float = opt(0.0, "Logit distillation: the loss is (1 - A) * cross-entropy + A * KL(teacher || SLM) "
                                 "against the LLM's stored top-K distributions (distill-labels --top-k-logits); the "
-                                "mass outside the top K is one more outcome on both sides (see kd.kd_loss).")
-    kd_temperature: float = opt(1.0, "Softmax temperature of the distillation term (its KL is scaled by T^2).")
+                                "mass outside the top K is one more outcome on both sides (see kd.kd_loss).",
+                                panel=PEFT_KD)
+    kd_temperature: float = opt(1.0, "Softmax temperature of the distillation term (its KL is scaled by T^2).",
+                                panel=PEFT_KD)
     init_from: Path | None = opt(None, "Start from a trained checkpoint (train's final/ or step-N/, or export's "
                                        "directory) instead of the SLM's pretrained weights, and fine-tune it on these "
                                        "inputs (e.g. a draft on the LLM's own outputs). The checkpoint fixes the "
                                        "model: its SLM (--slm must name it), layers, LLM and layer (--layer "
                                        "defaults to its), fusion, "
                                        "vocabulary, feature statistics and template; its optimiser state is not "
-                                       "taken (a new schedule starts).")
+                                       "taken (a new schedule starts).", panel=MODEL)
     kd_logits: Path | None = opt(None, "Output directory of distill-labels --top-k-logits (default: the training "
-                                       "input, when it is one).")
-    max_length: int = opt(512, "Longest prompt in tokens (prompts are truncated).")
-    max_target_length: int = opt(256, "Longest target in tokens (targets are truncated).")
-    lr: float = opt(1e-3, "Peak learning rate (paper: 1e-3).")
-    weight_decay: float = opt(0.1, "AdamW weight decay on matrices (paper: 0.1).")
-    warmup_ratio: float = opt(0.1, "Share of steps with linear warm-up; cosine decay to 0 after (paper: 0.1).")
-    batch_size: int = opt(128, "Effective batch in examples per optimizer step (paper: 128).")
-    micro_batch_size: int = opt(16, "Examples per forward pass; gradients accumulate to --batch-size.")
+                                       "input, when it is one).", panel=PEFT_KD)
+    max_length: int = opt(512, "Longest prompt in tokens (prompts are truncated).", panel=DATA)
+    max_target_length: int = opt(256, "Longest target in tokens (targets are truncated).", panel=DATA)
+    lr: float = opt(1e-3, "Peak learning rate (paper: 1e-3).", panel=OPTIMISATION)
+    weight_decay: float = opt(0.1, "AdamW weight decay on matrices (paper: 0.1).", panel=OPTIMISATION)
+    warmup_ratio: float = opt(0.1, "Share of steps with linear warm-up; cosine decay to 0 after (paper: 0.1).",
+                              panel=OPTIMISATION)
+    batch_size: int = opt(128, "Effective batch in examples per optimizer step (paper: 128).", panel=OPTIMISATION)
+    micro_batch_size: int = opt(16, "Examples per forward pass; gradients accumulate to --batch-size.",
+                                panel=OPTIMISATION)
     num_workers: int = opt(0, "Background processes that pad micro-batches and read stored features ahead of the "
-                              "step (0: in the training process). The batches, and so the result, are the same.")
+                              "step (0: in the training process). The batches, and so the result, are the same.",
+                              panel=DATA)
     num_proc: int | None = opt(None, "Processes that tokenize the examples, once (datasets' map num_proc; default: "
                                      "one per CPU core from 100,000 examples on, else 1). The tokens, and so the "
-                                     "result, are the same.")
+                                     "result, are the same.", panel=DATA)
     data_cache: Path | None = opt(None, "Where the examples, read and tokenized once, are kept for the next run, "
                                         "--resume and every process (memory-mapped Arrow files, keyed by the input "
                                         "files' sha256, fields, template, tokenizers and lengths). Default: "
                                         "datasets' cache folder (HF_DATASETS_CACHE)/llm2slm.",
-                                  envvar="LLM2SLM_DATA_CACHE")
+                                  envvar="LLM2SLM_DATA_CACHE", panel=DATA)
     bucket_by_length: bool = opt(False, "Global batches of examples of similar length (less padding): another, "
-                                        "still seeded, order than the default shuffle.")
-    epochs: int = opt(1, "Passes over the training data.")
-    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
-    max_grad_norm: float | None = opt(1.0, "Clip gradients to this norm (0: no clipping).")
-    eval_every: int | None = opt(None, "Dev loss every N steps (and always at the end, if --dev is given).")
-    save_every: int | None = opt(None, "Checkpoint step-NNNNNN/ every N steps (final/ is always written).")
-    log_every: int = opt(10, "Print the training loss every N steps (every step goes to train_log.jsonl).")
-    seed: int = opt(0, "Seed for data order, initialisation and dropout.")
+                                        "still seeded, order than the default shuffle.", panel=DATA)
+    epochs: int = opt(1, "Passes over the training data.", panel=OPTIMISATION)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", panel=OPTIMISATION)
+    max_grad_norm: float | None = opt(1.0, "Clip gradients to this norm (0: no clipping).", panel=OPTIMISATION)
+    eval_every: int | None = opt(None, "Dev loss every N steps (and always at the end, if --dev is given).",
+                                 panel=CHECKPOINTS)
+    save_every: int | None = opt(None, "Checkpoint step-NNNNNN/ every N steps (final/ is always written).",
+                                 panel=CHECKPOINTS)
+    log_every: int = opt(10, "Print the training loss every N steps (every step goes to train_log.jsonl).",
+                         panel=CHECKPOINTS)
+    seed: int = opt(0, "Seed for data order, initialisation and dropout.", panel=OPTIMISATION)
     mixed_precision: str | None = opt(None, "Mixed precision on GPUs (default: accelerate's, i.e. what `accelerate "
                                             "launch --mixed_precision` or `accelerate config` set, else bf16 on a "
                                             "CUDA GPU that supports it, else no; float32 master weights).",
-                                      choices=["no", "bf16", "fp16"])
-    device: str = opt("auto", "auto, cpu, cuda. Several GPUs: accelerate launch -m llm2slm_cli train ...")
-    overwrite: bool = opt(False, "Replace an existing output directory.")
-    resume: bool = opt(False, "Continue from the last checkpoint in --out (same result as an uninterrupted run).")
-    quiet: bool = opt(False, "No progress bar.")
+                                      choices=["no", "bf16", "fp16"], panel=OPTIMISATION)
+    device: str = opt("auto", "auto, cpu, cuda. Several GPUs: accelerate launch -m llm2slm_cli train ...", panel=RUN)
+    overwrite: bool = opt(False, "Replace an existing output directory.", panel=CHECKPOINTS)
+    resume: bool = opt(False, "Continue from the last checkpoint in --out (same result as an uninterrupted run).",
+                       panel=CHECKPOINTS)
+    quiet: bool = opt(False, "No progress bar.", panel=RUN)
     stop_after: int | None = opt(None, "Stop after step N as on Ctrl-C (checkpoint, then exit): for testing "
-                                       "--resume.", hidden=True)
+                                       "--resume.", hidden=True, panel=RUN)
 
     def __post_init__(self) -> None:
         self._check_run()
@@ -550,6 +574,10 @@ class BenchConfig:
                                      "converted from (directory, hub id or preset:NAME). Its greedy tokens are "
                                      "compared with this toolkit's greedy decoding of MODEL in float32 on the same "
                                      "prompt (column greedy_match), and its time with MODEL's --slm row.")
+    peer_timeout: float = opt(1800.0, "Seconds a --ctranslate2 or --llama-cpp row may take, loading included: each "
+                                      "runs in a process of its own, so a runtime that crashes or hangs (stopped "
+                                      "after this) is that row's error in the table and bench.parquet, and the "
+                                      "other rows are kept.")
     throughput: bool = opt(False, "Also measure encode (LLM prompt tokens/s, --llm) and train (examples/s of the "
                                   "LLM-to-SLM step with stored features, --llm and the first --slm) over "
                                   "--throughput-batch-sizes x --throughput-lengths.")
@@ -601,7 +629,7 @@ class BenchConfig:
         if not (self.llm or self.slm or self.model or self.ctranslate2 or self.llama_cpp):
             raise UserError("nothing to measure: give --llm, --slm and/or --model LABEL=DIR")
         _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads", "gamma",
-                  "throughput_target_length")
+                  "throughput_target_length", "peer_timeout")
         for name in ("throughput_batch_sizes", "throughput_lengths"):
             try:
                 values = [int(x) for x in getattr(self, name).split(",") if x.strip()]

@@ -12,6 +12,9 @@ checks them in one forward pass.
   is the smallest number of drafts any unfinished row accepted. A row that accepted more keeps its first m + 1
   accepted tokens; since when a row is cut short depends only on the other rows, its tokens keep the right
   distribution. Lockstep keeps every KV cache rectangular, which models with relative position biases (T5) need.
+  It also ties a row's random draws to the other rows (how many tokens a round emits depends on all of them), so
+  sampling here uses one generator for the batch: unlike `decode`'s per-row generators, a seeded speculative sample
+  depends on the batch it was decoded in.
 """
 
 from __future__ import annotations
@@ -287,6 +290,28 @@ def _process(logits: torch.Tensor, temperature: float, top_p: float, banned: lis
     return probs
 
 
+def row_generators(seeds: Sequence[int | None] | None, device: Any) -> list[torch.Generator] | None:
+    """One generator per row, seeded with that row's seed, for `decode`'s sampling: a row's draws then depend on its
+    seed alone, never on the rows batched with it. A row without a seed (None) gets a generator seeded from torch's
+    global one (so unseeded rows still follow torch.manual_seed); no seeds, or none given: None (the global
+    generator draws for the whole batch)."""
+    if seeds is None or all(s is None for s in seeds):
+        return None
+    return [torch.Generator(device=device).manual_seed(
+        int(s) if s is not None else int(torch.randint(0, 2**62, (1,)).item())) for s in seeds]
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row of (batch, vocab) probabilities: by one generator for the batch (None: torch's global one),
+    or row i by generator[i] alone (`row_generators`)."""
+    if isinstance(generator, list):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} row generators for a batch of {probs.shape[0]} rows")
+        return torch.cat([torch.multinomial(probs[i: i + 1], 1, generator=g) for i, g in enumerate(generator)]
+                         ).squeeze(1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 def _greedy(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
     if banned:
         logits = logits.clone()
@@ -430,7 +455,8 @@ def _keeps_logits(model) -> bool:
 
 @torch.inference_mode()
 def generate_plain(model, input_ids: torch.Tensor, mask: torch.Tensor, search: Search, *,
-                   generator: torch.Generator | None = None, streamer: Streamer | None = None) -> torch.Tensor:
+                   generator: torch.Generator | list[torch.Generator] | None = None,
+                   streamer: Streamer | None = None) -> torch.Tensor:
     """A transformers model alone through `decode`: (batch, n) new token ids (left-padded decoder-only prompts)."""
     encoder_decoder = bool(model.config.is_encoder_decoder)
     first = getattr(model.generation_config, "decoder_start_token_id", None) if encoder_decoder else None
@@ -489,9 +515,9 @@ class RepetitionControls:
 
 
 @torch.inference_mode()
-def decode(step: Stepper, logits: torch.Tensor, search: Search, *, generator: torch.Generator | None = None,
-           streamer: Streamer | None = None, prompt_ids: torch.Tensor | None = None,
-           prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+def decode(step: Stepper, logits: torch.Tensor, search: Search, *,
+           generator: torch.Generator | list[torch.Generator] | None = None, streamer: Streamer | None = None,
+           prompt_ids: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Decode with `step`'s model from `logits` (batch, vocab), the scores of each prompt's first new token; returns
     (batch, n <= max_new_tokens) token ids, padding after a row's end token. For beam search, `step` holds each
     prompt once: its cache is repeated to num_beams rows here (one prefill per prompt, not per beam).
@@ -500,7 +526,8 @@ def decode(step: Stepper, logits: torch.Tensor, search: Search, *, generator: to
     step's tokens as they are chosen; the rows it asks to stop finish there, as if they had emitted the end token.
     Without one, or when it never asks, the output is the same token for token. `prompt_ids` and `prompt_mask`: what
     the repetition penalty and the n-gram ban count before the new tokens (RepetitionControls), in the ids of the
-    model's scores."""
+    model's scores. Sampling draws from `generator`: one for the batch (None: torch's global one), or a list of one
+    per row (`row_generators`), which makes each row's sample independent of the batch."""
     if search.do_sample and search.num_beams > 1:
         raise UserError("beam sampling is not supported: use --num-beams 1 with sampling")
     controls = RepetitionControls.of(search, prompt_ids, prompt_mask, logits)
@@ -533,8 +560,7 @@ def _sample_or_greedy(step: Stepper, logits: torch.Tensor, search: Search, gener
             scores = controls(sequence[:, : controls.prompt.shape[1] + t], scores)
         _ban(scores, search, t)
         if search.do_sample:
-            token = torch.multinomial(_process(scores, search.temperature, search.top_p, [], top_k=search.top_k), 1,
-                                      generator=generator).squeeze(1)
+            token = _draw(_process(scores, search.temperature, search.top_p, [], top_k=search.top_k), generator)
         else:
             token = scores.argmax(-1)
         token = token.masked_fill(done, search.pad_token_id)

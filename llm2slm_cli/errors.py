@@ -33,3 +33,26 @@ class UserError(Exception):
 
 class Interrupted(Exception):
     """The user stopped a stage (Ctrl-C) and it stopped cleanly: what it wrote is valid and --resume continues."""
+
+
+def require_extra(what: str, extra: str, *modules: str, note: str = "") -> None:
+    """Refuse in one line to run `what` without the optional extra `extra` (pyproject.toml's optional-dependencies)
+    whose `modules` it imports: `serve needs the 'serve' extra (uvicorn is not installed): pip install -e
+    ".[serve]"`. Checked before anything is loaded; `note` follows the install command."""
+    missing = [m for m in modules if not _installed(m)]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise UserError(f"{what} needs the '{extra}' extra ({', '.join(missing)} {verb} not installed): "
+                        f'pip install -e ".[{extra}]"{note}')
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+    import sys
+
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False

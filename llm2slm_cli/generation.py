@@ -59,6 +59,14 @@ def refuse_repetition_controls(repetition_penalty: float, no_repeat_ngram_size: 
                         "them out, or decode without --speculative")
 
 
+def example_seed(seed: int, index: int) -> int:
+    """The sampling seed of the prompt at `index` (its place in the input, or in the call's list of prompts) under a
+    run's --seed: a function of the two alone, so a prompt's sample does not depend on its batch, shard, process
+    or a resume. The first prompt's is the seed itself, so one prompt samples as its seed says everywhere (the API,
+    `generate --prompt`, `serve`)."""
+    return (seed + index * 1_000_003) % 2**63
+
+
 def first_line(text: str) -> str:
     """The first line of a response, stripped (`--first-line`: a model that goes on after its answer is cut at the
     line break)."""
@@ -84,13 +92,14 @@ class PlainModel:
             cfg.eos_token_id = tok.eos_token_id
         self.identity = {"name": spec, "kind": self.kind, "fingerprint": fingerprints.state_fingerprint(self.model)}
 
-    def generate(self, prompt_ids, prompt_mask, *, streamer=None, **generation) -> list[list[int]]:
+    def generate(self, prompt_ids, prompt_mask, *, streamer=None, seeds=None, **generation) -> list[list[int]]:
         """Our decoding loop (decoding.decode), or transformers' generate for what it does not do (stop strings);
-        `streamer` (decoding.Streamer) sees our loop's tokens step by step."""
+        `streamer` (decoding.Streamer) sees our loop's tokens step by step; `seeds` (one per prompt) give each row
+        of our loop's sampling a generator of its own (transformers' generate draws from torch's global one)."""
         import torch
 
         # decoding.py imports torch: off the light path
-        from llm2slm_cli.decoding import generate_plain, refuse_without_loop, search_from
+        from llm2slm_cli.decoding import generate_plain, refuse_without_loop, row_generators, search_from
 
         tok = self.prompt_tokenizer
         if generation.get("stop_strings"):
@@ -103,7 +112,8 @@ class PlainModel:
             refuse_without_loop(self.model)
         with torch.inference_mode():
             if search is not None:
-                out = generate_plain(self.model, ids, mask, search, streamer=streamer)
+                generator = row_generators(seeds, ids.device) if search.do_sample else None
+                out = generate_plain(self.model, ids, mask, search, generator=generator, streamer=streamer)
             elif self.kind == "encoder-decoder":
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **generation)[:, 1:]
             else:
@@ -139,7 +149,8 @@ class SpeculativeModel:
     def generate(self, prompt_ids, prompt_mask, *, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, gamma: int | None = None, streamer=None,
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, **_ignored) -> list[list[int]]:
-        """Options as `speculative_kwargs` writes them."""
+        """Options as `speculative_kwargs` writes them. Sampling draws from this model's one generator (`reseed`):
+        rows decode in lockstep, so per-row seeds (`seeds`, which the other models take) are ignored here."""
         from llm2slm_cli.decoding import speculative_generate  # decoding.py imports torch: off the light path
 
         refuse_repetition_controls(repetition_penalty, no_repeat_ngram_size)
@@ -268,17 +279,25 @@ class HalvingBatcher:
 
 
 def generate_shard(model, ids, members: list[int], batch_size: int, generation: dict[str, Any], work,
-                   batcher: HalvingBatcher, progress, features=None) -> dict[int, list[int]]:
+                   batcher: HalvingBatcher, progress, features=None, seed: int | None = None) -> dict[int, list[int]]:
     """The outputs of one shard's prompts (`members`), in length-sorted batches; `progress` (a ShardProgress)
     advances, and honours a Ctrl-C, after each batch. `generate` and `distill-labels` both decode through here.
-    `features(b)`: the stored LLM features of prompts `b`, padded (else the checkpoint's LLM encodes them)."""
+    `features(b)`: the stored LLM features of prompts `b`, padded (else the checkpoint's LLM encodes them).
+    Sampling with `seed`: example i draws from its own generator, seeded example_seed(seed, i), so its sample is the
+    same in any batch, shard or process."""
     outputs: dict[int, list[int]] = {}
     pad_id = model.prompt_tokenizer.pad_token_id
     stored = {} if features is None else None
+
+    def seeds(b: list[int]) -> dict[str, Any]:
+        if seed is None or not generation.get("do_sample"):
+            return {}
+        return {"seeds": [example_seed(seed, i) for i in b]}
+
     for batch in length_sorted_batches([len(ids[i]) for i in members], batch_size):
         batch = [members[j] for j in batch]
         for part, result in batcher(batch, lambda b: model.generate(
-                *(t.to(work.device) for t in pad([ids[i] for i in b], pad_id)), **generation,
+                *(t.to(work.device) for t in pad([ids[i] for i in b], pad_id)), **generation, **seeds(b),
                 **(stored if stored is not None else {"features": features(b).to(work.device)}))):
             outputs.update(zip(part, result))
         progress.advance(len(batch), sum(len(outputs[i]) for i in batch))

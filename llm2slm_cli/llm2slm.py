@@ -24,6 +24,7 @@ PEFT baselines' configs and wrapping.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -613,7 +614,8 @@ class LLMToSLM(nn.Module):
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, features: torch.Tensor | None = None,
-                     *, engine: str = "auto", streamer: Any = None, **generation: Any) -> torch.Tensor:
+                     *, engine: str = "auto", streamer: Any = None, seeds: Sequence[int | None] | None = None,
+                     **generation: Any) -> torch.Tensor:
         """(batch, n) generated tokenizer ids, padded after each row's end token, for right-padded prompts.
 
         The LLM runs once over the prompts; the SLM's KV cache is filled by one pass over the fused prompt; every
@@ -622,6 +624,8 @@ class LLMToSLM(nn.Module):
         know (stop strings, prefix tuning's cache), use transformers' generate with `inputs_embeds` instead, which
         cannot count the prompt in a repetition penalty or n-gram ban: those options are refused there.
         `streamer` (decoding.Streamer) sees the tokenizer ids of each step in our loop; transformers' never calls it.
+        `seeds` (one per prompt): our loop samples each row from a generator of its own seed, so a row's sample does
+        not depend on the batch (decoding.row_generators); transformers' generate draws from torch's global one.
         """
         p = self.prompt_embeddings(prompt_ids, prompt_mask, features)
         mask = prompt_mask
@@ -638,6 +642,7 @@ class LLMToSLM(nn.Module):
             history = (self.repetition_prompt(prompt_ids, prompt_mask, pad=search.pad_token_id)
                 if search.repetition_penalty != 1.0 or search.no_repeat_ngram_size > 0 else (None, None))
             out = decoding.decode(step, logits, search, prompt_ids=history[0], prompt_mask=history[1],
+                                  generator=decoding.row_generators(seeds, p.device) if search.do_sample else None,
                                   streamer=None if streamer is None else lambda t: streamer(self.tokenizer_ids(t)))
         else:
             asked = [k for k in ("repetition_penalty", "no_repeat_ngram_size")

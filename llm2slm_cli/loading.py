@@ -5,6 +5,7 @@ weights.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -60,10 +61,23 @@ def resolve(spec: str) -> Source:
         if not (path / "config.json").is_file():
             raise UserError("directory has no config.json: not a transformers model directory", path=spec)
         return Source(spec, "dir", str(path.resolve()))
-    if path.exists() or spec.startswith((".", "/", "~")):
+    if path.exists():
         raise UserError("not a model: expected a transformers model directory, a .gguf file, a hub id or "
                         "preset:NAME", path=spec)
+    if looks_local(spec):
+        raise UserError("no such directory", path=spec)
     return Source(spec, "hub", spec)
+
+
+RUN_DIR = re.compile(r"final|step-\d+")  # the name of a checkpoint of `train`: final/ or step-NNNNNN/
+
+
+def looks_local(spec: str) -> bool:
+    """A spec that can only mean a local path, never a hub id ('name' or 'namespace/name'): it starts with '.', '/'
+    or '~', holds a backslash or more than one '/', ends with '/', or its last part is a checkpoint's name."""
+    parts = spec.split("/")
+    return (spec.startswith((".", "/", "~")) or "\\" in spec or len(parts) > 2 or spec.endswith("/")
+            or RUN_DIR.fullmatch(parts[-1]) is not None)
 
 
 def refuse_float16(model_type: str | None, dtype: str | None, what: str,

@@ -87,8 +87,15 @@ class StopOnInterrupt:
         say("interrupt: stopping after this batch or step (again to stop now)", self.quiet)
 
 
-def progress(quiet: bool = False):
-    """A rich progress bar with rate and ETA, written to stderr so stdout stays clean for --json."""
+PLAIN_PROGRESS_EVERY_S = 10.0  # where stderr is not a terminal: a plain progress line this often
+
+
+def progress(quiet: bool = False, *, file=None, every: float = PLAIN_PROGRESS_EVERY_S, clock=None):
+    """A rich progress bar with rate and ETA, written to stderr (or `file`) so stdout stays clean for --json.
+
+    Where that is not an interactive terminal (piped, under nohup, into a log file), rich would print nothing until
+    the end; there each task prints one plain line every `every` seconds, and its last state at the end instead:
+    `encode: 1,234/10,000 (12%) 523.0 tok/s, 0:01:05 elapsed`. `clock`: the time source (seconds), for tests."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -99,9 +106,58 @@ def progress(quiet: bool = False):
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=quiet, transient=False)
+    console = Console(file=file, stderr=file is None)
+    if quiet or console.is_interactive:
+        return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, disable=quiet, transient=False, get_time=clock)
+
+    class PlainProgress(Progress):
+        """The same tasks, shown as plain lines (rich's display is off)."""
+
+        def __init__(self) -> None:
+            super().__init__(console=console, disable=True, get_time=clock)
+            self.shown: dict = {}  # task id -> (time of its last line, the line)
+
+        def add_task(self, description: str, *args, **kwargs):
+            task = super().add_task(description, *args, **kwargs)
+            self.shown[task] = (self.get_time(), None)
+            return task
+
+        def update(self, task_id, **kwargs) -> None:
+            super().update(task_id, **kwargs)
+            if self.get_time() - self.shown[task_id][0] >= every:
+                self._show(task_id)
+
+        def advance(self, task_id, advance: float = 1) -> None:
+            self.update(task_id, advance=advance)
+
+        def stop(self) -> None:
+            for task_id in self.shown:
+                if self.shown[task_id][1] != plain_progress_line(self._tasks[task_id]):
+                    self._show(task_id)
+            super().stop()
+
+        def _show(self, task_id) -> None:
+            line = plain_progress_line(self._tasks[task_id])
+            self.shown[task_id] = (self.get_time(), line)
+            print(line, file=console.file, flush=True)
+
+    return PlainProgress()
+
+
+def plain_progress_line(task) -> str:
+    """A rich progress task as one line: `encode: 1,234/10,000 (12%) 523.0 tok/s, 0:01:05 elapsed`."""
+    import datetime
+
+    done = int(task.completed)
+    text = f"{task.description}: {done:,}"
+    if task.total:
+        text += f"/{int(task.total):,} ({task.completed / task.total:.0%})"
+    rate = task.fields.get("rate")
+    if rate:
+        text += f" {rate}"
+    return f"{text}, {datetime.timedelta(seconds=int(task.elapsed or 0))} elapsed"
 
 
 def say(message: str, quiet: bool = False, *, markup: bool = False) -> None:

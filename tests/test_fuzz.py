@@ -15,13 +15,16 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+import pytest
 
 from llm2slm_cli import artifacts as A
 from llm2slm_cli.cli import app
 from llm2slm_cli.data import Example, Fields, read_examples
 from llm2slm_cli.errors import UserError
+
+pytest.importorskip("hypothesis", reason="needs the 'dev' extra: pip install -e \".[dev]\"")
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402 (after the skip: hypothesis is optional)
+from hypothesis import strategies as st  # noqa: E402
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, max_examples=150,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -38,8 +38,10 @@ def test_resolve():
         M.resolve("preset:nope")
     with pytest.raises(UserError, match="no such GGUF file"):
         M.resolve("missing.gguf")
-    with pytest.raises(UserError, match="not a model"):
+    with pytest.raises(UserError, match="no such directory"):
         M.resolve("./no/such/dir")
+    with pytest.raises(UserError, match="not a model"):
+        M.resolve(__file__)  # there, but neither a model directory nor a .gguf file
 
 
 def test_presets_are_the_same_everywhere():

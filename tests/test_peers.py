@@ -21,8 +21,8 @@ def ct2_dir(tmp_path_factory):
     """tiny-t5 with noisy weights saved as a transformers directory (hf/, beside it), then converted by
     CTranslate2's converter. Fresh weights alone decode one token over and over, which would make the greedy check
     trivially true; the noise makes the greedy tokens vary."""
-    ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install "
-                                                            "'llm2slm-cli[ctranslate2]')")
+    ctranslate2 = pytest.importorskip("ctranslate2", reason="needs the 'ctranslate2' extra: pip install -e "
+                                                            "\".[ctranslate2]\"")
     import torch
 
     d = tmp_path_factory.mktemp("ct2")
@@ -79,14 +79,16 @@ def test_a_missing_runtime_is_one_line_and_exit_2(cli, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     (tmp_path / "ct2").mkdir()
     msg = error_line(cli, "bench", "--ctranslate2", f"x={tmp_path / 'ct2'}", "--out", tmp_path / "o")
-    assert "pip install 'llm2slm-cli[ctranslate2]'" in msg and "ctranslate2" in msg
+    assert msg == ("--ctranslate2 needs the 'ctranslate2' extra (ctranslate2 is not installed): "
+                   'pip install -e ".[ctranslate2]"')
     msg = error_line(cli, "bench", "--llama-cpp", f"x={tmp_path / 'm.gguf'}", "--out", tmp_path / "o")
-    assert "pip install 'llm2slm-cli[llama-cpp]'" in msg
+    assert msg == ("--llama-cpp needs the 'llama-cpp' extra (llama_cpp is not installed): "
+                   'pip install -e ".[llama-cpp]" (it compiles llama.cpp: minutes)')
     assert not (tmp_path / "o").exists()
 
 
 def test_peer_inputs_are_checked_before_anything_runs(cli, tmp_path):
-    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
+    pytest.importorskip("ctranslate2", reason="needs the 'ctranslate2' extra: pip install -e \".[ctranslate2]\"")
     (tmp_path / "ct2").mkdir()
     assert "not a CTranslate2 model directory" in error_line(cli, "bench", "--ctranslate2", f"x={tmp_path / 'ct2'}",
                                                              "--out", tmp_path / "o")
@@ -98,8 +100,7 @@ def test_peer_inputs_are_checked_before_anything_runs(cli, tmp_path):
 
 
 def test_llama_cpp_row(cli, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
-                                            "'llm2slm-cli[llama-cpp]')")
+    pytest.importorskip("llama_cpp", reason="needs the 'llama-cpp' extra: pip install -e \".[llama-cpp]\"")
     gguf = tmp_path / "tiny-llama.gguf"
     _write_tiny_llama_gguf(gguf)
     out = tmp_path / "b"
@@ -168,3 +169,100 @@ def _write_tiny_llama_gguf(path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# A peer runtime the bench's child process loads instead of a real one: "good" decodes, "crash" dies of SIGSEGV in
+# its first decode (as llama-cpp-python does on some CPUs), "hang" never returns.
+FAKE_PEER = """
+import os, signal, sys, time
+from llm2slm_cli.bench import measure, peers
+
+class Fake:
+    engine, vocab_size, special_ids, file_bytes, version, device = "llama.cpp", 300, {0, 1, 2}, 24, "fake", "cpu"
+
+    def __init__(self, label):
+        self.label = label
+
+    def generate_ids(self, prompts, n, num_beams):
+        if self.label == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if self.label == "hang":
+            time.sleep(600)
+        return [[5] * n for _ in prompts]
+
+peers.load_peer = lambda plan, device, context: Fake(plan.label)
+measure.peer_child(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.fixture
+def fake_peer(monkeypatch, tmp_path):
+    """--llama-cpp LABEL=FILE rows whose child process runs FAKE_PEER; returns the (header-only) GGUF file."""
+    from llm2slm_cli.bench import measure, peers
+
+    monkeypatch.setattr(peers, "require", lambda module, option: None)  # no llama-cpp-python needed
+    monkeypatch.setattr(measure, "peer_command",
+                        lambda request, result: [sys.executable, "-c", FAKE_PEER, str(request), str(result)])
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(20))
+    return gguf
+
+
+def test_a_peer_that_crashes_is_its_rows_error_and_every_other_row_is_kept(cli, fake_peer, tmp_path):
+    out = tmp_path / "b"
+    result = cli("bench", "--slm", "tiny-gpt2", "--llama-cpp", f"good={fake_peer}", "--llama-cpp",
+                 f"crash={fake_peer}", *TINY, "--out", out)
+    rows = {r["label"]: r for r in pq.read_table(out / "bench.parquet").to_pylist()}
+    assert list(rows) == ["SLM", "good", "crash"]
+    for label in ("SLM", "good"):  # measured, in this process and in the good child
+        assert rows[label]["error"] is None and 0 < rows[label]["seconds_median"] < 30
+        assert rows[label]["new_tokens"] == 6 and rows[label]["repeats"] == 2
+    assert (rows["good"]["engine"], rows["good"]["dtype"], rows["good"]["device"]) == ("llama.cpp", "gguf", "cpu")
+    crash = rows["crash"]
+    assert crash["error"] == "the llama.cpp process died of signal SIGSEGV before it finished this row"
+    assert (crash["role"], crash["engine"], crash["new_tokens"], crash["prompt_length"]) == ("peer", "llama.cpp", 6, 10)
+    assert crash["seconds_median"] is None and crash["ms_per_token"] is None and crash["speedup_vs_llm"] is None
+    assert "row 'crash' failed: the llama.cpp process died of signal SIGSEGV" in result.output
+    models = json.loads((out / "manifest.json").read_text())["models"]
+    assert models["crash"]["error"] == crash["error"] and models["good"]["version"] == "fake"
+    assert [r["label"] for r in json.loads((out / "bench.json").read_text())["rows"]] == ["SLM", "good", "crash"]
+    assert (out / "ms_per_token.png").is_file()
+
+
+def test_a_peer_that_hangs_is_stopped_at_the_time_limit(cli, fake_peer, tmp_path):
+    out = tmp_path / "b"
+    cli("bench", "--slm", "tiny-gpt2", "--llama-cpp", f"hang={fake_peer}", *TINY, "--peer-timeout", "3", "--out", out,
+        "--quiet")
+    rows = {r["label"]: r for r in pq.read_table(out / "bench.parquet").to_pylist()}
+    assert rows["hang"]["error"] == "no result within --peer-timeout 3 s: the llama.cpp process was stopped (a hang?)"
+    assert rows["SLM"]["error"] is None and rows["SLM"]["seconds_median"] > 0
+
+
+def test_a_peer_process_that_exits_without_a_result_says_how(monkeypatch):
+    from llm2slm_cli.bench import measure
+    from llm2slm_cli.bench.plan import Plan
+
+    plan = Plan("x", "peer", None, None, engine="llama.cpp")
+    for code, how in ((139, "exited with code 139 (128 + SIGSEGV)"), (3, "exited with code 3")):
+        child = f"import os, sys; print('ggml: out of luck', file=sys.stderr, flush=True); os._exit({code})"
+        monkeypatch.setattr(measure, "peer_command", lambda request, result, child=child: [sys.executable, "-c", child])
+        assert measure.run_peer_child({"plan": plan}, timeout=60) == {
+            "error": f"the llama.cpp process {how} before it finished this row (its last words: ggml: out of luck)"}
+
+
+def test_rows_whose_repeats_vary_by_more_than_1_3x_are_warned_about():
+    from llm2slm_cli.bench.timing import unsteady
+
+    def row(label, part, seconds, batch=1, n=8):
+        return {"label": label, "part": part, "batch_size": batch, "new_tokens": n, "run_seconds": seconds}
+
+    rows = [row("SLM", "main", [0.010, 0.011, 0.014]),  # 1.4x
+            row("LLM", "main", [0.0100, 0.0125]),  # 1.25x: steady enough
+            row("SLM", "sweep", [0.1, 0.2, 0.15], n=50),  # 2x
+            row("one", "main", [0.5]),  # one repeat: nothing to compare
+            row("failed", "main", None)]
+    assert unsteady(rows) == [
+        "warning: row 'SLM' (batch 1): its 3 repeats vary 1.40x (10 to 14 ms), more than 1.3x: the machine was "
+        "busy, so its median is less sure",
+        "warning: row 'SLM' (50 tokens): its 3 repeats vary 2.00x (100 to 200 ms), more than 1.3x: the machine "
+        "was busy, so its median is less sure"]

@@ -15,12 +15,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-import openai
 import pyarrow.parquet as pq
 import pytest
 
 from llm2slm_cli import load
+
+pytest.importorskip("fastapi", reason="needs the 'serve' extra: pip install -e \".[serve]\"")
+pytest.importorskip("uvicorn", reason="needs the 'serve' extra: pip install -e \".[serve]\"")
+httpx = pytest.importorskip("httpx", reason="needs the 'dev' extra: pip install -e \".[dev]\"")
+openai = pytest.importorskip("openai", reason="needs the 'dev' extra: pip install -e \".[dev]\"")
 
 CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 NAME = "kv-model"
@@ -166,6 +169,22 @@ def test_sampling_with_a_seed_repeats_and_stop_strings_cut(server, toy_files):
     beams = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=8,
                                              extra_body={"num_beams": 2}).choices[0]
     assert isinstance(beams.text, str)
+
+
+def test_a_seeded_request_samples_each_prompt_as_it_would_alone(server, model, toy_files):
+    """A request's seed: its prompt i samples as the API does alone with example_seed(seed, i) (prompt 0: the seed
+    itself), though the request's prompts decode together in one batch."""
+    from llm2slm_cli.generation import example_seed
+
+    prompts = dev_prompts(toy_files)[:3]
+    before = len(server.engine.batches)
+    got = server.client.completions.create(model=NAME, prompt=prompts, max_tokens=8, temperature=1.0, seed=7)
+    assert list(server.engine.batches)[before:] == [3]
+    texts = [c.text for c in sorted(got.choices, key=lambda c: c.index)]
+    sample = dict(sample=True, top_p=1.0, temperature=1.0, max_new_tokens=8)
+    assert texts == [model.complete([p], seed=example_seed(7, i), **sample)[0].text for i, p in enumerate(prompts)]
+    assert texts == [c.text for c in model.complete(prompts, seed=7, **sample)]
+    assert texts != [c.text for c in model.complete(prompts, seed=8, **sample)]
 
 
 def test_sixteen_concurrent_clients_are_batched_and_all_right(server, greedy, toy_files):

@@ -1,9 +1,14 @@
-"""Measuring every planned row: each model loaded once, only the row's own models resident; and --throughput."""
+"""Measuring every planned row: each model loaded once, only the row's own models resident; each peer runtime row
+in a child process of its own, so that its crash or hang is that row's error and not the run's; and --throughput."""
 
 from __future__ import annotations
 
 import gc
+import json
+import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from llm2slm_cli import artifacts as A
@@ -12,6 +17,7 @@ from llm2slm_cli import runtime
 from llm2slm_cli.bench import peers
 from llm2slm_cli.bench import timing as B
 from llm2slm_cli.bench.plan import Plan, sweep_lengths
+from llm2slm_cli.bench.report import COLUMNS
 from llm2slm_cli.bench.rows import assisted_row, can_share, llm2slm_row, plain_row, shared_llm, speculative_row
 from llm2slm_cli.config import BenchConfig
 from llm2slm_cli.data import Fields, read_examples
@@ -202,33 +208,147 @@ def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
 
 
 def _peer_rows(s: Session, plans: list[Plan]) -> None:
-    """CTranslate2 and llama.cpp rows, one model at a time; with --peer-source, their greedy tokens checked against
-    ours on the source model (float32), on the first batch-1 prompt the row was timed on."""
+    """CTranslate2 and llama.cpp rows, one at a time, each measured in a child process of its own (`peer_child`):
+    a runtime that crashes (a segfault in its first decode, say) or hangs past --peer-timeout becomes that row's
+    error (`error_row`), and every other row is kept."""
     import torch
 
     config = s.config
     context = config.prompt_length + max([config.new_tokens, *sweep_lengths(config)]) + 8
+    points = len(config.batch_size) + len(sweep_lengths(config))
     for plan in (p for p in plans if p.role == "peer"):
-        model = peers.load_peer(plan, s.device, context)
-        tok = _tokenizer_or_none(plan.slm) if s.texts and plan.slm else None
-        row = peers.peer_row(plan, model, tok)
-        s.identities[plan.label] = {"runtime": plan.engine, "version": model.version, "model": str(plan.path),
-                                    "compute_type": plan.compute_type, "threads": torch.get_num_threads(),
-                                    "device": model.device, "source": plan.slm,
-                                    "weights_sha256": A.sha256_file(plan.path / "model.bin"
-                                                                    if plan.engine == "ctranslate2" else plan.path)}
-        first = len(s.results)
-        s.measure(row, flops=False)
-        for r in s.results[first:]:  # the runtime's own device and precision, not --device and --dtype
-            r.update(device=model.device, dtype=plan.compute_type or "gguf")
-        if plan.slm is not None:
-            ids, _ = B.prompts_for(row, 1, config.prompt_length, config.seed, s.device, s.texts, config.whole_prompts)
-            check = peers.greedy_check(model, plan.slm, ids, config.new_tokens)
-            s.identities[plan.label]["greedy_check"] = check
-            for r in (r for r in s.results[first:] if r["part"] == "main"):
-                r["greedy_match"] = check["same_prefix_tokens"] / config.new_tokens
-        del model, row
-        free_memory()
+        s.bar.update(s.task, description=f"{plan.label}: in its own process")
+        outcome = run_peer_child({"config": config, "plan": plan, "device": str(s.device), "texts": s.texts,
+                                  "threads": torch.get_num_threads(), "context": context}, config.peer_timeout)
+        if "error" in outcome:
+            s.results.append(error_row(plan, config, outcome["error"]))
+            s.identities[plan.label] = {"runtime": plan.engine, "model": str(plan.path),
+                                        "compute_type": plan.compute_type, "source": plan.slm,
+                                        "error": outcome["error"]}
+        else:
+            s.results.extend(outcome["results"])
+            s.identities[plan.label] = outcome["identity"]
+            s.skipped.extend(outcome["skipped"])
+        s.bar.update(s.task, advance=points)
+
+
+def _peer_row(s: Session, plan: Plan, context: int) -> None:
+    """One peer row measured here (in the child process): loaded, timed by B.measure like every row, and with
+    --peer-source its greedy tokens checked against ours on the source model (float32), on the first batch-1
+    prompt the row was timed on."""
+    import torch
+
+    config = s.config
+    model = peers.load_peer(plan, s.device, context)
+    tok = _tokenizer_or_none(plan.slm) if s.texts and plan.slm else None
+    row = peers.peer_row(plan, model, tok)
+    s.identities[plan.label] = {"runtime": plan.engine, "version": model.version, "model": str(plan.path),
+                                "compute_type": plan.compute_type, "threads": torch.get_num_threads(),
+                                "device": model.device, "source": plan.slm,
+                                "weights_sha256": A.sha256_file(plan.path / "model.bin"
+                                                                if plan.engine == "ctranslate2" else plan.path)}
+    first = len(s.results)
+    s.measure(row, flops=False)
+    for r in s.results[first:]:  # the runtime's own device and precision, not --device and --dtype
+        r.update(device=model.device, dtype=plan.compute_type or "gguf")
+    if plan.slm is not None:
+        ids, _ = B.prompts_for(row, 1, config.prompt_length, config.seed, s.device, s.texts, config.whole_prompts)
+        check = peers.greedy_check(model, plan.slm, ids, config.new_tokens)
+        s.identities[plan.label]["greedy_check"] = check
+        for r in (r for r in s.results[first:] if r["part"] == "main"):
+            r["greedy_match"] = check["same_prefix_tokens"] / config.new_tokens
+
+
+PEER_CHILD = "import sys; from llm2slm_cli.bench.measure import peer_child; peer_child(sys.argv[1], sys.argv[2])"
+
+
+def peer_command(request: Path, result: Path) -> list[str]:
+    """The command of a peer row's child process: this Python, running `peer_child` on the two files."""
+    return [sys.executable, "-c", PEER_CHILD, str(request), str(result)]
+
+
+def run_peer_child(request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Measure one peer row in a child process (`peer_command`), given `request` (pickled: the config, the plan,
+    the device, the prompts, torch's threads, the context length); returns what it wrote (results, identity,
+    skipped), or {"error": why} when it failed, died of a signal, exited without a result or ran past `timeout`
+    seconds (then it is killed)."""
+    import pickle
+    import subprocess
+    import tempfile
+
+    engine = ENGINE_NAMES.get(request["plan"].engine, request["plan"].engine)
+    with tempfile.TemporaryDirectory(prefix="llm2slm-peer-") as tmp:
+        request_path, result_path = Path(tmp) / "request.pickle", Path(tmp) / "result.json"
+        request_path.write_bytes(pickle.dumps(request))
+        package_root = str(Path(__file__).resolve().parents[2])  # the child imports this very llm2slm_cli
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH"))
+                                                           if p)}
+        try:
+            done = subprocess.run(peer_command(request_path, result_path), env=env, stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"error": f"no result within --peer-timeout {timeout:g} s: the {engine} process was stopped "
+                             "(a hang?)"}
+        if result_path.is_file():
+            return json.loads(result_path.read_text())
+    code = done.returncode
+    how = f"died of signal {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+    if code > 128 and not _signal_name(code - 128).isdigit():  # how a shell reports a crash: 128 + the signal
+        how += f" (128 + {_signal_name(code - 128)})"
+    said = [line for line in done.stderr.decode(errors="replace").splitlines() if line.strip()]
+    return {"error": f"the {engine} process {how} before it finished this row"
+                     + (f" (its last words: {said[-1].strip()[:200]})" if said else "")}
+
+
+ENGINE_NAMES = {"ctranslate2": "CTranslate2", "llama.cpp": "llama.cpp"}
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def peer_child(request_path: str, result_path: str) -> None:
+    """The child process of one peer row: read the request, measure the row (`_peer_row`) with the same
+    bench.timing functions as every row, and write its results, its identity and what it skipped as JSON (a
+    failure as {"error": one line})."""
+    import pickle
+
+    import torch
+
+    request = pickle.loads(Path(request_path).read_bytes())
+    config, plan = request["config"], request["plan"]
+    torch.set_num_threads(request["threads"])
+    if plan.slm is not None:  # --peer-source loads the source model with transformers
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    try:
+        with runtime.progress(True) as bar:
+            s = Session(config, torch.device(request["device"]), bar, bar.add_task(plan.label, rate=""),
+                        request["texts"])
+            _peer_row(s, plan, request["context"])
+        out: dict[str, Any] = {"results": s.results, "identity": s.identities[plan.label], "skipped": s.skipped}
+    except UserError as e:
+        out = {"error": e.message}
+    except Exception as e:  # noqa: BLE001 -- the runtime's failure is the row's error, in one line
+        out = {"error": " ".join(f"{type(e).__name__}: {e}".split())[:500]}
+    Path(result_path).write_text(json.dumps(out))
+
+
+def error_row(plan: Plan, config: BenchConfig, error: str) -> dict[str, Any]:
+    """The table's row for a peer row that could not be measured: its names, the protocol's lengths, `error`, and
+    no numbers."""
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(label=plan.label, role=plan.role, engine=plan.engine, part="main", slm=plan.slm,
+               dtype=plan.compute_type or "gguf", prompt_length=config.prompt_length, new_tokens=config.new_tokens,
+               num_beams=config.num_beams, error=error)
+    del row["device"]  # the stage fills in --device
+    return row
 
 
 def _throughput(config: BenchConfig, frozen: Any, device: Any, bar: Any) -> list[dict[str, Any]]:

@@ -13,7 +13,6 @@ directory with its tokenizer), then `ct2-transformers-converter --model DIR --ou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,18 @@ from typing import Any
 from llm2slm_cli import loading as M
 from llm2slm_cli.bench import timing as B
 from llm2slm_cli.bench.timing import Unsupported
-from llm2slm_cli.errors import UserError
+from llm2slm_cli.errors import UserError, require_extra
 
-INSTALL = {"ctranslate2": "pip install 'llm2slm-cli[ctranslate2]' (ctranslate2==4.8.5)",
-           "llama_cpp": "pip install 'llm2slm-cli[llama-cpp]' (llama-cpp-python==0.3.36; it compiles llama.cpp)"}
+# each runtime's module -> its extra in pyproject.toml, and what to know before installing it
+EXTRAS = {"ctranslate2": ("ctranslate2", ""), "llama_cpp": ("llama-cpp", " (it compiles llama.cpp: minutes)")}
 ENGINES = {"ctranslate2": "ctranslate2", "llama_cpp": "llama.cpp"}
 CT2_VOCABULARIES = ("shared_vocabulary.json", "target_vocabulary.json", "vocabulary.json")
 
 
 def require(module: str, option: str) -> None:
     """A missing peer runtime is one line naming the install command (checked before anything is loaded)."""
-    if importlib.util.find_spec(module) is None:
-        raise UserError(f"{option} needs the {module} package, which is not installed: {INSTALL[module]}")
+    extra, note = EXTRAS[module]
+    require_extra(option, extra, module, note=note)
 
 
 def check_ct2_directory(label: str, directory: Path) -> None:

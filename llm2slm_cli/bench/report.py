@@ -20,7 +20,7 @@ COLUMNS = ["label", "role", "engine", "part", "llm", "slm", "device", "dtype", "
            "new_tokens", "num_beams", "repeats", "seconds_median", "seconds_min", "seconds_max", "ms_per_token",
            "ms_per_token_min", "ms_per_token_max", "tokens_per_s", "speedup_vs_llm", "time_vs_slm", "slm_row",
            "flops_per_token", "flops_total", "weights_mb", "cuda_peak_mb", "process_peak_rss_mb", "acceptance_rate",
-           "tokens_per_llm_call", "greedy_match", "run_seconds"]
+           "tokens_per_llm_call", "greedy_match", "run_seconds", "error"]
 
 
 def write_outputs(out: Path, config: BenchConfig, rows: list[dict[str, Any]], quality: dict[str, tuple[str, float]],
@@ -59,7 +59,7 @@ def write_outputs(out: Path, config: BenchConfig, rows: list[dict[str, Any]], qu
 def _schema():
     import pyarrow as pa
 
-    strings = {"label", "role", "engine", "part", "llm", "slm", "device", "dtype", "slm_row"}
+    strings = {"label", "role", "engine", "part", "llm", "slm", "device", "dtype", "slm_row", "error"}
     ints = {"batch_size", "prompt_length", "new_tokens", "num_beams", "repeats"}
     fields = []
     for c in COLUMNS:
@@ -88,9 +88,10 @@ def _pyplot():
 
 
 def plot_ms_per_token(rows: list[dict[str, Any]], path: Path) -> None:
-    """Bars of ms per generated token per row, one bar per batch size, whiskers from the fastest to the slowest."""
+    """Bars of ms per generated token per row, one bar per batch size, whiskers from the fastest to the slowest
+    (rows that failed have no bar)."""
     plt = _pyplot()
-    main = [r for r in rows if r["part"] == "main"]
+    main = [r for r in rows if r["part"] == "main" and r["error"] is None]
     labels = list(dict.fromkeys(r["label"] for r in main))
     batches = sorted({r["batch_size"] for r in main})
     width = 0.8 / len(batches)
@@ -145,12 +146,16 @@ def plot_vs_length(rows: list[dict[str, Any]], path: Path, *, flops: bool) -> No
 def plot_quality(rows: list[dict[str, Any]], quality: dict[str, tuple[str, float]], path: Path) -> None:
     """Quality against ms per token (paper Figure 3), at the first batch size."""
     plt = _pyplot()
-    main = [r for r in rows if r["part"] == "main"]
+    main = [r for r in rows if r["part"] == "main" and r["error"] is None]
+    if not main:
+        return
     batch = main[0]["batch_size"]
     metrics = sorted({m for m, _ in quality.values()})
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (metric, score) in quality.items():
-        r = next(r for r in main if r["label"] == label and r["batch_size"] == batch)
+        r = next((r for r in main if r["label"] == label and r["batch_size"] == batch), None)
+        if r is None:  # a row that failed
+            continue
         ax.scatter(r["ms_per_token"], score)
         ax.annotate(label if len(metrics) == 1 else f"{label} ({metric})", (r["ms_per_token"], score),
                     xytext=(4, 4), textcoords="offset points", fontsize=8)
@@ -186,6 +191,9 @@ def print_table(rows: list[dict[str, Any]], quality: dict[str, tuple[str, float]
         table.add_column(name, justify="left" if name == "row" else "right")
     for r in main:
         q = quality.get(r["label"])
+        if r["error"] is not None:  # the row failed: its error is said below the table
+            table.add_row(escape(r["label"]), "-", "failed", *["-"] * (len(names) - 3))
+            continue
         cells = [escape(r["label"]), str(r["batch_size"]), f"{r['ms_per_token']:.2f}",
                  f"{r['ms_per_token_min']:.2f}-{r['ms_per_token_max']:.2f}", f"{r['tokens_per_s']:.1f}",
                  num(r["speedup_vs_llm"], ".2f"), num(r["time_vs_slm"], ".2f"),
@@ -196,6 +204,8 @@ def print_table(rows: list[dict[str, Any]], quality: dict[str, tuple[str, float]
         cells += [num(r["greedy_match"], ".0%")] if checked else []
         table.add_row(*cells)
     console.print(table)
+    for r in (r for r in main if r["error"] is not None):
+        console.print(f"row {r['label']!r} failed: {r['error']}", markup=False, highlight=False)
     sweep = [r for r in rows if r["part"] == "sweep"]
     if sweep:
         lengths = sorted({r["new_tokens"] for r in sweep})

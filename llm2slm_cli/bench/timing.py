@@ -389,6 +389,9 @@ def add_ratios(results: list[dict[str, Any]], slm_of: Callable[[dict[str, Any]],
             llm[key(r)] = r
     slms = [r for r in results if r["role"] == "SLM"]
     for r in results:
+        if r["seconds_median"] is None:  # a row that failed: no numbers to compare
+            r["speedup_vs_llm"] = r["time_vs_slm"] = r["slm_row"] = None
+            continue
         ref = llm.get(key(r))
         r["speedup_vs_llm"] = ref["seconds_median"] / r["seconds_median"] if ref else None
         same = [s for s in slms if key(s) == key(r)]
@@ -399,6 +402,24 @@ def add_ratios(results: list[dict[str, Any]], slm_of: Callable[[dict[str, Any]],
         match = engine or match
         r["slm_row"] = match[0]["label"] if match else None
         r["time_vs_slm"] = r["seconds_median"] / match[0]["seconds_median"] if match else None
+
+
+UNSTEADY = 1.3  # a row whose slowest repeat took more than this times its fastest ran on a busy machine
+
+
+def unsteady(results: list[dict[str, Any]], ratio: float = UNSTEADY) -> list[str]:
+    """A warning line for each measured row whose repeats vary by more than `ratio` (its slowest repeat over its
+    fastest): something else ran on the machine meanwhile, and its median is less sure than it looks."""
+    lines = []
+    for r in results:
+        seconds = r.get("run_seconds") or []
+        if len(seconds) < 2 or min(seconds) <= 0 or max(seconds) / min(seconds) <= ratio:
+            continue
+        where = f"batch {r['batch_size']}" if r["part"] == "main" else f"{r['new_tokens']} tokens"
+        lines.append(f"warning: row {r['label']!r} ({where}): its {len(seconds)} repeats vary "
+                     f"{max(seconds) / min(seconds):.2f}x ({min(seconds) * 1000:.3g} to {max(seconds) * 1000:.3g} "
+                     f"ms), more than {ratio}x: the machine was busy, so its median is less sure")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------------ throughput

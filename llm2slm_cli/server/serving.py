@@ -22,11 +22,12 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llm2slm_cli.api import Completion, Decoding, Model
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.generation import example_seed
 from llm2slm_cli.server import protocol as P
 from llm2slm_cli.validation import InvalidArgument
 
@@ -253,7 +254,10 @@ class OpenAIServing:
     def _jobs(self, decoding: Decoding, prompts: list[list[int]]) -> list[Job]:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         key = _key(decoding)
-        return [Job(i, ids, decoding, key, loop, events) for i, ids in enumerate(prompts)]
+        # prompt i samples from its own seed, as Model.complete gives it (the first: the request's seed)
+        return [Job(i, ids, decoding if decoding.seed is None or i == 0 else
+                    replace(decoding, seed=example_seed(decoding.seed, i)), key, loop, events)
+                for i, ids in enumerate(prompts)]
 
     def completion_prompts(self, request: P.CompletionRequest) -> list[list[int]]:
         prompt = request.prompt

@@ -57,10 +57,11 @@ def run(config: BenchConfig) -> Path:
         with runtime.timer() as clock:
             results, identities, skipped, throughput = measure_rows(config, plans, device)
         order = {label: i for i, label in enumerate(labels)}
-        results.sort(key=lambda r: (r["part"] != "main", order[r["label"]], r["batch_size"], r["new_tokens"]))
-        for r in results:  # peer runtimes' rows carry their own
+        results.sort(key=lambda r: (r["part"] != "main", order[r["label"]], r["batch_size"] or 0, r["new_tokens"]))
+        for r in results:  # peer runtimes' rows carry their own; a row that failed carries its error
             r.setdefault("device", str(device))
             r.setdefault("dtype", config.dtype)
+            r.setdefault("error", None)
         B.add_ratios(results, lambda r: same_spec(r["slm"]))
         rows = [{c: r[c] for c in COLUMNS} for r in results]
         A.prepare_output_dir(out, overwrite=config.overwrite, resumable=False)  # --overwrite: the old results go now
@@ -73,6 +74,8 @@ def run(config: BenchConfig) -> Path:
         print_throughput(throughput)
         for line in skipped:
             runtime.say(f"not measured: {line}")
+        for line in B.unsteady(rows):
+            runtime.say(line)
     if config.json:
         print(json.dumps(rows, indent=2))
     runtime.say(f"measured {len(plans)} rows in {clock['seconds']:.0f}s -> {out}", config.quiet)

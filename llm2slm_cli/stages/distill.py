@@ -111,7 +111,8 @@ def _label_shards(config: DistillConfig, work: ShardedRun, llm: PlainModel, exam
             rows = [{"id": e.id, "prompt": e.prompt, "target": e.target, "reference": e.target, "n_tokens": 0}
                     for e in shard]
         else:
-            outputs = generate_shard(llm, ids, members, config.batch_size, generation, work, batcher, progress)
+            outputs = generate_shard(llm, ids, members, config.batch_size, generation, work, batcher, progress,
+                                     seed=config.seed)
             texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
             rows = [{"id": e.id, "prompt": e.prompt, "target": t.strip(), "reference": e.target,
                      "n_tokens": len(outputs[i])} for i, e, t in zip(members, shard, texts)]

@@ -1,9 +1,9 @@
 """`llm2slm generate`: answer prompts with a trained checkpoint, or with a plain LLM/SLM as a baseline.
 
-Prompts are cut into shards of --shard-size (input order), each with its own batches and random seed, so one
-process, several under `accelerate launch`, and a run resumed after a crash give the same predictions
-(see sharding.py). Opening the model and decoding are generation.py's: this stage reads the prompts and writes the
-predictions."""
+Prompts are cut into shards of --shard-size (input order), each with its own batches, and sampling draws example
+i from a generator of its own seed (generation.example_seed(--seed, i)), so one process, several under `accelerate
+launch`, a run resumed after a crash and any --batch-size give the same predictions (see sharding.py). Opening
+the model and decoding are generation.py's: this stage reads the prompts and writes the predictions."""
 
 from __future__ import annotations
 
@@ -112,8 +112,9 @@ def _decoding(config: GenerateConfig, model) -> dict[str, Any]:
 
 def _decode_shards(config: GenerateConfig, work: ShardedRun, model, examples: Examples, tokens: Tokens, features,
                    generation: dict, shards: list, batcher: HalvingBatcher, out: Path) -> tuple[int, float]:
-    """Decode this process's shards still to do, each with its own seed, into one part file each. Returns the
-    new tokens and the seconds it took."""
+    """Decode this process's shards still to do into one part file each (sampling: each example from its own seed;
+    speculative decoding: each shard's batches from the shard's seed). Returns the new tokens and the seconds it
+    took."""
     tok = model.target_tokenizer
 
     def decode_shard(k: int, members: list[int], progress) -> list[Path]:
@@ -121,7 +122,7 @@ def _decode_shards(config: GenerateConfig, work: ShardedRun, model, examples: Ex
             model.reseed(shard_seed(config.seed, k))
         ids = dict(zip(members, tokens.rows("prompt_ids", members)))  # this shard's prompts, read once
         outputs = generate_shard(model, ids, members, config.batch_size, generation, work, batcher, progress,
-                                 features=features)
+                                 features=features, seed=config.seed)
         texts = tok.batch_decode([outputs[i] for i in members], skip_special_tokens=True)
         table = _part_table(config, model, examples.rows(members), examples.has_targets,
                             [len(outputs[i]) for i in members], texts)

@@ -1,7 +1,8 @@
 """`llm2slm serve`: an OpenAI-compatible HTTP server (llm2slm_cli/server/) for a checkpoint, a plain model, or a
-draft with its verifier, on uvicorn. The chat template is compiled before the server starts (a broken one: one line,
-exit 2). SIGINT/SIGTERM: stop accepting, finish what is in flight, exit 0. A second SIGINT stops at once: the
-requests in flight get a 503 error body (a stream: an error event), then `serve` exits 130 with one line."""
+draft with its verifier, on uvicorn. Before the model is loaded, the 'serve' extra and the port are checked; the chat
+template is compiled before the server starts (each: one line, exit 2). SIGINT/SIGTERM: stop accepting, finish what
+is in flight, exit 0. A second SIGINT stops at once: the requests in flight get a 503 error body (a stream: an error
+event), then `serve` exits 130 with one line."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 from llm2slm_cli.api import load
 from llm2slm_cli.config import ServeConfig
-from llm2slm_cli.errors import Interrupted, UserError
+from llm2slm_cli.errors import Interrupted, UserError, require_extra
 from llm2slm_cli.server.serving import Engine, OpenAIServing, ServingError
 from llm2slm_cli.validation import InvalidArgument, compile_chat_template
 
@@ -44,7 +45,25 @@ def build(config: ServeConfig):
     return build_app(serving), serving
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another program listens on, before the model is loaded (uvicorn would find out only after)."""
+    import socket
+
+    if port == 0:  # any free port
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}): another server may be running there; "
+                        "give another --port (0: any free one)") from None
+
+
 def run(config: ServeConfig) -> None:
+    require_extra("serve", "serve", "fastapi", "uvicorn")
+    check_port(config.host, config.port)
     import uvicorn
 
     app, serving = build(config)
