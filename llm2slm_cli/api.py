@@ -259,6 +259,17 @@ class Model:
         out = self.impl.generate(ids.to(self.device), mask.to(self.device), streamer=streamer, **kwargs)
         return [row.finish(list(generated)) for row, generated in zip(rows, out)]
 
+    def steps(self) -> StepBatch | None:
+        """A batch that rows join and leave between decoding steps (`serve`'s step-level batching), or None where
+        this model cannot decode that way: speculative decoding, a prefix-tuned checkpoint, a static or compiled
+        cache, a cache whose tensors cannot be padded (sliding windows)."""
+        from llm2slm_cli.continuous import Running, steppable  # imports torch: off the import of this module
+
+        decoder = None if isinstance(self.impl, SpeculativeModel) else self.impl.decoder
+        if decoder is None or not steppable(decoder):
+            return None
+        return StepBatch(self, Running(self.impl.tokenizer_ids))
+
     def complete(self, prompts: str | dict | Sequence[str | dict], *, template: bool = True, strict: bool = False,
                  batch_size: int = 16, on_text: Callable[[int, str], None] | None = None,
                  **options: Any) -> list[Completion]:
@@ -340,6 +351,64 @@ class Model:
         decoding = self.decoding(**options)
         ids = [self.chat_ids(messages)]
         return self.run(ids, decoding, [self.row(len(ids[0]), decoding)])[0].text.strip()
+
+
+class StepBatch:
+    """Step-level batching on a Model (continuous.py): `join` prefills prompts (padded together, as `Model.run`
+    pads a batch) and adds their rows at the next step; `step` decodes one token for every row and returns the rows
+    that ended with their Completions. Greedy and sampling rows with no repetition controls (`takes`); a row's
+    tokens are those it gets decoded alone (sampling: from its own generator, seeded by its seed). Used from one
+    thread, as the Model."""
+
+    def __init__(self, model: Model, running: Any) -> None:
+        self.model, self.running = model, running
+        self._device = None
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def takes(self, decoding: Decoding) -> bool:
+        """Can a row with these options join: one sequence per prompt, decoded by our loop, with no state beyond
+        the row's own tokens."""
+        if decoding.beams != 1 or decoding.repetition_penalty != 1.0 or decoding.no_repeat_ngram_size > 0:
+            return False
+        return self.model.impl.decoding_search(generation_kwargs(decoding), self.model.device) is not None
+
+    def join(self, prompt_ids: list[list[int]], decodings: list[Decoding], rows: list[_Row], tags: list[Any]) -> None:
+        """Prefill these prompts together and add their rows; `tags` come back with their Completions."""
+        import dataclasses as dc
+
+        import torch
+
+        from llm2slm_cli.continuous import Row  # imports torch: off the import of this module
+
+        impl = self.model.impl
+        searches = []
+        for ids, decoding, row in zip(prompt_ids, decodings, rows):
+            self.model.check_length(len(ids), row.max_new_tokens)
+            search = impl.decoding_search(generation_kwargs(dc.replace(decoding, max_new_tokens=row.max_new_tokens)),
+                                          self.model.device)
+            if search is None or not self.takes(decoding):
+                raise ValueError("these decoding options cannot be stepped (StepBatch.takes)")
+            searches.append(search)
+        widest = max(searches, key=lambda s: s.max_new_tokens)  # the mask's reserve: the longest response
+        ids, mask = pad(prompt_ids, self.model.tokenizer.pad_token_id)
+        step, logits = impl.prefill(ids.to(self.model.device), mask.to(self.model.device), widest)
+        members = []
+        for search, decoding, row, tag in zip(searches, decodings, rows, tags):
+            generator = None
+            if search.do_sample and decoding.seed is not None:
+                generator = torch.Generator(device=self.model.device).manual_seed(decoding.seed)
+            members.append(Row(search, lambda token, row=row: row.push([token]), generator, (row, tag)))
+        self.running.join(step, logits, members)
+
+    def step(self) -> list[tuple[Any, Completion]]:
+        """One token for every row; (tag, Completion) of the rows that ended."""
+        return [(r.tag[1], r.tag[0].finish(r.tag[0].ids)) for r in self.running.advance()]
+
+    def clear(self) -> None:
+        """Drop every row (after a failed step: their cache is no longer trustworthy)."""
+        self.running.clear()
 
 
 def _context_length(impl: Any) -> int | None:
