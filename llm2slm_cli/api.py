@@ -70,6 +70,21 @@ class Decoding(DecodingOptions):
         check(DecodingArgs, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the model's prompt limit and was cut to its first tokens (`notice` says so)."""
+
+    def __init__(self, notice: str) -> None:
+        super().__init__(f"{notice}; strict=True refuses such prompts (said once per model)")
+        self.notice = notice
+
+
+def truncation_notice(tokens: int, limit: int, count: int = 1) -> str:
+    """What `generate`, the Python API and `serve` say when they cut a prompt."""
+    more = f" (and {count - 1} more prompt{'s' if count > 2 else ''})" if count > 1 else ""
+    return (f"a prompt has {tokens} tokens{more}, over this model's limit of {limit}: it is cut to its first "
+            f"{limit} tokens")
+
+
 @dataclass
 class Completion:
     text: str  # the decoded response, cut before the first stop string
@@ -150,6 +165,7 @@ class Model:
         self.pad = self.output_tokenizer.pad_token_id
         # prompt + response tokens a decoder-only model's positions allow (None: no such limit, e.g. T5)
         self.context_length = _context_length(impl)
+        self._warned_cut = False  # the prompt-truncation warning is given once per Model
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse a prompt and response longer than the model's positions reach (a decoder-only model would fail
@@ -185,20 +201,36 @@ class Model:
         fields = Fields(prompt="src", target=None, id=None, template=use)
         return to_examples(iter([({}, record)]), where, fields, False)[0].prompt
 
-    def prompt_ids(self, texts: Sequence[str], *, strict: bool = False, special_tokens: bool = True) -> list[list[int]]:
-        """Token ids as `generate` makes them: longer than the model's prompt limit is cut (or, `strict`, refused)."""
+    def tokenize(self, texts: Sequence[str], *, special_tokens: bool = True) -> tuple[list[list[int]], list[int]]:
+        """Each prompt's token ids as `generate` makes them, cut to the model's prompt limit (its first
+        `max_prompt_length` tokens), and its length in tokens before the cut."""
         if not special_tokens:  # a chat template writes the special tokens itself
             ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-            long = [i for i, t in enumerate(ids) if len(t) > self.max_prompt_length]
-            if long and strict:
-                raise UserError(f"the prompt has {len(ids[long[0]])} tokens, over this model's limit of "
-                                f"{self.max_prompt_length}")
-            return [t[: self.max_prompt_length] for t in ids]
+            return [t[: self.max_prompt_length] for t in ids], [len(t) for t in ids]
         ids, cut = tokenize_prompts(self.tokenizer, list(texts), self.max_prompt_length)
-        if strict and any(cut):
-            n = len(self.tokenizer(texts[cut.index(True)])["input_ids"])
-            raise UserError(f"the prompt has {n} tokens, over this model's limit of {self.max_prompt_length}")
+        lengths = [len(self.tokenizer(t, verbose=False)["input_ids"]) if c else len(i)
+                   for t, i, c in zip(texts, ids, cut)]
+        return ids, lengths
+
+    def prompt_ids(self, texts: Sequence[str], *, strict: bool = False, special_tokens: bool = True) -> list[list[int]]:
+        """Token ids as `generate` makes them: longer than the model's prompt limit is cut to its first tokens, with
+        a warning (PromptTruncatedWarning, once per Model), or with `strict` refused."""
+        ids, lengths = self.tokenize(texts, special_tokens=special_tokens)
+        self._over_limit(lengths, strict)
         return ids
+
+    def _over_limit(self, lengths: Sequence[int], strict: bool) -> None:
+        long = [n for n in lengths if n > self.max_prompt_length]
+        if not long:
+            return
+        if strict:
+            raise UserError(f"the prompt has {long[0]} tokens, over this model's limit of {self.max_prompt_length}")
+        if not self._warned_cut:
+            self._warned_cut = True
+            import warnings
+
+            warnings.warn(PromptTruncatedWarning(truncation_notice(long[0], self.max_prompt_length, len(long))),
+                          stacklevel=4)
 
     def chat_text(self, messages: list[dict[str, Any]]) -> str:
         """The prompt for chat `messages` ({"role", "content"} dicts), from the model's chat template."""
@@ -339,11 +371,18 @@ class Model:
             cancelled.set()
             thread.join()
 
-    def chat_ids(self, messages: list[dict[str, Any]], *, strict: bool = False) -> list[int]:
-        """The prompt's token ids for chat `messages`; a prompt the template renders empty is refused."""
-        ids = self.prompt_ids([self.chat_text(check_messages(messages))], strict=strict, special_tokens=False)[0]
-        if not ids:
+    def chat_tokens(self, messages: list[dict[str, Any]]) -> tuple[list[int], int]:
+        """The prompt's token ids for chat `messages`, cut to the prompt limit, and its length before the cut; a
+        prompt the template renders empty is refused."""
+        ids, lengths = self.tokenize([self.chat_text(check_messages(messages))], special_tokens=False)
+        if not ids[0]:
             raise InvalidArgument("messages", "the chat template renders these messages as an empty prompt")
+        return ids[0], lengths[0]
+
+    def chat_ids(self, messages: list[dict[str, Any]], *, strict: bool = False) -> list[int]:
+        """The prompt's token ids for chat `messages` (cut as `prompt_ids` cuts, or with `strict` refused)."""
+        ids, length = self.chat_tokens(messages)
+        self._over_limit([length], strict)
         return ids
 
     def chat(self, messages: list[dict[str, Any]], **options: Any) -> str:
