@@ -5,8 +5,8 @@
 - `llm2slm_queue_length`: requests waiting to be decoded; `llm2slm_running_requests`: requests being decoded now.
 - `llm2slm_batch_size`: rows of each decoding step (step-level batching), or of each request-level batch.
 - `llm2slm_generated_tokens_total`: tokens of the answered requests' responses.
-- `llm2slm_time_to_first_token_seconds`: from a request's arrival to its first text (or its answer, if it has
-  none); `llm2slm_request_latency_seconds`: from its arrival to its answer.
+- `llm2slm_time_to_first_token_seconds`: from a request's arrival to its first decoded token (beam search: to its
+  answer); `llm2slm_request_latency_seconds`: from its arrival to its answer.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class Metrics(Observer):
         self.batch_size = Histogram("llm2slm_batch_size", "Rows of each decoding step (step-level batching) or of "
                                     "each request-level batch.", buckets=BATCH_BUCKETS, registry=r)
         self.tokens = Counter("llm2slm_generated_tokens", "Tokens of the answered requests' responses.", registry=r)
-        self.ttft = Histogram("llm2slm_time_to_first_token_seconds", "From a request's arrival to its first text.",
+        self.ttft = Histogram("llm2slm_time_to_first_token_seconds",
+                              "From a request's arrival to its first decoded token.",
                               buckets=TTFT_BUCKETS, registry=r)
         self.latency = Histogram("llm2slm_request_latency_seconds", "From a request's arrival to its answer.",
                                  buckets=LATENCY_BUCKETS, registry=r)

@@ -91,7 +91,7 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     released: bool = False
     stepped: bool = False  # joins the running batch (step-level batching) rather than a request-level batch
-    first: float | None = None  # when its first text went out
+    first: float | None = None  # when its first token was decoded
 
     def send(self, kind: str, payload: Any) -> None:
         if not self.cancelled.is_set():
@@ -249,13 +249,19 @@ class Engine:
         return batch
 
     def _row(self, job: Job):
-        def on_text(text: str) -> None:
-            self._first(job)
-            job.send("text", text)
+        row = self.model.row(len(job.ids), job.decoding, on_text=lambda text: job.send("text", text),
+                             cancelled=job.cancelled)
+        push = row.push
 
-        return self.model.row(len(job.ids), job.decoding, on_text=on_text, cancelled=job.cancelled)
+        def first_push(tokens) -> bool:  # the row's first token: the request's time to first token
+            self._first(job)
+            return push(tokens)
+
+        row.push = first_push
+        return row
 
     def _first(self, job: Job) -> None:
+        """The job's first token is out (or, beam search, its whole answer)."""
         if job.first is None:
             job.first = time.monotonic()
             self.observer.first_token(job.first - job.arrived)
