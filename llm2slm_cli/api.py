@@ -73,6 +73,21 @@ class Decoding(DecodingOptions):
         check(DecodingArgs, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the model's prompt limit and was cut to its first tokens (`notice` says so)."""
+
+    def __init__(self, notice: str) -> None:
+        super().__init__(f"{notice}; strict=True refuses such prompts (said once per model)")
+        self.notice = notice
+
+
+def truncation_notice(tokens: int, limit: int, count: int = 1) -> str:
+    """What `generate`, the Python API and `serve` say when they cut a prompt."""
+    more = f" (and {count - 1} more prompt{'s' if count > 2 else ''})" if count > 1 else ""
+    return (f"a prompt has {tokens} tokens{more}, over this model's limit of {limit}: it is cut to its first "
+            f"{limit} tokens")
+
+
 @dataclass
 class Completion:
     text: str  # the decoded response, cut before the first stop string
@@ -154,6 +169,7 @@ class Model:
         self.pad = self.output_tokenizer.pad_token_id
         # prompt + response tokens a decoder-only model's positions allow (None: no such limit, e.g. T5)
         self.context_length = _context_length(impl)
+        self._warned_cut = False  # the prompt-truncation warning is given once per Model
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse a prompt and response longer than the model's positions reach (a decoder-only model would fail
@@ -189,20 +205,36 @@ class Model:
         fields = Fields(prompt="src", target=None, id=None, template=use)
         return to_examples(iter([({}, record)]), where, fields, False)[0].prompt
 
-    def prompt_ids(self, texts: Sequence[str], *, strict: bool = False, special_tokens: bool = True) -> list[list[int]]:
-        """Token ids as `generate` makes them: longer than the model's prompt limit is cut (or, `strict`, refused)."""
+    def tokenize(self, texts: Sequence[str], *, special_tokens: bool = True) -> tuple[list[list[int]], list[int]]:
+        """Each prompt's token ids as `generate` makes them, cut to the model's prompt limit (its first
+        `max_prompt_length` tokens), and its length in tokens before the cut."""
         if not special_tokens:  # a chat template writes the special tokens itself
             ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-            long = [i for i, t in enumerate(ids) if len(t) > self.max_prompt_length]
-            if long and strict:
-                raise UserError(f"the prompt has {len(ids[long[0]])} tokens, over this model's limit of "
-                                f"{self.max_prompt_length}")
-            return [t[: self.max_prompt_length] for t in ids]
+            return [t[: self.max_prompt_length] for t in ids], [len(t) for t in ids]
         ids, cut = tokenize_prompts(self.tokenizer, list(texts), self.max_prompt_length)
-        if strict and any(cut):
-            n = len(self.tokenizer(texts[cut.index(True)])["input_ids"])
-            raise UserError(f"the prompt has {n} tokens, over this model's limit of {self.max_prompt_length}")
+        lengths = [len(self.tokenizer(t, verbose=False)["input_ids"]) if c else len(i)
+                   for t, i, c in zip(texts, ids, cut)]
+        return ids, lengths
+
+    def prompt_ids(self, texts: Sequence[str], *, strict: bool = False, special_tokens: bool = True) -> list[list[int]]:
+        """Token ids as `generate` makes them: longer than the model's prompt limit is cut to its first tokens, with
+        a warning (PromptTruncatedWarning, once per Model), or with `strict` refused."""
+        ids, lengths = self.tokenize(texts, special_tokens=special_tokens)
+        self._over_limit(lengths, strict)
         return ids
+
+    def _over_limit(self, lengths: Sequence[int], strict: bool) -> None:
+        long = [n for n in lengths if n > self.max_prompt_length]
+        if not long:
+            return
+        if strict:
+            raise UserError(f"the prompt has {long[0]} tokens, over this model's limit of {self.max_prompt_length}")
+        if not self._warned_cut:
+            self._warned_cut = True
+            import warnings
+
+            warnings.warn(PromptTruncatedWarning(truncation_notice(long[0], self.max_prompt_length, len(long))),
+                          stacklevel=4)
 
     def chat_text(self, messages: list[dict[str, Any]]) -> str:
         """The prompt for chat `messages` ({"role", "content"} dicts), from the model's chat template."""
@@ -266,6 +298,17 @@ class Model:
 
         out = self.impl.generate(ids.to(self.device), mask.to(self.device), streamer=streamer, **kwargs)
         return [row.finish(list(generated)) for row, generated in zip(rows, out)]
+
+    def steps(self) -> StepBatch | None:
+        """A batch that rows join and leave between decoding steps (`serve`'s step-level batching), or None where
+        this model cannot decode that way: speculative decoding, a prefix-tuned checkpoint, a static or compiled
+        cache, a cache whose tensors cannot be padded (sliding windows)."""
+        from llm2slm_cli.continuous import Running, steppable  # imports torch: off the import of this module
+
+        decoder = None if isinstance(self.impl, SpeculativeModel) else self.impl.decoder
+        if decoder is None or not steppable(decoder):
+            return None
+        return StepBatch(self, Running(self.impl.tokenizer_ids))
 
     def complete(self, prompts: str | dict | Sequence[str | dict], *, template: bool = True, strict: bool = False,
                  batch_size: int = 16, on_text: Callable[[int, str], None] | None = None,
@@ -348,11 +391,18 @@ class Model:
             cancelled.set()
             thread.join()
 
-    def chat_ids(self, messages: list[dict[str, Any]], *, strict: bool = False) -> list[int]:
-        """The prompt's token ids for chat `messages`; a prompt the template renders empty is refused."""
-        ids = self.prompt_ids([self.chat_text(check_messages(messages))], strict=strict, special_tokens=False)[0]
-        if not ids:
+    def chat_tokens(self, messages: list[dict[str, Any]]) -> tuple[list[int], int]:
+        """The prompt's token ids for chat `messages`, cut to the prompt limit, and its length before the cut; a
+        prompt the template renders empty is refused."""
+        ids, lengths = self.tokenize([self.chat_text(check_messages(messages))], special_tokens=False)
+        if not ids[0]:
             raise InvalidArgument("messages", "the chat template renders these messages as an empty prompt")
+        return ids[0], lengths[0]
+
+    def chat_ids(self, messages: list[dict[str, Any]], *, strict: bool = False) -> list[int]:
+        """The prompt's token ids for chat `messages` (cut as `prompt_ids` cuts, or with `strict` refused)."""
+        ids, length = self.chat_tokens(messages)
+        self._over_limit([length], strict)
         return ids
 
     def chat(self, messages: list[dict[str, Any]], **options: Any) -> str:
@@ -360,6 +410,64 @@ class Model:
         decoding = self.decoding(**options)
         ids = [self.chat_ids(messages)]
         return self.run(ids, decoding, [self.row(len(ids[0]), decoding)])[0].text.strip()
+
+
+class StepBatch:
+    """Step-level batching on a Model (continuous.py): `join` prefills prompts (padded together, as `Model.run`
+    pads a batch) and adds their rows at the next step; `step` decodes one token for every row and returns the rows
+    that ended with their Completions. Greedy and sampling rows with no repetition controls (`takes`); a row's
+    tokens are those it gets decoded alone (sampling: from its own generator, seeded by its seed). Used from one
+    thread, as the Model."""
+
+    def __init__(self, model: Model, running: Any) -> None:
+        self.model, self.running = model, running
+        self._device = None
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def takes(self, decoding: Decoding) -> bool:
+        """Can a row with these options join: one sequence per prompt, decoded by our loop, with no state beyond
+        the row's own tokens."""
+        if decoding.beams != 1 or decoding.repetition_penalty != 1.0 or decoding.no_repeat_ngram_size > 0:
+            return False
+        return self.model.impl.decoding_search(generation_kwargs(decoding), self.model.device) is not None
+
+    def join(self, prompt_ids: list[list[int]], decodings: list[Decoding], rows: list[_Row], tags: list[Any]) -> None:
+        """Prefill these prompts together and add their rows; `tags` come back with their Completions."""
+        import dataclasses as dc
+
+        import torch
+
+        from llm2slm_cli.continuous import Row  # imports torch: off the import of this module
+
+        impl = self.model.impl
+        searches = []
+        for ids, decoding, row in zip(prompt_ids, decodings, rows):
+            self.model.check_length(len(ids), row.max_new_tokens)
+            search = impl.decoding_search(generation_kwargs(dc.replace(decoding, max_new_tokens=row.max_new_tokens)),
+                                          self.model.device)
+            if search is None or not self.takes(decoding):
+                raise ValueError("these decoding options cannot be stepped (StepBatch.takes)")
+            searches.append(search)
+        widest = max(searches, key=lambda s: s.max_new_tokens)  # the mask's reserve: the longest response
+        ids, mask = pad(prompt_ids, self.model.tokenizer.pad_token_id)
+        step, logits = impl.prefill(ids.to(self.model.device), mask.to(self.model.device), widest)
+        members = []
+        for search, decoding, row, tag in zip(searches, decodings, rows, tags):
+            generator = None
+            if search.do_sample and decoding.seed is not None:
+                generator = torch.Generator(device=self.model.device).manual_seed(decoding.seed)
+            members.append(Row(search, lambda token, row=row: row.push([token]), generator, (row, tag)))
+        self.running.join(step, logits, members)
+
+    def step(self) -> list[tuple[Any, Completion]]:
+        """One token for every row; (tag, Completion) of the rows that ended."""
+        return [(r.tag[1], r.tag[0].finish(r.tag[0].ids)) for r in self.running.advance()]
+
+    def clear(self) -> None:
+        """Drop every row (after a failed step: their cache is no longer trustworthy)."""
+        self.running.clear()
 
 
 def _context_length(impl: Any) -> int | None:

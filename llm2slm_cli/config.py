@@ -703,13 +703,20 @@ class ServeConfig:
     served_model_name: str | None = opt(None, "The model name clients send (default: --model as given).")
     host: str = opt("127.0.0.1", "Address to bind (0.0.0.0 exposes the server to the network).")
     port: int = opt(8000, "Port to listen on (0: any free port; the address is printed).")
-    max_batch_size: int = opt(8, "Most requests decoded together in one batch.")
-    batch_wait_ms: float = opt(5.0, "How long a batch waits for more requests after its first one arrives.")
+    batching: str = opt("step", "step: continuous batching, a request joins the running batch at the next decoding "
+                                "step and leaves it when it ends (beam search and repetition controls still decode "
+                                "in request-level batches; --draft always does); request: a batch is formed when it "
+                                "starts and decoded to its end.", choices=["step", "request"])
+    max_batch_size: int = opt(8, "Most requests decoded together in one batch (step-level: rows of the running "
+                                 "batch).")
+    batch_wait_ms: float = opt(5.0, "How long a request-level batch waits for more requests after its first one "
+                                    "arrives.")
     max_queue: int = opt(64, "Most requests waiting or being decoded at once; more get 429.")
     max_new_tokens: int = opt(128, "Response length for requests that give no max_tokens.")
     max_tokens_limit: int = opt(1024, "Largest max_tokens a request may ask for (more get 400).")
     max_length: int | None = opt(None, "Longest prompt in tokens (default: the checkpoint's, or 512); longer "
-                                       "prompts get 400.")
+                                       "prompts are cut to their first tokens, as `generate` cuts them (the "
+                                       "response's X-Prompt-Truncated header says so).")
     dtype: str = opt("float32", "Precision of a plain model or verifier.", choices=["float32", "bfloat16", "float16"])
     quantize: str = opt("none", "CPU decoding with int8 weights, as `generate --quantize` (not with --draft); a "
                                 "request's output can then depend on the requests batched with it.",
@@ -723,6 +730,8 @@ class ServeConfig:
             raise UserError(f"--port must be in 0..65535, got {self.port}")
         if self.batch_wait_ms < 0:
             raise UserError("--batch-wait-ms must be 0 or more")
+        if self.batching not in ("step", "request"):
+            raise UserError(f"--batching must be step or request, not {self.batching!r}")
         if self.max_new_tokens > self.max_tokens_limit:
             raise UserError(f"--max-new-tokens {self.max_new_tokens} is over --max-tokens-limit "
                             f"{self.max_tokens_limit}")

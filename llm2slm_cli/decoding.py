@@ -63,6 +63,7 @@ class Stepper:
         self.next_position: torch.Tensor | None = None
         self.encoder_outputs: Any = None
         self.encoder_mask: torch.Tensor | None = None
+        self.decoder_mask: torch.Tensor | None = None  # encoder-decoder rows joined with padding (`join`)
 
     def start_encoder_decoder(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> None:
         from transformers.modeling_outputs import BaseModelOutput
@@ -102,9 +103,13 @@ class Stepper:
         if self.static:
             return self._feed_static(tokens)
         if self.encoder_decoder:
+            extra = {}
+            if self.decoder_mask is not None:
+                self.decoder_mask = torch.cat([self.decoder_mask, self.decoder_mask.new_ones(tokens.shape[0], k)], 1)
+                extra["decoder_attention_mask"] = self.decoder_mask
             with cpu_head.fast_heads():
                 out = self.model(encoder_outputs=self.encoder_outputs, attention_mask=self.encoder_mask,
-                                 decoder_input_ids=tokens, past_key_values=self.cache, use_cache=True)
+                                 decoder_input_ids=tokens, past_key_values=self.cache, use_cache=True, **extra)
         else:
             width = self.mask.shape[1] + k
             if width > self._mask_buffer.shape[1]:  # past the reserve: grow it
@@ -181,6 +186,117 @@ class Stepper:
             _static_layers(self.cache, lambda t: t.copy_(t.index_select(0, rows)), self_attention_only=True)
         else:
             self.cache.reorder_cache(rows)
+
+
+    # ------------------------------------------------------------------- step-level batching (continuous.py)
+
+    def join(self, other: Stepper) -> None:
+        """The rows of `other` (a Stepper of the same model after its own prompt's pass) continue as rows of this
+        one, after this one's. Self-attention caches are padded on the left along the sequence axis to a common
+        length, the padding masked out; decoder-only rows keep their own positions (counted from their first real
+        token), an encoder-decoder's rows their own decoder lengths, which T5's relative positions need: a row's
+        query and keys move together. An encoder-decoder's encoder output, its mask and the cross-attention cache are
+        padded on the right. Dynamic caches only."""
+        if self.static or other.static:
+            raise RuntimeError("a static cache cannot take more rows")
+        if self.encoder_decoder:
+            self_a, self_b = self.cache.self_attention_cache, other.cache.self_attention_cache
+            width = max(self_a.get_seq_length(), self_b.get_seq_length())
+            self.decoder_mask = torch.cat([_pad_left(_decoder_mask(self), width), _pad_left(_decoder_mask(other),
+                                                                                              width)])
+            _join_layers(self_a, self_b, width, left=True)
+            hidden_a, hidden_b = self.encoder_outputs.last_hidden_state, other.encoder_outputs.last_hidden_state
+            length = max(hidden_a.shape[1], hidden_b.shape[1])
+            _join_layers(self.cache.cross_attention_cache, other.cache.cross_attention_cache, length, left=False)
+            hidden = torch.cat([_pad_right(hidden_a, length, seq_dim=1), _pad_right(hidden_b, length, seq_dim=1)])
+            self.encoder_outputs = type(self.encoder_outputs)(last_hidden_state=hidden)
+            self.encoder_mask = torch.cat([_pad_right(self.encoder_mask, length, seq_dim=1),
+                                           _pad_right(other.encoder_mask, length, seq_dim=1)])
+        else:
+            width = max(self.mask.shape[1], other.mask.shape[1])
+            _join_layers(self.cache, other.cache, width, left=True)
+            mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+            self.reserve = max(self.reserve, other.reserve)
+            self._mask_buffer = torch.cat([mask, mask.new_ones(mask.shape[0], self.reserve)], 1)
+            self.mask = self._mask_buffer[:, :width]
+            self.next_position = torch.cat([self.next_position, other.next_position])
+        self.fed = max(self.fed, other.fed)  # rows now differ in what they were fed: no `rewind`
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only rows `rows` (indices, in order) go on; the cache columns no kept row reads any more (padding in
+        front of every row; an encoder output's padding after every row) are dropped."""
+        if self.static:
+            raise RuntimeError("a static cache cannot drop rows")
+        self.cache.batch_select_indices(rows)
+        if self.encoder_decoder:
+            hidden = self.encoder_outputs.last_hidden_state.index_select(0, rows)
+            self.encoder_mask = self.encoder_mask.index_select(0, rows)
+            length = int(self.encoder_mask.any(0).nonzero().max()) + 1
+            if length < hidden.shape[1]:
+                hidden, self.encoder_mask = hidden[:, :length], self.encoder_mask[:, :length]
+                _crop_layers(self.cache.cross_attention_cache, slice(0, length))
+            self.encoder_outputs = type(self.encoder_outputs)(last_hidden_state=hidden)
+            if self.decoder_mask is not None:
+                mask = self.decoder_mask.index_select(0, rows)
+                lead = int(mask.argmax(1).min())  # every row has a real token
+                if lead:
+                    _crop_layers(self.cache.self_attention_cache, slice(lead, None))
+                    mask = mask[:, lead:]
+                self.decoder_mask = None if bool(mask.all()) else mask
+        else:
+            width = self.mask.shape[1]
+            self._mask_buffer = self._mask_buffer.index_select(0, rows)
+            self.next_position = self.next_position.index_select(0, rows)
+            lead = int(self._mask_buffer[:, :width].argmax(1).min())
+            if lead:
+                _crop_layers(self.cache, slice(lead, None))
+                self._mask_buffer, width = self._mask_buffer[:, lead:], width - lead
+            self.mask = self._mask_buffer[:, :width]
+
+
+def _decoder_mask(step: Stepper) -> torch.Tensor:
+    if step.decoder_mask is not None:
+        return step.decoder_mask
+    n = step.cache.self_attention_cache.get_seq_length()
+    return torch.ones(step.encoder_mask.shape[0], n, dtype=step.encoder_mask.dtype, device=step.encoder_mask.device)
+
+
+def _pad_left(t: torch.Tensor, width: int, seq_dim: int = 1) -> torch.Tensor:
+    """Zeros in front of `t` along `seq_dim` up to `width`."""
+    short = width - t.shape[seq_dim]
+    if not short:
+        return t
+    shape = list(t.shape)
+    shape[seq_dim] = short
+    return torch.cat([t.new_zeros(shape), t], seq_dim)
+
+
+def _pad_right(t: torch.Tensor, width: int, seq_dim: int) -> torch.Tensor:
+    short = width - t.shape[seq_dim]
+    if not short:
+        return t
+    shape = list(t.shape)
+    shape[seq_dim] = short
+    return torch.cat([t, t.new_zeros(shape)], seq_dim)
+
+
+def _join_layers(a, b, width: int, *, left: bool) -> None:
+    """Cache `b`'s rows after `a`'s, layer by layer (keys and values: batch, heads, sequence, head dim), each padded
+    with zeros to `width` along the sequence on the left or the right."""
+    pad = _pad_left if left else _pad_right
+    if len(a.layers) != len(b.layers):
+        raise RuntimeError("caches of different models cannot be joined")
+    for la, lb in zip(a.layers, b.layers):
+        if not (la.is_initialized and lb.is_initialized):
+            raise RuntimeError("a cache layer was never filled: these caches cannot be joined")
+        la.keys = torch.cat([pad(la.keys, width, seq_dim=-2), pad(lb.keys, width, seq_dim=-2)])
+        la.values = torch.cat([pad(la.values, width, seq_dim=-2), pad(lb.values, width, seq_dim=-2)])
+
+
+def _crop_layers(cache, columns: slice) -> None:
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.keys, layer.values = layer.keys[..., columns, :], layer.values[..., columns, :]
 
 
 def _static_layers(cache, fn, *, self_attention_only: bool = False) -> None:

@@ -99,15 +99,14 @@ class PlainModel:
         import torch
 
         # decoding.py imports torch: off the light path
-        from llm2slm_cli.decoding import generate_plain, refuse_without_loop, row_generators, search_from
+        from llm2slm_cli.decoding import generate_plain, refuse_without_loop, row_generators
 
         tok = self.prompt_tokenizer
         if generation.get("stop_strings"):
             generation = {**generation, "tokenizer": tok}
         ids, mask = ((prompt_ids, prompt_mask) if self.kind == "encoder-decoder" else
             right_to_left(prompt_ids, prompt_mask))
-        search = search_from(generation, self.model.generation_config, eos=tok.eos_token_id, pad=tok.pad_token_id,
-                             device=ids.device)
+        search = self.decoding_search(generation, ids.device)
         if search is None:
             refuse_without_loop(self.model)
         with torch.inference_mode():
@@ -119,6 +118,37 @@ class PlainModel:
             else:
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **generation)[:, ids.shape[1]:]
         return strip_generated(out, tok.eos_token_id, tok.pad_token_id)
+
+    # the step-level batcher's hooks (continuous.py): `generate`'s own first step, and its Search
+
+    @property
+    def decoder(self):
+        """The model that steps."""
+        return self.model
+
+    def decoding_search(self, generation: dict[str, Any], device):
+        """The decoding.Search `generate` decodes `generation` with, or None where it uses transformers' generate."""
+        from llm2slm_cli.decoding import search_from  # decoding.py imports torch: off the light path
+
+        tok = self.prompt_tokenizer
+        return search_from(generation, self.model.generation_config, eos=tok.eos_token_id, pad=tok.pad_token_id,
+                           device=device)
+
+    def prefill(self, prompt_ids, prompt_mask, search):
+        """The prompts' pass as `generate` runs it (right-padded prompts): a decoding.Stepper and the first token's
+        scores."""
+        import torch
+
+        from llm2slm_cli.decoding import start  # decoding.py imports torch: off the light path
+
+        encoder_decoder = self.kind == "encoder-decoder"
+        ids, mask = (prompt_ids, prompt_mask) if encoder_decoder else right_to_left(prompt_ids, prompt_mask)
+        first = getattr(self.model.generation_config, "decoder_start_token_id", None) if encoder_decoder else None
+        with torch.inference_mode():
+            return start(self.model, mask, search, input_ids=ids, decoder_start=first)
+
+    def tokenizer_ids(self, ids):
+        return ids
 
 
 class SpeculativeModel:

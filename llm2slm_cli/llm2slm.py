@@ -627,18 +627,11 @@ class LLMToSLM(nn.Module):
         `seeds` (one per prompt): our loop samples each row from a generator of its own seed, so a row's sample does
         not depend on the batch (decoding.row_generators); transformers' generate draws from torch's global one.
         """
-        p = self.prompt_embeddings(prompt_ids, prompt_mask, features)
-        mask = prompt_mask
+        p, mask, extra = self._slm_prompt(prompt_ids, prompt_mask, features, generation)
         encoder_decoder = self.config.slm_kind == "encoder-decoder"
-        if not encoder_decoder:
-            p, mask = _right_to_left(p, mask)
-        p, mask, extra = self._virtual_tokens(p, mask, generation)
-        g = self.slm.generation_config
-        search = (None if extra or engine == "transformers" else
-            decoding.search_from(generation, g, eos=g.eos_token_id, pad=g.pad_token_id, device=p.device))
+        search = None if extra or engine == "transformers" else self.decoding_search(generation, p.device)
         if search is not None:
-            step, logits = decoding.start(self.slm, mask, search, inputs_embeds=p,
-                                          decoder_start=g.decoder_start_token_id if encoder_decoder else None)
+            step, logits = self._slm_start(p, mask, search)
             history = (self.repetition_prompt(prompt_ids, prompt_mask, pad=search.pad_token_id)
                 if search.repetition_penalty != 1.0 or search.no_repeat_ngram_size > 0 else (None, None))
             out = decoding.decode(step, logits, search, prompt_ids=history[0], prompt_mask=history[1],
@@ -655,6 +648,43 @@ class LLMToSLM(nn.Module):
             if encoder_decoder:
                 out = out[:, 1:]
         return self.tokenizer_ids(out)
+
+    def _slm_prompt(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, features: torch.Tensor | None,
+                    generation: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """What the SLM reads: the fused prompt embeddings (left-padded for a decoder-only SLM), their mask, and what
+        prefix tuning adds to its call."""
+        p = self.prompt_embeddings(prompt_ids, prompt_mask, features)
+        mask = prompt_mask
+        if self.config.slm_kind != "encoder-decoder":
+            p, mask = _right_to_left(p, mask)
+        return self._virtual_tokens(p, mask, generation)
+
+    def _slm_start(self, p: torch.Tensor, mask: torch.Tensor, search: decoding.Search):
+        g = self.slm.generation_config
+        encoder_decoder = self.config.slm_kind == "encoder-decoder"
+        return decoding.start(self.slm, mask, search, inputs_embeds=p,
+                              decoder_start=g.decoder_start_token_id if encoder_decoder else None)
+
+    # the step-level batcher's hooks (continuous.py): generate_ids's own first step, and its Search
+
+    @property
+    def decoder(self) -> nn.Module | None:
+        """The model that steps; None where generate_ids uses transformers' generate (prefix tuning)."""
+        return None if (self.config.peft or {}).get("peft_type") == "PREFIX_TUNING" else self.slm
+
+    def decoding_search(self, generation: dict[str, Any], device: Any) -> decoding.Search | None:
+        """The decoding.Search generate_ids decodes `generation` with (None: transformers' generate)."""
+        g = self.slm.generation_config
+        return decoding.search_from(generation, g, eos=g.eos_token_id, pad=g.pad_token_id, device=device)
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, search: decoding.Search):
+        """generate_ids's first step for right-padded prompts: the LLM encodes them, the projector fuses, the SLM
+        reads the fused embeddings; a decoding.Stepper holding its cache, and the first token's scores."""
+        p, mask, extra = self._slm_prompt(prompt_ids, prompt_mask, None, {})
+        if extra:
+            raise UserError("a prefix-tuned SLM decodes with transformers' generate: it cannot be stepped")
+        return self._slm_start(p, mask, search)
 
     def repetition_prompt(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, pad: int
                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import SERVE_TEMPLATE
+from conftest import SERVE_TEMPLATE, write_jsonl
 
 from llm2slm_cli import load
+from llm2slm_cli.api import PromptTruncatedWarning
 from llm2slm_cli.errors import UserError
 
 
@@ -253,6 +255,42 @@ def test_generate_prompt_and_stdin_print_responses(cli, model, toy_files):
     for wrong in (["--prompt", "a", "--out", "o"], ["--prompt", "a", toy_files["dev"]], []):
         result = cli("generate", "--model", model.name, *wrong, code=2)
         assert result.output.startswith("error:") and "Traceback" not in result.output
+
+
+def test_over_long_prompts_are_cut_and_said_once(cli, trained_checkpoint, tmp_path):
+    """One policy for a prompt over the model's limit in `generate`, the Python API and `serve` (test_serve.py): it
+    is cut to its first tokens and said once (a warning per Model, a line per run); strict refuses it."""
+    fresh = load(trained_checkpoint, device="cpu")
+    long, limit = "alpha " * 600, fresh.max_prompt_length
+    n = len(fresh.tokenizer(fresh.prompt_text(long))["input_ids"])
+    notice = f"a prompt has {n} tokens (and 1 more prompt), over this model's limit of {limit}: it is cut to its " \
+        f"first {limit} tokens"
+    with pytest.warns(PromptTruncatedWarning) as said:
+        got = fresh.generate([long, "alpha", long], num_beams=1, max_new_tokens=4)
+    assert [str(w.message) for w in said] == [f"{notice}; strict=True refuses such prompts (said once per model)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per Model
+        assert fresh.generate(long, num_beams=1, max_new_tokens=4) == got[:1]
+    first = fresh.tokenize([fresh.prompt_text(long)])[0][0]
+    assert len(first) == limit and first == fresh.tokenizer(fresh.prompt_text(long))["input_ids"][:limit]
+    decoding = fresh.decoding(num_beams=1, max_new_tokens=4)
+    assert fresh.run([first], decoding, [fresh.row(limit, decoding)])[0].text.strip() == got[0] == got[2]
+    with pytest.raises(UserError, match=f"the prompt has {n} tokens, over this model's limit of {limit}"):
+        fresh.generate(long, strict=True)
+
+    common = ["--model", trained_checkpoint, "--num-beams", 1, "--max-new-tokens", 4]
+    result = cli("generate", *common, "--prompt", long, "--prompt", "alpha", "--prompt", long)
+    assert result.stdout.splitlines() == got
+    assert [line for line in result.stderr.splitlines() if "warning" in line] == \
+        [f"warning: {notice} (--max-length; --strict refuses such prompts)"]
+    data = write_jsonl(tmp_path / "long.jsonl", [{"src": long}, {"src": "alpha"}, {"src": long}])
+    result = cli("generate", data, *common, "--out", tmp_path / "pred")
+    assert [line for line in result.stderr.splitlines() if "warning" in line] == \
+        [f"warning: 2 of 3 prompts are longer than --max-length {limit} tokens and are cut to their first {limit} "
+         "(--strict refuses them)"]
+    assert [r["prediction"] for r in pq.read_table(tmp_path / "pred" / "predictions.parquet").to_pylist()] == got
+    assert "over --max-length" in cli("generate", data, *common, "--out", tmp_path / "strict", "--strict",
+                                      code=2).output
 
 
 def _app():

@@ -79,9 +79,18 @@ def server(model):
 
 @pytest.fixture(scope="module")
 def plain_server():
-    """A plain model without a chat template, a queue of 2 and room for long responses."""
+    """A plain model without a chat template, a queue of 2, room for long responses, request-level batches."""
     running = Running(load("tiny-gpt2", device="cpu"), name="tiny-gpt2", max_batch_size=4, batch_wait_ms=1,
-                      max_queue=2, max_tokens_limit=4000)
+                      max_queue=2, max_tokens_limit=4000, batching="request")
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def request_server(trained_checkpoint):
+    """The checkpoint served with request-level batches (its own Model: one engine per Model)."""
+    running = Running(load(trained_checkpoint, device="cpu", chat_template=CHAT), name=NAME, max_batch_size=8,
+                      batch_wait_ms=20, max_queue=64, batching="request")
     yield running
     running.close()
 
@@ -171,15 +180,19 @@ def test_sampling_with_a_seed_repeats_and_stop_strings_cut(server, toy_files):
     assert isinstance(beams.text, str)
 
 
-def test_a_seeded_request_samples_each_prompt_as_it_would_alone(server, model, toy_files):
+@pytest.mark.parametrize("on", ["server", "request_server"])
+def test_a_seeded_request_samples_each_prompt_as_it_would_alone(request, on, model, toy_files):
     """A request's seed: its prompt i samples as the API does alone with example_seed(seed, i) (prompt 0: the seed
-    itself), though the request's prompts decode together in one batch."""
+    itself), though the request's prompts decode together (in one batch with request-level batching; rows of the
+    running batch with step-level batching)."""
     from llm2slm_cli.generation import example_seed
 
+    server = request.getfixturevalue(on)
     prompts = dev_prompts(toy_files)[:3]
     before = len(server.engine.batches)
     got = server.client.completions.create(model=NAME, prompt=prompts, max_tokens=8, temperature=1.0, seed=7)
-    assert list(server.engine.batches)[before:] == [3]
+    if on == "request_server":
+        assert list(server.engine.batches)[before:] == [3]
     texts = [c.text for c in sorted(got.choices, key=lambda c: c.index)]
     sample = dict(sample=True, top_p=1.0, temperature=1.0, max_new_tokens=8)
     assert texts == [model.complete([p], seed=example_seed(7, i), **sample)[0].text for i, p in enumerate(prompts)]
@@ -187,10 +200,13 @@ def test_a_seeded_request_samples_each_prompt_as_it_would_alone(server, model, t
     assert texts != [c.text for c in model.complete(prompts, seed=8, **sample)]
 
 
-def test_sixteen_concurrent_clients_are_batched_and_all_right(server, greedy, toy_files):
+@pytest.mark.parametrize("on", ["server", "request_server"])
+def test_sixteen_concurrent_clients_are_batched_and_all_right(request, on, greedy, toy_files):
+    server = request.getfixturevalue(on)
     prompts = dev_prompts(toy_files)
     expected = {p: r["prediction"] for p, r in zip(prompts, greedy)}
-    before = len(server.engine.batches)
+    before, steps_before, completed = len(server.engine.batches), len(server.engine.step_sizes), \
+        server.engine.completed
 
     def client(k: int) -> list[bool]:
         own = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -208,9 +224,13 @@ def test_sixteen_concurrent_clients_are_batched_and_all_right(server, greedy, to
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(client, range(16)))
     assert all(all(r) for r in answers) and sum(len(r) for r in answers) == 48
-    sizes = list(server.engine.batches)[before:]
-    assert sum(sizes) == 48 and max(sizes) > 1  # requests were decoded together
-    assert server.engine.active == 0
+    assert server.engine.completed - completed == 48 and server.engine.active == 0
+    if on == "request_server":
+        sizes = list(server.engine.batches)[before:]
+        assert sum(sizes) == 48 and max(sizes) > 1  # requests were decoded together
+    else:  # one running batch: rows joined it and left it, never a request-level batch
+        assert len(server.engine.batches) == before
+        assert max(list(server.engine.step_sizes)[steps_before:]) > 1
 
 
 def test_speculative_decoding_is_served(trained_checkpoint, toy_files):
@@ -255,7 +275,6 @@ def test_bad_requests_get_openai_errors(server, plain_server):
         ({**ok, "prompt": "   "}, 400, "prompt"),
         ({**ok, "prompt": []}, 400, "prompt"),
         ({**ok, "prompt": [[]]}, 400, "prompt"),
-        ({**ok, "prompt": "alpha " * 400}, 400, "prompt"),  # over the model's prompt limit
         ({**ok, "temperature": 3}, 400, "temperature"),
         ({**ok, "n": 2}, 400, "n"),
         ({**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
@@ -523,3 +542,138 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(trained_checkpoint, m
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _slow_rows(monkeypatch, engine, seconds: float = 0.005) -> None:
+    """Each row's tokens slowed to `seconds` apiece, so that long responses are still decoding when the test acts."""
+    row = engine.model.row
+
+    def slow_row(*args, **kwargs):
+        r = row(*args, **kwargs)
+        push = r.push
+        r.push = lambda tokens: time.sleep(seconds) or push(tokens)
+        return r
+
+    monkeypatch.setattr(engine.model, "row", slow_row)
+
+
+@pytest.fixture
+def step_server():
+    """tiny-gpt2 with step-level batching (the default), a queue of 2 and room for long responses; fresh for each
+    test, so that its metrics count only that test's requests."""
+    running = Running(load("tiny-gpt2", device="cpu"), name="tiny-gpt2", max_batch_size=4, max_queue=2,
+                      max_tokens_limit=4000)
+    assert running.engine.batching == "step"
+    yield running
+    running.close()
+
+
+def test_a_new_request_joins_the_batch_in_flight(step_server, monkeypatch):
+    """Step-level batching: a request that arrives while a 1000-token stream decodes (5 ms a token here) is
+    answered at once, not after the stream; the queue of 2 full is a 429 with Retry-After; dropping the stream
+    frees its slot and stops its row."""
+    url, engine = step_server.url, step_server.engine
+    _slow_rows(monkeypatch, engine)
+    body = {"model": "tiny-gpt2", "prompt": "alpha", "max_tokens": 1000, "temperature": 0, "stream": True}
+    short = {"model": "tiny-gpt2", "prompt": "x", "max_tokens": 2, "temperature": 0}
+    with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as stream:
+        lines = stream.iter_lines()  # kept: a dropped iterator closes the connection
+        assert next(line for line in lines if line.startswith("data:"))  # decoding has started
+        sent = time.monotonic()
+        answer = _post(url, short)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
+        assert time.monotonic() - sent < 2.0 and engine.active == 1  # the stream (5 s of tokens) goes on
+        assert max(engine.step_sizes) == 2  # the short request decoded beside the stream
+        with http.stream("POST", url + "/v1/completions", json=body) as second:
+            assert second.status_code == 200
+            full = _post(url, short)
+            assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+            assert int(full.headers["Retry-After"]) >= 1
+        dropped = time.monotonic()
+        deadline = dropped + 10
+        while engine.active > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.active == 1 and _post(url, short).status_code == 200  # the dropped stream's slot is free
+        assert time.monotonic() - dropped < 2.0
+    deadline = time.monotonic() + 10
+    while (engine.active or len(engine.steps)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.active == 0 and len(engine.steps) == 0 and engine.generated < 1000
+
+
+def _metrics(url: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(r.text)
+            for s in f.samples}
+
+
+def test_metrics_count_requests_tokens_and_latencies(step_server):
+    url = step_server.url
+    tokens = 0
+    for n in (3, 5, 7):
+        r = _post(url, {"model": "tiny-gpt2", "prompt": "alpha beta", "max_tokens": n, "temperature": 0})
+        tokens += r.json()["usage"]["completion_tokens"]
+    assert _post(url, {"model": "tiny-gpt2", "prompt": "alpha", "max_tokens": -3}).status_code == 400
+    assert _post(url, {"model": "nope", "prompt": "alpha"}).status_code == 404
+    stream = _post(url, {"model": "tiny-gpt2", "prompt": "x", "max_tokens": 4, "temperature": 0, "stream": True,
+                         "stream_options": {"include_usage": True}})
+    assert stream.status_code == 200 and stream.text.endswith("data: [DONE]\n\n")
+    tokens += json.loads(stream.text.split("data: ")[-2])["usage"]["completion_tokens"]
+    m = _metrics(url)
+    requests = {labels: v for (name, labels), v in m.items() if name == "llm2slm_requests_total"}
+    assert requests == {(("endpoint", "/v1/completions"), ("status", "200")): 4.0,
+                        (("endpoint", "/v1/completions"), ("status", "400")): 1.0,
+                        (("endpoint", "/v1/completions"), ("status", "404")): 1.0}
+    assert m[("llm2slm_generated_tokens_total", ())] == tokens == step_server.engine.generated
+    assert m[("llm2slm_time_to_first_token_seconds_count", ())] == 4.0
+    assert m[("llm2slm_request_latency_seconds_count", ())] == 4.0
+    assert m[("llm2slm_queue_length", ())] == 0.0 and m[("llm2slm_running_requests", ())] == 0.0
+    steps = list(step_server.engine.step_sizes)
+    assert m[("llm2slm_batch_size_count", ())] == len(steps) >= tokens
+    assert m[("llm2slm_batch_size_sum", ())] == sum(steps) == len(steps)  # the requests came one after another
+
+
+def test_models_report_the_whole_context_as_max_model_len(server, plain_server):
+    """/v1/models' max_model_len is prompt and response tokens together (vLLM's meaning): a decoder-only model's
+    positions, else the longest prompt plus the largest max_tokens; max_prompt_len is the prompt limit."""
+    from llm2slm_cli.server.serving import Engine, OpenAIServing
+
+    plain = httpx.get(plain_server.url + "/v1/models").json()["data"][0]
+    assert (plain["max_model_len"], plain["max_prompt_len"], plain["batching"]) == (1024, 512, "request")
+    served = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert (served["max_model_len"], served["batching"]) == (1024, "step")
+    t5 = load("tiny-t5", device="cpu")  # relative positions: no limit of its own
+    card = OpenAIServing(t5, Engine(t5), name="t5", max_tokens_limit=100).models().data[0]
+    assert (card.max_model_len, card.max_prompt_len) == (612, 512)
+
+
+def test_an_over_long_prompt_is_cut_and_the_response_says_so(server, model, capfd):
+    """serve cuts a prompt over the model's limit to its first tokens, as `generate` and the Python API do: the
+    response is the API's for the same prompt, its X-Prompt-Truncated header says what was cut, the log has a
+    line."""
+    long = "alpha " * 400
+    limit = model.max_prompt_length
+    n = len(model.tokenizer(model.prompt_text(long))["input_ids"])
+    assert n > limit
+    r = _post(server.url, {"model": NAME, "prompt": long, "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Prompt-Truncated"] == f"the prompt has {n} tokens, cut to its first {limit} (this model's " \
+                                              "limit)"
+    assert r.json()["usage"]["prompt_tokens"] == limit
+    with pytest.warns(UserWarning):
+        expected = load(model.name, device="cpu").complete([long], num_beams=1, max_new_tokens=6)[0]
+    assert r.json()["choices"][0]["text"] == expected.text
+    short = model.prompt_ids([model.prompt_text("alpha")])[0]
+    ids = short * (limit + 5)
+    r = _post(server.url, {"model": NAME, "prompt": [short, ids], "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.headers["X-Prompt-Truncated"] == \
+        f"prompt[1] has {len(ids)} tokens, cut to its first {limit} (this model's limit)"
+    chat = _post(server.url, {"model": NAME, "messages": [{"role": "user", "content": long}], "max_tokens": 2,
+                              "stream": True}, CHAT_PATH)
+    assert chat.status_code == 200 and "cut to its first" in chat.headers["X-Prompt-Truncated"]
+    assert "x-prompt-truncated" not in _post(server.url, {"model": NAME, "prompt": "alpha", "max_tokens": 2}).headers
+    err = capfd.readouterr().err
+    assert err.count(f"has {n} tokens, cut to its first {limit}") == 1 and "warning: cmpl-" in err

@@ -1,7 +1,8 @@
 """The HTTP layer: FastAPI routes over OpenAIServing, and every error as an OpenAI error body with its status.
 
 Malformed JSON and bodies that do not fit the protocol get 400 (as OpenAI's API answers them), an unknown model 404,
-a full queue 429, a server shutting down 503, an unexpected failure 500 with one line; never a traceback.
+a full queue 429 (with Retry-After, in seconds), a server shutting down 503, an unexpected failure 500 with one line;
+never a traceback. `/metrics` gives the server's Prometheus metrics (server/metrics.py).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from llm2slm_cli.server import protocol as P
-from llm2slm_cli.server.serving import OpenAIServing, ServingError, chat_completion, completion
+from llm2slm_cli.server.metrics import CountRequests, Metrics
+from llm2slm_cli.server.serving import OpenAIServing, Reply, ServingError, chat_completion, completion
 from llm2slm_cli.validation import field_name
 
 
@@ -48,6 +51,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def build_app(serving: OpenAIServing) -> FastAPI:
     engine = serving.engine
+    metrics = engine.observer = Metrics(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +60,8 @@ def build_app(serving: OpenAIServing) -> FastAPI:
         engine.stop()  # in-flight requests have finished by now (uvicorn waits for them)
 
     app = FastAPI(title="llm2slm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(CountRequests, metrics=metrics)
+    app.state.metrics = metrics
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -64,7 +70,7 @@ def build_app(serving: OpenAIServing) -> FastAPI:
 
     @app.exception_handler(ServingError)
     async def serving_error(_: Request, exc: ServingError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -82,6 +88,10 @@ def build_app(serving: OpenAIServing) -> FastAPI:
             return _error(503, "shutting down", type="server_error", code="shutting_down")
         return JSONResponse({"status": "ok", "model": serving.name, "active": engine.active})
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.text(), media_type=metrics.content_type)
+
     @app.get("/v1/models")
     async def models() -> P.ModelList:
         return serving.models()
@@ -97,8 +107,8 @@ def build_app(serving: OpenAIServing) -> FastAPI:
     return app
 
 
-def _respond(result):
-    if hasattr(result, "__aiter__"):
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return result
+def _respond(reply: Reply):
+    if hasattr(reply.body, "__aiter__"):
+        return StreamingResponse(reply.body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **reply.headers})
+    return JSONResponse(jsonable_encoder(reply.body), headers=reply.headers or None)

@@ -162,7 +162,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llm2slm"
     kind: str  # llm2slm, plain or speculative
-    max_model_len: int
+    max_model_len: int  # prompt and response tokens together (vLLM's meaning)
+    max_prompt_len: int  # longer prompts are cut to their first max_prompt_len tokens
+    batching: str  # step (continuous batching) or request
 
 
 class ModelList(BaseModel):

@@ -1,15 +1,29 @@
 """From a validated OpenAI request to decoding on the Python API's Model, with concurrent requests batched together.
 
-`Engine` is the dynamic batcher: one worker thread takes the oldest waiting job, waits up to `batch_wait_ms` after
-it arrived for more jobs with the same decoding settings (up to `max_batch_size`), pads their prompts together and
-decodes them as one batch (`api.Model.run`), each row with its own length limit and stop strings. Jobs with other
-settings wait for a later batch. New text goes back to each request's event loop as it is decoded. A job whose
-client has gone is cancelled: its row stops (a batch of only cancelled rows ends at once) and its slot is free.
+`Engine` is the batcher, one worker thread over the model, in one of two modes (`serve --batching`):
+
+- step (the default): continuous batching. A request is prefilled as soon as the worker reaches a step boundary
+  (with the others that arrived meanwhile) and its row joins the running batch there; every step decodes one token
+  for each row, and a row that ends leaves at once (api.StepBatch, continuous.py), so a new request never waits for
+  the batch in flight to finish. Greedy and sampling rows share steps, whatever their settings: each row chooses its
+  own tokens (sampling from its own generator, seeded by the request's seed), so its output is what it gets decoded
+  alone. Beam search and requests with a repetition penalty or n-gram ban (whose state spans the whole decoding of a
+  prompt) are decoded in request-level batches between the running batch's turns: when such a request is the oldest
+  waiting, no new row joins, the running rows finish, and its batch runs. Speculative decoding (`--draft`), and a
+  model whose cache cannot take rows (continuous.steppable), use request-level batches only.
+- request: the worker takes the oldest waiting job, waits up to `batch_wait_ms` after it arrived for more jobs with
+  the same decoding settings (up to `max_batch_size`), pads their prompts together and decodes them as one batch
+  (`api.Model.run`) to the end; jobs that arrive meanwhile wait for a later batch.
+
+Either way each row has its own length limit and stop strings, new text goes back to each request's event loop as it
+is decoded, and a job whose client has gone is cancelled: its row stops (a batch of only cancelled rows ends at once)
+and its slot is free.
 
 `OpenAIServing` turns completion and chat requests into jobs and their results into OpenAI response bodies or
 server-sent-event chunks. Every client input it cannot serve is a 400 naming the JSON field (never a 500): the request
 is checked by protocol.py's types, then by the Python API's own validation (llm2slm_cli.validation), whose errors
-are renamed to the request's fields.
+are renamed to the request's fields. A prompt longer than the model's limit is cut to its first tokens, as `generate`
+and the Python API cut it; the response says so in its `X-Prompt-Truncated` header and the server's log has a line.
 """
 
 from __future__ import annotations
@@ -17,13 +31,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import math
+import statistics
 import sys
 import threading
 import time
 import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from llm2slm_cli.api import Completion, Decoding, Model
 from llm2slm_cli.errors import UserError
@@ -32,19 +48,33 @@ from llm2slm_cli.server import protocol as P
 from llm2slm_cli.validation import InvalidArgument
 
 MAX_STOP = 4  # as OpenAI's API
+Batching = Literal["step", "request"]
+BATCHING = ("step", "request")
 
 
 class ServingError(Exception):
-    """An error with its HTTP status and OpenAI error type."""
+    """An error with its HTTP status and OpenAI error type (and headers for its response: Retry-After)."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type, param=self.param,
                                                  code=self.code)).model_dump()
+
+
+class Observer:
+    """What the engine reports as it works (server/metrics.py counts it; this one ignores it). Called from the worker
+    thread."""
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def finished(self, seconds: float, tokens: int) -> None: ...
+
+    def batch(self, size: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -61,6 +91,8 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
     released: bool = False
+    stepped: bool = False  # joins the running batch (step-level batching) rather than a request-level batch
+    first: float | None = None  # when its first token was decoded
 
     def send(self, kind: str, payload: Any) -> None:
         if not self.cancelled.is_set():
@@ -69,15 +101,25 @@ class Job:
 
 class Engine:
     def __init__(self, model: Model, *, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 64, batching: Batching = "step") -> None:
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, not {batching!r}")
         self.model = model
         self.max_batch_size, self.wait, self.max_queue = max_batch_size, batch_wait_ms / 1000, max_queue
+        self.steps = model.steps() if batching == "step" else None  # None: request-level batches only
+        self.batching: Batching = "step" if self.steps is not None else "request"
         self.pending: collections.deque[Job] = collections.deque()
         self.active = 0  # jobs waiting or decoding
         self.closing = False
-        self.batches: collections.deque[int] = collections.deque(maxlen=10_000)  # sizes of recent batches
+        self.batches: collections.deque[int] = collections.deque(maxlen=10_000)  # sizes of recent request batches
+        self.step_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows of recent steps
+        self.latencies: collections.deque[float] = collections.deque(maxlen=100)  # seconds of recent requests
         self.live: set[Job] = set()  # submitted, not yet released
+        self.running: dict[int, Job] = {}  # id(job) -> job, for the rows of the running batch
+        self.decoding = 0  # jobs being decoded now (running rows, or the request-level batch in flight)
         self.generated = 0  # tokens generated, all jobs (cancelled ones too)
+        self.completed = 0  # jobs answered (done or error)
+        self.observer = Observer()
         self.lock = threading.Condition()
         self.thread = threading.Thread(target=self._work, name="llm2slm-engine", daemon=True)
 
@@ -111,9 +153,15 @@ class Engine:
             self.lock.notify_all()
         return len({id(job.events) for job in jobs})  # a request's jobs share their queue
 
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about how long a request takes now (the median of the recent ones),
+        at least 1, at most 60."""
+        recent = list(self.latencies)
+        return min(60, max(1, math.ceil(statistics.median(recent)))) if recent else 1
+
     def submit(self, jobs: list[Job]) -> None:
-        """Queue a request's jobs, all or none: 400 when they could never fit the queue, 429 when it is full now,
-        503 while shutting down."""
+        """Queue a request's jobs, all or none: 400 when they could never fit the queue, 429 (with Retry-After) when
+        it is full now, 503 while shutting down."""
         with self.lock:
             if self.closing:
                 raise ServingError(503, "the server is shutting down", type="server_error", code="shutting_down")
@@ -122,9 +170,12 @@ class Engine:
                                         f"{self.max_queue} at once: send them in several requests",
                                    param="prompt", code="too_many_prompts")
             if self.active + len(jobs) > self.max_queue:
+                wait = self.retry_after()
                 raise ServingError(429, f"the server is busy ({self.active} requests waiting or decoding, at most "
-                                        f"{self.max_queue}): retry later", type="rate_limit_error",
-                                   code="queue_full")
+                                        f"{self.max_queue}): retry in {wait} s", type="rate_limit_error",
+                                   code="queue_full", headers={"Retry-After": str(wait)})
+            for job in jobs:
+                job.stepped = self.steps is not None and self.steps.takes(job.decoding)
             self.active += len(jobs)
             self.live.update(jobs)
             self.pending.extend(jobs)
@@ -145,46 +196,152 @@ class Engine:
             self.live.discard(job)
             self.lock.notify_all()
 
-    def _next_batch(self) -> list[Job] | None:
-        with self.lock:
-            while not self.pending:
-                if self.closing:
-                    return None
-                self.lock.wait()
-            first = self.pending[0]
-            while True:
-                same = [j for j in self.pending if j.key == first.key]
-                left = first.arrived + self.wait - time.monotonic()
-                if len(same) >= self.max_batch_size or left <= 0 or self.closing or first not in self.pending:
-                    break
-                self.lock.wait(left)
-            batch = [j for j in self.pending if j.key == first.key][: self.max_batch_size]
-            for j in batch:
-                self.pending.remove(j)
-            return batch
+    # ------------------------------------------------------------------------------------------- the worker
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            batch = [j for j in batch if not j.cancelled.is_set()]
-            if batch:
-                self._decode(batch)
+        while (work := self._next()) is not None:
+            kind, jobs = work
+            if kind == "join":
+                self._join(jobs)
+            elif kind == "step":
+                self._step()
+            else:
+                self._decode(jobs)
+
+    def _next(self) -> tuple[str, list[Job]] | None:
+        """What the worker does next: rows to join the running batch ("join"), one step of it ("step"), a
+        request-level batch ("batch"), or None: shutting down with nothing left."""
+        with self.lock:
+            while True:
+                while self.pending and self.pending[0].cancelled.is_set():
+                    self.pending.popleft()
+                if self.pending and self.pending[0].stepped:
+                    room = self.max_batch_size - len(self.running)
+                    if room > 0:
+                        joining = []
+                        for job in self.pending:  # in arrival order, up to the first request-level job
+                            if not job.stepped or len(joining) == room:
+                                break
+                            joining.append(job)
+                        for job in joining:
+                            self.pending.remove(job)
+                        return "join", joining
+                elif self.pending and not self.running:
+                    return "batch", self._request_batch()
+                if self.running:
+                    return "step", []
+                if self.closing and not self.pending:
+                    return None
+                if not self.pending:
+                    self.lock.wait()
+
+    def _request_batch(self) -> list[Job]:
+        """The oldest job and those with its settings that arrive within `batch_wait_ms` of it (under the lock)."""
+        first = self.pending[0]
+        while True:
+            same = [j for j in self.pending if j.key == first.key and not j.stepped]
+            left = first.arrived + self.wait - time.monotonic()
+            if len(same) >= self.max_batch_size or left <= 0 or self.closing or first not in self.pending:
+                break
+            self.lock.wait(left)
+        batch = [j for j in self.pending if j.key == first.key and not j.stepped][: self.max_batch_size]
+        for j in batch:
+            self.pending.remove(j)
+        return batch
+
+    def _row(self, job: Job):
+        row = self.model.row(len(job.ids), job.decoding, on_text=lambda text: job.send("text", text),
+                             cancelled=job.cancelled)
+        push = row.push
+
+        def first_push(tokens) -> bool:  # the row's first token: the request's time to first token
+            self._first(job)
+            return push(tokens)
+
+        row.push = first_push
+        return row
+
+    def _first(self, job: Job) -> None:
+        """The job's first token is out (or, beam search, its whole answer)."""
+        if job.first is None:
+            job.first = time.monotonic()
+            self.observer.first_token(job.first - job.arrived)
+
+    def _answer(self, job: Job, result: Completion | ServingError) -> None:
+        """The job's last event, its slot freed."""
+        with self.lock:
+            self._release(job)
+            self.completed += 1
+        now = time.monotonic()
+        if isinstance(result, ServingError):
+            job.send("error", result)
+            return
+        self._first(job)
+        self.latencies.append(now - job.arrived)
+        self.generated += len(result.token_ids)
+        self.observer.finished(now - job.arrived, len(result.token_ids))
+        job.send("done", result)
+
+    def _join(self, jobs: list[Job]) -> None:
+        jobs = [j for j in jobs if not j.cancelled.is_set()]
+        if not jobs:
+            return
+        try:
+            self.steps.join([j.ids for j in jobs], [j.decoding for j in jobs], [self._row(j) for j in jobs],
+                            [id(j) for j in jobs])
+        except Exception as e:
+            error = self._failure(e)
+            for job in jobs:
+                self._answer(job, error)
+            return
+        with self.lock:
+            self.running.update((id(j), j) for j in jobs)
+            self.decoding = len(self.running)
+
+    def _step(self) -> None:
+        self.step_sizes.append(len(self.running))
+        self.observer.batch(len(self.running))
+        try:
+            ended = self.steps.step()
+        except Exception as e:  # the running rows cannot go on: each gets the error
+            error = self._failure(e)
+            self.steps.clear()
+            with self.lock:
+                jobs, self.running, self.decoding = list(self.running.values()), {}, 0
+            for job in jobs:
+                self._answer(job, error)
+            return
+        with self.lock:
+            jobs = [(self.running.pop(tag), result) for tag, result in ended]
+            self.decoding = len(self.running)
+        for job, result in jobs:
+            self._answer(job, result)
+
+    def _failure(self, e: Exception) -> ServingError:
+        if isinstance(e, UserError):
+            return ServingError(400, e.message)
+        traceback.print_exc(file=sys.stderr)  # a bug: the client gets a 500 line, the log the traceback
+        return ServingError(500, f"internal error: {type(e).__name__}", type="server_error")
 
     def _decode(self, batch: list[Job]) -> None:
-        rows = [self.model.row(len(j.ids), j.decoding, on_text=lambda text, j=j: j.send("text", text),
-                               cancelled=j.cancelled) for j in batch]
+        batch = [j for j in batch if not j.cancelled.is_set()]
+        if not batch:
+            return
+        rows = [self._row(j) for j in batch]
         self.batches.append(len(batch))
+        self.observer.batch(len(batch))
+        with self.lock:
+            self.decoding = len(batch)
         try:
             results = self.model.run([j.ids for j in batch], batch[0].decoding, rows)
-        except UserError as e:
-            results = [ServingError(400, e.message)] * len(batch)
-        except Exception as e:  # a bug: the client gets a 500 line, the log the traceback
-            traceback.print_exc(file=sys.stderr)
-            results = [ServingError(500, f"internal error: {type(e).__name__}", type="server_error")] * len(batch)
-        self.generated += sum(len(r.ids) for r in rows)
-        for job, result in zip(batch, results):
-            with self.lock:
-                self._release(job)
-            job.send("error" if isinstance(result, ServingError) else "done", result)
+        except Exception as e:
+            results = [self._failure(e)] * len(batch)
+        with self.lock:
+            self.decoding = 0
+        for job, row, result in zip(batch, rows, results):
+            if isinstance(result, ServingError):
+                self.generated += len(row.ids)
+            self._answer(job, result)
 
 
 def _key(d: Decoding) -> tuple:
@@ -204,8 +361,15 @@ class OpenAIServing:
         self.created = P.now()
 
     def models(self) -> P.ModelList:
-        return P.ModelList(data=[P.ModelCard(id=self.name, created=self.created, kind=self.model.kind,
-                                             max_model_len=self.model.max_prompt_length)])
+        """The one model; max_model_len is what vLLM means by it, the tokens of prompt and response together this
+        server can decode: the model's context where its positions have a limit (a decoder-only model), at most the
+        longest prompt plus the largest max_tokens."""
+        limit = self.model.max_prompt_length + self.max_tokens_limit
+        context = self.model.context_length
+        return P.ModelList(data=[P.ModelCard(
+            id=self.name, created=self.created, kind=self.model.kind,
+            max_model_len=min(context, limit) if context else limit, max_prompt_len=self.model.max_prompt_length,
+            batching=self.engine.batching)])
 
     # ---------------------------------------------------------------------------------------- request -> jobs
 
@@ -259,7 +423,7 @@ class OpenAIServing:
                     replace(decoding, seed=example_seed(decoding.seed, i)), key, loop, events)
                 for i, ids in enumerate(prompts)]
 
-    def completion_prompts(self, request: P.CompletionRequest) -> list[list[int]]:
+    def completion_prompts(self, request: P.CompletionRequest) -> Prompts:
         prompt = request.prompt
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -267,24 +431,22 @@ class OpenAIServing:
             raise ServingError(400, "prompt is empty", param="prompt")
         if isinstance(prompt[0], int):
             prompt = [prompt]
+        limit = self.model.max_prompt_length
         if isinstance(prompt[0], list):  # token ids: as they are, no template
             vocab = len(self.model.tokenizer)
             for ids in prompt:
                 if not ids or any(not 0 <= t < vocab for t in ids):
                     raise ServingError(400, f"token id prompts must be non-empty lists of ids in [0, {vocab})",
                                        param="prompt")
-                if len(ids) > self.model.max_prompt_length:
-                    raise ServingError(400, f"the prompt has {len(ids)} tokens, over this model's limit of "
-                                            f"{self.model.max_prompt_length}", param="prompt")
-            return [list(ids) for ids in prompt]
+            return Prompts([list(ids[:limit]) for ids in prompt], [len(ids) for ids in prompt], limit)
         try:
             texts = [self.model.prompt_text(p, where=f"prompt[{i}]" if len(prompt) > 1 else "prompt")
                      for i, p in enumerate(prompt)]
-            return self.model.prompt_ids(texts, strict=True)
+            return Prompts(*self.model.tokenize(texts), limit)
         except UserError as e:
             raise ServingError(400, e.message, param="prompt") from None
 
-    def chat_prompt(self, request: P.ChatCompletionRequest) -> list[list[int]]:
+    def chat_prompt(self, request: P.ChatCompletionRequest) -> Prompts:
         if not self.model.chat_template:
             raise ServingError(400, f"the model {self.name!r} has no chat template, so it cannot chat: use "
                                     "/v1/completions, or start the server with --chat-template FILE",
@@ -299,9 +461,10 @@ class OpenAIServing:
                 content = "".join(part.text for part in content)
             messages.append({"role": m.role, "content": content or ""})
         try:
-            return [self.model.chat_ids(messages, strict=True)]
+            ids, length = self.model.chat_tokens(messages)
         except UserError as e:
             raise ServingError(400, e.message, param="messages") from None
+        return Prompts([ids], [length], self.model.max_prompt_length)
 
     # ---------------------------------------------------------------------------------------- jobs -> responses
 
@@ -365,6 +528,44 @@ class OpenAIServing:
             self._cancel_unfinished(jobs, done)
 
 
+@dataclass
+class Prompts:
+    """A request's prompts as token ids, cut to the model's prompt limit, with their lengths before the cut."""
+
+    ids: list[list[int]]
+    lengths: list[int]
+    limit: int
+
+    def notice(self) -> str | None:
+        """What was cut, in words (the X-Prompt-Truncated header and the log line), or None."""
+        cut = [(i, n) for i, n in enumerate(self.lengths) if n > self.limit]
+        if not cut:
+            return None
+        where = (lambda i: f"prompt[{i}]") if len(self.lengths) > 1 else (lambda i: "the prompt")
+        return "; ".join(f"{where(i)} has {n} tokens, cut to its first {self.limit} (this model's limit)"
+                         for i, n in cut)
+
+
+@dataclass
+class Reply:
+    """A response body (or an async iterator of SSE lines) and the headers that go with it."""
+
+    body: Any
+    headers: dict[str, str]
+
+
+def _cut(prompts: Prompts, rid: str) -> dict[str, str]:
+    """The header and the log line that say a prompt was cut."""
+    notice = prompts.notice()
+    if notice is None:
+        return {}
+    print(f"warning: {rid}: {notice}", file=sys.stderr, flush=True)
+    return {TRUNCATED_HEADER: notice}
+
+
+TRUNCATED_HEADER = "X-Prompt-Truncated"
+
+
 def _sse(body: Any) -> str:
     data = body.model_dump_json(exclude_none=False) if hasattr(body, "model_dump_json") else json.dumps(body)
     return f"data: {data}\n\n"
@@ -381,10 +582,11 @@ def finish(reason: str) -> str:
 
 
 async def completion(serving: OpenAIServing, request: P.CompletionRequest):
-    """A CompletionResponse, or (stream) an async iterator of SSE lines."""
+    """A CompletionResponse, or (stream) an async iterator of SSE lines, with its headers."""
     prompts = serving.completion_prompts(request)
-    jobs = serving.start(request, prompts, request.max_tokens)
+    jobs = serving.start(request, prompts.ids, request.max_tokens)
     rid, created = P.new_id("cmpl"), P.now()
+    headers = _cut(prompts, rid)
 
     def chunk(index: int, text: str | None, reason: str | None) -> P.CompletionResponse:
         return P.CompletionResponse(id=rid, created=created, model=serving.name, choices=[
@@ -394,19 +596,20 @@ async def completion(serving: OpenAIServing, request: P.CompletionRequest):
         include = request.stream_options is not None and request.stream_options.include_usage
         usage = (lambda u: P.CompletionResponse(id=rid, created=created, model=serving.name, choices=[],
                                                 usage=u)) if include else None
-        return serving.stream(jobs, chunk, usage)
+        return Reply(serving.stream(jobs, chunk, usage), headers)
     results = await serving.results(jobs)
-    return P.CompletionResponse(id=rid, created=created, model=serving.name, usage=_usage(results), choices=[
+    return Reply(P.CompletionResponse(id=rid, created=created, model=serving.name, usage=_usage(results), choices=[
         P.CompletionChoice(index=i, text=r.text, finish_reason=finish(r.finish_reason))
-        for i, r in enumerate(results)])
+        for i, r in enumerate(results)]), headers)
 
 
 async def chat_completion(serving: OpenAIServing, request: P.ChatCompletionRequest):
-    """A ChatCompletionResponse, or (stream) an async iterator of SSE lines."""
+    """A ChatCompletionResponse, or (stream) an async iterator of SSE lines, with its headers."""
     prompts = serving.chat_prompt(request)
     field = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
-    jobs = serving.start(request, prompts, request.max_completion_tokens or request.max_tokens, field)
+    jobs = serving.start(request, prompts.ids, request.max_completion_tokens or request.max_tokens, field)
     rid, created = P.new_id("chatcmpl"), P.now()
+    headers = _cut(prompts, rid)
 
     if request.stream:
         first = {"sent": False}
@@ -420,8 +623,9 @@ async def chat_completion(serving: OpenAIServing, request: P.ChatCompletionReque
         include = request.stream_options is not None and request.stream_options.include_usage
         usage = (lambda u: P.ChatCompletionChunk(id=rid, created=created, model=serving.name, choices=[],
                                                  usage=u)) if include else None
-        return serving.stream(jobs, chunk, usage)
+        return Reply(serving.stream(jobs, chunk, usage), headers)
     results = await serving.results(jobs)
     r = results[0]
-    return P.ChatCompletionResponse(id=rid, created=created, model=serving.name, usage=_usage(results), choices=[
-        P.ChatChoice(index=0, message=P.AssistantMessage(content=r.text), finish_reason=finish(r.finish_reason))])
+    return Reply(P.ChatCompletionResponse(id=rid, created=created, model=serving.name, usage=_usage(results),
+                                          choices=[P.ChatChoice(index=0, message=P.AssistantMessage(content=r.text),
+                                                                finish_reason=finish(r.finish_reason))]), headers)

@@ -8,12 +8,13 @@ the model and decoding are generation.py's: this stage reads the prompts and wri
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 from llm2slm_cli import artifacts as A
 from llm2slm_cli import runtime
-from llm2slm_cli.api import Model
+from llm2slm_cli.api import Model, PromptTruncatedWarning
 from llm2slm_cli.config import GenerateConfig
 from llm2slm_cli.corpus import Examples, Tokens, input_sha256, open_examples, prompt_tokens
 from llm2slm_cli.data import Fields, records_jsonl, split_lines, to_examples
@@ -96,6 +97,9 @@ def _open_and_tokenize(config: GenerateConfig, work: ShardedRun, examples: Examp
     max_length = config.max_length or max_prompt_length
     tokens = prompt_tokens(examples, model.prompt_tokenizer, max_length, strict=config.strict, inputs=config.inputs,
                            num_proc=config.num_proc, quiet=config.quiet or not work.is_main)
+    if tokens.truncated and work.is_main:  # one line per run; --strict refused them above
+        runtime.say(f"warning: {tokens.truncated} of {len(examples)} prompts are longer than --max-length "
+                    f"{max_length} tokens and are cut to their first {max_length} (--strict refuses them)")
     features = _stored_features(config.features, model, examples, tokens) if config.features else None
     return model, identity, tokens, features, max_length
 
@@ -210,8 +214,15 @@ def print_responses(config: GenerateConfig) -> None:
         options["stop"] = ["\n"]
     streaming = len(texts) == 1 and not config.json and not config.first_line
     printer = _Printer() if streaming else None
-    results = model.complete(texts, template=False, strict=config.strict, batch_size=config.batch_size,
-                             on_text=printer, **options)
+    with warnings.catch_warnings(record=True) as said:  # the API's truncation warning, as this command's line
+        warnings.simplefilter("always", PromptTruncatedWarning)
+        results = model.complete(texts, template=False, strict=config.strict, batch_size=config.batch_size,
+                                 on_text=printer, **options)
+    for w in said:
+        if issubclass(w.category, PromptTruncatedWarning):
+            runtime.say(f"warning: {w.message.notice} (--max-length; --strict refuses such prompts)")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if printer is not None:
         print(flush=True)
         return

@@ -39,7 +39,7 @@ def build(config: ServeConfig):
     if config.max_length is not None:
         model.max_prompt_length = config.max_length
     engine = Engine(model, max_batch_size=config.max_batch_size, batch_wait_ms=config.batch_wait_ms,
-                    max_queue=config.max_queue)
+                    max_queue=config.max_queue, batching=config.batching)
     serving = OpenAIServing(model, engine, name=config.served_model_name or config.model,
                             max_new_tokens=config.max_new_tokens, max_tokens_limit=config.max_tokens_limit)
     return build_app(serving), serving
@@ -102,8 +102,8 @@ def run(config: ServeConfig) -> None:
             await super().startup(sockets=sockets)
             if self.servers and self.servers[0].sockets:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
-                print(f"serving {serving.name!r} ({serving.model.kind}) on http://{host}:{port}/v1", file=sys.stderr,
-                      flush=True)
+                print(f"serving {serving.name!r} ({serving.model.kind}) on http://{host}:{port}/v1 "
+                      f"({serving.engine.batching}-level batching)", file=sys.stderr, flush=True)
 
     server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning" if config.quiet
                                    else "info", access_log=not config.quiet, lifespan="on",
