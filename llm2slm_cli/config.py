@@ -705,7 +705,8 @@ class ServeConfig:
 class ExportConfig:
     """Write a trained checkpoint as a self-contained directory with a model card (README.md: the LLM and its
     fingerprint, the SLM, the training data and budget, metrics, how to load it) that `load`, `generate` and `serve`
-    take and that uploads as it is (huggingface_hub's upload_folder)."""
+    take, that transformers loads with trust_remote_code=True (config.json and the model code are in it; not for a
+    PEFT baseline), and that uploads as it is (huggingface_hub's upload_folder)."""
 
     checkpoint: Path = opt(REQUIRED, "A checkpoint from `train` (run/final or run/step-NNNNNN).", argument=True)
     out: Path = opt(REQUIRED, "Output directory.")
@@ -713,7 +714,8 @@ class ExportConfig:
                                   "into the model card.")
     include_llm: str = opt("auto", "Copy the LLM's weights into DIR/llm (auto: when the checkpoint names it by a "
                                    "local path, which would not exist elsewhere; hub ids and presets are loaded by "
-                                   "name).", choices=["auto", "yes", "no"])
+                                   "name, a preset by llm2slm only: transformers needs it copied, or llm_path=).",
+                           choices=["auto", "yes", "no"])
     name: str | None = opt(None, "Model name for the card's title (default: the output directory's name).")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     quiet: bool = opt(False, "No messages.")

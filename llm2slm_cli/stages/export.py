@@ -2,9 +2,11 @@
 
 The directory is a checkpoint as `train` writes it (llm2slm.json, slm_config.json, model.safetensors, tokenizer/,
 manifest.json), without the training state (optimizer, RNG), plus README.md, a Hugging Face model card (YAML
-metadata, then the LLM and its fingerprint, the SLM, the data, the training budget, metrics, how to load it). With
-the LLM named by a local path (or --include-llm yes), the LLM's weights are copied into llm/, where loading finds
-them. `load`, `generate` and `serve` take the directory; `huggingface_hub.upload_folder` uploads it as it is.
+metadata, then the LLM and its fingerprint, the SLM, the data, the training budget, metrics, how to load it), and
+transformers' files (hf_format.py: config.json, generation_config.json and the model code, which
+`AutoModelForCausalLM`/`AutoModelForSeq2SeqLM.from_pretrained(DIR, trust_remote_code=True)` load). With the LLM
+named by a local path (or --include-llm yes), the LLM's weights are copied into llm/, where loading finds them.
+`load`, `generate` and `serve` take the directory; `huggingface_hub.upload_folder` uploads it as it is.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2slm_cli import artifacts as A
-from llm2slm_cli import fingerprints, runtime
+from llm2slm_cli import fingerprints, hf_format, runtime
 from llm2slm_cli import loading as M
 from llm2slm_cli.config import ExportConfig
 from llm2slm_cli.errors import UserError
@@ -52,13 +54,16 @@ def run(config: ExportConfig) -> Path:
                 shutil.copy2(src / name, work / name)
         if include:
             _copy_llm(llm, work / A.BUNDLED_LLM)
+        extra = [] if hf_format.unsupported(model_config) else hf_format.write(work, src, model_config,
+                                                                              bundled=include)
         name = config.name or out.resolve().name
         (work / A.MODEL_CARD).write_text(model_card(name, out, model_config, checkpoint, training, metrics,
                                                     bundled=include))
         manifest = {**A.make_manifest(A.KIND_CHECKPOINT, checkpoint.get("config", {}),
                                       model=checkpoint.get("model"), step=checkpoint.get("step"),
                                       counts=checkpoint.get("counts"),
-                                      files=A.checkpoint_records(work)),
+                                      files={**A.checkpoint_records(work),
+                                             **{n: A.file_record(work / n) for n in extra}}),
                     "exported": {"from": str(src), "config": A.config_to_dict(config), "llm_included": include,
                                  "training": training and {k: training.get(k) for k in ("result", "timing",
                                                                                           "inputs")},
