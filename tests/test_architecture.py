@@ -19,7 +19,7 @@ LAYERS = {
     "face": ["", "api"],
     "configs": ["config"],
     "library": ["generation", "sharding", "corpus", "features", "teacher", "batching", "quantize", "judge",
-                "pydoc_task", "hf_format"],
+                "pydoc_task", "hf_format", "model_card"],
     "model": ["checkpoint", "llm2slm", "peft_baselines", "kd", "decoding", "padding", "cpu_head"],
     "foundations": ["surgery", "fingerprints", "loading", "presets", "data", "runtime", "validation", "artifacts",
                     "errors", "version"],

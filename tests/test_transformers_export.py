@@ -123,7 +123,7 @@ def test_an_llm_neither_bundled_nor_on_the_hub_is_asked_for(exported):
 
 
 def test_a_peft_baseline_exports_without_transformers_files(cli, tmp_path):
-    """Its LoRA layers are peft's: no config.json (transformers would load something else)."""
+    """Its LoRA layers are peft's: no config.json (transformers would load something else), and the card says so."""
     from llm2slm_cli import checkpoint
     from llm2slm_cli import loading as M
     from llm2slm_cli.llm2slm import LLMToSLM
@@ -133,4 +133,6 @@ def test_a_peft_baseline_exports_without_transformers_files(cli, tmp_path):
     checkpoint.save(model, tmp_path / "ck")
     cli("export", tmp_path / "ck", "--out", tmp_path / "x", "--quiet")
     assert not (tmp_path / "x" / "config.json").exists() and not (tmp_path / "x" / "modeling_llm2slm.py").exists()
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert "transformers cannot load this model on its own: it is a PEFT baseline" in card
     assert load(tmp_path / "x", device="cpu").generate(["alpha"], num_beams=1, max_new_tokens=2) is not None
