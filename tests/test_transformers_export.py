@@ -1,7 +1,7 @@
 """An export loads in transformers alone (`trust_remote_code=True`, the model code copied into it) and generates
-what llm2slm generates: a decoder-only SLM (with an LLM of its own family read at an inner layer, and with another
-family's LLM through the vocabulary adapter), an encoder-decoder SLM, trimmed vocabularies among them. Each is loaded
-in a fresh Python process that never imports llm2slm_cli (tests/transformers_alone.py)."""
+what llm2slm generates: a decoder-only SLM (with an LLM of its own family read at an inner layer, with another
+family's LLM through the vocabulary adapter, and alone), an encoder-decoder SLM, trimmed vocabularies among them.
+Each is loaded in a fresh Python process that never imports llm2slm_cli (tests/transformers_alone.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ from transformers_alone import PROMPTS, random_checkpoint, run_alone
 
 from llm2slm_cli import load
 
-CASES = {  # name: (SLM, LLM, LLM layer, trimmed)
-    "llama-layer2-trimmed": ("tiny-llama", "tiny-llama", 2, True),
-    "gpt2-adapter": ("tiny-gpt2", "tiny-t5-large", -1, False),
-    "t5-trimmed": ("tiny-t5", "tiny-t5-large", -1, True),
+CASES = {  # name: (SLM, LLM, LLM layer, trimmed, LLMToSLM.build's options)
+    "llama-layer2-trimmed": ("tiny-llama", "tiny-llama", 2, True, {}),
+    "gpt2-adapter": ("tiny-gpt2", "tiny-t5-large", -1, False, {}),
+    "t5-trimmed-standardized": ("tiny-t5", "tiny-t5-large", -1, True, {"feature_norm": "standardize"}),
+    # the SLM's own tokenizer for its output (prompt ids never reach it), trimmed
+    "gpt2-own-tokenizer-trimmed": ("tiny-gpt2", "tiny-t5-large", -1, True,
+                                   {"tokenizer": "slm", "fusion": "replace"}),
+    "gpt2-alone-trimmed": ("tiny-gpt2", None, -1, True, {}),  # an SLM trained alone: the same model code, no LLM
 }
 
 ALONE = """
@@ -57,9 +61,9 @@ RESULT["llm_path"] = new_ids(model, inputs, model.generate(**inputs, do_sample=F
 def exported(cli, tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-export")
     exports = {}
-    for name, (slm, llm, layer, trim) in CASES.items():
-        random_checkpoint(root / f"ck-{name}", slm, llm, layer=layer, trim=trim)
-        cli("export", root / f"ck-{name}", "--out", root / name, "--include-llm", "yes", "--quiet")
+    for name, (slm, llm, layer, trim, build) in CASES.items():
+        random_checkpoint(root / f"ck-{name}", slm, llm, layer=layer, trim=trim, **build)
+        cli("export", root / f"ck-{name}", "--out", root / name, "--include-llm", "yes" if llm else "no", "--quiet")
         exports[name] = root / name
     cli("export", root / "ck-llama-layer2-trimmed", "--out", root / "unbundled", "--quiet")  # the preset LLM: by name
     cli("convert", "tiny-llama", "--out", root / "llm-dir", "--quiet")
@@ -79,7 +83,7 @@ def test_transformers_alone_generates_what_llm2slm_generates(exported, name):
     assert theirs[name]["left"] == theirs[name]["right"] == greedy  # either padding side
     assert theirs[name]["beams"] == ours(exports[name], num_beams=2)
     assert len({tuple(r) for r in greedy}) > 1 and max(map(len, greedy)) == 8  # the prompt matters
-    slm, _, _, trim = CASES[name]
+    slm, _, _, trim, _ = CASES[name]
     assert theirs[name]["class"] == ("LLMToSLMForConditionalGeneration" if slm == "tiny-t5" else
                                      "LLMToSLMForCausalLM")
     if slm != "tiny-t5":
@@ -92,7 +96,7 @@ def test_transformers_alone_generates_what_llm2slm_generates(exported, name):
 
 def test_the_export_holds_transformers_files_and_names_no_local_path(exported):
     exports, _ = exported
-    directory = exports["t5-trimmed"]
+    directory = exports["t5-trimmed-standardized"]
     config = json.loads((directory / "config.json").read_text())
     assert config["model_type"] == "llm2slm" and config["auto_map"] == {
         "AutoConfig": "configuration_llm2slm.LLMToSLMConfig",

@@ -64,16 +64,18 @@ def run_alone(code: str, workdir: Path, **args) -> dict:
     return result
 
 
-def random_checkpoint(path, slm: str, llm: str | None, *, layer: int | str = -1, trim: bool = False, seed: int = 0):
-    """A checkpoint with every trained weight drawn at scale 0.5: responses that differ by prompt and run to the
-    length limit, so that equal responses mean something (a tiny model trained for a few steps answers every prompt
-    alike, often with nothing)."""
+def random_checkpoint(path, slm: str, llm: str | None, *, layer: int | str = -1, trim: bool = False, seed: int = 0,
+                      **build):
+    """A checkpoint with every trained weight drawn at scale 0.5 (and the projector's feature statistics, with
+    feature_norm="standardize"): responses that differ by prompt and run to the length limit, so that equal
+    responses mean something (a tiny model trained for a few steps answers every prompt alike, often with nothing).
+    `build`: LLMToSLM.build's options (fusion, tokenizer, feature_norm)."""
     import torch
 
     from llm2slm_cli import checkpoint
     from llm2slm_cli.llm2slm import FrozenLLM, LLMToSLM
 
-    model = LLMToSLM.build(slm, FrozenLLM(llm, layer=layer) if llm else None)
+    model = LLMToSLM.build(slm, FrozenLLM(llm, layer=layer) if llm else None, **build)
     tok = model.target_tokenizer
     if trim:
         kept = sorted(set(tok(KEPT_TEXT).input_ids) | set(tok.all_special_ids))
@@ -83,5 +85,8 @@ def random_checkpoint(path, slm: str, llm: str | None, *, layer: int | str = -1,
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        if build.get("feature_norm") == "standardize":
+            model.projector.feature_shift.copy_(torch.randn(model.projector.feature_shift.shape, generator=g))
+            model.projector.feature_scale.copy_(torch.rand(model.projector.feature_scale.shape, generator=g) + 0.5)
     checkpoint.save(model, path)
     return path
