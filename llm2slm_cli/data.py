@@ -417,11 +417,14 @@ def _read_arrow(path: Path):
     raise UserError("not a readable Arrow file (neither Arrow's streaming nor its file format)", path=path)
 
 
-def _records_hf(spec: str) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+def hf_dataset_parts(spec: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG][:SPLIT]` as (name, config, split); the split defaults to train."""
     parts = re.split(r":(?![^\[]*\])", spec.removeprefix("hf:"))  # a split may be sliced: train[:10000]
-    name = parts[0]
-    config = parts[1] if len(parts) > 2 else None
-    split = parts[-1] if len(parts) > 1 else "train"
+    return parts[0], parts[1] if len(parts) > 2 else None, parts[-1] if len(parts) > 1 else "train"
+
+
+def _records_hf(spec: str) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+    name, config, split = hf_dataset_parts(spec)
     try:
         import datasets
 

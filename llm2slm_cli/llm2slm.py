@@ -406,10 +406,15 @@ class LLMToSLM(nn.Module):
             return ids
         return self.slm_lookup[ids.clamp(0, len(self.slm_lookup) - 1)]
 
-    def plain_slm(self) -> nn.Module:
+    def plain_slm(self, *, savable: bool = False) -> nn.Module:
         """A copy of the SLM as a plain transformers model over the tokenizer's full vocabulary (a trimmed one
         widened back: unkept tokens are never emitted), for tools that feed it token ids themselves (transformers'
-        assisted generation). Only an SLM trained alone is whole without the LLM."""
+        assisted generation). Only an SLM trained alone is whole without the LLM.
+
+        A trimmed vocabulary is widened with a head bias that scores unkept tokens -1e4, which the model's class
+        may not have (it would not survive save_pretrained); `savable` widens it keeping the class's own layers
+        instead (surgery.widen_rows: unkept rows copy the unknown token's) and lists the unkept tokens in the
+        generation config's `suppress_tokens`, so that transformers' generate never emits them."""
         import copy
 
         if self.has_llm:
@@ -419,7 +424,11 @@ class LLMToSLM(nn.Module):
             raise UserError("a prompt- or prefix-tuned SLM is not a plain model (its virtual tokens live outside it)")
         slm = copy.deepcopy(self.slm)
         trim = self.config.trim_vocab
-        if trim is not None:
+        if trim is not None and savable:
+            unkept = surgery.widen_rows(slm, self.slm_vocab, trim["full"], fill=int(self.slm_lookup[trim["unknown"]]))
+            slm.generation_config.suppress_tokens = unkept or None
+            slm.generation_config._from_model_config = False  # it says more than the model's config now
+        elif trim is not None:
             surgery.widen_vocabulary(slm, self.slm_vocab, trim["full"], fill=int(self.slm_lookup[trim["unknown"]]))
         c = self.config
         for cfg in (slm.config, slm.generation_config):

@@ -1,5 +1,6 @@
 """Surgery on a loaded transformers model, in place: its dropout rates, which of its layers it keeps (--slm-layers),
-which rows of its vocabulary it keeps (and widening a trimmed one back to the full vocabulary)."""
+which rows of its vocabulary it keeps (and widening a trimmed one back to the full vocabulary: for decoding in
+memory, `widen_vocabulary`, or as a model to save, `widen_rows`)."""
 
 from __future__ import annotations
 
@@ -150,3 +151,42 @@ def widen_vocabulary(model, kept, full: int, *, fill: int) -> None:
     text = getattr(model.config, "text_config", None)
     if text is not None and hasattr(text, "vocab_size"):
         text.vocab_size = full
+
+
+def widen_rows(model, kept, full: int, *, fill: int) -> list[int]:
+    """Undo keep_vocabulary keeping the model's architecture, so that it saves and loads as a plain model of its
+    class, in place: row kept[i] gets new row i; the rows of every other token, in the input embedding and in an
+    untied head (bias included), copy row `fill` (the unknown token: they read, and score, as trimmed models read
+    them). A tied head stays tied. No plain head can score those tokens below every kept one (their logits are the
+    unknown token's), so the caller keeps generation from emitting them (generation_config.suppress_tokens).
+    Returns the ids of the added rows."""
+    import torch
+    from torch import nn
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    sharing = _sharing(model, emb)
+
+    def widened(rows: torch.Tensor) -> torch.Tensor:
+        out = rows[fill].expand(full, *rows.shape[1:]).clone()
+        out[kept] = rows
+        return out
+
+    emb.weight = nn.Parameter(widened(emb.weight.data), requires_grad=emb.weight.requires_grad)
+    emb.num_embeddings = full
+    if emb.padding_idx is not None:  # keep_vocabulary renumbered it
+        emb.padding_idx = int(kept[emb.padding_idx])
+    _share(sharing, emb)
+    if head is not None:
+        head.weight = emb.weight if tied else nn.Parameter(widened(head.weight.data),
+                                                           requires_grad=head.weight.requires_grad)
+        if getattr(head, "bias", None) is not None:
+            head.bias = nn.Parameter(widened(head.bias.data), requires_grad=head.bias.requires_grad)
+        head.out_features = full
+    model.config.vocab_size = full
+    text = getattr(model.config, "text_config", None)
+    if text is not None and hasattr(text, "vocab_size"):
+        text.vocab_size = full
+    missing = torch.ones(full, dtype=torch.bool)
+    missing[kept] = False
+    return missing.nonzero().flatten().tolist()

@@ -343,10 +343,11 @@ def test_export_writes_a_loadable_directory_with_a_model_card(cli, model, traine
     card = (out / "README.md").read_text()
     identity = json.loads((trained_checkpoint / "llm2slm.json").read_text())["llm"]
     assert "`tiny-llama`" in card and identity["fingerprint"] in card and SERVE_TEMPLATE in card
-    assert str(toy_files["train"]) in card and "lr 0.001" in card and "chrf" in card
-    assert f"load({str(out)!r})" in card and f"llm2slm serve --model {out}" in card
+    assert f"`{toy_files['train'].name}`" in card and "lr 0.001" in card and "chrf" in card
+    assert "model = load(MODEL_DIR)" in card and "llm2slm serve --model MODEL_DIR" in card
+    assert str(toy_files["train"].parent) not in card and str(out) not in card  # no local path (test_model_card.py)
     meta = ModelCard.load(out / "README.md").data.to_dict()
-    assert meta["library_name"] == "llm2slm" and "llm2slm" in meta["tags"]
+    assert meta["library_name"] == "transformers" and "llm2slm" in meta["tags"]
     texts = prompts(toy_files)
     assert load(out, device="cpu").generate(texts, num_beams=1, max_new_tokens=6) == \
         model.generate(texts, num_beams=1, max_new_tokens=6)

@@ -19,10 +19,11 @@ LAYERS = {
     "face": ["", "api"],
     "configs": ["config"],
     "library": ["generation", "sharding", "corpus", "features", "teacher", "batching", "quantize", "judge",
-                "pydoc_task"],
+                "pydoc_task", "hf_format", "model_card"],
     "model": ["checkpoint", "llm2slm", "peft_baselines", "kd", "decoding", "continuous", "padding", "cpu_head"],
     "foundations": ["surgery", "fingerprints", "loading", "presets", "data", "runtime", "validation", "artifacts",
                     "errors", "version"],
+    "remote code": ["remote_code", "remote_code.*"],
 }
 # what may import a stage: the CLI, which wires one command to each, and the demo, which runs them in one process
 RUNS_STAGES = {"llm2slm_cli.cli", "llm2slm_cli.demo"}
@@ -170,9 +171,11 @@ def test_configs_depend_only_on_the_error_types():
     assert import_graph()["llm2slm_cli.config"] == {"llm2slm_cli.errors"}
 
 
-# the model code: these import torch at module level, and so does whatever imports them at module level
-TORCH_AT_IMPORT = {"llm2slm_cli.checkpoint", "llm2slm_cli.continuous", "llm2slm_cli.cpu_head",
-                   "llm2slm_cli.decoding", "llm2slm_cli.kd", "llm2slm_cli.llm2slm"}
+# the model code: these import torch at module level, and so does whatever imports them at module level; and the
+# model code an export carries for transformers (torch and transformers, nothing of this package)
+TORCH_AT_IMPORT = {"llm2slm_cli.checkpoint", "llm2slm_cli.continuous", "llm2slm_cli.cpu_head", "llm2slm_cli.decoding",
+                   "llm2slm_cli.kd", "llm2slm_cli.llm2slm", "llm2slm_cli.remote_code.configuration_llm2slm",
+                   "llm2slm_cli.remote_code.modeling_llm2slm"}
 
 
 def test_only_the_model_code_imports_torch_when_imported():
@@ -220,3 +223,17 @@ def test_imports_of_torch_code_inside_functions_give_their_reason():
                 if not said:
                     missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     assert missing == []
+
+
+def test_the_model_code_an_export_carries_imports_nothing_of_the_package():
+    """remote_code's two files are copied into exports and run where llm2slm may not be installed: they import each
+    other (relatively, as transformers' remote code does) and outside packages, never llm2slm_cli."""
+    files = {name: path for name, path in _modules().items() if name.startswith("llm2slm_cli.remote_code.")}
+    assert set(files) == {"llm2slm_cli.remote_code.configuration_llm2slm", "llm2slm_cli.remote_code.modeling_llm2slm"}
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "llm2slm_cli" for a in node.names), name
+            elif isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[0] != "llm2slm_cli", name
+                assert node.level in (0, 1), name  # a sibling file, nothing above the copied directory

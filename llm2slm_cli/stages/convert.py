@@ -2,7 +2,9 @@
 
 A GGUF file is parsed and dequantized on every load (about 45 s for Gemma-3-270M's 262k-token vocabulary, twice:
 once for the weights, once for the tokenizer). Converting once gives `config.json`, `model.safetensors`,
-`generation_config.json`, the tokenizer files and a `manifest.json` naming the source and its sha256.
+`generation_config.json`, the tokenizer files and a `manifest.json` naming the source and its sha256. A checkpoint of
+an SLM trained alone becomes a plain model of its class (transformers' Auto classes and `pipeline` load it), a
+trimmed vocabulary widened back to the tokenizer's (`_from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,20 @@ def gguf_from_package(name: str, directory: Path) -> Path:
     return Path(module.assemble(directory / f"{module_name}.gguf"))
 
 
+def _from_checkpoint(directory: Path, dtype: str):
+    """An SLM trained alone (`train` without --llm) as a plain model of its class over the tokenizer's whole
+    vocabulary. A trimmed vocabulary (--trim-vocab) is widened back: the rows of the tokens it dropped copy the
+    unknown token's (a tied head stays tied) and generation_config.json lists them in `suppress_tokens`, so that
+    transformers' generate (and `pipeline`) never emits them; the kept tokens score as in the checkpoint."""
+    import torch  # off the import of this module
+
+    from llm2slm_cli import checkpoint  # the model code imports torch: off the light path
+
+    model = checkpoint.load(directory)
+    M.refuse_float16(model.slm.config.model_type, dtype, f"the SLM of checkpoint {directory}")
+    return model.plain_slm(savable=True).to(getattr(torch, M.DTYPES[dtype]))
+
+
 def run(config: ConvertConfig) -> Path:
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     out = Path(config.out)
@@ -49,7 +65,8 @@ def run(config: ConvertConfig) -> Path:
         src = M.resolve(source)
         with runtime.timer() as clock:
             tokenizer = M.load_tokenizer(source, option=None)  # first: it fails fast (a preset offline)
-            model = M.load_model(source, dtype=config.dtype, role="model")
+            model = (_from_checkpoint(Path(src.name), config.dtype) if src.kind == "checkpoint" else
+                     M.load_model(source, dtype=config.dtype, role="model"))
             M.save_plain(model, built)
             tokenizer.save_pretrained(str(built))
         manifest = A.make_manifest(

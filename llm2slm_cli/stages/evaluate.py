@@ -220,6 +220,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
         "counts": {"examples": len(rows), "unused_references": ref_info.get("unused", 0)},
         "predictions": {"dir": str(pred_dir), "model": pred_manifest.get("model"),
                         "generation": pred_manifest.get("generation"),
+                        "inputs": pred_manifest.get("inputs"),  # the prompts' file or dataset (export's card names it)
                         "sha256": A.sha256_file(pred_dir / A.PREDICTIONS)},
         "references": {k: v for k, v in ref_info.items() if k != "unused"},
         "scores_file": {"name": A.SCORES, "columns": list(columns),
