@@ -166,15 +166,39 @@ class Tokens:
         return int(self.truncated_flags.sum())
 
 
-def input_sha256(inputs: Sequence[Path | str]) -> str | None:
-    """artifacts.input_sha256 of a stage's inputs; an input it cannot read is refused as the readers refuse it
-    ("no such file", "cannot read (...)"), before anything else."""
+def input_sha256(inputs: Sequence[Path | str], cache: Path | None = None) -> str | None:
+    """artifacts.input_sha256 of a stage's inputs, remembered in the data cache by each file's (path, size,
+    modification time, inode), as `datasets` keys its own cache: a second run over a corpus of gigabytes does not
+    read it all again to know it is the same. An input it cannot read is refused as the readers refuse it ("no such
+    file", "cannot read (...)"), before anything else."""
     try:
-        return A.input_sha256(inputs)
+        return _remembered_sha256(inputs, cache)
     except (OSError, ValueError):
         for _ in iter_examples(inputs, Fields(prompt="", target=None, id=None)):
             break  # what is wrong is what reading says first
         raise
+
+
+def _remembered_sha256(inputs: Sequence[Path | str], cache: Path | None) -> str | None:
+    paths = [Path(p) for p in inputs]
+    if any(str(p).startswith("hf:") for p in inputs) or not paths or not all(p.is_file() for p in paths):
+        return A.input_sha256(inputs)  # a hub dataset, or directories: as they are
+    stats = []
+    for p in paths:
+        st = p.stat()
+        stats.append([str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+    memo = Path(cache if cache is not None else default_cache()) / "sha256" / f"{_key({'files': stats})}.json"
+    try:
+        return json.loads(memo.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    sha = A.input_sha256(inputs)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        A.atomic_write_json(memo, {"sha256": sha, "files": stats})
+    except OSError:  # a read-only cache: hashed again next time
+        pass
+    return sha
 
 
 def open_examples(inputs: Sequence[Path | str], fields: Fields, *, require_target: bool, cache: Path | None,

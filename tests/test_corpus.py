@@ -159,3 +159,21 @@ def test_take_reads_chunk_by_chunk_in_the_asked_order():
     assert corpus.take(column, []).to_pylist() == []
     with pytest.raises(IndexError):
         corpus.take(column, [20])
+
+
+def test_the_input_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", _rows(10))
+    first = corpus.input_sha256([data], tmp_path / "c")
+    assert first == A.input_sha256([data])
+    real = A.sha256_file
+
+    def not_again(*a, **k):
+        raise AssertionError("the input was hashed again")
+
+    monkeypatch.setattr(A, "sha256_file", not_again)
+    assert corpus.input_sha256([data], tmp_path / "c") == first
+    monkeypatch.setattr(A, "sha256_file", real)
+    write_jsonl(data, _rows(11))  # another size and modification time: hashed again
+    assert corpus.input_sha256([data], tmp_path / "c") == A.input_sha256([data]) != first
+    with pytest.raises(UserError, match="no such file"):
+        corpus.input_sha256([tmp_path / "missing.jsonl"], tmp_path / "c")

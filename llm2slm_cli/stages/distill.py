@@ -53,7 +53,7 @@ def run(config: DistillConfig) -> Path:
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field,
                     template=config.template)
-    input_sha = input_sha256(config.inputs)
+    input_sha = input_sha256(config.inputs, config.data_cache)
     examples = open_examples(config.inputs, fields, require_target=config.teacher_forced, cache=config.data_cache,
                              input_sha=input_sha)
     out = Path(config.out)

@@ -42,7 +42,7 @@ def run(config: EncodeConfig) -> Path:
     """Read the prompts, then (in the main process, or each process its own shards) encode and merge."""
     A.check_out_not_input(config.out, config)  # first: --out is none of the inputs, nor holds or lies inside one
     fields = Fields(prompt=config.prompt_field, target=None, id=config.id_field, template=config.template)
-    input_sha = input_sha256(config.inputs)
+    input_sha = input_sha256(config.inputs, config.data_cache)
     examples = open_examples(config.inputs, fields, require_target=False, cache=config.data_cache,
                              input_sha=input_sha)
     out = Path(config.out)

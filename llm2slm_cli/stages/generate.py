@@ -66,7 +66,7 @@ def run(config: GenerateConfig) -> Path:
     out = Path(config.out)
     template = config.template or _checkpoint_template(Path(config.model))
     fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)
-    input_sha = input_sha256(config.inputs)
+    input_sha = input_sha256(config.inputs, config.data_cache)
     # a bad input is refused before anything is loaded or written
     examples = open_examples(config.inputs, fields, require_target=False, cache=config.data_cache,
                              input_sha=input_sha)

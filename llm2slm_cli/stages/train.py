@@ -293,7 +293,8 @@ def check_inputs(config: TrainConfig, out: Path) -> Inputs:
     max_length = store_manifest["max_length"] if store_manifest else config.max_length
     if config.count_parameters:
         return Inputs(store_manifest, template, None, None, None, None, max_length)
-    input_sha = {"inputs": input_sha256(config.inputs), "dev": input_sha256(config.dev) if config.dev else None}
+    input_sha = {"inputs": input_sha256(config.inputs, config.data_cache),
+                 "dev": input_sha256(config.dev, config.data_cache) if config.dev else None}
     train_examples = _read(config.inputs, config, template, input_sha["inputs"])
     dev_examples = _read(config.dev, config, template, input_sha["dev"]) if config.dev else None
     teacher = _teacher(config) if config.kd_weight else None
