@@ -82,16 +82,11 @@ def _show(value: Any, limit: int = 60) -> str:
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UserError("no such file", path=path) from None
-    except IsADirectoryError:
-        raise UserError("is a directory, expected a file of examples", path=path) from None
-    except OSError as e:
-        raise UserError(f"cannot read ({e.strerror or e})", path=path) from None
-    except ValueError as e:  # a NUL character in the name
-        raise UserError(f"not a valid file name ({e})", path=_show(str(path))) from None
+    with _open_binary(path) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise UserError(f"cannot read ({e.strerror or e})", path=path) from None
 
 
 # What a file that is not text usually is, by its first bytes (none of them starts a line of text).

@@ -270,7 +270,6 @@ def _stdin_prompts(text: str, config: GenerateConfig, template: str | None) -> l
 def _stored_features(path: Path, model, examples: Examples, tokens: Tokens):
     """--features: the store checked against the checkpoint's LLM (its identity, without loading it) and against
     each prompt (the token ids it was encoded from); returns features(batch) -> (batch, longest, d_llm)."""
-    import numpy as np
     import torch
 
     from llm2slm_cli.checkpoint import check_llm  # imports torch: off the import of this module
@@ -280,14 +279,7 @@ def _stored_features(path: Path, model, examples: Examples, tokens: Tokens):
         raise UserError("--features needs an LLM-to-SLM checkpoint (trained with --llm) as --model")
     store = FeatureStore(path)
     check_llm(model.llm, store.llm, f"features {path}")
-    for indices, rows in tokens.chunks("prompt_ids"):
-        for ex_id, prompt in zip(examples.ids(indices), rows):
-            if ex_id not in store:
-                raise UserError(f"example {ex_id!r} has no features in {path}: encode this file with the same "
-                                "options")
-            if not np.array_equal(store.input_ids(ex_id), prompt):
-                raise UserError(f"example {ex_id!r}: its prompt differs from the one encoded in {path} (another "
-                                "file, template or --max-length?)")
+    store.check_prompts(tokens, examples)
 
     def features(batch: list[int]):
         rows = [store.features(ex_id) for ex_id in examples.ids(batch)]

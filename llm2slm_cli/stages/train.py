@@ -102,19 +102,10 @@ def _load_split(examples: Examples, config: TrainConfig, store: Any | None, mode
                 quiet: bool) -> Split:
     """A split's tokens (corpus.py: tokenized once, then from the cache), each prompt checked against its stored
     features."""
-    import numpy as np
-
     tokens = open_tokens(examples, model.prompt_tokenizer, model.target_tokenizer, max_length=max_length,
                          max_target_length=config.max_target_length, num_proc=config.num_proc, quiet=quiet)
     if store is not None:
-        for indices, rows in tokens.chunks("prompt_ids"):
-            for ex_id, ids in zip(examples.ids(indices), rows):
-                if ex_id not in store:
-                    raise UserError(f"{what} example {ex_id!r} has no features in {store.directory}: encode this "
-                                    "file with the same options")
-                if not np.array_equal(store.input_ids(ex_id), ids):
-                    raise UserError(f"{what} example {ex_id!r}: its prompt differs from the one encoded in "
-                                    f"{store.directory} (another file, template or --max-length?)")
+        store.check_prompts(tokens, examples, what)
     return Split(tokens, store)
 
 
