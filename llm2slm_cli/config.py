@@ -614,13 +614,23 @@ class BenchConfig:
                                "one-token steps compiled by torch.compile (CUDA: CUDA graphs), as generate "
                                "--compile; the --warmup runs pay the compiling. transformers', speculative, "
                                "assisted and peer rows are unchanged.")
-    threads: int | None = opt(None, "torch CPU threads (default: torch's choice; on a busy machine fewer threads "
-                                    "than cores avoids threads spinning against other processes).")
+    threads: str | None = opt(None, "CPU threads of every row, ours and the peers' (default: torch's choice; on a "
+                                    "busy machine fewer threads than cores avoids threads spinning against other "
+                                    "processes), or auto: every row measured at 1, 2, ... up to the CPU cores this "
+                                    "process may use, and reported at its fastest with the count (column threads; "
+                                    "every count's ms/token in bench.json), since runtimes scale differently on "
+                                    "small machines.")
     seed: int = opt(0, "Seed for the random prompt token ids.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     overwrite: bool = opt(False, "Replace an existing output directory.")
     json: bool = opt(False, "Print the result table as JSON on stdout.")
     quiet: bool = opt(False, "No table or progress output.")
+
+    def thread_counts(self, available: int) -> list[int | None]:
+        """The thread counts to measure at: [None] (as they are), [N], or with auto 1..available."""
+        if self.threads is None:
+            return [None]
+        return list(range(1, available + 1)) if self.threads == "auto" else [int(self.threads)]
 
     def __post_init__(self) -> None:
         if self.slm is None or isinstance(self.slm, str):  # BenchConfig(slm="t5-small") from Python: one SLM
@@ -628,8 +638,12 @@ class BenchConfig:
         check_numbers(self)
         if not (self.llm or self.slm or self.model or self.ctranslate2 or self.llama_cpp):
             raise UserError("nothing to measure: give --llm, --slm and/or --model LABEL=DIR")
-        _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "threads", "gamma",
-                  "throughput_target_length", "peer_timeout")
+        _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "gamma", "throughput_target_length",
+                  "peer_timeout")
+        if self.threads is not None and str(self.threads) != "auto":
+            if isinstance(self.threads, bool) or not str(self.threads).isdigit() or int(self.threads) <= 0:
+                raise UserError(f"--threads takes a positive number or auto, got {self.threads!r}")
+            self.threads = str(int(self.threads))
         for name in ("throughput_batch_sizes", "throughput_lengths"):
             try:
                 values = [int(x) for x in getattr(self, name).split(",") if x.strip()]

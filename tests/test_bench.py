@@ -272,3 +272,42 @@ def test_text_prompts_cut_or_whole():
     assert ids.tolist() == [tok("0123")["input_ids"], tok("wxyz")["input_ids"]]
     with pytest.raises(UserError, match=f"2 prompts of exactly {n} tokens; 3 are needed"):
         B.text_prompts(tok, texts, 3, n, "cpu", whole=True)
+
+
+def test_threads_auto_reports_each_row_at_its_fastest_count(cli, tmp_path):
+    """--threads auto measures every row at 1..cores threads and keeps each at its fastest, with the count; every
+    count's ms/token is in bench.json."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    args = TINY[:-2]  # all but "--threads 1"
+    assert TINY[-2:] == ["--threads", "1"]
+    cli("bench", "--slm", "tiny-gpt2", *args, "--threads", "auto", "--out", tmp_path / "o", "--quiet")
+    report = json.loads((tmp_path / "o" / "bench.json").read_text())
+    by_threads = report["ms_per_token_by_threads"]
+    assert report["rows"] and len(by_threads) == len(report["rows"])
+    for row in report["rows"]:
+        counts = by_threads[f"{row['label']} | {row['part']} | batch {row['batch_size']} | {row['new_tokens']} tokens"]
+        assert sorted(map(int, counts)) == list(range(1, cores + 1))
+        assert row["ms_per_token"] == min(counts.values()) and counts[str(row["threads"])] == row["ms_per_token"]
+
+
+def test_fastest_keeps_the_quickest_measurement_and_one_error_only_where_all_failed():
+    from llm2slm_cli.stages.bench import fastest
+
+    def row(label, threads, ms, error=None):
+        return {"label": label, "part": "main", "batch_size": 1, "new_tokens": 3, "threads": threads,
+                "ms_per_token": ms, "error": error}
+
+    runs = [[row("a", 1, 9.0), row("b", 1, None, "crashed")], [row("a", 2, 7.5), row("b", 2, None, "crashed")]]
+    rows, by_threads = fastest(runs)
+    assert [(r["label"], r["threads"], r["ms_per_token"], r["error"]) for r in rows] == [
+        ("a", 2, 7.5, None), ("b", 1, None, "crashed")]
+    assert by_threads["a | main | batch 1 | 3 tokens"] == {1: 9.0, 2: 7.5}
+    assert fastest([[row("a", 1, 9.0)]]) == ([row("a", 1, 9.0)], {})
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
+def test_threads_takes_a_positive_number_or_auto(cli, value):
+    assert "--threads takes a positive number or auto" in _error(cli, "bench", "--slm", "tiny-gpt2", "--threads",
+                                                                 value, "--out", "o")

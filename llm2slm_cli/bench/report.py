@@ -20,12 +20,15 @@ COLUMNS = ["label", "role", "engine", "part", "llm", "slm", "device", "dtype", "
            "new_tokens", "num_beams", "repeats", "seconds_median", "seconds_min", "seconds_max", "ms_per_token",
            "ms_per_token_min", "ms_per_token_max", "tokens_per_s", "speedup_vs_llm", "time_vs_slm", "slm_row",
            "flops_per_token", "flops_total", "weights_mb", "cuda_peak_mb", "process_peak_rss_mb", "acceptance_rate",
-           "tokens_per_llm_call", "greedy_match", "run_seconds", "error"]
+           "tokens_per_llm_call", "greedy_match", "run_seconds", "threads", "error"]
 
 
 def write_outputs(out: Path, config: BenchConfig, rows: list[dict[str, Any]], quality: dict[str, tuple[str, float]],
                    identities: dict[str, Any], seconds: float, skipped: list[str],
-                   throughput: list[dict[str, Any]]) -> None:
+                   throughput: list[dict[str, Any]], by_threads: dict[str, dict[int, float | None]] | None = None
+                   ) -> None:
+    """bench.parquet, bench.json (with --threads auto: every row's ms/token at each thread count), the plots and
+    the manifest."""
     import pyarrow as pa
     import torch
 
@@ -37,6 +40,8 @@ def write_outputs(out: Path, config: BenchConfig, rows: list[dict[str, Any]], qu
         "quality": {k: {"metric": m, "score": v} for k, (m, v) in quality.items()},
         "skipped": skipped,
         "throughput": throughput,
+        **({"ms_per_token_by_threads": {key: {str(n): ms for n, ms in counts.items()}
+                                         for key, counts in by_threads.items()}} if by_threads else {}),
     })
     plots = [PLOT_MS_PER_TOKEN]
     plot_ms_per_token(rows, out / PLOT_MS_PER_TOKEN)
@@ -60,7 +65,7 @@ def _schema():
     import pyarrow as pa
 
     strings = {"label", "role", "engine", "part", "llm", "slm", "device", "dtype", "slm_row", "error"}
-    ints = {"batch_size", "prompt_length", "new_tokens", "num_beams", "repeats"}
+    ints = {"batch_size", "prompt_length", "new_tokens", "num_beams", "repeats", "threads"}
     fields = []
     for c in COLUMNS:
         if c == "run_seconds":

@@ -9,6 +9,7 @@ what is written).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from llm2slm_cli import artifacts as A
@@ -50,12 +51,19 @@ def run(config: BenchConfig) -> Path:
     A.check_output_dir(out, overwrite=config.overwrite, resumable=False)  # refused now; removed only when measured
     threads = torch.get_num_threads()
     verbosity = transformers.logging.get_verbosity()
+    by_threads: dict[str, dict[int, float | None]] = {}
     try:
-        if config.threads:
-            torch.set_num_threads(config.threads)
         transformers.logging.set_verbosity_error()  # fresh weights and forced lengths make generate chatty
         with runtime.timer() as clock:
-            results, identities, skipped, throughput = measure_rows(config, plans, device)
+            runs = []
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            for count in config.thread_counts(cores):
+                torch.set_num_threads(count or threads)
+                results, identities, skipped, throughput = measure_rows(config, plans, device)
+                for r in results:
+                    r["threads"] = torch.get_num_threads()
+                runs.append(results)
+            results, by_threads = fastest(runs)
         order = {label: i for i, label in enumerate(labels)}
         results.sort(key=lambda r: (r["part"] != "main", order[r["label"]], r["batch_size"] or 0, r["new_tokens"]))
         for r in results:  # peer runtimes' rows carry their own; a row that failed carries its error
@@ -65,7 +73,8 @@ def run(config: BenchConfig) -> Path:
         B.add_ratios(results, lambda r: same_spec(r["slm"]))
         rows = [{c: r[c] for c in COLUMNS} for r in results]
         A.prepare_output_dir(out, overwrite=config.overwrite, resumable=False)  # --overwrite: the old results go now
-        write_outputs(out, config, rows, quality, identities, clock["seconds"], skipped, throughput)
+        write_outputs(out, config, rows, quality, identities, clock["seconds"], skipped, throughput,
+                      by_threads if config.threads == "auto" else None)
     finally:
         transformers.logging.set_verbosity(verbosity)
         torch.set_num_threads(threads)  # a Python caller keeps its own setting
@@ -76,7 +85,33 @@ def run(config: BenchConfig) -> Path:
             runtime.say(f"not measured: {line}")
         for line in B.unsteady(rows):
             runtime.say(line)
+        for key, counts in by_threads.items():  # --threads auto: what each count gave
+            shown = ", ".join(f"{n}: {ms:.2f}" if ms is not None else f"{n}: failed" for n, ms in counts.items())
+            runtime.say(f"threads, ms/token: {key}: {shown}")
     if config.json:
         print(json.dumps(rows, indent=2))
     runtime.say(f"measured {len(plans)} rows in {clock['seconds']:.0f}s -> {out}", config.quiet)
     return out
+
+
+def row_key(r: dict) -> str:
+    """What makes a row the same measurement at another thread count."""
+    return f"{r['label']} | {r['part']} | batch {r['batch_size']} | {r['new_tokens']} tokens"
+
+
+def fastest(runs: list[list[dict]]) -> tuple[list[dict], dict[str, dict[int, float | None]]]:
+    """--threads auto: of the same row measured at each thread count, the fastest (lowest ms/token; a row that
+    failed at every count keeps its first error), and every count's ms/token per row. One run: as it is."""
+    if len(runs) == 1:
+        return runs[0], {}
+    by_threads: dict[str, dict[int, float | None]] = {}
+    best: dict[str, dict] = {}
+    for results in runs:
+        for r in results:
+            key = row_key(r)
+            ms = r.get("ms_per_token") if not r.get("error") else None
+            by_threads.setdefault(key, {})[r["threads"]] = ms
+            kept = best.get(key)
+            if kept is None or (ms is not None and (kept.get("error") or ms < kept["ms_per_token"])):
+                best[key] = r
+    return list(best.values()), by_threads
