@@ -110,10 +110,6 @@ class Examples:
     def __getitem__(self, i: int) -> Example:
         return self.rows([i])[0]
 
-    def __iter__(self) -> Iterator[Example]:
-        for start in range(0, len(self), WRITE_BATCH):
-            yield from self.rows(range(start, min(start + WRITE_BATCH, len(self))))
-
     @property
     def has_targets(self) -> bool:
         return self.table.column("target").null_count < len(self)

@@ -77,7 +77,7 @@ class ShardedRun:
         self.resuming: bool | None = None  # known once prepare() ran
         # Refused at once (another process, a non-empty --out, nothing to resume), but nothing is deleted before
         # prepare(): the stage calls it when its model and inputs have passed their checks.
-        self.finished = bool(self._on_main(lambda: self._check(overwrite, resume)))
+        self.finished = bool(self.on_main(lambda: self._check(overwrite, resume)))
         self.stop = runtime.StopOnInterrupt(quiet or not self.is_main)
 
     def _check(self, overwrite: bool, resume: bool) -> bool:
@@ -106,7 +106,7 @@ class ShardedRun:
         """Make --out ready for writing (with --overwrite the previous output is removed only now). Called by
         `plan`, or by the stage itself before it writes anything."""
         if self.resuming is None:
-            self.resuming = bool(self._on_main(lambda: self._prepare(*self._options)))
+            self.resuming = bool(self.on_main(lambda: self._prepare(*self._options)))
 
     def _prepare(self, overwrite: bool, resume: bool) -> bool:
         resuming = A.prepare_output_dir(self.out, overwrite=overwrite, resume=resume)
@@ -153,10 +153,6 @@ class ShardedRun:
 
     def on_main(self, fn) -> Any:
         """Run `fn` on the main process only; every process gets its result, or raises its UserError."""
-        return self._on_main(fn)
-
-    def _on_main(self, fn) -> Any:
-        """Run `fn` on the main process only; every process gets its result, or raises its UserError."""
         box: list[Any] = [None, None]
         if self.is_main:
             try:
@@ -174,7 +170,7 @@ class ShardedRun:
     def plan(self, plan: dict[str, Any]) -> None:
         """Prepare --out, record the plan; on --resume, refuse if it differs from the interrupted run's."""
         self.prepare()
-        self._on_main(lambda: A.resume_plan(self.out, self.plan_path.name, plan, self.resuming, self.stage))
+        self.on_main(lambda: A.resume_plan(self.out, self.plan_path.name, plan, self.resuming, self.stage))
 
     def __enter__(self) -> ShardedRun:
         self.stop.__enter__()
