@@ -24,6 +24,8 @@ from llm2slm_cli.errors import UserError
 from llm2slm_cli.runtime import say
 
 TEXT_SUFFIXES = {".txt", ".text", ".src", ".tgt"}
+# rows of a table made Python objects at a time (a table of millions of rows never becomes one list)
+TABLE_BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -336,24 +338,57 @@ def _read_parquet(path: Path):
     return table
 
 
-def _records_table(table, path: Path) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+def _records_table(table, path: Path, row0: int = 0) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+    """The rows of a table (or of one record batch of a larger one, whose first row is `row0`) as records, a
+    batch of TABLE_BATCH rows made Python objects at a time."""
     import pyarrow as pa
 
     conversion_errors = (pa.ArrowException, ValueError, OverflowError, UnicodeDecodeError)
+    for start in range(0, table.num_rows, TABLE_BATCH):
+        part = table.slice(start, TABLE_BATCH)
+        try:
+            rows = part.to_pylist()
+        except conversion_errors as e:  # find the value: invalid UTF-8 in a string column, a date out of range ...
+            for column in part.column_names:
+                for row, value in enumerate(part.column(column), row0 + start):
+                    try:
+                        value.as_py()
+                    except UnicodeDecodeError:
+                        raise UserError("invalid UTF-8 in a string column", path=path, row=row,
+                                        field=column) from None
+                    except conversion_errors as bad:
+                        raise UserError(f"unreadable value ({bad})", path=path, row=row, field=column) from None
+            raise UserError(f"unreadable values ({e})", path=path) from None
+        for row, rec in enumerate(rows, row0 + start):
+            yield {"row": row}, rec
+
+
+def _records_parquet_stream(path: Path) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+    """A Parquet file's rows, one record batch at a time (train --streaming: the file is never read whole)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        _read_bytes(path)
     try:
-        rows = table.to_pylist()
-    except conversion_errors as e:  # find the value: invalid UTF-8 in a string column, a date out of range ...
-        for column in table.column_names:
-            for row, value in enumerate(table.column(column)):
-                try:
-                    value.as_py()
-                except UnicodeDecodeError:
-                    raise UserError("invalid UTF-8 in a string column", path=path, row=row, field=column) from None
-                except conversion_errors as bad:
-                    raise UserError(f"unreadable value ({bad})", path=path, row=row, field=column) from None
-        raise UserError(f"unreadable values ({e})", path=path) from None
-    for row, rec in enumerate(rows):
-        yield {"row": row}, rec
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UserError(f"not a readable Parquet file ({e})", path=path) from None
+    names = parquet.schema_arrow.names
+    for column in names:
+        if names.count(column) > 1:
+            raise UserError(f"column {_show(column)} appears twice", path=path)
+    row0 = 0
+    batches = parquet.iter_batches(batch_size=TABLE_BATCH)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise UserError(f"not a readable Parquet file ({e})", path=path) from None
+        if batch is None:
+            return
+        yield from _records_table(pa.Table.from_batches([batch]), path, row0)
+        row0 += batch.num_rows
 
 
 def dataset_source(spec: str) -> tuple[Path, str | None] | None:
@@ -418,12 +453,12 @@ def hf_dataset_parts(spec: str) -> tuple[str, str | None, str]:
     return parts[0], parts[1] if len(parts) > 2 else None, parts[-1] if len(parts) > 1 else "train"
 
 
-def _records_hf(spec: str) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+def _records_hf(spec: str, streaming: bool = False) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
     name, config, split = hf_dataset_parts(spec)
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as e:  # the hub's errors are many and all mean "cannot get this dataset"
         raise UserError(f"cannot load Hugging Face dataset {spec!r}: {e}") from None
     for row, rec in enumerate(ds):
@@ -441,10 +476,11 @@ def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
 
 
 def iter_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *, require_target: bool = False,
-                  unique: bool = True) -> Iterator[Example]:
+                  unique: bool = True, streaming: bool = False) -> Iterator[Example]:
     """read_examples one example at a time: JSON Lines and text files are read line by line, so an input larger
     than memory streams through. `unique=False` leaves the check that ids are unique to the caller (a set of every
-    id is what costs memory at millions of examples: corpus.py checks their hashes instead)."""
+    id is what costs memory at millions of examples: corpus.py checks their hashes instead). `streaming` reads
+    Parquet files a record batch at a time and hub datasets with datasets' streaming (train --streaming)."""
     inputs = [str(p) for p in inputs]
     if not inputs or len(inputs) > 2:
         raise UserError("give one input file (JSONL, JSON, Parquet, CSV, TSV, text) or two line-aligned text "
@@ -454,7 +490,7 @@ def iter_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *, re
         return
     src = inputs[0]
     if src.startswith("hf:"):
-        yield from _examples(_records_hf(src), src, fields, require_target, unique)
+        yield from _examples(_records_hf(src, streaming), src, fields, require_target, unique)
         return
     dataset = dataset_source(src)
     if dataset is not None:
@@ -472,7 +508,7 @@ def iter_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *, re
     elif suffix == ".json":
         records = _records_json(path)
     elif suffix == ".parquet":
-        records = _records_table(_read_parquet(path), path)
+        records = _records_parquet_stream(path) if streaming else _records_table(_read_parquet(path), path)
     elif suffix == ".csv":
         records = _records_csv(path, ",")
     elif suffix == ".tsv":
