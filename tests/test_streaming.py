@@ -150,3 +150,33 @@ def test_a_bad_record_far_into_the_stream_keeps_the_checkpoints_written_before_i
     msg = error_line(cli, "train", bad, *ARGS, "--shuffle-buffer", "1", "--save-every", "1", "--out", run)
     assert msg.startswith(f"{bad}, line 13: malformed JSON"), msg
     assert (run / "step-000002").is_dir() and not (run / "final").exists()
+
+
+@pytest.mark.parametrize("kind", ["jsonl-no-ids", "text", "pairs", "csv", "parquet"])
+def test_skipping_gives_the_rest_of_the_input_with_its_numbering_and_places(corpus, tmp_path, kind):
+    """What a resume reads: iter_examples(skip=k) is the input's examples from the k-th on, the same ids (numbered
+    from 0 where records have none), places and texts, whether lines are passed over unparsed or read."""
+    from llm2slm_cli.data import iter_examples
+
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    fields = Fields(prompt="src", target="tgt", id=None)
+    if kind == "jsonl-no-ids":
+        inputs = [write_jsonl(tmp_path / "t.jsonl", [{"src": r["src"], "tgt": r["tgt"]} for r in rows])]
+        (tmp_path / "t.jsonl").write_text("\n" + (tmp_path / "t.jsonl").read_text().replace("\n", "\n\n", 3))
+    elif kind == "text":
+        (tmp_path / "t.txt").write_text("".join(r["src"] + "\n" for r in rows))
+        inputs, fields = [tmp_path / "t.txt"], Fields(prompt="src", target=None, id=None)
+    elif kind == "pairs":
+        (tmp_path / "t.en").write_text("".join(r["src"] + "\n" for r in rows))
+        (tmp_path / "t.de").write_text("".join(r["tgt"] + "\n" for r in rows))
+        inputs = [tmp_path / "t.en", tmp_path / "t.de"]
+    elif kind == "csv":
+        (tmp_path / "t.csv").write_text("src,tgt\n" + "".join(f"{r['src']},{r['tgt']}\n" for r in rows))
+        inputs = [tmp_path / "t.csv"]
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+        inputs = [tmp_path / "t.parquet"]
+    everything = list(iter_examples(inputs, fields, streaming=True))
+    assert len(everything) == 13
+    for k in (1, 5, 12, 13):
+        assert list(iter_examples(inputs, fields, streaming=True, skip=k)) == everything[k:], k
