@@ -180,3 +180,20 @@ def test_skipping_gives_the_rest_of_the_input_with_its_numbering_and_places(corp
     assert len(everything) == 13
     for k in (1, 5, 12, 13):
         assert list(iter_examples(inputs, fields, streaming=True, skip=k)) == everything[k:], k
+
+
+def test_feature_statistics_come_from_the_first_examples_of_the_input_as_without_streaming(cli, corpus, tmp_path):
+    """--feature-norm standardize reads the first examples in the input's order, not the stream's: the projector's
+    fixed statistics equal a run without --streaming's, whatever the shuffle."""
+    # more examples than the statistics read (512), so the stream's first ones are another set than the input's
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"]
+    big = write_jsonl(tmp_path / "big.jsonl", [{"src": " ".join(words[(i * 3 + j) % 7] for j in range(1 + i % 6)),
+                                                "tgt": "xy"} for i in range(600)])
+    options = ["--llm", "tiny-t5", "--prompt-field", "src", "--target-field", "tgt", "--feature-norm", "standardize",
+               "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "1", "--quiet"]
+    cli("train", big, "--slm", "tiny-gpt2", *options, "--out", tmp_path / "plain")
+    cli("train", big, "--slm", "tiny-gpt2", *options, "--streaming", "--shuffle-buffer", "300", "--out",
+        tmp_path / "streamed")
+    a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("plain", "streamed"))
+    for name in ("projector.feature_shift", "projector.feature_scale"):
+        assert (a[name] == b[name]).all() and a[name].abs().sum() > 0, name
