@@ -17,6 +17,9 @@ from typing import Any
 
 from llm2slm_cli.errors import UserError
 
+# generate/bench/serve --quantize (quantize.py says what each does; config.py imports only errors)
+QUANTIZE_CHOICES = ["none", "int8-weight", "int8-dynamic", "int8", "int8-body"]
+
 # `--help` groups a command's options under these headings (`panel`), in this order, each option in its declared
 # place; the shared run options (`last`) are RUN's; options without a panel come first, under "Options".
 DATA, MODEL, LLM2SLM, PEFT_KD = "Data", "Model", "LLM-to-SLM", "PEFT and distillation"
@@ -450,13 +453,16 @@ class GenerateConfig(DecodingOptions, ExampleFields, ShardedStageOptions):
     dtype: str = opt("float32", "Precision of a plain model, of a checkpoint's SLM and projector (its LLM keeps the "
                                 "precision it was trained with) and of --verifier.",
                      choices=["float32", "bfloat16", "float16"])
-    quantize: str = opt("none", "CPU decoding with int8 weights (torch's dynamic quantization, per output channel): "
-                                "int8: every Linear of the SLM (GPT2's Conv1D too) and of the LLM's encoder, with "
-                                "the output head; int8-body: the head stays float32. Embeddings stay float32. "
-                                "Activations are scaled per batch, so outputs can depend on the batch: greedy and "
-                                "beam outputs differed for 4 of 24 test inputs between --batch-size 1 and 8 "
-                                "(float32: none); use --batch-size 1 where that matters.",
-                        choices=["none", "int8", "int8-body"])
+    quantize: str = opt("none", "CPU decoding with int8 weights, one scale per output channel, of every Linear of "
+                                "the SLM (GPT2's Conv1D too) and of the LLM's encoder, the head included; "
+                                "embeddings stay float32. int8-weight: torchao weight-only, activations float32 "
+                                "(outputs close to float32's; fast with --compile, which fuses its int8 products); "
+                                "int8-dynamic: torchao, activations quantized per row too; int8 and int8-body (head "
+                                "float32): torch.ao's deprecated dynamic quantization, eager only, the fallback "
+                                "without torchao; it scales activations per batch, so its outputs can depend on the "
+                                "batch (use --batch-size 1 where that matters). torchao: pip install "
+                                "'llm2slm-cli[int8]'.",
+                        choices=QUANTIZE_CHOICES)
     compile: bool = opt(False, "Decode with a static KV cache (prompt + --max-new-tokens) and the one-token steps "
                                "compiled by torch.compile (CUDA: CUDA graphs); the same greedy output. Each new "
                                "batch shape compiles again (tens of seconds on a CPU).")
@@ -631,7 +637,7 @@ class BenchConfig:
     quantize: str = opt("none", "CPU: int8 weights for every model our rows decode with, as generate --quantize "
                                 "(the LLM, each SLM, LLM-to-SLM's SLM and LLM, --model checkpoints; int8-body keeps "
                                 "the heads float32). --compare rows decode the same quantized modules.",
-                        choices=["none", "int8", "int8-body"])
+                        choices=QUANTIZE_CHOICES)
     compile: bool = opt(False, "Our decoding rows (LLM, SLM, LLM-to-SLM, --model) decode with a static KV cache and "
                                "one-token steps compiled by torch.compile (CUDA: CUDA graphs), as generate "
                                "--compile; the --warmup runs pay the compiling. transformers', speculative, "
@@ -755,9 +761,9 @@ class ServeConfig:
                                        "prompts are cut to their first tokens, as `generate` cuts them (the "
                                        "response's X-Prompt-Truncated header says so).")
     dtype: str = opt("float32", "Precision of a plain model or verifier.", choices=["float32", "bfloat16", "float16"])
-    quantize: str = opt("none", "CPU decoding with int8 weights, as `generate --quantize` (not with --draft); a "
-                                "request's output can then depend on the requests batched with it.",
-                        choices=["none", "int8", "int8-body"])
+    quantize: str = opt("none", "CPU decoding with int8 weights, as `generate --quantize` (not with --draft); with "
+                                "int8 and int8-body a request's output can depend on the requests batched with it.",
+                        choices=QUANTIZE_CHOICES)
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     quiet: bool = opt(False, "No access log.")
 

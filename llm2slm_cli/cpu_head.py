@@ -55,7 +55,8 @@ def prepare(model: nn.Module) -> None:
     narrow heads stay as they are)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None else None
-    if type(head) is nn.Linear and head.out_features >= MIN_VOCAB:
+    # a torchao-quantized head is an nn.Linear whose weight is a tensor subclass (its own kernels): left alone
+    if type(head) is nn.Linear and head.out_features >= MIN_VOCAB and type(head.weight) is nn.Parameter:
         head.__class__ = WideHead
 
 

@@ -318,12 +318,15 @@ def _static_layers(cache, fn, *, self_attention_only: bool = False) -> None:
 
 def compiled_forward(model):
     """`model`'s forward through torch.compile, made once per model: mode reduce-overhead (CUDA graphs) on CUDA,
-    inductor's default elsewhere."""
+    inductor's default elsewhere. The step's guards skip the model's modules and parameters: a model set to decode
+    compiled is not changed afterwards (quantization comes first, generation._decode_as), and checking every
+    module attribute on every step cost a T5-Small step 2 ms on a CPU (docs/BENCHMARKS.md)."""
     compiled = model.__dict__.get("_llm2slm_compiled")
     if compiled is None:
         device = next(model.parameters()).device
         compiled = torch.compile(model.forward, mode="reduce-overhead" if device.type == "cuda" else None,
-                                 fullgraph=False)
+                                 fullgraph=False,
+                                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         model.__dict__["_llm2slm_compiled"] = compiled
     return compiled
 

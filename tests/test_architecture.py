@@ -20,7 +20,8 @@ LAYERS = {
     "configs": ["config"],
     "library": ["generation", "sharding", "corpus", "streaming", "features", "teacher", "batching", "quantize", "judge",
                 "pydoc_task", "hf_format", "model_card"],
-    "model": ["checkpoint", "llm2slm", "peft_baselines", "kd", "decoding", "continuous", "padding", "cpu_head"],
+    "model": ["checkpoint", "llm2slm", "peft_baselines", "kd", "decoding", "continuous", "padding", "cpu_head",
+              "int8_linear"],
     "foundations": ["surgery", "fingerprints", "loading", "presets", "data", "runtime", "validation", "artifacts",
                     "errors", "version"],
     "remote code": ["remote_code", "remote_code.*"],
@@ -174,6 +175,7 @@ def test_configs_depend_only_on_the_error_types():
 # the model code: these import torch at module level, and so does whatever imports them at module level; and the
 # model code an export carries for transformers (torch and transformers, nothing of this package)
 TORCH_AT_IMPORT = {"llm2slm_cli.checkpoint", "llm2slm_cli.continuous", "llm2slm_cli.cpu_head", "llm2slm_cli.decoding",
+                   "llm2slm_cli.int8_linear",
                    "llm2slm_cli.kd", "llm2slm_cli.llm2slm", "llm2slm_cli.remote_code.configuration_llm2slm",
                    "llm2slm_cli.remote_code.modeling_llm2slm"}
 

@@ -119,7 +119,7 @@ def _quantize(s: Session, model: Any) -> None:
     if isinstance(model, LLMToSLM):
         quantize_model(model, s.config.quantize)
     else:
-        quantize_linears(model, skip=kept_float(model, s.config.quantize == "int8"))
+        quantize_linears(model, skip=kept_float(model, s.config.quantize != "int8-body"), quantize=s.config.quantize)
 
 
 def _load_llm(s: Session):

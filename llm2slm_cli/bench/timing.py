@@ -245,11 +245,15 @@ def count_flops(row: Row, ids: Any, mask: Any, n: int, *, num_beams: int) -> int
 def weight_bytes(modules: list[Any]) -> int:
     """Bytes of every parameter and buffer of the row's models (tied or shared tensors counted once), and of the
     packed weights of int8 (dynamically quantized) Linears, which are neither: their int8 weight, per-channel scales
-    and zero points, and bias."""
+    and zero points, and bias. A torchao int8 weight (a tensor subclass that reports its float dtype) counts its
+    int8 data, scales and zero points."""
     seen: dict[tuple[Any, ...], int] = {}
     for module in modules:
         for t in [*module.parameters(), *module.buffers()]:
-            seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+            parts = [getattr(t, n, None) for n in ("qdata", "scale", "zero_point")] if hasattr(t, "qdata") else [t]
+            for p in parts:
+                if p is not None:
+                    seen[(p.data_ptr(), p.numel())] = p.numel() * p.element_size()
         for m in module.modules():
             if getattr(m, "_packed_params", None) is not None and callable(getattr(m, "weight", None)):
                 seen[("packed", id(m))] = _packed_bytes(m)

@@ -67,7 +67,7 @@ def run(config: ServeConfig) -> None:
     import uvicorn
 
     app, serving = build(config)
-    if config.quantize != "none":
+    if config.quantize in ("int8", "int8-body"):
         print(f"warning: --quantize {config.quantize} scales activations per batch, so a request's output can depend "
               "on the requests batched with it (float32 does not)", file=sys.stderr)
 
