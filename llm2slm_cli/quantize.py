@@ -165,6 +165,9 @@ def _torchao_quantize(root, names: set[str], quantize: str) -> None:
     from llm2slm_cli import int8_linear  # imports torch: off the import of this module
 
     q = torchao_quantization()
+    # torch.compile notes, once per process, that torchao's Int8Tensor has no stable hash for its autograd cache:
+    # nothing a user can act on (the graph is compiled all the same)
+    warnings.filterwarnings("ignore", message="Int8Tensor does not implement _stable_hash_for_caching")
     config = (q.Int8WeightOnlyConfig(set_inductor_config=False) if quantize == "int8-weight" else
               q.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
     with torch.no_grad():
