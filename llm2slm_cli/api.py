@@ -509,8 +509,9 @@ def load(model: str | Path, *, draft: str | Path | None = None, gamma: int = 4, 
     checkpoint), speculative decoding: `model` is the LLM that verifies and the output is its own.
 
     `template` replaces the checkpoint's training template; `chat_template` (Jinja text or a file) the tokenizer's.
-    `quantize` ("int8", or "int8-body" with a float32 head) decodes on a CPU with int8 weights; `compile` with a
-    static cache and compiled steps (`llm2slm generate --quantize`, `--compile`).
+    `quantize` decodes on a CPU with int8 weights: "int8-weight" (torchao, weight-only), "int8-dynamic" (torchao),
+    or torch.ao's deprecated "int8" / "int8-body" (float32 head) fallback (quantize.py); `compile` with a static cache
+    and compiled steps (`llm2slm generate --quantize`, `--compile`).
     """
     from llm2slm_cli.checkpoint import read_model_config  # imports torch: off the import of this module
 

@@ -3,6 +3,8 @@ plain Linear everywhere else."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -66,11 +68,14 @@ def test_prepare_marks_only_a_plain_wide_head_and_keeps_its_tie():
     cpu_head.prepare(narrow)
     assert type(wide.lm_head) is cpu_head.WideHead and type(narrow.lm_head) is torch.nn.Linear
     assert wide.lm_head.weight is wide.transformer.wte.weight and set(wide.state_dict()) == before
-    quantized = torch.ao.quantization.quantize_dynamic(
-        GPT2LMHeadModel(GPT2Config(vocab_size=cpu_head.MIN_VOCAB, n_embd=32, n_layer=1, n_head=2,
-                                   tie_word_embeddings=False)), {torch.nn.Linear}, dtype=torch.qint8)
-    cpu_head.prepare(quantized)
-    assert type(quantized.lm_head) is not cpu_head.WideHead
+    from llm2slm_cli.quantize import quantize_linears
+
+    for mode in ("int8", "int8-weight") if importlib.util.find_spec("torchao") else ("int8",):
+        quantized = GPT2LMHeadModel(GPT2Config(vocab_size=cpu_head.MIN_VOCAB, n_embd=32, n_layer=1, n_head=2,
+                                               tie_word_embeddings=False))
+        quantize_linears(quantized, quantize=mode)  # torch.ao's packed Linear; torchao's tensor-subclass weight
+        cpu_head.prepare(quantized)
+        assert type(quantized.lm_head) is not cpu_head.WideHead, mode
 
 
 def test_our_greedy_loop_with_a_wide_head_takes_the_fast_path_and_gives_transformers_tokens(monkeypatch):
