@@ -11,8 +11,8 @@ projector (it runs once per prompt), and with "int8-body" the output head.
   step's products are fused int8 loops (int8_linear.py); without it each call dequantizes its weight (slow: for
   memory, not speed).
 - "int8-dynamic": torchao's Int8DynamicActivationInt8WeightConfig: activations quantized per row on every call, int8
-  products (torchao's own kernels, compiled with --compile). Gemma-family outputs suffer (the large channels take
-  the 8-bit range).
+  products (torchao's own kernels, compiled with --compile). Gemma-family outputs may suffer as torch.ao's did (the
+  large channels take the 8-bit range; per-row scales were not measured on them).
 - "int8", "int8-body" (head float32): torch.ao's quantize_dynamic (fbgemm kernels, eager only, activations scaled per
   tensor): deprecated by torch in favour of torchao and kept as a fallback for machines without torchao; its
   deprecation notices are silenced here. It moves Gemma-family outputs far from float32's (docs/BENCHMARKS.md).
@@ -30,6 +30,8 @@ QUANTIZE_CHOICES = ["none", "int8-weight", "int8-dynamic", "int8", "int8-body"]
 TORCHAO = ("int8-weight", "int8-dynamic")  # through torchao.quantization.quantize_
 LEGACY = ("int8", "int8-body")  # through torch.ao.quantization.quantize_dynamic (deprecated)
 TORCHAO_INSTALL = "pip install 'llm2slm-cli[int8]' (torchao)"
+
+
 def check_quantize(quantize: str, *, device: Any, dtype: str = "float32") -> None:
     """Refuse what int8 decoding cannot do: another device than the CPU, or weights in half precision."""
     if quantize == "none":
