@@ -41,7 +41,8 @@ def load_generator(config: GenerateConfig, device):
     return open_model(config.model, llm=config.llm, speculative=config.speculative, verifier=config.verifier,
                       gamma=config.gamma, seed=config.seed, dtype=config.dtype, tokenizer=config.tokenizer,
                       device=device, quantize=config.quantize, compile=config.compile,
-                      llm_weights="lazy" if config.features else "encoder")  # stored features: no LLM weights
+                      llm_weights="lazy" if config.features else "encoder",  # stored features: no LLM weights
+                      backend=config.backend, gguf=config.gguf)
 
 
 def _checkpoint_template(path: Path) -> str | None:
