@@ -24,7 +24,8 @@ from llm2slm_cli import fingerprints, runtime
 from llm2slm_cli import loading as M
 from llm2slm_cli.data import length_sorted_batches, pad
 from llm2slm_cli.errors import UserError
-from llm2slm_cli.llama_backend import open_backend
+from llm2slm_cli.gguf_export import check_exportable
+from llm2slm_cli.llama_backend import gguf_path, open_backend
 from llm2slm_cli.llama_backend import require as require_llama_cpp
 from llm2slm_cli.padding import right_to_left, strip_generated
 from llm2slm_cli.quantize import check_decode_options, check_quantize, quantize_model
@@ -221,7 +222,7 @@ def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, 
 
     path = Path(spec)
     if backend == "llama-cpp":
-        _check_llama_cpp(path, speculative=speculative, dtype=dtype, quantize=quantize, compile=compile)
+        gguf = _check_llama_cpp(path, gguf, speculative=speculative, dtype=dtype, quantize=quantize, compile=compile)
     check_decode_options(quantize=quantize, compile=compile, speculative=speculative)
     check_quantize(quantize, device=device, dtype=dtype)
     if speculative and not is_checkpoint(path):
@@ -256,8 +257,11 @@ def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, 
 # ------------------------------------------------------------------------------------- --backend llama-cpp
 
 
-def _check_llama_cpp(path: Path, *, speculative: bool, dtype: str, quantize: str, compile: bool) -> None:
-    """--backend llama-cpp: what it does not combine with, before anything is loaded."""
+def _check_llama_cpp(path: Path, gguf: str | Path | None, *, speculative: bool, dtype: str, quantize: str,
+                     compile: bool) -> Path:
+    """--backend llama-cpp: what it does not combine with, and its GGUF file, before anything is loaded."""
+    from llm2slm_cli.checkpoint import read_model_config  # imports torch: off the import of this module
+
     require_llama_cpp()
     if not is_checkpoint(path):
         raise UserError("--backend llama-cpp decodes a checkpoint from `train` or `export` (its LLM and projector "
@@ -267,6 +271,9 @@ def _check_llama_cpp(path: Path, *, speculative: bool, dtype: str, quantize: str
     if asked:
         raise UserError(f"--backend llama-cpp: not with {', '.join(asked)} (the GGUF's quantization is the SLM's "
                         "precision; the LLM and projector run in float32)")
+    check_exportable(read_model_config(path), A.read_json_or_none(path / A.SLM_CONFIG, "model_type"),
+                     "--backend llama-cpp")
+    return gguf_path(path, gguf)
 
 
 def _cast(model, dtype: str, path: Path):

@@ -16,6 +16,7 @@ torch and the model code are imported inside the functions that use them."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +251,7 @@ def _quantize(source: Path, path: Path, quantization: str, threads: int) -> None
     import llama_cpp
     from llama_cpp import _logger
 
-    _logger.set_verbose(False)  # llama.cpp logs every tensor it quantizes
+    _logger.logger.setLevel(logging.CRITICAL)  # llama.cpp logs every tensor it quantizes (llama_backend._library)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _LLAMA_FTYPES[quantization]
     params.nthread = max(1, threads)

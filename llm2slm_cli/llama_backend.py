@@ -5,9 +5,10 @@ The checkpoint builds the fused prompt P = q(f(X)) + E_X exactly as our own loop
 so Gemma's sqrt(d) embedding scale is already in E_X); P goes into one llama.cpp batch as embeddings (`embd`,
 which llama.cpp's gemma3 graph does not scale again), each prompt its own sequence at positions 0..m-1; the last
 position's logits give the first token, and from then on every step is a batch of token ids, one per unfinished
-row, decoded by llama.cpp over its own KV cache. Greedy as decoding.decode does it: the end token is banned before
-`min_new_tokens`, suppressed ids never come, a row ends at the end token (or when the streamer stops it), and the
-ids are the SLM's own (a trimmed vocabulary's), mapped back to the tokenizer's at the end.
+row, decoded by llama.cpp over its own KV cache. Greedy or sampled as decoding.decode does it (its bans and
+warpers): the end token is banned before `min_new_tokens`, suppressed ids never come, a row ends at the end token (or
+when the streamer stops it), and the ids are the SLM's own (a trimmed vocabulary's), mapped back to the tokenizer's
+at the end. Beam search and the repetition controls stay with our loop (--backend torch).
 
 The GGUF is `export --gguf`'s (gguf_export.py): its id map and weights fingerprint are checked against the
 checkpoint before anything runs. A float32 GGUF gets a float32 KV cache (what our float32 loop keeps), others
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -115,15 +117,16 @@ class LlamaCppSLM:
 
     def generate(self, prompt_ids, prompt_mask, features=None, *, streamer=None, seeds=None,
                  **generation: Any) -> list[list[int]]:
-        """Token ids of the responses (without the end token) for right-padded prompts, greedy; `streamer`
-        (decoding.Streamer) sees the tokenizer ids of each step; `seeds` are ignored (nothing is sampled)."""
+        """Token ids of the responses (without the end token) for right-padded prompts, greedy or sampled; `streamer`
+        (decoding.Streamer) sees the tokenizer ids of each step; `seeds` (one per prompt): sampling draws each row
+        from a generator of its own seed, as our loop does (decoding.row_generators)."""
         import torch
 
         search = self._search(generation)
         with torch.inference_mode():
             p = self.model.prompt_embeddings(prompt_ids, prompt_mask, features).float().cpu()
-        lengths = [int(n) for n in prompt_mask.sum(1).tolist()]
-        out = self._greedy(p, lengths, search, streamer)
+            lengths = [int(n) for n in prompt_mask.sum(1).tolist()]
+            out = self._steps(p, lengths, search, streamer, seeds)
         ids = self.model.tokenizer_ids(torch.tensor(out, dtype=torch.long))
         return strip_generated(ids, self.config.eos_token_id, self.config.pad_token_id)
 
@@ -131,15 +134,21 @@ class LlamaCppSLM:
         search = self.model.decoding_search(generation, "cpu")
         asked = [] if search is not None else ["options only transformers' generate does"]
         if search is not None:
-            asked += [name for name, on in (("sampling", search.do_sample), ("beam search", search.num_beams > 1),
+            asked += [name for name, on in (("beam search", search.num_beams > 1),
                                             ("--repetition-penalty", search.repetition_penalty != 1.0),
                                             ("--no-repeat-ngram-size", search.no_repeat_ngram_size > 0)) if on]
         if asked:
-            raise UserError(f"--backend llama-cpp decodes greedily: not with {', '.join(asked)} (use --backend "
-                            "torch)")
+            raise UserError(f"--backend llama-cpp decodes greedily or samples: not with {', '.join(asked)} (use "
+                            "--backend torch)")
         return search
 
-    def _greedy(self, p, lengths: list[int], search, streamer) -> list[list[int]]:
+    def _steps(self, p, lengths: list[int], search, streamer, seeds) -> list[list[int]]:
+        """decoding.decode's greedy and sampling loop (its bans and warpers, `decoding._ban`/`_process`/`_draw`, so
+        both loops pick alike from the same scores), each step's logits from llama.cpp."""
+        import torch
+
+        from llm2slm_cli import decoding  # the model code imports torch: off the import of this module
+
         np, lib = self._np, self._lib
         batch, n = len(lengths), search.max_new_tokens
         self._context(batch, max(lengths) + n)
@@ -154,43 +163,42 @@ class LlamaCppSLM:
         pos = np.concatenate([np.arange(m, dtype=np.int32) for m in lengths])
         last = np.cumsum(lengths) - 1
         self._decode(self._prompt_batch, embd, None, pos, seq, last)
-        logits = [self._logits(int(i)) for i in last]
-        out = np.full((batch, n), search.pad_token_id, dtype=np.int64)
-        done = np.zeros(batch, dtype=bool)
+        logits = torch.stack([self._logits(int(i)) for i in last])
+        generators = decoding.row_generators(seeds, "cpu") if search.do_sample else None
+        out = torch.full((batch, n), search.pad_token_id, dtype=torch.long)
+        done = torch.zeros(batch, dtype=torch.bool)
+        alive = torch.arange(batch)
         eos = search.eos_token_id
         t = 0
         for t in range(n):
-            alive = np.flatnonzero(~done)
-            for j, row in enumerate(alive):
-                scores = logits[j]
-                if search.suppress:
-                    scores[list(search.suppress)] = -np.inf
-                if t < search.min_new_tokens and eos is not None:
-                    scores[eos] = -np.inf
-                out[row, t] = int(np.argmax(scores))
+            scores = logits  # the rows in `alive`, in order
+            decoding._ban(scores, search, t)
+            if search.do_sample:
+                probs = decoding._process(scores, search.temperature, search.top_p, [], top_k=search.top_k)
+                token = decoding._draw(probs, [generators[i] for i in alive] if generators else None)
+            else:
+                token = scores.argmax(-1)
+            out[alive, t] = token
             if eos is not None:
-                done |= out[:, t] == eos
+                done[alive] |= token == eos
             if streamer is not None:
-                stop = streamer(self.model.tokenizer_ids(_tensor(out[:, t: t + 1])))
+                stop = streamer(self.model.tokenizer_ids(out[:, t: t + 1]))
                 if stop is not None:
-                    done |= np.asarray([bool(s) for s in stop])
-            if t == n - 1 or done.all():
+                    done |= torch.as_tensor(stop, dtype=torch.bool)
+            if t == n - 1 or bool(done.all()):
                 break
-            alive = np.flatnonzero(~done)  # finished rows take no more steps (our loop's are padding)
-            self._decode(self._token_batch, None, out[alive, t].astype(np.int32),
-                         (np.asarray(lengths)[alive] + t).astype(np.int32), alive.astype(np.int32),
+            alive = torch.nonzero(~done).flatten()  # finished rows take no more steps (in our loop: padding)
+            self._decode(self._token_batch, None, out[alive, t].numpy().astype(np.int32),
+                         (np.asarray(lengths)[alive.numpy()] + t).astype(np.int32), alive.numpy().astype(np.int32),
                          np.arange(len(alive)))
-            logits = [self._logits(j) for j in range(len(alive))]
-        # rows that ended: padding after their end token (decoding.decode's layout); strip_generated cuts there
-        for row in range(batch):
-            ends = np.flatnonzero(out[row, : t + 1] == eos) if eos is not None else []
-            if len(ends):
-                out[row, ends[0] + 1:] = search.pad_token_id
+            logits = torch.stack([self._logits(j) for j in range(len(alive))])
         return out[:, : t + 1].tolist()
 
     def _logits(self, i: int):
+        import torch
+
         ptr = self._lib.llama_get_logits_ith(self._ctx, i)
-        return self._np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(self._np.float32, copy=True)
+        return torch.from_numpy(self._np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(self._np.float32))
 
     def _decode(self, b, embd, tokens, pos, seq, outputs) -> None:
         np, lib = self._np, self._lib
@@ -271,7 +279,9 @@ def _library():
     import llama_cpp
     from llama_cpp import _logger
 
-    _logger.set_verbose(False)  # llama.cpp logs every tensor and setting it loads
+    # llama.cpp logs every tensor and setting it loads; llama-cpp-python 0.3.36 maps ggml's newer log levels one off
+    # (its warnings come out as errors), so only level CRITICAL keeps them quiet: our errors are raised, not logged
+    _logger.logger.setLevel(logging.CRITICAL)
     llama_cpp.llama_backend_init()
     return llama_cpp
 

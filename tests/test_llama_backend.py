@@ -135,10 +135,15 @@ def test_generate_and_the_api_take_the_backend(cli, checkpoints, toy_files, tmp_
     assert [r["prediction"] for r in llama_rows] == [r["prediction"] for r in torch_rows]
     manifest = json.loads((tmp_path / "llama-cpp" / "manifest.json").read_text())
     assert manifest["model"]["backend"] == "llama-cpp" and manifest["model"]["gguf_quantization"] == "f32"
-    model = load(exported, backend="llama-cpp")
+    model, ours = load(exported, backend="llama-cpp"), load(exported)
     streamed: list[str] = []
-    [result] = model.complete(["alpha beta"], max_new_tokens=12, on_text=lambda i, text: streamed.append(text))
-    assert "".join(streamed) == result.text == load(exported).complete(["alpha beta"], max_new_tokens=12)[0].text
+    [result] = model.complete(["alpha beta"], num_beams=1, max_new_tokens=12,
+                              on_text=lambda i, text: streamed.append(text))
+    assert "".join(streamed) == result.text == ours.complete(["alpha beta"], num_beams=1, max_new_tokens=12)[0].text
+    # sampling draws each prompt from its own seed's generator, as our loop does, over the same scores
+    sampled = {"sample": True, "temperature": 1.5, "top_p": 0.95, "seed": 7, "max_new_tokens": 12}
+    assert [r.token_ids for r in model.complete(PROMPTS, **sampled)] == \
+        [r.token_ids for r in ours.complete(PROMPTS, **sampled)]
 
 
 def test_bench_times_the_llama_cpp_backend_row(cli, checkpoints, tmp_path):
@@ -182,6 +187,6 @@ def test_bad_input_is_refused_in_one_line(cli, checkpoints, toy_files, tmp_path)
     mine = _export(cli, checkpoints["llama"], tmp_path / "mine", "f32")
     line = error_line(cli, "generate", "--model", mine, "--prompt", "alpha", "--backend", "llama-cpp",
                       "--num-beams", 4)
-    assert "greedily" in line and "beam search" in line
+    assert "greedily or samples" in line and "beam search" in line
     line = error_line(cli, "generate", "--model", "preset:tiny-llama", "--prompt", "alpha", "--backend", "llama-cpp")
     assert "checkpoint" in line
