@@ -5,21 +5,23 @@ and speed, every step a `llm2slm` command.
         --whole-gguf gemma-3-270m-q4_k_m.gguf --out runs/llama-cpp-backend [--quantizations Q8_0,Q4_K_M]
 
 1. `export CHECKPOINT --gguf Q` for each quantization (the SLM alone, trimmed vocabulary kept; the LLM not copied);
-2. `generate` the source sentences greedily (--num-beams 1 --max-new-tokens 128) with the float32 loop
-   (--backend torch) and with each export (--backend llama-cpp); `eval --metrics chrf` for each;
-3. agreement with float32: the share of sentences whose output is identical, and of float32's tokens (the
-   predictions re-tokenized by the checkpoint's tokenizer) that come before each sentence's first difference;
-4. one `bench --threads auto` run: float32 ours (--model), each export through llama.cpp (--llama-cpp-model), and
-   the whole LLM's GGUF in llama.cpp (--llama-cpp), paper protocol (100-token random prompts, exactly 100 new tokens,
-   batch 1, greedy, median of --repeats), each row at its fastest thread count.
+2. one `bench --threads auto` run, alone on the machine: float32 ours (--model), each export through llama.cpp
+   (--llama-cpp-model), and the whole LLM's GGUF in llama.cpp (--llama-cpp), paper protocol (100-token random
+   prompts, exactly 100 new tokens, batch 1, greedy, median of --repeats), each row at its fastest thread count;
+3. `generate` the source sentences greedily (--num-beams 1 --max-new-tokens 128) with the float32 loop
+   (--backend torch) and with each export (--backend llama-cpp), --jobs at a time (one thread each); `eval
+   --metrics chrf` for each;
+4. agreement with float32: the share of sentences whose output is identical, and of float32's tokens (the
+   predictions re-tokenized by the checkpoint's tokenizer) that come before each sentence's first difference.
 
-Writes summary.json and prints a Markdown table. Steps whose output directory is complete are not run again.
+Writes summary.json and prints Markdown tables. Steps whose output directory is complete are not run again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,22 @@ LLM2SLM = [sys.executable, "-m", "llm2slm_cli"]
 def run(*args: object) -> None:
     print("+ llm2slm " + " ".join(str(a) for a in args), flush=True)
     subprocess.run([*LLM2SLM, *(str(a) for a in args)], check=True)
+
+
+def run_all(commands: list[list[object]], jobs: int) -> None:
+    """Commands `jobs` at a time, one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            args = pending.pop(0)
+            print("+ llm2slm " + " ".join(str(a) for a in args), flush=True)
+            running.append(subprocess.Popen([*LLM2SLM, *(str(a) for a in args)], env=env))
+        running[0].wait()
+        for proc in [p for p in running if p.poll() is not None]:
+            if proc.returncode:
+                raise SystemExit(f"a command failed (exit {proc.returncode})")
+            running.remove(proc)
 
 
 def done(directory: Path) -> bool:
@@ -60,6 +78,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", default="auto")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--jobs", type=int, default=2, help="generate runs at a time")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -74,12 +93,23 @@ def main() -> None:
                 "--quiet")
         rows[f"{q} (llama.cpp)"] = (export, ["--backend", "llama-cpp"])
     summary: dict = {"rows": {}}
+    if not args.skip_bench:
+        bench = out / "bench"
+        if not done(bench):
+            models = [a for q in quantizations for a in ("--llama-cpp-model", f"ours-{q}={out / f'export-{q}'}")]
+            run("bench", "--model", f"ours-float32={args.checkpoint}", *models, "--llama-cpp",
+                f"whole-{args.whole_gguf.stem}={args.whole_gguf}", "--threads", args.threads, "--repeats",
+                args.repeats, "--no-flops", "--out", bench, "--overwrite", "--quiet")
+        table = json.loads((bench / "bench.json").read_text())
+        summary["bench"] = [{k: r.get(k) for k in ("label", "engine", "threads", "ms_per_token", "weights_mb")}
+                            for r in table["rows"] if r.get("part", "main") == "main"]
+    names = {label: label.split()[0] for label in rows}
+    run_all([["generate", args.src, args.refs, "--model", model, *backend, *decode, "--out",
+              out / f"pred-{names[label]}"] for label, (model, backend) in rows.items()
+             if not done(out / f"pred-{names[label]}")], args.jobs)
     predictions = {}
-    for label, (model, backend) in rows.items():
-        name = label.split()[0]
-        pred, ev = out / f"pred-{name}", out / f"eval-{name}"
-        if not done(pred):
-            run("generate", args.src, args.refs, "--model", model, *backend, *decode, "--out", pred)
+    for label in rows:
+        pred, ev = out / f"pred-{names[label]}", out / f"eval-{names[label]}"
         if not done(ev):
             run("eval", pred, "--metrics", "chrf", "--out", ev, "--overwrite", "--quiet")
         import pyarrow.parquet as pq
@@ -97,16 +127,6 @@ def main() -> None:
     for label, texts in predictions.items():
         summary["rows"][label].update(agreement(tok, ours, texts))
 
-    if not args.skip_bench:
-        bench = out / "bench"
-        if not done(bench):
-            models = [a for q in quantizations for a in ("--llama-cpp-model", f"ours-{q}={out / f'export-{q}'}")]
-            run("bench", "--model", f"ours-float32={args.checkpoint}", *models, "--llama-cpp",
-                f"whole-{args.whole_gguf.stem}={args.whole_gguf}", "--threads", args.threads, "--repeats",
-                args.repeats, "--no-flops", "--out", bench, "--overwrite", "--quiet")
-        table = json.loads((bench / "bench.json").read_text())
-        summary["bench"] = [{k: r.get(k) for k in ("label", "engine", "threads", "ms_per_token", "weights_mb")}
-                            for r in table["rows"] if r.get("part", "main") == "main"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n| row | chrF | identical sentences | float32 tokens before first difference |")
     print("|---|---:|---:|---:|")

@@ -156,6 +156,7 @@ def test_bench_times_the_llama_cpp_backend_row(cli, checkpoints, tmp_path):
     rows = {r["label"]: r for r in pq.read_table(tmp_path / "b" / "bench.parquet").to_pylist()}
     assert rows["ours-llama"]["engine"] == "llama.cpp" and rows["ours"]["engine"] == "llm2slm"
     assert rows["ours-llama"]["new_tokens"] == 4 and rows["ours-llama"]["ms_per_token"] > 0
+    assert rows["ours-llama"]["dtype"] == "gguf f32" and rows["ours"]["dtype"] == "float32"
 
 
 def test_bad_input_is_refused_in_one_line(cli, checkpoints, toy_files, tmp_path):

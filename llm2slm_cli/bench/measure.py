@@ -170,7 +170,10 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
         for plan in (p for p in group if p.engine == "llama.cpp"):  # the SLM decoded by llama.cpp
             backend = LlamaCppSLM(model, plan.path)
             s.identities[plan.label].update(backend.identity())
+            first = len(s.results)
             s.measure(llama_cpp_row(plan, backend), flops=False)
+            for r in s.results[first:]:  # the SLM's precision is the GGUF's, not --dtype
+                r["dtype"] = f"gguf {backend.quantization}"
             backend.close()
         del model
         free_memory()
@@ -224,7 +227,10 @@ def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
         for plan in (p for p in group if p.engine == "llama.cpp"):  # the SLM decoded by llama.cpp
             backend = LlamaCppSLM(model, plan.path)
             s.identities[plan.label].update(backend.identity())
+            first = len(s.results)
             s.measure(llama_cpp_row(plan, backend), flops=False)
+            for r in s.results[first:]:  # the SLM's precision is the GGUF's, not --dtype
+                r["dtype"] = f"gguf {backend.quantization}"
             backend.close()
         del model
         free_memory()
