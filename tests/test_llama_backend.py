@@ -191,3 +191,29 @@ def test_bad_input_is_refused_in_one_line(cli, checkpoints, toy_files, tmp_path)
     assert "greedily or samples" in line and "beam search" in line
     line = error_line(cli, "generate", "--model", "preset:tiny-llama", "--prompt", "alpha", "--backend", "llama-cpp")
     assert "checkpoint" in line
+
+
+def test_serve_answers_concurrent_clients_through_llama_cpp(cli, checkpoints, tmp_path):
+    _llama_cpp()
+    pytest.importorskip("uvicorn", reason="needs the 'serve' extra: pip install -e \".[serve]\"")
+    pytest.importorskip("openai", reason="needs the 'dev' extra: pip install -e \".[dev]\"")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llm2slm_cli import load
+    from tests.test_serve import Running
+
+    exported = _export(cli, checkpoints["gemma3-trim"], tmp_path / "x", "f32")
+    want = [c.text.strip() for c in load(exported).complete(PROMPTS, num_beams=1, max_new_tokens=12)]
+    running = Running(load(exported, backend="llama-cpp", device="cpu"), name="m", max_batch_size=4,
+                      batch_wait_ms=50, max_queue=16)
+    try:
+        assert running.engine.batching == "request"  # no step-level batching over llama.cpp's cache
+
+        def ask(prompt: str) -> str:
+            got = running.client.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0)
+            return got.choices[0].text.strip()
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            assert list(pool.map(ask, PROMPTS)) == want
+    finally:
+        running.close()
