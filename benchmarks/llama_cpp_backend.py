@@ -4,7 +4,8 @@ and speed, every step a `llm2slm` command.
     python benchmarks/llama_cpp_backend.py CHECKPOINT --src dev500.en --refs dev500.de \
         --whole-gguf gemma-3-270m-q4_k_m.gguf --out runs/llama-cpp-backend [--quantizations Q8_0,Q4_K_M]
 
-1. `export CHECKPOINT --gguf Q` for each quantization (the SLM alone, trimmed vocabulary kept; the LLM not copied);
+1. `export CHECKPOINT --gguf Q` for each quantization, --jobs at a time (the SLM alone, trimmed vocabulary kept;
+   the LLM not copied);
 2. one `bench --threads auto` run, alone on the machine: float32 ours (--model), each export through llama.cpp
    (--llama-cpp-model), and the whole LLM's GGUF in llama.cpp (--llama-cpp), paper protocol (100-token random
    prompts, exactly 100 new tokens, batch 1, greedy, median of --repeats), each row at its fastest thread count;
@@ -78,7 +79,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", default="auto")
     ap.add_argument("--skip-bench", action="store_true")
-    ap.add_argument("--jobs", type=int, default=2, help="generate runs at a time")
+    ap.add_argument("--skip-quality", action="store_true", help="exports and bench only (speed does not depend on the "
+                    "weights: an earlier checkpoint of the same run has the same shapes)")
+    ap.add_argument("--jobs", type=int, default=3, help="export and generate runs at a time (one thread each)")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -86,12 +89,9 @@ def main() -> None:
     decode = ["--num-beams", 1, "--max-new-tokens", args.max_new_tokens, "--overwrite", "--quiet"]
 
     rows = {"float32 (torch)": (args.checkpoint, ["--backend", "torch"])}
-    for q in quantizations:
-        export = out / f"export-{q}"
-        if not done(export):
-            run("export", args.checkpoint, "--gguf", q, "--include-llm", "no", "--out", export, "--overwrite",
-                "--quiet")
-        rows[f"{q} (llama.cpp)"] = (export, ["--backend", "llama-cpp"])
+    run_all([["export", args.checkpoint, "--gguf", q, "--include-llm", "no", "--out", out / f"export-{q}",
+              "--overwrite", "--quiet"] for q in quantizations if not done(out / f"export-{q}")], args.jobs)
+    rows.update({f"{q} (llama.cpp)": (out / f"export-{q}", ["--backend", "llama-cpp"]) for q in quantizations})
     summary: dict = {"rows": {}}
     if not args.skip_bench:
         bench = out / "bench"
@@ -103,6 +103,9 @@ def main() -> None:
         table = json.loads((bench / "bench.json").read_text())
         summary["bench"] = [{k: r.get(k) for k in ("label", "engine", "threads", "ms_per_token", "weights_mb")}
                             for r in table["rows"] if r.get("part", "main") == "main"]
+    if args.skip_quality:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return
     names = {label: label.split()[0] for label in rows}
     run_all([["generate", args.src, args.refs, "--model", model, *backend, *decode, "--out",
               out / f"pred-{names[label]}"] for label, (model, backend) in rows.items()
