@@ -55,6 +55,15 @@ def check_exportable(config: Any, model_type: str | None, where: str) -> None:
                         f"{', '.join(sorted(FAMILIES))})")
 
 
+def check_quantization(quantization: str) -> None:
+    """A known precision, and llama.cpp installed for the two it quantizes (checked before any work)."""
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"--gguf must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
+    if quantization in _LLAMA_FTYPES:
+        require_extra(f"--gguf {quantization}", "llama-cpp", "llama_cpp",
+                      note=" (it compiles llama.cpp: minutes; f32 and f16 are written without it)")
+
+
 def slm_fingerprint(model: Any) -> str:
     return fingerprints.state_fingerprint(model.slm)
 
@@ -63,12 +72,8 @@ def write(model: Any, path: Path, quantization: str, *, threads: int = 1) -> dic
     """Write `model`'s SLM (an LLMToSLM, float32 weights) to `path` as GGUF at `quantization`; what was written."""
     import gguf
 
-    if quantization not in QUANTIZATIONS:
-        raise UserError(f"--gguf must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
+    check_quantization(quantization)
     refuse_unexportable(model, "--gguf")
-    if quantization in _LLAMA_FTYPES:  # before any work: these need llama.cpp itself
-        require_extra(f"--gguf {quantization}", "llama-cpp", "llama_cpp",
-                      note=" (it compiles llama.cpp: minutes; f32 and f16 are written without it)")
     path = Path(path)
     slm = model.slm
     cfg = slm.config

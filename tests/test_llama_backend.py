@@ -159,6 +159,21 @@ def test_bench_times_the_llama_cpp_backend_row(cli, checkpoints, tmp_path):
     assert rows["ours-llama"]["dtype"] == "gguf f32" and rows["ours"]["dtype"] == "float32"
 
 
+def test_without_llama_cpp_python_the_backend_and_its_quantizations_are_one_line(cli, checkpoints, tmp_path,
+                                                                                 monkeypatch):
+    from llm2slm_cli import errors
+
+    real = errors._installed
+    monkeypatch.setattr(errors, "_installed", lambda module: module != "llama_cpp" and real(module))
+    line = error_line(cli, "generate", "--model", checkpoints["llama"], "--prompt", "alpha", "--backend",
+                      "llama-cpp")
+    assert "'llama-cpp' extra" in line and 'pip install -e ".[llama-cpp]"' in line
+    line = error_line(cli, "export", checkpoints["llama"], "--gguf", "Q4_K_M", "--out", tmp_path / "e")
+    assert "'llama-cpp' extra" in line and not (tmp_path / "e").exists()
+    cli("export", checkpoints["llama"], "--gguf", "f16", "--out", tmp_path / "f16", "--quiet")  # no llama.cpp needed
+    assert (tmp_path / "f16" / "slm.gguf").read_bytes()[:4] == b"GGUF"
+
+
 def test_bad_input_is_refused_in_one_line(cli, checkpoints, toy_files, tmp_path):
     from llm2slm_cli.config import TrainConfig
     from llm2slm_cli.stages import train

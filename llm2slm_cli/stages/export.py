@@ -42,6 +42,7 @@ def run(config: ExportConfig) -> Path:
     if include and llm is None:
         raise UserError("--include-llm yes: this checkpoint was trained without an LLM", path=src)
     if config.gguf != "none":
+        gguf_export.check_quantization(config.gguf)
         gguf_export.check_exportable(model_config, A.read_json_or_none(src / A.SLM_CONFIG, "model_type"),
                                      f"--gguf {config.gguf}")
 
