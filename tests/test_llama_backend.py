@@ -135,6 +135,13 @@ def test_generate_and_the_api_take_the_backend(cli, checkpoints, toy_files, tmp_
     assert [r["prediction"] for r in llama_rows] == [r["prediction"] for r in torch_rows]
     manifest = json.loads((tmp_path / "llama-cpp" / "manifest.json").read_text())
     assert manifest["model"]["backend"] == "llama-cpp" and manifest["model"]["gguf_quantization"] == "f32"
+    # stored features (`encode` with the checkpoint's LLM) instead of the LLM's pass: the same predictions
+    cli("encode", toy_files["dev"], "--model", "tiny-llama", "--template", "shout: {src}", "--out", tmp_path / "f",
+        "--quiet")
+    cli("generate", toy_files["dev"], "--model", exported, "--backend", "llama-cpp", "--features", tmp_path / "f",
+        "--num-beams", 1, "--max-new-tokens", 12, "--out", tmp_path / "stored", "--quiet")
+    stored = pq.read_table(tmp_path / "stored" / "predictions.parquet").to_pylist()
+    assert [r["prediction"] for r in stored] == [r["prediction"] for r in torch_rows]
     model, ours = load(exported, backend="llama-cpp"), load(exported)
     streamed: list[str] = []
     [result] = model.complete(["alpha beta"], num_beams=1, max_new_tokens=12,
