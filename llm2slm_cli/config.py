@@ -440,7 +440,8 @@ class GenerateConfig(DecodingOptions, ExampleFields, ShardedStageOptions):
                                "batch shape compiles again (tens of seconds on a CPU).")
     backend: str = opt("torch", "Who decodes a checkpoint's SLM: torch (this toolkit's loop), or llama-cpp: the "
                                 "LLM's prompt pass and the projector in torch, every decoding step in llama.cpp from "
-                                "--gguf (greedy only; pip install 'llm2slm-cli[llama-cpp]').",
+                                "--gguf (greedy or sampling, not beam search or the repetition controls; pip install "
+                                "'llm2slm-cli[llama-cpp]').",
                        choices=["torch", "llama-cpp"])
     gguf: Path | None = opt(None, "With --backend llama-cpp: the SLM's GGUF from `export --gguf` (default: "
                                   "MODEL/slm.gguf, which an `export --gguf` directory has).")
@@ -750,7 +751,8 @@ class ServeConfig:
                         choices=["none", "int8", "int8-body"])
     backend: str = opt("torch", "Who decodes a checkpoint's SLM: torch (this toolkit's loop), or llama-cpp: the "
                                 "LLM's prompt pass and the projector in torch, every decoding step in llama.cpp from "
-                                "--gguf (greedy only, request-level batches; pip install 'llm2slm-cli[llama-cpp]').",
+                                "--gguf (greedy or sampling, request-level batches; pip install "
+                                "'llm2slm-cli[llama-cpp]').",
                        choices=["torch", "llama-cpp"])
     gguf: Path | None = opt(None, "With --backend llama-cpp: the SLM's GGUF from `export --gguf` (default: "
                                   "MODEL/slm.gguf, which an `export --gguf` directory has).")

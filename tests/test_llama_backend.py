@@ -1,6 +1,6 @@
 """export --gguf and --backend llama-cpp: a decoder-only SLM written to GGUF (trimmed vocabulary kept, with its id
 map back to the tokenizer) decodes in llama.cpp from the fused prompt embeddings, and a float32 GGUF's greedy tokens
-are exactly our float32 loop's (decoding.decode) on tiny Llama, Gemma-3 and GPT2 SLMs trained here.
+are exactly our float32 loop's (decoding.decode) on tiny Llama, Gemma-3, GPT2 and Qwen2 SLMs trained here.
 
 Tests that run llama.cpp skip where llama-cpp-python is not installed (the 'llama-cpp' extra)."""
 
@@ -40,6 +40,27 @@ def _tiny_gemma3(directory: Path) -> Path:
     return directory
 
 
+def _tiny_qwen2(directory: Path) -> Path:
+    """A fresh 2-layer Qwen2 (q, k, v biases) over tiny-llama's byte vocabulary."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from llm2slm_cli import loading as M
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=3,
+                         eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # fresh biases are zero: make them count
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(directory)
+    M.load_tokenizer("tiny-llama").save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def checkpoints(toy_files, tmp_path_factory) -> dict[str, Path]:
     """LLM-to-SLM checkpoints trained a few steps here with `train`: tiny-llama -> tiny-llama, and trimmed
@@ -48,8 +69,8 @@ def checkpoints(toy_files, tmp_path_factory) -> dict[str, Path]:
     from llm2slm_cli.stages import train
 
     root = tmp_path_factory.mktemp("gguf")
-    slms = {"llama": ("tiny-llama", False), "gemma3-trim": (str(_tiny_gemma3(root / "gemma3")), True),
-            "gpt2-trim": ("tiny-gpt2", True)}
+    slms = {"llama": ("tiny-llama", False), "gemma3-trim": (str(_tiny_gemma3(root / "gemma3-slm")), True),
+            "gpt2-trim": ("tiny-gpt2", True), "qwen2": (str(_tiny_qwen2(root / "qwen2-slm")), False)}
     out = {}
     for name, (slm, trim) in slms.items():
         train.run(TrainConfig(inputs=[toy_files["train"]], llm="tiny-llama", slm=slm, template="shout: {src}",
@@ -74,7 +95,7 @@ def _decode(spec: Path, backend: str, prompts=PROMPTS, **generation) -> list[lis
     return model.generate(*pad(ids, tok.pad_token_id), **{**GREEDY, **generation})
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3-trim", "gpt2-trim"])
+@pytest.mark.parametrize("name", ["llama", "gemma3-trim", "gpt2-trim", "qwen2"])
 def test_an_f32_gguf_decodes_exactly_as_our_float32_loop(cli, checkpoints, tmp_path, name):
     _llama_cpp()
     exported = _export(cli, checkpoints[name], tmp_path / "x", "f32")
