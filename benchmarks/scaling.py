@@ -1,6 +1,7 @@
 """How the stages scale with the corpus: wall time and peak memory of `train --max-steps 1` (a first run, which
-reads and tokenizes the corpus once, and a second run, which finds it in the data cache), `encode` and `generate`,
-on synthetic pairs of 10-40 words a side (deterministic: the same --seed writes the same files).
+reads and tokenizes the corpus once, and a second run, which finds it in the data cache), `train --streaming
+--max-steps 1` (nothing stored), `encode` and `generate`, on synthetic pairs of 10-40 words a side (deterministic: the
+same --seed writes the same files).
 
     python benchmarks/scaling.py --out runs/scaling --sizes 10000,100000,1000000,4500000
 
@@ -81,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sizes", default="10000,100000,1000000,4500000")
-    parser.add_argument("--stages", default="train,encode,generate")
+    parser.add_argument("--stages", default="train,streaming,encode,generate")
     parser.add_argument("--max-decode-size", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="a suffix for the stage names (e.g. ' before' for a run of an "
@@ -104,6 +105,10 @@ def main() -> None:
                      "--micro-batch-size", "16", "--out", args.out / f"train-{n}", "--overwrite", "--quiet",
                      *([] if args.no_data_cache else ["--data-cache", cache])]
             todo += [("train (first run)", train, True), ("train (cached)", train, False)]
+        if "streaming" in stages:  # nothing stored: the records the first step needs are read, no more
+            todo.append(("train (streaming)", ["train", data, "--slm", "tiny-gpt2", "--max-steps", "1",
+                                               "--batch-size", "16", "--micro-batch-size", "16", "--streaming",
+                                               "--out", args.out / f"stream-{n}", "--overwrite", "--quiet"], False))
         if n <= args.max_decode_size:
             if "encode" in stages:
                 todo.append(("encode", ["encode", data, "--model", "tiny-t5-large", "--out", args.out / f"enc-{n}",

@@ -43,6 +43,7 @@ MODEL_WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 RNG_STATE = "rng_state-{}.pt"
+STREAM_STATE = "stream_state.json"  # train --streaming: the position in the stream (streaming.py)
 TOKENIZER_DIR = "tokenizer"
 SLM_TOKENIZER_DIR = "slm_tokenizer"
 BUNDLED_LLM = "llm"  # an exported checkpoint's own copy of its LLM (export --include-llm)

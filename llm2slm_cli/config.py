@@ -290,6 +290,12 @@ class TrainConfig(ExampleFields):
                                   envvar="LLM2SLM_DATA_CACHE", panel=DATA)
     bucket_by_length: bool = opt(False, "Global batches of examples of similar length (less padding): another, "
                                         "still seeded, order than the default shuffle.", panel=DATA)
+    streaming: bool = opt(False, "Read the training examples as the steps need them, never whole (a corpus too "
+                                 "large to copy to the data cache): shuffled through a seeded buffer, the stream's "
+                                 "position stored in every checkpoint (--resume continues exactly). Needs "
+                                 "--max-steps; not with --trim-vocab, --bucket-by-length, --kd-weight.", panel=DATA)
+    shuffle_buffer: int = opt(10_000, "With --streaming: examples in the shuffle buffer (each one drawn from it at "
+                                      "random, the next one read taking its place).", panel=DATA)
     epochs: int = opt(1, "Passes over the training data.", panel=OPTIMISATION)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", panel=OPTIMISATION)
     max_grad_norm: float | None = opt(1.0, "Clip gradients to this norm (0: no clipping).", panel=OPTIMISATION)
@@ -341,6 +347,22 @@ class TrainConfig(ExampleFields):
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be 0 or more, got {self.num_workers}")
         _positive(self, "num_proc")
+        _positive(self, "shuffle_buffer")
+        if self.streaming:
+            self._check_streaming()
+
+    def _check_streaming(self) -> None:
+        """What a stream cannot do: know its length, or show every example before step 1."""
+        if self.max_steps is None and not self.count_parameters:
+            raise UserError("--streaming needs --max-steps: a stream's length is not known before it is read")
+        needs_all = [name for name, on in (("--trim-vocab", self.trim_vocab), ("--bucket-by-length",
+                                           self.bucket_by_length), ("--kd-weight", bool(self.kd_weight))) if on]
+        if needs_all:
+            raise UserError(f"{needs_all[0]} reads every training example before the first step: not with "
+                            "--streaming")
+        if self.num_workers:
+            raise UserError("--num-workers is for examples in the data cache: with --streaming a thread of the "
+                            "training process prepares the batches ahead")
 
     def _check_model(self) -> None:
         """Options that build the model: LLM or not, SLM layers, dropout, projector, --init-from."""

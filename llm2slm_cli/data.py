@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -24,6 +25,8 @@ from llm2slm_cli.errors import UserError
 from llm2slm_cli.runtime import say
 
 TEXT_SUFFIXES = {".txt", ".text", ".src", ".tgt"}
+# rows of a table made Python objects at a time (a table of millions of rows never becomes one list)
+TABLE_BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -203,11 +206,16 @@ def _json_type(value: Any) -> str:
         type(value), "number")
 
 
-def records_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
-    """The objects of a JSON Lines file (read line by line), or of `text` when given."""
+def records_jsonl(path: Path, text: str | None = None, skip: int = 0
+                  ) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+    """The objects of a JSON Lines file (read line by line), or of `text` when given; the first `skip` records are
+    passed over unparsed."""
     lines = _text_lines(path) if text is None else enumerate(split_lines(text), 1)
     for i, line in lines:
         if not line.strip():
+            continue
+        if skip:
+            skip -= 1
             continue
         try:
             rec = json.loads(line, parse_constant=_no_constant)
@@ -336,24 +344,57 @@ def _read_parquet(path: Path):
     return table
 
 
-def _records_table(table, path: Path) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+def _records_table(table, path: Path, row0: int = 0) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+    """The rows of a table (or of one record batch of a larger one, whose first row is `row0`) as records, a
+    batch of TABLE_BATCH rows made Python objects at a time."""
     import pyarrow as pa
 
     conversion_errors = (pa.ArrowException, ValueError, OverflowError, UnicodeDecodeError)
+    for start in range(0, table.num_rows, TABLE_BATCH):
+        part = table.slice(start, TABLE_BATCH)
+        try:
+            rows = part.to_pylist()
+        except conversion_errors as e:  # find the value: invalid UTF-8 in a string column, a date out of range ...
+            for column in part.column_names:
+                for row, value in enumerate(part.column(column), row0 + start):
+                    try:
+                        value.as_py()
+                    except UnicodeDecodeError:
+                        raise UserError("invalid UTF-8 in a string column", path=path, row=row,
+                                        field=column) from None
+                    except conversion_errors as bad:
+                        raise UserError(f"unreadable value ({bad})", path=path, row=row, field=column) from None
+            raise UserError(f"unreadable values ({e})", path=path) from None
+        for row, rec in enumerate(rows, row0 + start):
+            yield {"row": row}, rec
+
+
+def _records_parquet_stream(path: Path) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+    """A Parquet file's rows, one record batch at a time (train --streaming: the file is never read whole)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        _read_bytes(path)
     try:
-        rows = table.to_pylist()
-    except conversion_errors as e:  # find the value: invalid UTF-8 in a string column, a date out of range ...
-        for column in table.column_names:
-            for row, value in enumerate(table.column(column)):
-                try:
-                    value.as_py()
-                except UnicodeDecodeError:
-                    raise UserError("invalid UTF-8 in a string column", path=path, row=row, field=column) from None
-                except conversion_errors as bad:
-                    raise UserError(f"unreadable value ({bad})", path=path, row=row, field=column) from None
-        raise UserError(f"unreadable values ({e})", path=path) from None
-    for row, rec in enumerate(rows):
-        yield {"row": row}, rec
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UserError(f"not a readable Parquet file ({e})", path=path) from None
+    names = parquet.schema_arrow.names
+    for column in names:
+        if names.count(column) > 1:
+            raise UserError(f"column {_show(column)} appears twice", path=path)
+    row0 = 0
+    batches = parquet.iter_batches(batch_size=TABLE_BATCH)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise UserError(f"not a readable Parquet file ({e})", path=path) from None
+        if batch is None:
+            return
+        yield from _records_table(pa.Table.from_batches([batch]), path, row0)
+        row0 += batch.num_rows
 
 
 def dataset_source(spec: str) -> tuple[Path, str | None] | None:
@@ -418,12 +459,12 @@ def hf_dataset_parts(spec: str) -> tuple[str, str | None, str]:
     return parts[0], parts[1] if len(parts) > 2 else None, parts[-1] if len(parts) > 1 else "train"
 
 
-def _records_hf(spec: str) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
+def _records_hf(spec: str, streaming: bool = False) -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
     name, config, split = hf_dataset_parts(spec)
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as e:  # the hub's errors are many and all mean "cannot get this dataset"
         raise UserError(f"cannot load Hugging Face dataset {spec!r}: {e}") from None
     for row, rec in enumerate(ds):
@@ -441,20 +482,46 @@ def read_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *,
 
 
 def iter_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *, require_target: bool = False,
-                  unique: bool = True) -> Iterator[Example]:
+                  unique: bool = True, streaming: bool = False, skip: int = 0) -> Iterator[Example]:
     """read_examples one example at a time: JSON Lines and text files are read line by line, so an input larger
     than memory streams through. `unique=False` leaves the check that ids are unique to the caller (a set of every
-    id is what costs memory at millions of examples: corpus.py checks their hashes instead)."""
+    id is what costs memory at millions of examples: corpus.py checks their hashes instead). `streaming` reads
+    Parquet files a record batch at a time and hub datasets with datasets' streaming (train --streaming). `skip`
+    starts after that many examples of an input read and checked before (a stream's resume; the caller knows it is
+    the same input by its sha256): JSON Lines and text files pass over their lines unparsed, other formats read
+    them and leave them out."""
+    if skip:
+        if _skips_raw(inputs):
+            yield from _iter_examples(inputs, fields, require_target, unique, streaming, skip)
+        else:
+            yield from itertools.islice(_iter_examples(inputs, fields, require_target, unique, streaming, 0), skip,
+                                        None)
+        return
+    yield from _iter_examples(inputs, fields, require_target, unique, streaming, 0)
+
+
+def _skips_raw(inputs: Sequence[Path | str]) -> bool:
+    """Inputs whose records are lines, which a skip passes over without parsing them."""
+    paths = [str(p) for p in inputs]
+    if len(paths) == 2:
+        return True
+    path = Path(paths[0])
+    return (not paths[0].startswith("hf:") and dataset_source(paths[0]) is None and not path.is_dir()
+            and path.suffix.lower() not in (".arrow", ".json", ".parquet", ".csv", ".tsv"))
+
+
+def _iter_examples(inputs: Sequence[Path | str], fields: Fields, require_target: bool, unique: bool,
+                   streaming: bool, skip: int) -> Iterator[Example]:
     inputs = [str(p) for p in inputs]
     if not inputs or len(inputs) > 2:
         raise UserError("give one input file (JSONL, JSON, Parquet, CSV, TSV, text) or two line-aligned text "
                         "files (prompts, targets)")
     if len(inputs) == 2:
-        yield from _read_pairs(Path(inputs[0]), Path(inputs[1]), fields, require_target, unique)
+        yield from _read_pairs(Path(inputs[0]), Path(inputs[1]), fields, require_target, unique, skip)
         return
     src = inputs[0]
     if src.startswith("hf:"):
-        yield from _examples(_records_hf(src), src, fields, require_target, unique)
+        yield from _examples(_records_hf(src, streaming), src, fields, require_target, unique)
         return
     dataset = dataset_source(src)
     if dataset is not None:
@@ -468,18 +535,18 @@ def iter_examples(inputs: Sequence[Path | str], fields: Fields = Fields(), *, re
     if suffix == ".arrow":
         records = _records_table(_read_arrow(path), path)
     elif suffix in (".jsonl", ".ndjson"):
-        records = records_jsonl(path)
+        records = records_jsonl(path, skip=skip)
     elif suffix == ".json":
         records = _records_json(path)
     elif suffix == ".parquet":
-        records = _records_table(_read_parquet(path), path)
+        records = _records_parquet_stream(path) if streaming else _records_table(_read_parquet(path), path)
     elif suffix == ".csv":
         records = _records_csv(path, ",")
     elif suffix == ".tsv":
         records = _records_csv(path, "\t")
     else:  # any other file: one prompt per line
-        records = (({"line": i}, {fields.prompt: line}) for i, line in _text_lines(path))
-    yield from _examples(records, path, fields, require_target, unique)
+        records = (({"line": i}, {fields.prompt: line}) for i, line in itertools.islice(_text_lines(path), skip, None))
+    yield from _examples(records, path, fields, require_target, unique, start=skip)
 
 
 def _read_labels(directory: Path, fields: Fields, require_target: bool, unique: bool = True) -> Iterator[Example]:
@@ -517,7 +584,7 @@ def _read_labels(directory: Path, fields: Fields, require_target: bool, unique: 
         raise UserError("no examples with a non-empty LLM answer", path=directory)
 
 
-def _read_pairs(src: Path, tgt: Path, fields: Fields, require_target: bool, unique: bool = True
+def _read_pairs(src: Path, tgt: Path, fields: Fields, require_target: bool, unique: bool = True, skip: int = 0
                 ) -> Iterator[Example]:
     """Two line-aligned text files, read side by side line by line (their line counts are compared as they end)."""
     a, b = _text_lines(src), _text_lines(tgt)
@@ -526,7 +593,8 @@ def _read_pairs(src: Path, tgt: Path, fields: Fields, require_target: bool, uniq
     def pairs() -> Iterator[tuple[dict[str, int], dict[str, Any]]]:
         x, y = next_a, next_b
         while x is not None and y is not None:
-            yield {"line": x[0]}, {prompt_name: x[1], target_name: y[1]}
+            if x[0] > skip:
+                yield {"line": x[0]}, {prompt_name: x[1], target_name: y[1]}
             x, y = next(a, None), next(b, None)
         if x is not None or y is not None:
             n_a = x[0] + sum(1 for _ in a) if x is not None else y[0] - 1
@@ -537,7 +605,7 @@ def _read_pairs(src: Path, tgt: Path, fields: Fields, require_target: bool, uniq
     prompt_name = fields.prompt
     target_name = fields.target or "tgt"
     pair_fields = Fields(prompt=prompt_name, target=target_name, id=None, template=fields.template)
-    for i, ex in enumerate(_examples(pairs(), src, pair_fields, require_target, unique), 1):
+    for i, ex in enumerate(_examples(pairs(), src, pair_fields, require_target, unique, start=skip), skip + 1):
         if not ex.target or not ex.target.strip():
             raise UserError("empty target", path=tgt, line=i)
         yield ex
@@ -628,12 +696,14 @@ def to_examples(records: Iterator[tuple[dict[str, int], dict[str, Any]]], path: 
 
 
 def _examples(records: Iterator[tuple[dict[str, int], dict[str, Any]]], path: Path | str, fields: Fields,
-              require_target: bool, unique: bool = True) -> Iterator[Example]:
+              require_target: bool, unique: bool = True, start: int = 0) -> Iterator[Example]:
+    """The checked examples of `records`; `start`: how many records came before these (a skip), which numbers
+    the examples without an id on from there."""
     if fields.template:
         template_fields(fields.template)  # a malformed template fails before the first record
-    count = 0
+    count = start
     seen: dict[str, _Record] = {}
-    for n, (where, raw) in enumerate(records):
+    for n, (where, raw) in enumerate(records, start):
         r = _Record(raw, path, where)
         if fields.template:
             try:

@@ -101,17 +101,21 @@ class FeatureStore:
     def check_prompts(self, tokens, examples, what: str = "") -> None:
         """Every example has features here, encoded from these very prompt tokens (corpus.Tokens and Examples);
         else one line naming the example."""
+        for indices, rows in tokens.chunks("prompt_ids"):
+            for ex_id, ids in zip(examples.ids(indices), rows):
+                self.check_prompt(ex_id, ids, what)
+
+    def check_prompt(self, ex_id: str, ids, what: str = "") -> None:
+        """The example `ex_id` has features here, encoded from these prompt token ids; else one line naming it."""
         import numpy as np
 
         name = f"{what} example" if what else "example"
-        for indices, rows in tokens.chunks("prompt_ids"):
-            for ex_id, ids in zip(examples.ids(indices), rows):
-                if ex_id not in self:
-                    raise UserError(f"{name} {ex_id!r} has no features in {self.directory}: encode this file with "
-                                    "the same options")
-                if not np.array_equal(self.input_ids(ex_id), ids):
-                    raise UserError(f"{name} {ex_id!r}: its prompt differs from the one encoded in {self.directory} "
-                                    "(another file, template or --max-length?)")
+        if ex_id not in self:
+            raise UserError(f"{name} {ex_id!r} has no features in {self.directory}: encode this file with the same "
+                            "options")
+        if not np.array_equal(self.input_ids(ex_id), ids):
+            raise UserError(f"{name} {ex_id!r}: its prompt differs from the one encoded in {self.directory} "
+                            "(another file, template or --max-length?)")
 
     def input_ids(self, example_id: str):
         """The prompt's LLM token ids, as an int32 numpy array."""

@@ -18,7 +18,7 @@ LAYERS = {
     "stage parts": ["server", "server.*", "bench", "bench.*"],
     "face": ["", "api"],
     "configs": ["config"],
-    "library": ["generation", "sharding", "corpus", "features", "teacher", "batching", "quantize", "judge",
+    "library": ["generation", "sharding", "corpus", "streaming", "features", "teacher", "batching", "quantize", "judge",
                 "pydoc_task", "hf_format", "model_card", "gguf_export", "llama_backend"],
     "model": ["checkpoint", "llm2slm", "peft_baselines", "kd", "decoding", "continuous", "padding", "cpu_head"],
     "foundations": ["surgery", "fingerprints", "loading", "presets", "data", "runtime", "validation", "artifacts",

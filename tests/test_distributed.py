@@ -117,3 +117,23 @@ def test_train_two_processes_same_loss_curve(cli, prompts, tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_train_streaming_two_processes_same_batches_and_loss_curve(cli, prompts, tmp_path):
+    """--streaming: every process draws the same stream and keeps its share of each global batch, so two processes
+    train on one process's batches (same target tokens a step) with its loss curve; a stream resumed in two processes
+    continues exactly."""
+    options = ["--slm", "tiny-gpt2", "--streaming", "--shuffle-buffer", "6", "--batch-size", "8",
+               "--micro-batch-size", "2", "--max-steps", "8", "--lr", "3e-3", "--save-every", "4"]
+    cli("train", prompts, *options, "--out", tmp_path / "t1", "--device", "cpu", "--quiet")
+    launch("train", prompts, *options, "--stop-after", "4", "--out", tmp_path / "t2")
+    launch("train", prompts, *options, "--out", tmp_path / "t2", "--resume")
+    logs = [[json.loads(line) for line in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
+            for d in ("t1", "t2")]
+    assert [r["step"] for r in logs[1]] == list(range(1, 9))
+    assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
+    for a, b in zip(*logs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
+    w1, w2 = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("t1", "t2"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)

@@ -37,6 +37,7 @@ from llm2slm_cli.features import FeatureStore
 from llm2slm_cli.fingerprints import tokenizer_fingerprint
 from llm2slm_cli.loading import short_error
 from llm2slm_cli.peft_baselines import peft_spec
+from llm2slm_cli.streaming import ExampleStream, StreamLoader, StreamStep, tokenizer_for
 from llm2slm_cli.surgery import set_dropout
 from llm2slm_cli.teacher import TeacherLogits
 
@@ -56,44 +57,84 @@ class Split:
         return self.tokens.examples.ids(indices)
 
     def batch(self, indices: list[int], prompt_pad: int, target_pad: int, dtype) -> dict[str, Any]:
-        import torch
-
-        prompt_ids, prompt_mask = pad(self.tokens.rows("prompt_ids", indices), prompt_pad)
-        target_ids, target_mask = pad(self.tokens.rows("target_ids", indices), target_pad)
-        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "target_ids": target_ids,
-                 "target_mask": target_mask}
         ids = self.ids(indices) if self.store is not None or self.teacher is not None else None
+        return batch_tensors(self.tokens.rows("prompt_ids", indices), self.tokens.rows("target_ids", indices), ids,
+                             self.store, self.teacher, prompt_pad, target_pad, dtype)
+
+    def first_prompts(self, n: int) -> tuple[list[str], list]:
+        """The ids and prompt token ids of the first `n` examples, in the input's order."""
+        indices = range(min(n, len(self)))
+        return self.ids(indices), self.tokens.rows("prompt_ids", indices)
+
+
+class StreamedSplit:
+    """--streaming: the training examples as streaming.ExampleStream reads them, tokenized a batch at a time, and
+    where their LLM features are (each prompt checked against its stored features as its batch is made)."""
+
+    teacher = None  # --kd-weight is refused with --streaming
+
+    def __init__(self, config: TrainConfig, fields: Fields, model, max_length: int, store: Any | None) -> None:
+        self.config, self.fields, self.store = config, fields, store
+        self.tokenize = tokenizer_for(model.prompt_tokenizer, model.target_tokenizer, max_length,
+                                      config.max_target_length)
+
+    def stream(self, state: dict[str, Any] | None = None) -> ExampleStream:
+        return ExampleStream(self.config.inputs, self.fields, seed=self.config.seed,
+                             buffer_size=self.config.shuffle_buffer, state=state)
+
+    def first_prompts(self, n: int) -> tuple[list[str], list]:
+        examples = self.stream().head(n)
+        return [e.id for e in examples], self.tokenize(examples)[0]
+
+    def batch(self, ids: list[str], prompt_rows: list, target_rows: list, prompt_pad: int, target_pad: int,
+              dtype) -> dict[str, Any]:
         if self.store is not None:
-            rows = [self.store.features(i) for i in ids]
-            feats = torch.zeros(len(rows), prompt_ids.shape[1], rows[0].shape[1], dtype=dtype)
-            for j, r in enumerate(rows):
-                feats[j, : r.shape[0]] = r.to(dtype)
-            batch["features"] = feats
-        if self.teacher is not None:  # (batch, target length, K); id -1 where a row is padding
-            rows = [self.teacher.rows(i) for i in ids]
-            k = self.teacher.top_k
-            ids = torch.full((len(rows), target_ids.shape[1], k), -1, dtype=torch.long)
-            logprobs = torch.zeros(len(rows), target_ids.shape[1], k, dtype=torch.float32)
-            for j, (top, values, _) in enumerate(rows):
-                ids[j, : len(top)] = torch.from_numpy(top).long()
-                logprobs[j, : len(values)] = torch.from_numpy(values).float()
-            batch["teacher_ids"], batch["teacher_logprobs"] = ids, logprobs
-        return batch
+            for ex_id, row in zip(ids, prompt_rows):
+                self.store.check_prompt(ex_id, row, "training")
+        return batch_tensors(prompt_rows, target_rows, ids, self.store, None, prompt_pad, target_pad, dtype)
 
 
-def _set_feature_statistics(model, train: Split, device, examples: int = 512) -> None:
+def batch_tensors(prompt_rows: list, target_rows: list, ids: list[str] | None, store: Any | None,
+                  teacher: Any | None, prompt_pad: int, target_pad: int, dtype) -> dict[str, Any]:
+    """A micro-batch's tensors: prompts and targets padded (with their masks), the stored features of each prompt
+    (`ids`) and the teacher's top-k rows, where the run has them."""
+    import torch
+
+    prompt_ids, prompt_mask = pad(prompt_rows, prompt_pad)
+    target_ids, target_mask = pad(target_rows, target_pad)
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "target_ids": target_ids,
+             "target_mask": target_mask}
+    if store is not None:
+        rows = [store.features(i) for i in ids]
+        feats = torch.zeros(len(rows), prompt_ids.shape[1], rows[0].shape[1], dtype=dtype)
+        for j, r in enumerate(rows):
+            feats[j, : r.shape[0]] = r.to(dtype)
+        batch["features"] = feats
+    if teacher is not None:  # (batch, target length, K); id -1 where a row is padding
+        rows = [teacher.rows(i) for i in ids]
+        k = teacher.top_k
+        top_ids = torch.full((len(rows), target_ids.shape[1], k), -1, dtype=torch.long)
+        logprobs = torch.zeros(len(rows), target_ids.shape[1], k, dtype=torch.float32)
+        for j, (top, values, _) in enumerate(rows):
+            top_ids[j, : len(top)] = torch.from_numpy(top).long()
+            logprobs[j, : len(values)] = torch.from_numpy(values).float()
+        batch["teacher_ids"], batch["teacher_logprobs"] = top_ids, logprobs
+    return batch
+
+
+def _set_feature_statistics(model, train: Split | StreamedSplit, device, examples: int = 512) -> None:
     """--feature-norm standardize: the projector's fixed per-channel mean and standard deviation, over every prompt
     token of the first `examples` training examples (their stored features, or the LLM's own on the fly)."""
     import torch
 
-    n, rows = min(len(train), examples), []
-    for start in range(0, n, 16):
-        indices = range(start, min(n, start + 16))
+    ids, prompts = train.first_prompts(examples)
+    rows = []
+    for start in range(0, len(ids), 16):
         if train.store is not None:
-            rows += [train.store.features(i).float() for i in train.ids(indices)]
+            rows += [train.store.features(i).float() for i in ids[start: start + 16]]
         else:
-            ids, mask = pad(train.tokens.rows("prompt_ids", indices), model.prompt_tokenizer.pad_token_id)
-            feats = model.llm.encode(ids.to(device), mask.to(device)).float().cpu()
+            tokens, mask = pad(prompts[start: start + 16], model.prompt_tokenizer.pad_token_id)
+            feats = model.llm.encode(tokens.to(device), mask.to(device)).float().cpu()
             rows += [f[m.bool()] for f, m in zip(feats, mask)]
     model.projector.set_feature_statistics(torch.cat(rows))
 
@@ -109,10 +150,14 @@ def _load_split(examples: Examples, config: TrainConfig, store: Any | None, mode
     return Split(tokens, store)
 
 
+def _fields(config: TrainConfig, template: str | None) -> Fields:
+    return Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)
+
+
 def _read(inputs: list[Path], config: TrainConfig, template: str | None, input_sha: str | None) -> Examples:
     """A split's examples, read and checked once (corpus.py: then from the cache)."""
-    fields = Fields(prompt=config.prompt_field, target=config.target_field, id=config.id_field, template=template)
-    return open_examples(inputs, fields, require_target=True, cache=config.data_cache, input_sha=input_sha)
+    return open_examples(inputs, _fields(config, template), require_target=True, cache=config.data_cache,
+                         input_sha=input_sha)
 
 
 def _features(path: Path | None, llm, what: str):
@@ -286,7 +331,11 @@ def check_inputs(config: TrainConfig, out: Path) -> Inputs:
         return Inputs(store_manifest, template, None, None, None, None, max_length)
     input_sha = {"inputs": input_sha256(config.inputs, config.data_cache),
                  "dev": input_sha256(config.dev, config.data_cache) if config.dev else None}
-    train_examples = _read(config.inputs, config, template, input_sha["inputs"])
+    if config.streaming:  # read as the steps need it; its first examples now, so a bad input fails before a write
+        train_examples = None
+        ExampleStream(config.inputs, _fields(config, template), seed=config.seed, buffer_size=1).head(1)
+    else:
+        train_examples = _read(config.inputs, config, template, input_sha["inputs"])
     dev_examples = _read(config.dev, config, template, input_sha["dev"]) if config.dev else None
     teacher = _teacher(config) if config.kd_weight else None
     identity = run_identity(config, input_sha)
@@ -387,9 +436,13 @@ def _init_from(config: TrainConfig, llm, inputs: Inputs):
 
 
 def load_splits(config: TrainConfig, inputs: Inputs, model, stores: tuple[Any | None, Any | None],
-                quiet: bool = False) -> tuple[Split, Split | None]:
-    """The tokenized training and dev splits (each prompt checked against its stored features)."""
-    train = _load_split(inputs.train_examples, config, stores[0], model, inputs.max_length, "training", quiet)
+                quiet: bool = False) -> tuple[Split | StreamedSplit, Split | None]:
+    """The tokenized training and dev splits (each prompt checked against its stored features); with --streaming,
+    the training split as a stream."""
+    if config.streaming:
+        train = StreamedSplit(config, _fields(config, inputs.template), model, inputs.max_length, stores[0])
+    else:
+        train = _load_split(inputs.train_examples, config, stores[0], model, inputs.max_length, "training", quiet)
     dev = (_load_split(inputs.dev_examples, config, stores[1], model, inputs.max_length, "dev", quiet) if config.dev
         else None)
     return train, dev
@@ -455,14 +508,14 @@ class Training:
     params: list[Any]
     optimizer: Any
     scheduler: Any
-    train: Split
+    train: Split | StreamedSplit
     dev: Split | None
     out: Path
     quiet: bool
     identity: dict[str, Any]
     teacher: Any | None
     counts: dict[str, Any]
-    steps_per_epoch: int
+    steps_per_epoch: int | None  # None with --streaming
     total_steps: int
     start_step: int
     prompt_pad: int
@@ -470,7 +523,9 @@ class Training:
     feature_dtype: Any
     last: dict[str, float | None] = field(default_factory=lambda: {"loss": None, "dev_loss": None})
     seen_examples: int = 0
-    loader: Any = None  # batching.TrainLoader: the training micro-batches, prepared ahead
+    loader: Any = None  # batching.TrainLoader (streaming.StreamLoader): the training micro-batches, prepared ahead
+    resume_from: Path | None = None  # the checkpoint this run continues
+    stream_state: dict[str, Any] | None = None  # --streaming: the stream's position after the last step trained
 
     @property
     def log_path(self) -> Path:
@@ -497,7 +552,7 @@ class Training:
                  "run": self.identity,  # what a --resume of a step checkpoint must share with this run
                  "step": step, **self.last}
         _save(self.out, name, step, self.core, self.optimizer, self.scheduler, self.accelerator, self.config,
-              self.counts, training_state, state)
+              self.counts, training_state, state, stream=self.stream_state)
 
     def dev_loss(self) -> float:
         return _dev_loss(self.model, self.dev, self.accelerator, self.config, self.prompt_pad, self.target_pad,
@@ -512,8 +567,8 @@ def start_training(config: TrainConfig, inputs: Inputs, model, train: Split, dev
 
     from llm2slm_cli.llm2slm import parameter_counts  # imports torch: off the import of this module
 
-    n = len(train)
-    steps_per_epoch = math.ceil(n / config.batch_size)
+    n = None if isinstance(train, StreamedSplit) else len(train)  # a stream's length is not known
+    steps_per_epoch = None if n is None else math.ceil(n / config.batch_size)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     params, optimizer, scheduler = make_optimizer(config, model, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -528,12 +583,14 @@ def start_training(config: TrainConfig, inputs: Inputs, model, train: Split, dev
               "steps": total_steps, "steps_per_epoch": steps_per_epoch}
     runtime.say(f"training {config.slm}" + (f" with LLM {config.llm}" if config.llm else " alone") +
                 (f" (--peft {config.peft})" if config.peft else "") +
-                f": {counts['trainable_parameters']:,} trainable parameters, {n} examples, {total_steps} steps "
+                f": {counts['trainable_parameters']:,} trainable parameters, "
+                + ("examples streamed" if n is None else f"{n} examples") + f", {total_steps} steps "
                 f"of {config.batch_size}", quiet)
     return Training(config, accelerator, model, core, params, optimizer, scheduler, train, dev, out, quiet,
                     inputs.identity, inputs.teacher, counts, steps_per_epoch, total_steps, start_step,
                     prompt_pad=core.prompt_tokenizer.pad_token_id, target_pad=core.config.pad_token_id,
-                    feature_dtype=next(core.projector.parameters()).dtype if core.has_llm else torch.float32)
+                    feature_dtype=next(core.projector.parameters()).dtype if core.has_llm else torch.float32,
+                    resume_from=resume_from if start_step else None)
 
 
 @dataclass
@@ -581,6 +638,28 @@ def open_loader(t: Training, plan):
                        pin_memory=t.accelerator.device.type == "cuda")
 
 
+def open_stream_loader(t: Training):
+    """--streaming: the micro-batches from the stream, from its start or from the position the resumed checkpoint
+    stored."""
+    import functools
+
+    import torch
+
+    state = None
+    if t.resume_from is not None:
+        path = t.resume_from / A.STREAM_STATE
+        if not path.is_file():
+            raise UserError(f"no {A.STREAM_STATE} in this checkpoint: it was not written with --streaming",
+                            path=t.resume_from)
+        state = A.read_json_table(path, "stream state")
+    dtype = t.train.store.dtype if t.train.store is not None else torch.float32
+    make = functools.partial(t.train.batch, prompt_pad=t.prompt_pad, target_pad=t.target_pad, dtype=dtype)
+    return StreamLoader(t.train.stream(state), start=t.start_step, stop=t.total_steps,
+                        batch_size=t.config.batch_size, micro_batch_size=t.config.micro_batch_size,
+                        tokenize=t.train.tokenize, make=make, rank=t.accelerator.process_index,
+                        world=t.accelerator.num_processes, pin_memory=t.accelerator.device.type == "cuda")
+
+
 def _indexed_batch(split: Split, indices: list[int], **kw: Any) -> tuple[list[int], dict[str, Any]]:
     return list(indices), split.batch(indices, **kw)
 
@@ -620,14 +699,21 @@ def train_loop(t: Training) -> Path:
     config, main = t.config, t.accelerator.is_main_process
     stop = runtime.StopOnInterrupt(t.quiet).__enter__()  # first Ctrl-C: finish the step, checkpoint, stop
     started = time.perf_counter()
-    plan = train_plan(t.train, config, t.accelerator.process_index, t.accelerator.num_processes)
-    t.loader = open_loader(t, plan)
+    if isinstance(t.train, StreamedSplit):
+        t.loader = open_stream_loader(t)
+        batches = t.loader.steps()
+    else:
+        plan = train_plan(t.train, config, t.accelerator.process_index, t.accelerator.num_processes)
+        t.loader = open_loader(t, plan)
+        batches = step_batches(plan, t.start_step, t.total_steps)
     try:
         t.model.train()
         with runtime.progress(t.quiet) as bar:
             task = bar.add_task("train", total=t.total_steps, completed=t.start_step, rate="")
-            for step, batch in step_batches(plan, t.start_step, t.total_steps):
+            for step, batch in batches:
                 result = train_step(t, batch)
+                if isinstance(batch, StreamStep):
+                    t.stream_state = batch.state
                 loss = result["loss"]
                 t.seen_examples += len(batch.examples)
                 if not math.isfinite(loss):
@@ -795,7 +881,8 @@ def _model_identity(core) -> dict[str, Any]:
 
 
 def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerator, config: TrainConfig,
-          counts: dict[str, Any], training_state: bool, state: dict[str, Any]) -> None:
+          counts: dict[str, Any], training_state: bool, state: dict[str, Any],
+          stream: dict[str, Any] | None = None) -> None:
     """Write a checkpoint under a temporary name, its manifest (every file's sha256) last, then rename it: a crash
     never leaves half a checkpoint, and --resume verifies every file of a step checkpoint before it loads one."""
     import random
@@ -823,6 +910,8 @@ def _save(out: Path, name: str, step: int, core, optimizer, scheduler, accelerat
     if accelerator.is_main_process:
         if training_state:
             A.atomic_write_json(tmp / A.TRAINER_STATE, state)
+            if stream is not None:  # --streaming: where the stream is, so a resume draws what comes next
+                A.atomic_write_json(tmp / A.STREAM_STATE, stream)
         # last: the size and sha256 of its files -- a step checkpoint's every file (optimizer, RNG and trainer
         # state too, verified before --resume loads any), final/'s weights, configs and tokenizer
         A.atomic_write_json(tmp / A.MANIFEST, A.make_manifest(
@@ -842,15 +931,17 @@ def _restore(directory: Path, core, optimizer, scheduler, accelerator) -> int:
     from safetensors.torch import load_model
 
     state = A.read_trainer_state(directory)  # every file was verified against the manifest by check_inputs
+    # a CPU process of a multi-process run is on "cpu:N", which neither safetensors nor torch.load takes
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
     try:
-        load_model(core, str(directory / A.MODEL_WEIGHTS), strict=True, device=str(accelerator.device))
+        load_model(core, str(directory / A.MODEL_WEIGHTS), strict=True, device=device)
     except (OSError, RuntimeError) as e:  # another SLM's weights (shapes, names): not this run's checkpoint
         raise UserError(f"cannot resume from this checkpoint: its weights do not fit the model this command "
                         f"builds ({short_error(e)}); give the interrupted run's options, or --overwrite",
                         path=directory) from None
     path = directory / A.OPTIMIZER_STATE
     try:  # verified; this catches what an unverified checkpoint (LLM2SLM_UNVERIFIED_CHECKPOINTS=1) may hold
-        opt = torch.load(path, map_location=accelerator.device, weights_only=False)
+        opt = torch.load(path, map_location=device, weights_only=False)
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
         path = directory / A.RNG_STATE.format(accelerator.process_index)
