@@ -462,8 +462,8 @@ class GenerateConfig(DecodingOptions, ExampleFields, ShardedStageOptions):
                                "batch shape compiles again (tens of seconds on a CPU).")
     backend: str = opt("torch", "Who decodes a checkpoint's SLM: torch (this toolkit's loop), or llama-cpp: the "
                                 "LLM's prompt pass and the projector in torch, every decoding step in llama.cpp from "
-                                "--gguf (greedy or sampling, not beam search or the repetition controls; pip install "
-                                "'llm2slm-cli[llama-cpp]').",
+                                "--gguf (greedy, the default there, or --sample; not beam search or the repetition "
+                                "controls; pip install 'llm2slm-cli[llama-cpp]').",
                        choices=["torch", "llama-cpp"])
     gguf: Path | None = opt(None, "With --backend llama-cpp: the SLM's GGUF from `export --gguf` (default: "
                                   "MODEL/slm.gguf, which an `export --gguf` directory has).")
@@ -502,6 +502,11 @@ class GenerateConfig(DecodingOptions, ExampleFields, ShardedStageOptions):
         if self.quantize != "none" and self.dtype != "float32":
             raise UserError(f"--quantize {self.quantize} quantizes float32 weights: leave --dtype {self.dtype} out")
         _backend(self)
+        if self.backend == "llama-cpp":
+            if self.num_beams not in (None, 1):
+                raise UserError("--backend llama-cpp decodes greedily or samples: leave --num-beams out (beam search "
+                                "is --backend torch's)")
+            self.num_beams = 1
 
 
 @dataclass(kw_only=True)

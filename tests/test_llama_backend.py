@@ -231,7 +231,14 @@ def test_bad_input_is_refused_in_one_line(cli, checkpoints, toy_files, tmp_path)
     mine = _export(cli, checkpoints["llama"], tmp_path / "mine", "f32")
     line = error_line(cli, "generate", "--model", mine, "--prompt", "alpha", "--backend", "llama-cpp",
                       "--num-beams", 4)
-    assert "greedily or samples" in line and "beam search" in line
+    assert "greedily or samples" in line and "--num-beams" in line
+    line = error_line(cli, "generate", "--model", mine, "--prompt", "alpha", "--backend", "llama-cpp",
+                      "--repetition-penalty", 1.2)
+    assert "greedily or samples" in line and "--repetition-penalty" in line
+    # greedy is the default there: no --num-beams needed
+    out = cli("generate", "--model", mine, "--prompt", "alpha", "--backend", "llama-cpp", "--max-new-tokens", 4)
+    assert out.output.strip() == cli("generate", "--model", mine, "--prompt", "alpha", "--num-beams", 1,
+                                     "--max-new-tokens", 4).output.strip()
     line = error_line(cli, "generate", "--model", "preset:tiny-llama", "--prompt", "alpha", "--backend", "llama-cpp")
     assert "checkpoint" in line
 
