@@ -51,7 +51,7 @@ def gguf_path(model_dir: str | Path, gguf: str | Path | None) -> Path:
 
 
 class LlamaCppSLM:
-    """An LLMToSLM whose decoding steps run in llama.cpp; `generate` as LLMToSLM.generate (greedy only)."""
+    """An LLMToSLM whose decoding steps run in llama.cpp; `generate` as LLMToSLM.generate (greedy or sampling)."""
 
     def __init__(self, model: Any, path: Path, *, threads: int | None = None) -> None:
         import numpy as np
@@ -104,6 +104,8 @@ class LlamaCppSLM:
     def close(self) -> None:
         if self._ctx is not None:
             self._lib.llama_free(self._ctx)
+            self._lib.llama_batch_free(self._prompt_batch)
+            self._lib.llama_batch_free(self._token_batch)
             self._ctx = None
         if self._model is not None:
             self._lib.llama_model_free(self._model)
