@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 LLM2SLM = [sys.executable, "-m", "llm2slm_cli"]
@@ -44,7 +45,7 @@ def run_all(commands: list[list[object]], jobs: int) -> None:
             args = pending.pop(0)
             print("+ llm2slm " + " ".join(str(a) for a in args), flush=True)
             running.append(subprocess.Popen([*LLM2SLM, *(str(a) for a in args)], env=env))
-        running[0].wait()
+        time.sleep(1)  # whichever ends first frees its slot
         for proc in [p for p in running if p.poll() is not None]:
             if proc.returncode:
                 raise SystemExit(f"a command failed (exit {proc.returncode})")
