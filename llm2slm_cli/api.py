@@ -503,7 +503,7 @@ def _chat_template(value: str | Path | None) -> str | None:
 def load(model: str | Path, *, draft: str | Path | None = None, gamma: int = 4, llm: str | None = None,
          tokenizer: str | Path | None = None, dtype: str = "float32", device: str = "auto",
          template: str | None = None, chat_template: str | Path | None = None, quantize: str = "none",
-         compile: bool = False) -> Model:
+         compile: bool = False, backend: str = "torch", gguf: str | Path | None = None) -> Model:
     """A model to generate with: a checkpoint directory from `train` or `export` (its LLM is loaded by the name it
     records, or from `llm`), or a plain model (hub id, directory, .gguf, preset:NAME). With `draft` (a
     checkpoint), speculative decoding: `model` is the LLM that verifies and the output is its own.
@@ -511,7 +511,8 @@ def load(model: str | Path, *, draft: str | Path | None = None, gamma: int = 4, 
     `template` replaces the checkpoint's training template; `chat_template` (Jinja text or a file) the tokenizer's.
     `quantize` decodes on a CPU with int8 weights: "int8-weight" (torchao, weight-only), "int8-dynamic" (torchao),
     or torch.ao's deprecated "int8" / "int8-body" (float32 head) fallback (quantize.py); `compile` with a static cache
-    and compiled steps (`llm2slm generate --quantize`, `--compile`).
+    and compiled steps (`llm2slm generate --quantize`, `--compile`). `backend` "llama-cpp": a
+    checkpoint's SLM decodes in llama.cpp from `gguf` (default: the directory's slm.gguf), greedy or sampling.
     """
     from llm2slm_cli.checkpoint import read_model_config  # imports torch: off the import of this module
 
@@ -529,7 +530,8 @@ def load(model: str | Path, *, draft: str | Path | None = None, gamma: int = 4, 
             quantize=quantize, compile=compile)
     else:
         impl, identity, own_template, max_length = open_model(spec, llm=llm, dtype=dtype, tokenizer=tokenizer,
-                                                              device=dev, quantize=quantize, compile=compile)
+                                                              device=dev, quantize=quantize, compile=compile,
+                                                              backend=backend, gguf=gguf)
     return Model(impl, name=spec, identity=identity, template=template or own_template,
                  max_prompt_length=max_length, chat_template=_chat_template(chat_template), device=dev)
 

@@ -466,6 +466,13 @@ class GenerateConfig(DecodingOptions, ExampleFields, ShardedStageOptions):
     compile: bool = opt(False, "Decode with a static KV cache (prompt + --max-new-tokens) and the one-token steps "
                                "compiled by torch.compile (CUDA: CUDA graphs); the same greedy output. Each new "
                                "batch shape compiles again (tens of seconds on a CPU).")
+    backend: str = opt("torch", "Who decodes a checkpoint's SLM: torch (this toolkit's loop), or llama-cpp: the "
+                                "LLM's prompt pass and the projector in torch, every decoding step in llama.cpp from "
+                                "--gguf (greedy, the default there, or --sample; not beam search or the repetition "
+                                "controls; pip install 'llm2slm-cli[llama-cpp]').",
+                       choices=["torch", "llama-cpp"])
+    gguf: Path | None = opt(None, "With --backend llama-cpp: the SLM's GGUF from `export --gguf` (default: "
+                                  "MODEL/slm.gguf, which an `export --gguf` directory has).")
 
     @property
     def to_stdout(self) -> bool:
@@ -500,6 +507,12 @@ class GenerateConfig(DecodingOptions, ExampleFields, ShardedStageOptions):
                             "there) or --prompt")
         if self.quantize != "none" and self.dtype != "float32":
             raise UserError(f"--quantize {self.quantize} quantizes float32 weights: leave --dtype {self.dtype} out")
+        _backend(self)
+        if self.backend == "llama-cpp":
+            if self.num_beams not in (None, 1):
+                raise UserError("--backend llama-cpp decodes greedily or samples: leave --num-beams out (beam search "
+                                "is --backend torch's)")
+            self.num_beams = 1
 
 
 @dataclass(kw_only=True)
@@ -598,6 +611,10 @@ class BenchConfig:
     llama_cpp: list[str] = opt([], "A peer runtime row timed by llama.cpp as LABEL=FILE.gguf (repeatable), with "
                                    "torch's thread count; batch 1, greedy; needs pip install "
                                    "'llm2slm-cli[llama-cpp]'.")
+    llama_cpp_model: list[str] = opt([], "A trained checkpoint decoded by llama.cpp as LABEL=DIR (repeatable), as "
+                                         "`generate --backend llama-cpp`: its LLM and projector in torch, its SLM "
+                                         "from DIR/slm.gguf (an `export --gguf` directory) in llama.cpp, with "
+                                         "torch's thread count; greedy.")
     peer_source: list[str] = opt([], "LABEL=MODEL (repeatable): the model a --ctranslate2 or --llama-cpp row was "
                                      "converted from (directory, hub id or preset:NAME). Its greedy tokens are "
                                      "compared with this toolkit's greedy decoding of MODEL in float32 on the same "
@@ -664,7 +681,7 @@ class BenchConfig:
         if self.slm is None or isinstance(self.slm, str):  # BenchConfig(slm="t5-small") from Python: one SLM
             self.slm = [self.slm] if self.slm else []
         check_numbers(self)
-        if not (self.llm or self.slm or self.model or self.ctranslate2 or self.llama_cpp):
+        if not (self.llm or self.slm or self.model or self.ctranslate2 or self.llama_cpp or self.llama_cpp_model):
             raise UserError("nothing to measure: give --llm, --slm and/or --model LABEL=DIR")
         _positive(self, "prompt_length", "new_tokens", "num_beams", "repeats", "gamma", "throughput_target_length",
                   "peer_timeout")
@@ -701,7 +718,8 @@ class BenchConfig:
         if not types or any(t not in CT2_COMPUTE_TYPES for t in types) or len(set(types)) != len(types):
             raise UserError(f"--ct2-compute-type takes distinct comma-separated types among "
                             f"{', '.join(CT2_COMPUTE_TYPES)}, got {self.ct2_compute_type!r}")
-        for name in ("model", "quality", "assistant", "speculative", "ctranslate2", "llama_cpp", "peer_source"):
+        for name in ("model", "quality", "assistant", "speculative", "ctranslate2", "llama_cpp", "peer_source",
+                     "llama_cpp_model"):
             for item in getattr(self, name):
                 label, sep, path = item.partition("=")
                 if not (sep and label.strip() and path.strip()):
@@ -764,6 +782,13 @@ class ServeConfig:
     quantize: str = opt("none", "CPU decoding with int8 weights, as `generate --quantize` (not with --draft); with "
                                 "int8 and int8-body a request's output can depend on the requests batched with it.",
                         choices=QUANTIZE_CHOICES)
+    backend: str = opt("torch", "Who decodes a checkpoint's SLM: torch (this toolkit's loop), or llama-cpp: the "
+                                "LLM's prompt pass and the projector in torch, every decoding step in llama.cpp from "
+                                "--gguf (greedy or sampling, request-level batches; pip install "
+                                "'llm2slm-cli[llama-cpp]').",
+                       choices=["torch", "llama-cpp"])
+    gguf: Path | None = opt(None, "With --backend llama-cpp: the SLM's GGUF from `export --gguf` (default: "
+                                  "MODEL/slm.gguf, which an `export --gguf` directory has).")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
     quiet: bool = opt(False, "No access log.")
 
@@ -778,6 +803,17 @@ class ServeConfig:
         if self.max_new_tokens > self.max_tokens_limit:
             raise UserError(f"--max-new-tokens {self.max_new_tokens} is over --max-tokens-limit "
                             f"{self.max_tokens_limit}")
+        _backend(self)
+        if self.backend == "llama-cpp" and self.draft is not None:
+            raise UserError("--backend llama-cpp decodes a checkpoint's SLM: not with --draft")
+
+
+def _backend(config: Any) -> None:
+    """--backend and --gguf (generate, serve)."""
+    if config.backend not in ("torch", "llama-cpp"):
+        raise UserError(f"--backend must be torch or llama-cpp, not {config.backend!r}")
+    if config.gguf is not None and config.backend != "llama-cpp":
+        raise UserError("--gguf is the SLM llama.cpp decodes: give --backend llama-cpp with it")
 
 
 @dataclass(kw_only=True)
@@ -796,5 +832,9 @@ class ExportConfig:
                                    "name, a preset by llm2slm only: transformers needs it copied, or llm_path=).",
                            choices=["auto", "yes", "no"])
     name: str | None = opt(None, "Model name for the card's title (default: the output directory's name).")
+    gguf: str = opt("none", "Also write the SLM (a decoder-only one: Gemma-3, Llama, Qwen2, GPT2) as DIR/slm.gguf "
+                            "at this precision, trimmed vocabulary kept, for `--backend llama-cpp`; Q8_0 and "
+                            "Q4_K_M are llama.cpp's quantization and need pip install 'llm2slm-cli[llama-cpp]'.",
+                    choices=["none", "f32", "f16", "Q8_0", "Q4_K_M"])
     overwrite: bool = opt(False, "Replace an existing output directory.")
     quiet: bool = opt(False, "No messages.")

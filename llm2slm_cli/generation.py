@@ -24,6 +24,9 @@ from llm2slm_cli import fingerprints, runtime
 from llm2slm_cli import loading as M
 from llm2slm_cli.data import length_sorted_batches, pad
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.gguf_export import check_exportable
+from llm2slm_cli.llama_backend import gguf_path, open_backend
+from llm2slm_cli.llama_backend import require as require_llama_cpp
 from llm2slm_cli.padding import right_to_left, strip_generated
 from llm2slm_cli.quantize import check_decode_options, check_quantize, quantize_model
 
@@ -207,15 +210,19 @@ def kind_of(model: Any) -> str:
 
 def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, verifier: str | None = None,
                gamma: int = 4, seed: int = 0, dtype: str = "float32", tokenizer=None, device="cpu",
-               quantize: str = "none", compile: bool = False, llm_weights: str = "encoder"):
+               quantize: str = "none", compile: bool = False, llm_weights: str = "encoder",
+               backend: str = "torch", gguf: str | Path | None = None):
     """(model, identity, template, max prompt length) for a checkpoint or a plain model spec; with `speculative`,
     the checkpoint `spec` drafts for `verifier` (default: the LLM it was trained with). `quantize` "int8" or
     "int8-body" (quantize.py) and `compile` (a static cache and compiled steps in decoding.decode) change how it
-    decodes; the identity records them."""
+    decodes; the identity records them. `backend` "llama-cpp": the checkpoint's SLM decodes in llama.cpp from
+    `gguf` (default: the directory's slm.gguf; llama_backend.py)."""
     from llm2slm_cli import checkpoint  # the model code imports torch: off the light path
     from llm2slm_cli.llm2slm import FrozenLLM  # imports torch: off the import of this module
 
     path = Path(spec)
+    if backend == "llama-cpp":
+        gguf = _check_llama_cpp(path, gguf, speculative=speculative, dtype=dtype, quantize=quantize, compile=compile)
     check_decode_options(quantize=quantize, compile=compile, speculative=speculative)
     check_quantize(quantize, device=device, dtype=dtype)
     if speculative and not is_checkpoint(path):
@@ -224,6 +231,9 @@ def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, 
         model = _cast(checkpoint.load(path, llm_spec=llm, device=device, llm_weights=llm_weights), dtype,
                       path)
         identity = {"name": str(path), "kind": "llm2slm", **_asdict(model.config)}
+        if backend == "llama-cpp":
+            impl, extra = open_backend(model, path, gguf)
+            return impl, {**identity, **extra}, model.config.template, model.config.max_prompt_length
         if quantize != "none" or compile:
             identity.update(_decode_as(model, quantize, compile))
         if speculative:
@@ -242,6 +252,28 @@ def open_model(spec: str, *, llm: str | None = None, speculative: bool = False, 
     if quantize != "none" or compile:
         plain.identity.update(_decode_as(plain, quantize, compile))
     return plain, plain.identity, None, plain.max_prompt_length
+
+
+# ------------------------------------------------------------------------------------- --backend llama-cpp
+
+
+def _check_llama_cpp(path: Path, gguf: str | Path | None, *, speculative: bool, dtype: str, quantize: str,
+                     compile: bool) -> Path:
+    """--backend llama-cpp: what it does not combine with, and its GGUF file, before anything is loaded."""
+    from llm2slm_cli.checkpoint import read_model_config  # imports torch: off the import of this module
+
+    require_llama_cpp()
+    if not is_checkpoint(path):
+        raise UserError("--backend llama-cpp decodes a checkpoint from `train` or `export` (its LLM and projector "
+                        "in torch, its SLM in llama.cpp); a whole model in GGUF is `bench --llama-cpp`'s", path=path)
+    asked = [o for o, on in (("--speculative", speculative), (f"--dtype {dtype}", dtype != "float32"),
+                             (f"--quantize {quantize}", quantize != "none"), ("--compile", compile)) if on]
+    if asked:
+        raise UserError(f"--backend llama-cpp: not with {', '.join(asked)} (the GGUF's quantization is the SLM's "
+                        "precision; the LLM and projector run in float32)")
+    check_exportable(read_model_config(path), A.read_json_or_none(path / A.SLM_CONFIG, "model_type"),
+                     "--backend llama-cpp")
+    return gguf_path(path, gguf)
 
 
 def _cast(model, dtype: str, path: Path):

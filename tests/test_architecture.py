@@ -19,7 +19,7 @@ LAYERS = {
     "face": ["", "api"],
     "configs": ["config"],
     "library": ["generation", "sharding", "corpus", "streaming", "features", "teacher", "batching", "quantize", "judge",
-                "pydoc_task", "hf_format", "model_card"],
+                "pydoc_task", "hf_format", "model_card", "gguf_export", "llama_backend"],
     "model": ["checkpoint", "llm2slm", "peft_baselines", "kd", "decoding", "continuous", "padding", "cpu_head",
               "int8_linear"],
     "foundations": ["surgery", "fingerprints", "loading", "presets", "data", "runtime", "validation", "artifacts",

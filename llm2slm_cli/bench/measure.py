@@ -18,10 +18,19 @@ from llm2slm_cli.bench import peers
 from llm2slm_cli.bench import timing as B
 from llm2slm_cli.bench.plan import Plan, sweep_lengths
 from llm2slm_cli.bench.report import COLUMNS
-from llm2slm_cli.bench.rows import assisted_row, can_share, llm2slm_row, plain_row, shared_llm, speculative_row
+from llm2slm_cli.bench.rows import (
+    assisted_row,
+    can_share,
+    llama_cpp_row,
+    llm2slm_row,
+    plain_row,
+    shared_llm,
+    speculative_row,
+)
 from llm2slm_cli.config import BenchConfig
 from llm2slm_cli.data import Fields, read_examples
 from llm2slm_cli.errors import UserError
+from llm2slm_cli.llama_backend import LlamaCppSLM
 from llm2slm_cli.quantize import kept_float, quantize_linears, quantize_model
 
 
@@ -155,7 +164,17 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
             s.identities[plan.label] = {"llm": plan.llm, "slm": plan.slm, "projector": "fresh",
                                         "vocab_adapter": model.config.vocab_adapter, "engine": plan.engine,
                                         "parameters": _count(model), "llm_parameters": _count(frozen.model)}
-        s.measure(*(llm2slm_row(plan, model, s.config.compile) for plan in group))
+        ours = [p for p in group if p.engine != "llama.cpp"]
+        if ours:
+            s.measure(*(llm2slm_row(plan, model, s.config.compile) for plan in ours))
+        for plan in (p for p in group if p.engine == "llama.cpp"):  # the SLM decoded by llama.cpp
+            backend = LlamaCppSLM(model, plan.path)
+            s.identities[plan.label].update(backend.identity())
+            first = len(s.results)
+            s.measure(llama_cpp_row(plan, backend), flops=False)
+            for r in s.results[first:]:  # the SLM's precision is the GGUF's, not --dtype
+                r["dtype"] = f"gguf {backend.quantization}"
+            backend.close()
         del model
         free_memory()
     for plan in (p for p in plans if p.role == "assisted"):
@@ -202,7 +221,17 @@ def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
             s.identities[plan.label] = {"checkpoint": str(directory), "llm": plan.llm, "slm": plan.slm,
                                         "weights_sha256": A.sha256_file(directory / A.MODEL_WEIGHTS),
                                         "parameters": _count(model), "engine": plan.engine}
-        s.measure(*(llm2slm_row(plan, model, s.config.compile) for plan in group))
+        ours = [p for p in group if p.engine != "llama.cpp"]
+        if ours:
+            s.measure(*(llm2slm_row(plan, model, s.config.compile) for plan in ours))
+        for plan in (p for p in group if p.engine == "llama.cpp"):  # the SLM decoded by llama.cpp
+            backend = LlamaCppSLM(model, plan.path)
+            s.identities[plan.label].update(backend.identity())
+            first = len(s.results)
+            s.measure(llama_cpp_row(plan, backend), flops=False)
+            for r in s.results[first:]:  # the SLM's precision is the GGUF's, not --dtype
+                r["dtype"] = f"gguf {backend.quantization}"
+            backend.close()
         del model
         free_memory()
 

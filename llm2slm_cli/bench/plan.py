@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm2slm_cli import artifacts as A
+from llm2slm_cli import gguf_export, llama_backend
 from llm2slm_cli import loading as M
 from llm2slm_cli.bench import peers
 from llm2slm_cli.config import BenchConfig
@@ -65,6 +66,7 @@ def plan_rows(config: BenchConfig) -> list[Plan]:
         plans.append(Plan(label, "checkpoint", cfg.llm["name"] if cfg.llm else None, cfg.slm, Path(directory)))
     if config.compare:  # every row that decodes with generate, once more with transformers' generate
         plans = [q for p in plans for q in (p.twin(), p)]
+    plans += _llama_cpp_model_plans(config)
     for item in config.speculative:
         label, _, directory = (x.strip() for x in item.partition("="))
         cfg = read_model_config(Path(directory))
@@ -108,6 +110,29 @@ def plan_rows(config: BenchConfig) -> list[Plan]:
 
 def sweep_lengths(config: BenchConfig) -> list[int]:
     return [int(x) for x in config.lengths.split(",") if x.strip()] if config.lengths else []
+
+
+def _llama_cpp_model_plans(config: BenchConfig) -> list[Plan]:
+    """--llama-cpp-model rows: checkpoints whose SLM decodes in llama.cpp from DIR/slm.gguf (llama_backend.py)."""
+    from llm2slm_cli.checkpoint import read_model_config  # imports torch: off the import of this module
+
+    if not config.llama_cpp_model:
+        return []
+    llama_backend.require()
+    asked = [o for o, on in ((f"--dtype {config.dtype}", M.DTYPES.get(config.dtype, config.dtype) != "float32"),
+                             (f"--quantize {config.quantize}", config.quantize != "none")) if on]
+    if asked:
+        raise UserError(f"--llama-cpp-model: not with {', '.join(asked)} (the GGUF's quantization is the SLM's "
+                        "precision; the LLM and projector run in float32)")
+    plans = []
+    for item in config.llama_cpp_model:
+        label, _, directory = (x.strip() for x in item.partition("="))
+        cfg = read_model_config(Path(directory))
+        gguf_export.check_exportable(cfg, A.read_json_or_none(Path(directory) / A.SLM_CONFIG, "model_type"),
+                                     f"--llama-cpp-model {label}")
+        plans.append(Plan(label, "checkpoint", cfg.llm["name"] if cfg.llm else None, cfg.slm, Path(directory),
+                          engine="llama.cpp", path=llama_backend.gguf_path(directory, None)))
+    return plans
 
 
 def _peer_plans(config: BenchConfig) -> list[Plan]:

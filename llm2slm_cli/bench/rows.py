@@ -51,6 +51,26 @@ def llm2slm_row(plan: Plan, model: Any, compile: bool = False):
                  tokenizer=tok, engine=plan.engine)
 
 
+def llama_cpp_row(plan: Plan, backend: Any):
+    """A checkpoint whose SLM decodes in llama.cpp (llama_backend.LlamaCppSLM): the LLM and the projector in torch.
+    Its weights are the GGUF's bytes and the torch parts'; no FLOPs are counted (llama.cpp's are not torch's)."""
+    model = backend.model
+    llm = model.llm if model.has_llm else None
+    config = llm.config if llm is not None else model.slm.config
+    tok = model.prompt_tokenizer
+    torch_parts = [m for m in (getattr(model, "projector", None), llm.model if llm is not None else None)
+                   if m is not None]
+
+    def run(ids, mask, **generation: Any) -> int:
+        if generation.get("num_beams", 1) != 1:
+            raise B.Unsupported("the llama.cpp backend is greedy, not beam search")
+        return min(len(t) for t in backend.generate(ids, mask, **generation))
+
+    return B.Row(plan.label, plan.role, plan.llm, plan.slm, run, torch_parts, B.prompt_vocab(config, tok),
+                 B.special_ids(config, tok) | {model.config.pad_token_id, model.config.eos_token_id},
+                 tokenizer=tok, engine=plan.engine, file_bytes=plan.path.stat().st_size + B.weight_bytes(torch_parts))
+
+
 def can_share(llm: Any, checkpoint: Path) -> bool:
     """Whether a checkpoint was made with exactly this LLM (weights, layer, tokenizer), so it need not load its own."""
     return shared_llm(llm, checkpoint, any_layer=False) is not None

@@ -6,6 +6,7 @@ manifest.json), without the training state (optimizer, RNG), plus README.md, a H
 which `AutoModelForCausalLM`/`AutoModelForSeq2SeqLM.from_pretrained(DIR, trust_remote_code=True)` load). With the
 LLM named by a local path (or --include-llm yes), the LLM's weights are copied into llm/, where loading finds them.
 `load`, `generate` and `serve` take the directory; `huggingface_hub.upload_folder` uploads it as it is.
+With --gguf, the SLM is also written as slm.gguf (gguf_export.py), which `--backend llama-cpp` decodes with.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2slm_cli import artifacts as A
-from llm2slm_cli import fingerprints, hf_format, model_card, runtime
+from llm2slm_cli import fingerprints, gguf_export, hf_format, llama_backend, model_card, runtime
 from llm2slm_cli import loading as M
 from llm2slm_cli.config import ExportConfig
 from llm2slm_cli.errors import UserError
@@ -40,6 +41,10 @@ def run(config: ExportConfig) -> Path:
                                                M.resolve(llm["name"]).kind in ("dir", "gguf", "checkpoint"))
     if include and llm is None:
         raise UserError("--include-llm yes: this checkpoint was trained without an LLM", path=src)
+    if config.gguf != "none":
+        gguf_export.check_quantization(config.gguf)
+        gguf_export.check_exportable(model_config, A.read_json_or_none(src / A.SLM_CONFIG, "model_type"),
+                                     f"--gguf {config.gguf}")
 
     A.check_output_dir(out, overwrite=config.overwrite, resumable=False)  # refused now; nothing is deleted yet
     # Built beside --out and put in its place at the end: with --overwrite the previous export stays until the new
@@ -55,6 +60,8 @@ def run(config: ExportConfig) -> Path:
             _copy_llm(llm, work / A.BUNDLED_LLM)
         extra = [] if hf_format.unsupported(model_config) else hf_format.write(work, src, model_config,
                                                                               bundled=include)
+        if config.gguf != "none":
+            extra.append(_write_gguf(src, work, config.gguf))
         name = config.name or out.resolve().name
         (work / A.MODEL_CARD).write_text(model_card.render(name, model_config, checkpoint, training, metrics,
                                                            bundled=include,
@@ -78,6 +85,18 @@ def run(config: ExportConfig) -> Path:
         shutil.rmtree(work, ignore_errors=True)  # a failed run's unfinished export (gone after the swap)
     runtime.say(f"exported {src} -> {out}" + (" (with its LLM)" if include else ""), config.quiet)
     return out
+
+
+def _write_gguf(src: Path, work: Path, quantization: str) -> str:
+    """--gguf: the SLM as slm.gguf beside the checkpoint's files (the LLM is never loaded for it)."""
+    import torch  # off the import of this module
+
+    from llm2slm_cli import checkpoint  # imports torch: off the import of this module
+
+    model = checkpoint.load(src, llm_weights="lazy").eval()
+    with torch.inference_mode():
+        gguf_export.write(model, work / llama_backend.DEFAULT_GGUF, quantization, threads=torch.get_num_threads())
+    return llama_backend.DEFAULT_GGUF
 
 
 def _training_manifest(checkpoint: Path) -> dict[str, Any] | None:

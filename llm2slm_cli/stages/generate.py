@@ -30,6 +30,7 @@ from llm2slm_cli.generation import (
     open_model,
     speculative_kwargs,
 )
+from llm2slm_cli.llama_backend import LlamaCppSLM
 from llm2slm_cli.sharding import ShardedRun, in_order_shards, shard_seed
 
 PART = "predictions-{:05d}.parquet"
@@ -41,7 +42,8 @@ def load_generator(config: GenerateConfig, device):
     return open_model(config.model, llm=config.llm, speculative=config.speculative, verifier=config.verifier,
                       gamma=config.gamma, seed=config.seed, dtype=config.dtype, tokenizer=config.tokenizer,
                       device=device, quantize=config.quantize, compile=config.compile,
-                      llm_weights="lazy" if config.features else "encoder")  # stored features: no LLM weights
+                      llm_weights="lazy" if config.features else "encoder",  # stored features: no LLM weights
+                      backend=config.backend, gguf=config.gguf)
 
 
 def _checkpoint_template(path: Path) -> str | None:
@@ -275,6 +277,8 @@ def _stored_features(path: Path, model, examples: Examples, tokens: Tokens):
     from llm2slm_cli.checkpoint import check_llm  # imports torch: off the import of this module
     from llm2slm_cli.llm2slm import LLMToSLM  # imports torch: off the import of this module
 
+    if isinstance(model, LlamaCppSLM):  # --backend llama-cpp: the checkpoint that builds its prompts
+        model = model.model
     if not isinstance(model, LLMToSLM) or not model.has_llm:
         raise UserError("--features needs an LLM-to-SLM checkpoint (trained with --llm) as --model")
     store = FeatureStore(path)

@@ -26,7 +26,8 @@ def build(config: ServeConfig):
     try:
         model = load(config.model, draft=config.draft, gamma=config.gamma, llm=config.llm,
                      tokenizer=config.tokenizer, dtype=config.dtype, device=config.device, template=config.template,
-                     chat_template=config.chat_template, quantize=config.quantize)
+                     chat_template=config.chat_template, quantize=config.quantize,
+                     backend=config.backend, gguf=config.gguf)
     except InvalidArgument as e:  # the API's argument names, as this command's options
         if not e.param.startswith("chat_template"):
             raise
