@@ -164,17 +164,7 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
             s.identities[plan.label] = {"llm": plan.llm, "slm": plan.slm, "projector": "fresh",
                                         "vocab_adapter": model.config.vocab_adapter, "engine": plan.engine,
                                         "parameters": _count(model), "llm_parameters": _count(frozen.model)}
-        ours = [p for p in group if p.engine != "llama.cpp"]
-        if ours:
-            s.measure(*(llm2slm_row(plan, model, s.config.compile) for plan in ours))
-        for plan in (p for p in group if p.engine == "llama.cpp"):  # the SLM decoded by llama.cpp
-            backend = LlamaCppSLM(model, plan.path)
-            s.identities[plan.label].update(backend.identity())
-            first = len(s.results)
-            s.measure(llama_cpp_row(plan, backend), flops=False)
-            for r in s.results[first:]:  # the SLM's precision is the GGUF's, not --dtype
-                r["dtype"] = f"gguf {backend.quantization}"
-            backend.close()
+        _measure_llm2slm(s, group, model)
         del model
         free_memory()
     for plan in (p for p in plans if p.role == "assisted"):
@@ -203,6 +193,22 @@ def _llm_rows(s: Session, plans: list[Plan]) -> None:
         free_memory()
 
 
+def _measure_llm2slm(s: Session, group: list[Plan], model) -> None:
+    """The rows of one loaded LLM-to-SLM model: ours in our loop, then each --llama-cpp-model row with the SLM
+    decoded by llama.cpp from its GGUF."""
+    ours = [p for p in group if p.engine != "llama.cpp"]
+    if ours:
+        s.measure(*(llm2slm_row(plan, model, s.config.compile) for plan in ours))
+    for plan in (p for p in group if p.engine == "llama.cpp"):
+        backend = LlamaCppSLM(model, plan.path)
+        s.identities[plan.label].update(backend.identity())
+        first = len(s.results)
+        s.measure(llama_cpp_row(plan, backend), flops=False)
+        for r in s.results[first:]:  # the SLM's precision is the GGUF's, not --dtype
+            r["dtype"] = f"gguf {backend.quantization}"
+        backend.close()
+
+
 def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
     """Trained checkpoints: those made with exactly the loaded LLM reuse it; the others then load their own, one
     at a time (the shared LLM is dropped first)."""
@@ -221,17 +227,7 @@ def _checkpoint_rows(s: Session, plans: list[Plan]) -> None:
             s.identities[plan.label] = {"checkpoint": str(directory), "llm": plan.llm, "slm": plan.slm,
                                         "weights_sha256": A.sha256_file(directory / A.MODEL_WEIGHTS),
                                         "parameters": _count(model), "engine": plan.engine}
-        ours = [p for p in group if p.engine != "llama.cpp"]
-        if ours:
-            s.measure(*(llm2slm_row(plan, model, s.config.compile) for plan in ours))
-        for plan in (p for p in group if p.engine == "llama.cpp"):  # the SLM decoded by llama.cpp
-            backend = LlamaCppSLM(model, plan.path)
-            s.identities[plan.label].update(backend.identity())
-            first = len(s.results)
-            s.measure(llama_cpp_row(plan, backend), flops=False)
-            for r in s.results[first:]:  # the SLM's precision is the GGUF's, not --dtype
-                r["dtype"] = f"gguf {backend.quantization}"
-            backend.close()
+        _measure_llm2slm(s, group, model)
         del model
         free_memory()
 
