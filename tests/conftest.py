@@ -37,6 +37,22 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def same_weights_and_log(a: Path, b: Path) -> list[dict]:
+    """Assert that two training runs' final weights are bitwise equal and their logs equal (but for the speed);
+    returns the log."""
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+    def log(d: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k != "examples_per_second"}
+                for line in (d / "train_log.jsonl").read_text().splitlines()]
+
+    assert log(a) == log(b)
+    return log(a)
+
+
 def key_value_rows(n: int, seed: int = 0) -> list[dict]:
     """A lookup task: a random 4-letter key maps to a random letter. Unseen keys can only be answered by a model
     that knows the table, which makes it a clean test of whether LLM features reach the SLM."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import error_line, write_jsonl
+from conftest import error_line, same_weights_and_log, write_jsonl
 from safetensors.torch import load_file
 
 from llm2slm_cli.data import Fields, read_examples
@@ -97,16 +97,8 @@ def test_a_stopped_and_resumed_streaming_run_equals_the_uninterrupted_one(cli, c
     assert (state["epoch"], len(state["buffer"])) == (1, 5)  # step 5 is the first of the second epoch
     assert "stream_state.json" in json.loads((run / "step-000005" / "manifest.json").read_text())["files"]
     cli("train", corpus, *ARGS, "--save-every", "3", "--out", run, "--resume")
-    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
-    b = load_file(str(run / "final" / "model.safetensors"))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-
-    def log(d: Path) -> list[dict]:
-        return [{k: v for k, v in json.loads(line).items() if k != "examples_per_second"}
-                for line in (d / "train_log.jsonl").read_text().splitlines()]
-
-    straight = log(tmp_path / "straight")
-    assert straight == log(run) and [r["epoch"] for r in straight] == [0] * 4 + [1] * 4 + [2]
+    straight = same_weights_and_log(tmp_path / "straight", run)
+    assert [r["epoch"] for r in straight] == [0] * 4 + [1] * 4 + [2]
     assert straight[-1]["loss"] < straight[0]["loss"]  # it learned: the runs are not trivially equal
 
 
