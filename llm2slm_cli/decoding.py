@@ -318,17 +318,14 @@ def _static_layers(cache, fn, *, self_attention_only: bool = False) -> None:
 
 def compiled_forward(model):
     """`model`'s forward through torch.compile, made once per model: mode reduce-overhead (CUDA graphs) on CUDA,
-    inductor's default elsewhere. The step's guards skip torch's built-in modules (Linear, Embedding, norms) and
-    their parameters: a model set to decode compiled is not changed afterwards (quantization comes first,
-    generation._decode_as), and checking them on every step cost a T5-Small step milliseconds on a CPU
-    (docs/BENCHMARKS.md). The model's own classes stay guarded: skipping those too let a second model of other
-    shapes in the same process run the first one's graph (tests/test_quantize.py compiles two in a row)."""
+    inductor's default elsewhere. Every guard stays: skipping those of torch's built-in modules saved a T5-Small
+    step 1-4 ms on a CPU (docs/BENCHMARKS.md), but with several models compiled in one process (a `bench` run of
+    two SLMs) a step then ran another model's graph and failed (tests/test_recipes.py's device check)."""
     compiled = model.__dict__.get("_llm2slm_compiled")
     if compiled is None:
         device = next(model.parameters()).device
         compiled = torch.compile(model.forward, mode="reduce-overhead" if device.type == "cuda" else None,
-                                 fullgraph=False,
-                                 options={"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe})
+                                 fullgraph=False)
         model.__dict__["_llm2slm_compiled"] = compiled
     return compiled
 
